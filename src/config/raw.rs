@@ -1,0 +1,125 @@
+//! The manifest exactly as written: serde shapes of routes.toml with their defaults.
+//!
+//! Unknown keys are refused here (`deny_unknown_fields`), so a typo fails at start-up instead
+//! of being silently ignored. Nothing in this module checks meaning; `config::validate` does.
+
+use serde::Deserialize;
+
+use super::units::{ByteSize, HumanDuration};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub upstream: RawUpstream,
+    #[serde(default)]
+    pub limits: RawLimits,
+    #[serde(default)]
+    pub cors: RawCors,
+    /// Kept as loose values so each entry is deserialized on its own and an error can name
+    /// its index (`routes[12].body`).
+    #[serde(default)]
+    pub routes: Vec<figment::value::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawServer {
+    pub host: String,
+    pub port: u16,
+    pub shutdown_grace: HumanDuration,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        RawServer {
+            host: "0.0.0.0".to_owned(),
+            port: 8080,
+            shutdown_grace: HumanDuration(std::time::Duration::from_secs(30)),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawUpstream {
+    pub base_url: String,
+    pub connect_timeout: HumanDuration,
+    pub read_timeout: HumanDuration,
+    pub proxy: Option<String>,
+}
+
+impl Default for RawUpstream {
+    fn default() -> Self {
+        RawUpstream {
+            base_url: "https://api.openai.com".to_owned(),
+            connect_timeout: HumanDuration(std::time::Duration::from_secs(10)),
+            read_timeout: HumanDuration(std::time::Duration::from_secs(600)),
+            proxy: None,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLimits {
+    pub max_json_body: ByteSize,
+    pub max_upload_body: ByteSize,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        RawLimits {
+            max_json_body: ByteSize(64 << 20),
+            max_upload_body: ByteSize(1 << 30),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawCors {
+    pub allow_origins: Vec<String>,
+}
+
+impl Default for RawCors {
+    fn default() -> Self {
+        RawCors {
+            allow_origins: vec!["*".to_owned()],
+        }
+    }
+}
+
+/// One `[[routes]]` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub method: String,
+    pub path: String,
+    /// One kind or a list; a route that leaves it out takes no body.
+    pub body: Option<OneOrMany>,
+    pub summary: Option<String>,
+    pub tag: Option<String>,
+    #[serde(default)]
+    pub streaming: bool,
+    pub read_timeout: Option<HumanDuration>,
+    pub max_body: Option<ByteSize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(one) => vec![one],
+            OneOrMany::Many(many) => many,
+        }
+    }
+}

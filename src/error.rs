@@ -1,0 +1,243 @@
+//! Errors the gateway itself answers with, in OpenAI's JSON shape.
+//!
+//! Statuses say who failed: the client (4xx), the upstream (502/504) or us (500). Upstream
+//! 4xx/5xx answers are not errors here: they pass through untouched. Messages never carry the
+//! client's key, its body, or the upstream URL's query.
+
+use std::time::Duration;
+
+use http::{header, HeaderValue, Method, StatusCode};
+use poem::{Body, Response};
+use serde::Serialize;
+
+use crate::config::units::{format_duration, format_size};
+
+/// Something went wrong with one request, before or while it was forwarded.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error(
+        "You didn't provide an API key. You need to provide your API key in an Authorization \
+         header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY), or as an api-key header."
+    )]
+    MissingCredential,
+
+    #[error("Invalid URL ({method} {path}): this gateway serves no such route")]
+    UnknownRoute { method: Method, path: String },
+
+    #[error("Method {method} is not allowed on {template}; allowed: {}", join_methods(.allowed))]
+    MethodNotAllowed {
+        method: Method,
+        template: String,
+        allowed: Vec<Method>,
+    },
+
+    #[error("Path parameter {param} {problem}; it must name a single path segment")]
+    InvalidPathParam {
+        param: String,
+        problem: &'static str,
+    },
+
+    #[error(
+        "Request body {} is over the limit of {} ({setting}) for this route",
+        .declared.map_or_else(|| "streamed so far".to_owned(), |n| format!("of {n} bytes")),
+        format_size(*.limit)
+    )]
+    BodyTooLarge {
+        limit: u64,
+        setting: String,
+        declared: Option<u64>,
+    },
+
+    #[error("The request body could not be read from the client")]
+    ClientBody(#[source] std::io::Error),
+
+    #[error("The upstream could not be reached: {}", chain(.0))]
+    UpstreamUnreachable(#[source] reqwest::Error),
+
+    #[error(
+        "The upstream did not accept a connection within upstream.connect_timeout ({})",
+        format_duration(*.timeout)
+    )]
+    UpstreamConnectTimeout {
+        timeout: Duration,
+        #[source]
+        source: reqwest::Error,
+    },
+
+    #[error(
+        "The upstream did not answer within {setting} ({})",
+        format_duration(*.timeout)
+    )]
+    UpstreamTimeout { setting: String, timeout: Duration },
+
+    #[error("The upstream failed to answer: {}", chain(.0))]
+    UpstreamFailed(#[source] reqwest::Error),
+
+    #[error("Internal gateway error: {0}")]
+    Internal(String),
+}
+
+/// An error and its causes on one line: reqwest's own message ("error sending request") says
+/// little until its source ("Connection refused") is shown beside it.
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
+}
+
+fn join_methods(methods: &[Method]) -> String {
+    methods
+        .iter()
+        .map(Method::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorFields<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorFields<'a> {
+    message: String,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    param: Option<&'a str>,
+    code: Option<&'a str>,
+}
+
+impl GatewayError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            GatewayError::MissingCredential => StatusCode::UNAUTHORIZED,
+            GatewayError::UnknownRoute { .. } => StatusCode::NOT_FOUND,
+            GatewayError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            GatewayError::InvalidPathParam { .. } | GatewayError::ClientBody(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            GatewayError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::UpstreamUnreachable(_) | GatewayError::UpstreamFailed(_) => {
+                StatusCode::BAD_GATEWAY
+            }
+            GatewayError::UpstreamTimeout { .. } | GatewayError::UpstreamConnectTimeout { .. } => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
+            GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// OpenAI's `type` and `code` for this error.
+    fn kind_and_code(&self) -> (&'static str, Option<&'static str>) {
+        match self {
+            GatewayError::MissingCredential => ("invalid_request_error", Some("missing_api_key")),
+            GatewayError::UnknownRoute { .. } => ("invalid_request_error", Some("unknown_url")),
+            GatewayError::MethodNotAllowed { .. } => {
+                ("invalid_request_error", Some("method_not_allowed"))
+            }
+            GatewayError::InvalidPathParam { .. } => {
+                ("invalid_request_error", Some("invalid_path_parameter"))
+            }
+            GatewayError::BodyTooLarge { .. } => {
+                ("invalid_request_error", Some("request_too_large"))
+            }
+            GatewayError::ClientBody(_) => ("invalid_request_error", Some("body_read_failed")),
+            GatewayError::UpstreamUnreachable(_) => ("gateway_error", Some("upstream_unreachable")),
+            GatewayError::UpstreamTimeout { .. } | GatewayError::UpstreamConnectTimeout { .. } => {
+                ("gateway_error", Some("upstream_timeout"))
+            }
+            GatewayError::UpstreamFailed(_) => ("gateway_error", Some("upstream_failed")),
+            GatewayError::Internal(_) => ("server_error", Some("internal_error")),
+        }
+    }
+
+    fn param(&self) -> Option<&str> {
+        match self {
+            GatewayError::InvalidPathParam { param, .. } => Some(param),
+            GatewayError::MissingCredential
+            | GatewayError::UnknownRoute { .. }
+            | GatewayError::MethodNotAllowed { .. }
+            | GatewayError::BodyTooLarge { .. }
+            | GatewayError::ClientBody(_)
+            | GatewayError::UpstreamUnreachable(_)
+            | GatewayError::UpstreamTimeout { .. }
+            | GatewayError::UpstreamConnectTimeout { .. }
+            | GatewayError::UpstreamFailed(_)
+            | GatewayError::Internal(_) => None,
+        }
+    }
+
+    /// The OpenAI-shaped JSON response for this error.
+    pub fn to_response(&self) -> Response {
+        let (kind, code) = self.kind_and_code();
+        let body = ErrorBody {
+            error: ErrorFields {
+                message: self.to_string(),
+                kind,
+                param: self.param(),
+                code,
+            },
+        };
+        let json = serde_json::to_vec(&body).unwrap_or_else(|_| {
+            br#"{"error":{"message":"error","type":"server_error","param":null,"code":null}}"#
+                .to_vec()
+        });
+        let mut response = Response::builder()
+            .status(self.status())
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(json));
+        if let GatewayError::MethodNotAllowed { allowed, .. } = self {
+            if let Ok(value) = HeaderValue::from_str(&join_methods(allowed)) {
+                response.headers_mut().insert(header::ALLOW, value);
+            }
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn method_not_allowed_lists_allow_header_and_openai_shape() {
+        let err = GatewayError::MethodNotAllowed {
+            method: Method::DELETE,
+            template: "/v1/embeddings".into(),
+            allowed: vec![Method::POST],
+        };
+        let response = err.to_response();
+        assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(response.headers()[header::ALLOW], "POST");
+        let body: serde_json::Value =
+            serde_json::from_slice(&response.into_body().into_vec().await.unwrap()).unwrap();
+        assert_eq!(
+            body["error"]["message"],
+            "Method DELETE is not allowed on /v1/embeddings; allowed: POST"
+        );
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        assert!(body["error"]["param"].is_null());
+        assert_eq!(body["error"]["code"], "method_not_allowed");
+    }
+
+    #[test]
+    fn body_too_large_names_the_setting() {
+        let err = GatewayError::BodyTooLarge {
+            limit: 64 << 20,
+            setting: "limits.max_json_body".into(),
+            declared: Some(70_000_000),
+        };
+        assert_eq!(
+            err.to_string(),
+            "Request body of 70000000 bytes is over the limit of 64MiB (limits.max_json_body) for this route"
+        );
+    }
+}

@@ -1,0 +1,102 @@
+//! oa-bypass: a self-hosted passthrough gateway for the OpenAI API.
+//!
+//! [`app`] builds the whole gateway from a [`Config`] as a poem endpoint, so tests and the
+//! binary serve exactly the same thing. The request path is `cors` → router (one endpoint per
+//! path template of the manifest) → `proxy`.
+
+pub mod config;
+pub mod cors;
+pub mod error;
+pub mod proxy;
+pub mod routes;
+pub mod server;
+pub mod telemetry;
+
+use std::sync::Arc;
+
+use http::{header, Method};
+use poem::endpoint::BoxEndpoint;
+use poem::error::NotFoundError;
+use poem::{Endpoint, EndpointExt, IntoResponse, Request, Response, Route};
+
+pub use config::{Config, ConfigError};
+use error::GatewayError;
+use proxy::{Forwarder, TemplateEndpoint};
+
+/// What `GET /` and `GET /health` answer, as the original gateway did.
+pub const HEALTH_TEXT: &str = "OpenAI API Server is running";
+const GATEWAY_PATHS: [&str; 2] = ["/", "/health"];
+
+/// Builds the gateway: every manifest route, the health endpoints, JSON 404s, CORS.
+pub fn app(config: &Config) -> Result<BoxEndpoint<'static, Response>, ConfigError> {
+    let forwarder = Arc::new(Forwarder::new(config)?);
+    let mut router = Route::new();
+    for path in GATEWAY_PATHS {
+        router = router.at(path, Health);
+    }
+    for (template, specs) in config.routes.by_template() {
+        let index = specs.first().map_or(0, |spec| spec.index);
+        if GATEWAY_PATHS.contains(&template.as_str()) {
+            return Err(ConfigError::Invalid(vec![format!(
+                "routes[{index}].path: {template} is served by the gateway itself"
+            )]));
+        }
+        let endpoint = TemplateEndpoint::new(Arc::clone(&forwarder), template, &specs);
+        router = router
+            .try_at(template.to_poem_path(), endpoint)
+            .map_err(|err| {
+                ConfigError::Invalid(vec![format!(
+                    "routes[{index}].path: the router refused {template}: {err}"
+                )])
+            })?;
+    }
+    Ok(cors::Cors::new(JsonNotFound(router), config.cors.clone()).boxed())
+}
+
+/// `GET /` and `GET /health`: liveness, no upstream call.
+struct Health;
+
+impl Endpoint for Health {
+    type Output = Response;
+
+    async fn call(&self, req: Request) -> poem::Result<Response> {
+        if req.method() == Method::GET || req.method() == Method::HEAD {
+            return Ok(Response::builder()
+                .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+                .body(HEALTH_TEXT));
+        }
+        Ok(GatewayError::MethodNotAllowed {
+            method: req.method().clone(),
+            template: req.uri().path().to_owned(),
+            allowed: vec![Method::GET, Method::HEAD],
+        }
+        .to_response())
+    }
+}
+
+/// Turns the router's "no such path" into OpenAI's own answer for an unknown URL.
+struct JsonNotFound<E>(E);
+
+impl<E: Endpoint> Endpoint for JsonNotFound<E> {
+    type Output = Response;
+
+    async fn call(&self, req: Request) -> poem::Result<Response> {
+        let start = tokio::time::Instant::now();
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        match self.0.call(req).await {
+            Ok(output) => Ok(output.into_response()),
+            Err(err) if err.is::<NotFoundError>() => {
+                telemetry::log_rejected(
+                    &method,
+                    "(no route)",
+                    404,
+                    start,
+                    "no route matches the path",
+                );
+                Ok(GatewayError::UnknownRoute { method, path }.to_response())
+            }
+            Err(err) => Err(err),
+        }
+    }
+}

@@ -1,0 +1,210 @@
+//! The `oa-bypass` binary: parse the command line, load the manifest, serve.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use oa_bypass::{app, config::Config, server, telemetry};
+
+const USAGE: &str = "\
+oa-bypass: a self-hosted passthrough gateway for the OpenAI API
+
+Usage:
+  oa-bypass [--config PATH]            serve (default: ./routes.toml, else the built-in manifest)
+  oa-bypass --check [--config PATH]    validate, print the route table and settings, exit 0 or 1
+  oa-bypass healthcheck [--config PATH]  GET /health on the local server (for container probes)
+  oa-bypass --help | --version
+
+The manifest is --config PATH, else $OA_BYPASS_CONFIG, else ./routes.toml if present, else the
+copy built into this binary. Environment variables OA_BYPASS_<SECTION>__<KEY> override it,
+e.g. OA_BYPASS_SERVER__PORT=9000. RUST_LOG sets log levels (default: info).
+";
+
+#[derive(Debug, PartialEq, Eq)]
+enum Command {
+    Serve,
+    Check,
+    Healthcheck,
+    Help,
+    Version,
+}
+
+struct Cli {
+    command: Command,
+    config: Option<PathBuf>,
+}
+
+fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Cli, String> {
+    let mut command = Command::Serve;
+    let mut config = None;
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--check" => command = Command::Check,
+            "healthcheck" => command = Command::Healthcheck,
+            "-h" | "--help" => command = Command::Help,
+            "-V" | "--version" => command = Command::Version,
+            "--config" => {
+                let path = args.next().ok_or("--config needs a path")?;
+                config = Some(PathBuf::from(path));
+            }
+            other => match other.strip_prefix("--config=") {
+                Some(path) => config = Some(PathBuf::from(path)),
+                None => return Err(format!("unknown argument {other:?}")),
+            },
+        }
+    }
+    Ok(Cli { command, config })
+}
+
+fn main() -> ExitCode {
+    let cli = match parse_args(std::env::args().skip(1)) {
+        Ok(cli) => cli,
+        Err(message) => {
+            eprintln!("oa-bypass: {message}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command {
+        Command::Help => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Command::Version => {
+            println!("oa-bypass {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Command::Serve | Command::Check | Command::Healthcheck => {}
+    }
+
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("oa-bypass: invalid configuration:\n{err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if cli.command == Command::Check {
+        // Building the app also checks what only the router and the HTTP client can tell.
+        if let Err(err) = app(&config) {
+            eprintln!("oa-bypass: invalid configuration:\n{err}");
+            return ExitCode::FAILURE;
+        }
+        print!("{}", config.describe());
+        println!("\nconfiguration OK");
+        return ExitCode::SUCCESS;
+    }
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("oa-bypass: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        Command::Healthcheck => runtime.block_on(healthcheck(&config)),
+        _ => {
+            telemetry::init();
+            runtime.block_on(serve(config))
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("oa-bypass: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config) -> Result<(), String> {
+    let endpoint = app(&config).map_err(|err| format!("invalid configuration:\n{err}"))?;
+    let addr = SocketAddr::new(config.server.host, config.server.port);
+    let acceptor = server::NodelayAcceptor::bind(addr)
+        .await
+        .map_err(|err| format!("cannot listen on {addr} (server.host, server.port): {err}"))?;
+    let by_tag: Vec<String> = config
+        .routes
+        .count_by_tag()
+        .into_iter()
+        .map(|(tag, count)| format!("{tag}={count}"))
+        .collect();
+    tracing::info!(
+        addr = %acceptor.local_addr(),
+        upstream = %config.upstream.base_url,
+        manifest = %config.source,
+        routes = config.routes.len(),
+        "oa-bypass listening"
+    );
+    tracing::info!("endpoints by tag: {}", by_tag.join(", "));
+    server::serve(
+        acceptor,
+        endpoint,
+        server::shutdown_signal(),
+        config.server.shutdown_grace,
+    )
+    .await
+    .map_err(|err| format!("server failed: {err}"))?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// `GET /health` against the configured port on loopback: exit 0 when it answers 200.
+async fn healthcheck(config: &Config) -> Result<(), String> {
+    let host = if config.server.host.is_unspecified() {
+        match config.server.host {
+            std::net::IpAddr::V4(_) => "127.0.0.1".to_owned(),
+            std::net::IpAddr::V6(_) => "[::1]".to_owned(),
+        }
+    } else {
+        match config.server.host {
+            std::net::IpAddr::V4(ip) => ip.to_string(),
+            std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+        }
+    };
+    let url = format!("http://{host}:{}/health", config.server.port);
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(std::time::Duration::from_secs(3))
+        .build()
+        .map_err(|err| format!("healthcheck: {err}"))?;
+    let response = client
+        .get(&url)
+        .send()
+        .await
+        .map_err(|err| format!("healthcheck: {url} did not answer: {err}"))?;
+    if response.status().is_success() {
+        Ok(())
+    } else {
+        Err(format!("healthcheck: {url} answered {}", response.status()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn parses_check_with_config() {
+        let cli = parse_args(args(&["--check", "--config", "x.toml"])).unwrap();
+        assert_eq!(cli.command, Command::Check);
+        assert_eq!(cli.config, Some(PathBuf::from("x.toml")));
+        let cli = parse_args(args(&["--config=y.toml"])).unwrap();
+        assert_eq!(cli.command, Command::Serve);
+        assert_eq!(cli.config, Some(PathBuf::from("y.toml")));
+    }
+
+    #[test]
+    fn refuses_unknown_arguments() {
+        assert!(parse_args(args(&["--chek"])).is_err());
+        assert!(parse_args(args(&["--config"])).is_err());
+    }
+}

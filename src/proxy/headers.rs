@@ -1,0 +1,152 @@
+//! Pure header rules for both directions of the passthrough.
+//!
+//! Everything end-to-end passes (OpenAI-*, X-Stainless-*, Idempotency-Key, Accept, …); what
+//! belongs to one connection or names the client's address does not. These functions never
+//! read or log header values beyond the names they match.
+
+use http::header::{self, HeaderMap, HeaderName};
+
+/// Hop-by-hop headers of RFC 9110 §7.6.1, plus the legacy ones proxies still meet.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Headers that reveal the client's address (RFC 7239 `Forwarded` and its de-facto kin).
+const CLIENT_ADDRESS: [HeaderName; 6] = [
+    header::FORWARDED,
+    HeaderName::from_static("x-forwarded-for"),
+    HeaderName::from_static("x-real-ip"),
+    HeaderName::from_static("true-client-ip"),
+    HeaderName::from_static("cf-connecting-ip"),
+    HeaderName::from_static("x-client-ip"),
+];
+
+/// Azure-style key header, which OpenAI-compatible upstreams also accept.
+pub const API_KEY: HeaderName = HeaderName::from_static("api-key");
+
+/// Removes hop-by-hop headers: those RFC 9110 §7.6.1 lists and every header the
+/// `Connection` field names, which apply to one connection only and must not be forwarded.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+/// Removes headers naming the client's address, so the upstream never learns it (privacy
+/// by default; nothing is added in their place).
+pub fn strip_client_address(headers: &mut HeaderMap) {
+    for name in &CLIENT_ADDRESS {
+        headers.remove(name);
+    }
+}
+
+/// Turns the client's request headers into the upstream's: hop-by-hop and client-address
+/// headers go, `Host` goes (the client sets the upstream's from the URL, RFC 9110 §7.2), and
+/// credentials are marked sensitive so HTTP/2 never indexes them and `Debug` hides them.
+pub fn prepare_upstream_request(headers: &mut HeaderMap) {
+    strip_hop_by_hop(headers);
+    strip_client_address(headers);
+    headers.remove(header::HOST);
+    mark_credentials_sensitive(headers);
+}
+
+/// Marks `Authorization` and `api-key` values sensitive.
+pub fn mark_credentials_sensitive(headers: &mut HeaderMap) {
+    for name in [header::AUTHORIZATION, API_KEY] {
+        if let header::Entry::Occupied(mut entry) = headers.entry(name) {
+            for value in entry.iter_mut() {
+                value.set_sensitive(true);
+            }
+        }
+    }
+}
+
+/// Whether the request carries a credential the upstream could accept: a non-empty
+/// `Authorization` or `api-key`. The value itself is never inspected further.
+pub fn has_credential(headers: &HeaderMap) -> bool {
+    [header::AUTHORIZATION, API_KEY]
+        .iter()
+        .filter_map(|name| headers.get(name))
+        .any(|value| !value.as_bytes().iter().all(u8::is_ascii_whitespace))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (name, value) in pairs {
+            headers.append(*name, HeaderValue::from_static(value));
+        }
+        headers
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_go() {
+        let mut headers = map(&[
+            ("connection", "keep-alive, x-secret-hop"),
+            ("connection", "Foo"),
+            ("x-secret-hop", "1"),
+            ("foo", "2"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("trailer", "x"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("proxy-connection", "keep-alive"),
+            ("proxy-authorization", "Basic abc"),
+            ("openai-beta", "assistants=v2"),
+            ("x-stainless-lang", "python"),
+            ("idempotency-key", "k1"),
+        ]);
+        strip_hop_by_hop(&mut headers);
+        let mut left: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["idempotency-key", "openai-beta", "x-stainless-lang"]);
+    }
+
+    #[test]
+    fn upstream_request_loses_host_and_client_address_but_keeps_credentials() {
+        let mut headers = map(&[
+            ("host", "gateway.example"),
+            ("x-forwarded-for", "203.0.113.9"),
+            ("forwarded", "for=203.0.113.9"),
+            ("x-real-ip", "203.0.113.9"),
+            ("authorization", "Bearer sk-test"),
+            ("api-key", "azure-key"),
+            ("openai-organization", "org-1"),
+        ]);
+        prepare_upstream_request(&mut headers);
+        let mut left: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["api-key", "authorization", "openai-organization"]);
+        assert!(headers[header::AUTHORIZATION].is_sensitive());
+        assert!(headers[API_KEY].is_sensitive());
+        assert_eq!(headers[header::AUTHORIZATION], "Bearer sk-test");
+        assert!(!format!("{headers:?}").contains("sk-test"));
+    }
+
+    #[test]
+    fn credential_is_authorization_or_api_key_and_not_blank() {
+        assert!(has_credential(&map(&[("authorization", "Bearer sk-1")])));
+        assert!(has_credential(&map(&[("api-key", "k")])));
+        assert!(!has_credential(&map(&[("authorization", "  ")])));
+        assert!(!has_credential(&map(&[("openai-organization", "org")])));
+    }
+}

@@ -1,0 +1,337 @@
+//! The passthrough: one matched request in, one upstream request out, the answer streamed back.
+//!
+//! The upstream URL is `upstream.base_url` followed by the client's own path and query, byte
+//! for byte; nothing is rebuilt from decoded parameters, and the request line's authority (an
+//! absolute-form `GET http://other-host/...`) is ignored. Bodies are never collected.
+
+pub mod body;
+pub mod headers;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{header, HeaderMap, Method};
+use poem::{Body, Endpoint, Request, Response};
+use tokio::time::Instant;
+
+use crate::config::{Config, ConfigError, LimitsConfig};
+use crate::error::GatewayError;
+use crate::routes::{check_path_param, PathTemplate, RouteSpec};
+use crate::telemetry::{self, Outcome, RequestLog};
+use body::{DownloadBody, UploadBody, UploadProgress};
+
+/// A limit in force for one request, with the setting that controls it for messages.
+#[derive(Debug, Clone, Copy)]
+struct Bound<T> {
+    value: T,
+    setting: Setting,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Setting {
+    Global(&'static str),
+    Route { index: usize, key: &'static str },
+}
+
+impl std::fmt::Display for Setting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Setting::Global(name) => f.write_str(name),
+            Setting::Route { index, key } => write!(f, "routes[{index}].{key}"),
+        }
+    }
+}
+
+/// Sends requests upstream. One per gateway; its client pools connections.
+pub struct Forwarder {
+    client: reqwest::Client,
+    /// `upstream.base_url` without its trailing slash, ready for a path to be appended.
+    base: String,
+    connect_timeout: Duration,
+    read_timeout: Duration,
+    limits: LimitsConfig,
+}
+
+impl Forwarder {
+    pub fn new(config: &Config) -> Result<Forwarder, ConfigError> {
+        let upstream = &config.upstream;
+        let mut builder = reqwest::Client::builder()
+            .use_rustls_tls()
+            .connect_timeout(upstream.connect_timeout)
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(90))
+            // A passthrough hands redirects back to the client instead of following them.
+            .redirect(reqwest::redirect::Policy::none())
+            .referer(false);
+        if let Some(proxy) = &upstream.proxy {
+            let proxy = reqwest::Proxy::all(proxy.as_str()).map_err(|err| {
+                ConfigError::Invalid(vec![format!("upstream.proxy: not usable: {err}")])
+            })?;
+            builder = builder.proxy(proxy);
+        }
+        let client = builder.build().map_err(|err| {
+            ConfigError::Invalid(vec![format!("cannot build the upstream client: {err}")])
+        })?;
+        Ok(Forwarder {
+            client,
+            base: upstream.base_url.as_str().trim_end_matches('/').to_owned(),
+            connect_timeout: upstream.connect_timeout,
+            read_timeout: upstream.read_timeout,
+            limits: config.limits.clone(),
+        })
+    }
+
+    fn read_timeout(&self, route: &RouteSpec) -> Bound<Duration> {
+        match route.read_timeout {
+            Some(value) => Bound {
+                value,
+                setting: Setting::Route {
+                    index: route.index,
+                    key: "read_timeout",
+                },
+            },
+            None => Bound {
+                value: self.read_timeout,
+                setting: Setting::Global("upstream.read_timeout"),
+            },
+        }
+    }
+
+    /// The body limit for this request: the route's own, else the upload limit when the
+    /// route takes uploads and the client is not sending JSON, else the JSON limit.
+    fn body_limit(&self, route: &RouteSpec, headers: &HeaderMap) -> Bound<u64> {
+        if let Some(value) = route.max_body {
+            return Bound {
+                value,
+                setting: Setting::Route {
+                    index: route.index,
+                    key: "max_body",
+                },
+            };
+        }
+        let sends_json = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .is_some_and(|ct| {
+                let essence = ct.split(';').next().unwrap_or("").trim();
+                essence.eq_ignore_ascii_case("application/json")
+            });
+        let takes_uploads = route.body.iter().any(|kind| kind.is_upload());
+        if takes_uploads && !sends_json {
+            Bound {
+                value: self.limits.max_upload_body,
+                setting: Setting::Global("limits.max_upload_body"),
+            }
+        } else {
+            Bound {
+                value: self.limits.max_json_body,
+                setting: Setting::Global("limits.max_json_body"),
+            }
+        }
+    }
+
+    /// Forwards one request that matched `route` and streams the answer back.
+    pub async fn forward(
+        &self,
+        route: &RouteSpec,
+        route_name: &Arc<str>,
+        mut req: Request,
+        start: Instant,
+    ) -> Result<Response, GatewayError> {
+        for param in route.template.params() {
+            let raw = req.raw_path_param(param).unwrap_or_default();
+            check_path_param(raw).map_err(|problem| GatewayError::InvalidPathParam {
+                param: param.to_owned(),
+                problem: problem.describe(),
+            })?;
+        }
+        if !headers::has_credential(req.headers()) {
+            return Err(GatewayError::MissingCredential);
+        }
+
+        let limit = self.body_limit(route, req.headers());
+        let declared_length = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.parse::<u64>().ok());
+        if let Some(declared) = declared_length.filter(|len| *len > limit.value) {
+            return Err(GatewayError::BodyTooLarge {
+                limit: limit.value,
+                setting: limit.setting.to_string(),
+                declared: Some(declared),
+            });
+        }
+        let has_body = declared_length.is_some_and(|len| len > 0)
+            || req.headers().contains_key(header::TRANSFER_ENCODING);
+
+        let path_and_query = req
+            .uri()
+            .path_and_query()
+            .map_or_else(|| req.uri().path(), |pq| pq.as_str());
+        let url = reqwest::Url::parse(&format!("{}{}", self.base, path_and_query))
+            .map_err(|err| GatewayError::Internal(format!("cannot build upstream URL: {err}")))?;
+
+        let method = req.method().clone();
+        let mut upstream_headers = std::mem::take(req.headers_mut());
+        headers::prepare_upstream_request(&mut upstream_headers);
+
+        let progress = UploadProgress::new();
+        let mut builder = self
+            .client
+            .request(method.clone(), url)
+            .headers(upstream_headers);
+        if has_body {
+            let upload = UploadBody::new(
+                req.take_body().into_bytes_stream(),
+                limit.value,
+                Arc::clone(&progress),
+            );
+            builder = builder.body(reqwest::Body::wrap_stream(upload));
+        }
+
+        let read_timeout = self.read_timeout(route);
+        let upstream = self
+            .send_with_idle_timeout(builder.send(), &progress, read_timeout)
+            .await
+            .map_err(|err| match err {
+                SendError::Timeout => GatewayError::UpstreamTimeout {
+                    setting: read_timeout.setting.to_string(),
+                    timeout: read_timeout.value,
+                },
+                SendError::Reqwest(err) => self.classify_send_error(err, &progress, limit),
+            })?;
+
+        let status = upstream.status();
+        let mut response_headers = upstream.headers().clone();
+        headers::strip_hop_by_hop(&mut response_headers);
+        let log = RequestLog {
+            method,
+            route: Arc::clone(route_name),
+            status: status.as_u16(),
+            start,
+            upload: progress,
+            bytes_out: 0,
+            outcome: Outcome::ClientAborted,
+        };
+        let body = DownloadBody::new(Box::pin(upstream.bytes_stream()), read_timeout.value, log);
+        let mut response = Response::builder()
+            .status(status)
+            .body(Body::from_bytes_stream(body));
+        *response.headers_mut() = response_headers;
+        Ok(response)
+    }
+
+    /// Waits for the upstream's response headers while the request shows life: the timer
+    /// restarts with every uploaded chunk, so a long upload is never cut, only silence is.
+    async fn send_with_idle_timeout(
+        &self,
+        send: impl std::future::Future<Output = reqwest::Result<reqwest::Response>>,
+        progress: &UploadProgress,
+        timeout: Bound<Duration>,
+    ) -> Result<reqwest::Response, SendError> {
+        tokio::pin!(send);
+        loop {
+            let deadline = progress.last_activity() + timeout.value;
+            tokio::select! {
+                result = &mut send => return result.map_err(SendError::Reqwest),
+                () = tokio::time::sleep_until(deadline) => {
+                    if progress.last_activity() + timeout.value <= Instant::now() {
+                        return Err(SendError::Timeout);
+                    }
+                }
+            }
+        }
+    }
+}
+
+enum SendError {
+    Timeout,
+    Reqwest(reqwest::Error),
+}
+
+impl Forwarder {
+    /// Says who failed when the request could not be sent or its headers never came back.
+    fn classify_send_error(
+        &self,
+        err: reqwest::Error,
+        progress: &UploadProgress,
+        limit: Bound<u64>,
+    ) -> GatewayError {
+        let err = err.without_url();
+        if progress.over_limit() {
+            GatewayError::BodyTooLarge {
+                limit: limit.value,
+                setting: limit.setting.to_string(),
+                declared: None,
+            }
+        } else if progress.client_failed() {
+            GatewayError::ClientBody(std::io::Error::other(err))
+        } else if err.is_connect() && err.is_timeout() {
+            GatewayError::UpstreamConnectTimeout {
+                timeout: self.connect_timeout,
+                source: err,
+            }
+        } else if err.is_connect() {
+            GatewayError::UpstreamUnreachable(err)
+        } else {
+            GatewayError::UpstreamFailed(err)
+        }
+    }
+}
+
+/// Serves every method of one path template: dispatches by method, answers 405 otherwise.
+pub struct TemplateEndpoint {
+    forwarder: Arc<Forwarder>,
+    template: Arc<str>,
+    methods: Vec<(Method, RouteSpec)>,
+}
+
+impl TemplateEndpoint {
+    pub fn new(forwarder: Arc<Forwarder>, template: &PathTemplate, routes: &[&RouteSpec]) -> Self {
+        TemplateEndpoint {
+            forwarder,
+            template: Arc::from(template.as_str()),
+            methods: routes
+                .iter()
+                .map(|route| (route.method.clone(), (*route).clone()))
+                .collect(),
+        }
+    }
+
+    async fn handle_inner(&self, req: Request, start: Instant) -> Result<Response, GatewayError> {
+        let Some((_, route)) = self.methods.iter().find(|(m, _)| m == req.method()) else {
+            return Err(GatewayError::MethodNotAllowed {
+                method: req.method().clone(),
+                template: self.template.to_string(),
+                allowed: self.methods.iter().map(|(m, _)| m.clone()).collect(),
+            });
+        };
+        self.forwarder
+            .forward(route, &self.template, req, start)
+            .await
+    }
+}
+
+impl Endpoint for TemplateEndpoint {
+    type Output = Response;
+
+    async fn call(&self, req: Request) -> poem::Result<Response> {
+        let start = Instant::now();
+        let method = req.method().clone();
+        match self.handle_inner(req, start).await {
+            Ok(response) => Ok(response),
+            Err(err) => {
+                let response = err.to_response();
+                telemetry::log_rejected(
+                    &method,
+                    &self.template,
+                    response.status().as_u16(),
+                    start,
+                    &err.to_string(),
+                );
+                Ok(response)
+            }
+        }
+    }
+}

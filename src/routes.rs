@@ -1,0 +1,472 @@
+//! The validated route table: what the manifest's `[[routes]]` entries mean once checked.
+//!
+//! This module owns path templates (`/v1/threads/{thread_id}/runs`), body kinds and the
+//! per-route limits. It never touches the network; `proxy` reads it, `config` builds it.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::time::Duration;
+
+use http::Method;
+use percent_encoding::percent_decode_str;
+
+/// What a route accepts as a request body, as the manifest spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum BodyKind {
+    None,
+    Json,
+    Multipart,
+    Binary,
+    Sdp,
+}
+
+impl BodyKind {
+    pub const ALL: [BodyKind; 5] = [
+        BodyKind::None,
+        BodyKind::Json,
+        BodyKind::Multipart,
+        BodyKind::Binary,
+        BodyKind::Sdp,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BodyKind::None => "none",
+            BodyKind::Json => "json",
+            BodyKind::Multipart => "multipart",
+            BodyKind::Binary => "binary",
+            BodyKind::Sdp => "sdp",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<BodyKind> {
+        BodyKind::ALL.into_iter().find(|kind| kind.as_str() == s)
+    }
+
+    /// Uploads (files, audio, images) get the larger `limits.max_upload_body`.
+    pub fn is_upload(self) -> bool {
+        match self {
+            BodyKind::Multipart | BodyKind::Binary => true,
+            BodyKind::None | BodyKind::Json | BodyKind::Sdp => false,
+        }
+    }
+}
+
+impl fmt::Display for BodyKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One segment of a path template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Segment {
+    Static(String),
+    Param(String),
+}
+
+/// A path template as OpenAPI writes it: `/v1/files/{file_id}/content`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathTemplate {
+    source: String,
+    segments: Vec<Segment>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TemplateError {
+    #[error("must start with '/'")]
+    NoLeadingSlash,
+    #[error("has an empty segment ('//' or a trailing '/')")]
+    EmptySegment,
+    #[error("has an unclosed '{{' in segment {0:?}")]
+    Unclosed(String),
+    #[error("has an empty parameter name '{{}}'")]
+    EmptyParam,
+    #[error("has a parameter that does not fill its whole segment: {0:?}")]
+    PartialParam(String),
+    #[error("parameter name {0:?} may only hold letters, digits and '_'")]
+    BadParamName(String),
+    #[error("repeats the parameter name {0:?}")]
+    RepeatedParam(String),
+    #[error("has a character the router reserves in segment {0:?} (one of : * < > {{ }})")]
+    ReservedChar(String),
+}
+
+impl PathTemplate {
+    pub fn parse(source: &str) -> Result<PathTemplate, TemplateError> {
+        let rest = source
+            .strip_prefix('/')
+            .ok_or(TemplateError::NoLeadingSlash)?;
+        let mut segments = Vec::new();
+        let mut seen = BTreeSet::new();
+        if rest.is_empty() {
+            return Ok(PathTemplate {
+                source: source.to_owned(),
+                segments,
+            });
+        }
+        for raw in rest.split('/') {
+            if raw.is_empty() {
+                return Err(TemplateError::EmptySegment);
+            }
+            let segment = if let Some(inner) = raw.strip_prefix('{') {
+                let name = inner
+                    .strip_suffix('}')
+                    .ok_or_else(|| TemplateError::Unclosed(raw.to_owned()))?;
+                if name.is_empty() {
+                    return Err(TemplateError::EmptyParam);
+                }
+                if name.contains(['{', '}']) {
+                    return Err(TemplateError::PartialParam(raw.to_owned()));
+                }
+                if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    return Err(TemplateError::BadParamName(name.to_owned()));
+                }
+                if !seen.insert(name.to_owned()) {
+                    return Err(TemplateError::RepeatedParam(name.to_owned()));
+                }
+                Segment::Param(name.to_owned())
+            } else if raw.contains('{') {
+                return Err(if raw.contains('}') {
+                    TemplateError::PartialParam(raw.to_owned())
+                } else {
+                    TemplateError::Unclosed(raw.to_owned())
+                });
+            } else if raw.contains([':', '*', '<', '>', '}']) {
+                return Err(TemplateError::ReservedChar(raw.to_owned()));
+            } else {
+                Segment::Static(raw.to_owned())
+            };
+            segments.push(segment);
+        }
+        Ok(PathTemplate {
+            source: source.to_owned(),
+            segments,
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.source
+    }
+
+    pub fn segments(&self) -> &[Segment] {
+        &self.segments
+    }
+
+    pub fn params(&self) -> impl Iterator<Item = &str> {
+        self.segments.iter().filter_map(|segment| match segment {
+            Segment::Param(name) => Some(name.as_str()),
+            Segment::Static(_) => None,
+        })
+    }
+
+    /// The template in poem's router syntax: `{name}` becomes `:name`.
+    pub fn to_poem_path(&self) -> String {
+        if self.segments.is_empty() {
+            return "/".to_owned();
+        }
+        let mut out = String::with_capacity(self.source.len());
+        for segment in &self.segments {
+            out.push('/');
+            match segment {
+                Segment::Static(s) => out.push_str(s),
+                Segment::Param(name) => {
+                    out.push(':');
+                    out.push_str(name);
+                }
+            }
+        }
+        out
+    }
+
+    /// The shape the router sees: parameter names erased. Two templates with the same shape
+    /// match exactly the same requests, so the router cannot tell them apart.
+    pub fn shape(&self) -> String {
+        let mut out = String::new();
+        for segment in &self.segments {
+            out.push('/');
+            match segment {
+                Segment::Static(s) => out.push_str(s),
+                Segment::Param(_) => out.push_str("{}"),
+            }
+        }
+        out
+    }
+}
+
+impl fmt::Display for PathTemplate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.source)
+    }
+}
+
+/// Why a matched path parameter is refused before anything is sent upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamProblem {
+    Empty,
+    Slash,
+    DotSegment,
+    ControlChar,
+}
+
+impl ParamProblem {
+    pub fn describe(self) -> &'static str {
+        match self {
+            ParamProblem::Empty => "is empty",
+            ParamProblem::Slash => "contains '/' or '\\' once decoded",
+            ParamProblem::DotSegment => "is a '.' or '..' segment once decoded",
+            ParamProblem::ControlChar => "contains a control character once decoded",
+        }
+    }
+}
+
+/// Checks one raw (still percent-encoded) path parameter.
+///
+/// The upstream receives the raw path byte for byte, so a value that decodes to a separator
+/// or a dot segment could address a different resource there than the route we matched.
+pub fn check_path_param(raw: &str) -> Result<(), ParamProblem> {
+    let decoded: Vec<u8> = percent_decode_str(raw).collect();
+    if decoded.is_empty() {
+        return Err(ParamProblem::Empty);
+    }
+    if decoded == b"." || decoded == b".." {
+        return Err(ParamProblem::DotSegment);
+    }
+    if decoded.iter().any(|b| *b == b'/' || *b == b'\\') {
+        return Err(ParamProblem::Slash);
+    }
+    if decoded.iter().any(|b| b.is_ascii_control()) {
+        return Err(ParamProblem::ControlChar);
+    }
+    Ok(())
+}
+
+/// One endpoint of the manifest after validation, with its effective limits.
+#[derive(Debug, Clone)]
+pub struct RouteSpec {
+    /// Position in the manifest's `routes` list, for messages that point back at it.
+    pub index: usize,
+    pub method: Method,
+    pub template: PathTemplate,
+    pub body: Vec<BodyKind>,
+    pub summary: Option<String>,
+    pub tag: Option<String>,
+    pub streaming: bool,
+    /// `routes[i].read_timeout`, when the manifest overrides `upstream.read_timeout`.
+    pub read_timeout: Option<Duration>,
+    /// `routes[i].max_body`, when the manifest overrides the `[limits]` body sizes.
+    pub max_body: Option<u64>,
+}
+
+impl RouteSpec {
+    pub fn accepts(&self, kind: BodyKind) -> bool {
+        self.body.contains(&kind)
+    }
+
+    pub fn tag_or_default(&self) -> &str {
+        self.tag.as_deref().unwrap_or("Other")
+    }
+}
+
+/// All routes, grouped by path template in manifest order.
+#[derive(Debug, Clone, Default)]
+pub struct RouteTable {
+    routes: Vec<RouteSpec>,
+}
+
+/// A route-table conflict, reported with the manifest indexes involved.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TableError {
+    #[error("routes[{second}]: {method} {path} is already declared by routes[{first}]")]
+    Duplicate {
+        first: usize,
+        second: usize,
+        method: Method,
+        path: String,
+    },
+    #[error(
+        "routes[{second}]: {path} cannot be told apart from {other} (routes[{first}]): \
+         they differ only in parameter names; use the same names"
+    )]
+    Ambiguous {
+        first: usize,
+        second: usize,
+        path: String,
+        other: String,
+    },
+}
+
+impl RouteTable {
+    pub fn new(routes: Vec<RouteSpec>) -> Result<RouteTable, TableError> {
+        let mut by_shape: HashMap<String, usize> = HashMap::new();
+        let mut by_method: HashMap<(Method, String), usize> = HashMap::new();
+        for (pos, route) in routes.iter().enumerate() {
+            if let Some(&first) = by_shape.get(&route.template.shape()) {
+                let other = &routes[first];
+                if other.template != route.template {
+                    return Err(TableError::Ambiguous {
+                        first: other.index,
+                        second: route.index,
+                        path: route.template.to_string(),
+                        other: other.template.to_string(),
+                    });
+                }
+            } else {
+                by_shape.insert(route.template.shape(), pos);
+            }
+            let key = (route.method.clone(), route.template.to_string());
+            if let Some(&first) = by_method.get(&key) {
+                return Err(TableError::Duplicate {
+                    first: routes[first].index,
+                    second: route.index,
+                    method: route.method.clone(),
+                    path: route.template.to_string(),
+                });
+            }
+            by_method.insert(key, pos);
+        }
+        Ok(RouteTable { routes })
+    }
+
+    pub fn routes(&self) -> &[RouteSpec] {
+        &self.routes
+    }
+
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+
+    /// Routes grouped by template, in the order each template first appears.
+    pub fn by_template(&self) -> Vec<(&PathTemplate, Vec<&RouteSpec>)> {
+        let mut groups: Vec<(&PathTemplate, Vec<&RouteSpec>)> = Vec::new();
+        let mut slot: HashMap<&str, usize> = HashMap::new();
+        for route in &self.routes {
+            match slot.get(route.template.as_str()) {
+                Some(&i) => groups[i].1.push(route),
+                None => {
+                    slot.insert(route.template.as_str(), groups.len());
+                    groups.push((&route.template, vec![route]));
+                }
+            }
+        }
+        groups
+    }
+
+    /// Route counts by tag, sorted by tag name, for the start-up summary.
+    pub fn count_by_tag(&self) -> Vec<(&str, usize)> {
+        let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
+        for route in &self.routes {
+            *counts.entry(route.tag_or_default()).or_default() += 1;
+        }
+        counts.into_iter().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_openapi_templates() {
+        let t = PathTemplate::parse("/v1/threads/{thread_id}/runs/{run_id}/cancel").unwrap();
+        assert_eq!(t.params().collect::<Vec<_>>(), ["thread_id", "run_id"]);
+        assert_eq!(
+            t.to_poem_path(),
+            "/v1/threads/:thread_id/runs/:run_id/cancel"
+        );
+        assert_eq!(t.shape(), "/v1/threads/{}/runs/{}/cancel");
+    }
+
+    #[test]
+    fn root_template_is_slash() {
+        assert_eq!(PathTemplate::parse("/").unwrap().to_poem_path(), "/");
+    }
+
+    #[test]
+    fn rejects_malformed_templates() {
+        let cases = [
+            ("v1/models", TemplateError::NoLeadingSlash),
+            ("/v1//models", TemplateError::EmptySegment),
+            ("/v1/models/", TemplateError::EmptySegment),
+            ("/v1/{unclosed", TemplateError::Unclosed("{unclosed".into())),
+            (
+                "/v1/unopened}",
+                TemplateError::ReservedChar("unopened}".into()),
+            ),
+            ("/v1/{}", TemplateError::EmptyParam),
+            ("/v1/x{id}", TemplateError::PartialParam("x{id}".into())),
+            ("/v1/{a-b}", TemplateError::BadParamName("a-b".into())),
+            ("/v1/{id}/x/{id}", TemplateError::RepeatedParam("id".into())),
+            ("/v1/:id", TemplateError::ReservedChar(":id".into())),
+            ("/v1/*rest", TemplateError::ReservedChar("*rest".into())),
+        ];
+        for (source, expected) in cases {
+            assert_eq!(PathTemplate::parse(source), Err(expected), "{source}");
+        }
+    }
+
+    #[test]
+    fn param_check_refuses_what_could_escape_the_route() {
+        assert_eq!(check_path_param("file-abc123"), Ok(()));
+        assert_eq!(check_path_param("ft%3Agpt-4o%3Aorg"), Ok(()));
+        assert_eq!(check_path_param("a%2Fb"), Err(ParamProblem::Slash));
+        assert_eq!(check_path_param("a%2fb"), Err(ParamProblem::Slash));
+        assert_eq!(check_path_param("a%5Cb"), Err(ParamProblem::Slash));
+        assert_eq!(check_path_param(".."), Err(ParamProblem::DotSegment));
+        assert_eq!(check_path_param("%2e%2E"), Err(ParamProblem::DotSegment));
+        assert_eq!(check_path_param("%2e"), Err(ParamProblem::DotSegment));
+        assert_eq!(check_path_param("a%0Ab"), Err(ParamProblem::ControlChar));
+        assert_eq!(check_path_param("a%00"), Err(ParamProblem::ControlChar));
+        assert_eq!(check_path_param("a%7F"), Err(ParamProblem::ControlChar));
+        assert_eq!(check_path_param("...."), Ok(()));
+    }
+
+    fn spec(index: usize, method: Method, path: &str) -> RouteSpec {
+        RouteSpec {
+            index,
+            method,
+            template: PathTemplate::parse(path).unwrap(),
+            body: vec![BodyKind::None],
+            summary: None,
+            tag: None,
+            streaming: false,
+            read_timeout: None,
+            max_body: None,
+        }
+    }
+
+    #[test]
+    fn table_rejects_duplicates_and_ambiguity() {
+        let dup = RouteTable::new(vec![
+            spec(0, Method::GET, "/v1/a"),
+            spec(1, Method::GET, "/v1/a"),
+        ]);
+        assert_eq!(
+            dup.unwrap_err().to_string(),
+            "routes[1]: GET /v1/a is already declared by routes[0]"
+        );
+        let ambiguous = RouteTable::new(vec![
+            spec(0, Method::GET, "/v1/a/{x}"),
+            spec(1, Method::POST, "/v1/a/{y}"),
+        ]);
+        assert!(matches!(
+            ambiguous,
+            Err(TableError::Ambiguous {
+                first: 0,
+                second: 1,
+                ..
+            })
+        ));
+        let fine = RouteTable::new(vec![
+            spec(0, Method::GET, "/v1/a/{x}"),
+            spec(1, Method::POST, "/v1/a/{x}"),
+            spec(2, Method::GET, "/v1/a/static"),
+        ])
+        .unwrap();
+        assert_eq!(fine.by_template().len(), 2);
+    }
+}
