@@ -124,7 +124,7 @@ fn main() -> ExitCode {
 async fn serve(config: Config) -> Result<(), String> {
     let endpoint = app(&config).map_err(|err| format!("invalid configuration:\n{err}"))?;
     let addr = SocketAddr::new(config.server.host, config.server.port);
-    let acceptor = server::NodelayAcceptor::bind(addr)
+    let acceptor = server::Listener::bind(addr)
         .await
         .map_err(|err| format!("cannot listen on {addr} (server.host, server.port): {err}"))?;
     let by_tag: Vec<String> = config

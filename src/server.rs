@@ -1,27 +1,41 @@
-//! Accepting connections and stopping gracefully.
+//! Accepting connections, serving them with hyper, and stopping gracefully.
+//!
+//! The gateway's endpoints are poem's; the connection loop is ours, because a proxy needs two
+//! things poem's built-in server does not give: a body error must abort the client's
+//! connection (poem re-polls a finished connection, which then ends the chunked body cleanly,
+//! hiding an upstream failure), and a client that goes away must drop its response at once,
+//! so the upstream request is cancelled.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use poem::listener::Acceptor;
+use bytes::Bytes;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
 use poem::web::{LocalAddr, RemoteAddr};
-use poem::{Endpoint, Server};
-use tokio::net::{TcpListener, TcpStream};
+use poem::{Endpoint, Response};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
 
-/// A TCP acceptor that turns Nagle's algorithm off on every connection, so a streamed event
-/// leaves the moment it is written instead of waiting for more bytes to coalesce.
-pub struct NodelayAcceptor {
+type ResponseBody = http_body_util::combinators::BoxBody<Bytes, io::Error>;
+
+/// A bound listening socket, so callers (and tests on port 0) learn the address before serving.
+pub struct Listener {
     listener: TcpListener,
     local: SocketAddr,
 }
 
-impl NodelayAcceptor {
-    pub async fn bind(addr: SocketAddr) -> io::Result<NodelayAcceptor> {
+impl Listener {
+    pub async fn bind(addr: SocketAddr) -> io::Result<Listener> {
         let listener = TcpListener::bind(addr).await?;
         let local = listener.local_addr()?;
-        Ok(NodelayAcceptor { listener, local })
+        Ok(Listener { listener, local })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -29,53 +43,91 @@ impl NodelayAcceptor {
     }
 }
 
-impl Acceptor for NodelayAcceptor {
-    type Io = TcpStream;
-
-    fn local_addr(&self) -> Vec<LocalAddr> {
-        vec![LocalAddr(self.local.into())]
-    }
-
-    async fn accept(
-        &mut self,
-    ) -> io::Result<(TcpStream, LocalAddr, RemoteAddr, http::uri::Scheme)> {
-        loop {
-            match self.listener.accept().await {
-                Ok((stream, remote)) => {
-                    // Best effort: a socket that refuses NODELAY still works, only slower.
-                    let _ = stream.set_nodelay(true);
-                    return Ok((
-                        stream,
-                        LocalAddr(self.local.into()),
-                        RemoteAddr(remote.into()),
-                        http::uri::Scheme::HTTP,
-                    ));
-                }
-                Err(err) => {
-                    // Out of file descriptors or similar: poem would retry at once and spin,
-                    // so pause briefly and let in-flight requests free what they hold.
-                    tracing::warn!(error = %err, "accept failed; retrying shortly");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
-    }
-}
-
 /// Serves `app` until `shutdown` resolves, then stops accepting and lets in-flight requests
 /// and streams finish for up to `grace` before dropping them.
 pub async fn serve<E>(
-    acceptor: NodelayAcceptor,
+    listener: Listener,
     app: E,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) -> io::Result<()>
 where
-    E: Endpoint + 'static,
+    E: Endpoint<Output = Response> + 'static,
 {
-    Server::new_with_acceptor(acceptor)
-        .run_with_graceful_shutdown(app, shutdown, Some(grace))
-        .await
+    let app = Arc::new(app);
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new());
+    builder.http2().timer(TokioTimer::new());
+    let graceful = GracefulShutdown::new();
+    // Flipped when the grace period is over: connections still open are dropped.
+    let (hard_stop, hard_stopped) = watch::channel(false);
+    let local = LocalAddr(listener.local.into());
+    tokio::pin!(shutdown);
+
+    loop {
+        let (stream, remote) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Out of file descriptors or similar: retrying at once would spin, so
+                    // pause and let in-flight requests free what they hold.
+                    tracing::warn!(error = %err, "accept failed; retrying shortly");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        // Events must leave the moment they are written, not wait for Nagle to coalesce them.
+        // A socket that refuses still works, only slower.
+        let _ = stream.set_nodelay(true);
+
+        let app = Arc::clone(&app);
+        let local = local.clone();
+        let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+            let app = Arc::clone(&app);
+            let request: poem::Request = (
+                req,
+                local.clone(),
+                RemoteAddr(remote.into()),
+                http::uri::Scheme::HTTP,
+            )
+                .into();
+            async move {
+                let response = app.get_response(request).await;
+                Ok::<_, Infallible>(hyper::Response::<ResponseBody>::from(response))
+            }
+        });
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        let mut hard_stopped = hard_stopped.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                result = connection => {
+                    if let Err(err) = result {
+                        tracing::debug!(error = %err, "connection ended with an error");
+                    }
+                }
+                _ = hard_stopped.wait_for(|stop| *stop) => {}
+            }
+        });
+    }
+
+    drop(listener);
+    tracing::info!(
+        grace = %humantime::format_duration(grace),
+        "no longer accepting; waiting for in-flight requests"
+    );
+    tokio::select! {
+        () = graceful.shutdown() => tracing::info!("all connections finished"),
+        () = tokio::time::sleep(grace) => {
+            tracing::warn!("server.shutdown_grace expired; closing the remaining connections");
+            let _ = hard_stop.send(true);
+        }
+    }
+    Ok(())
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).

@@ -1,0 +1,303 @@
+//! Streams pass without buffering; failures on either side end them visibly and at once.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{bearer, client, streaming_body, Gateway, Upstream};
+use futures_util::StreamExt;
+use poem::Response;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+/// Long enough for any machine to move one small chunk over loopback; a gateway that buffers
+/// would hold the chunk until the next one arrives, which never happens before this expires.
+const DELIVERY: Duration = Duration::from_secs(10);
+
+/// An upstream whose next response streams whatever the test sends into the returned sender.
+async fn sse_upstream() -> (Upstream, mpsc::Sender<Bytes>) {
+    let (tx, rx) = mpsc::channel::<Bytes>(4);
+    let rx = Arc::new(Mutex::new(Some(rx)));
+    let upstream = Upstream::start(move |_| {
+        let rx = rx
+            .lock()
+            .unwrap()
+            .take()
+            .expect("one streaming request per test");
+        Response::builder()
+            .header("content-type", "text/event-stream")
+            .header("x-request-id", "req_sse")
+            .body(streaming_body(rx))
+    })
+    .await;
+    (upstream, tx)
+}
+
+async fn start_chat_stream(gateway: &Gateway) -> reqwest::Response {
+    client()
+        .post(gateway.url("/v1/chat/completions"))
+        .header("authorization", bearer())
+        .header("content-type", "application/json")
+        .body(r#"{"model":"gpt-4o","stream":true,"messages":[]}"#)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn each_sse_event_reaches_the_client_before_the_next_is_sent() {
+    let (upstream, tx) = sse_upstream().await;
+    let gateway = Gateway::in_front_of(&upstream).await;
+    let response = start_chat_stream(&gateway).await;
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    assert_eq!(response.headers()["x-request-id"], "req_sse");
+    let mut body = response.bytes_stream();
+    for i in 0..20 {
+        let event = format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"{i}\"}}}}]}}\n\n");
+        tx.send(Bytes::from(event.clone())).await.unwrap();
+        let mut got = Vec::new();
+        while got.len() < event.len() {
+            let chunk = tokio::time::timeout(DELIVERY, body.next())
+                .await
+                .unwrap_or_else(|_| panic!("event {i} was held back by the gateway"))
+                .unwrap()
+                .unwrap();
+            got.extend_from_slice(&chunk);
+        }
+        assert_eq!(got, event.as_bytes(), "event {i} arrived changed or merged");
+    }
+    tx.send(Bytes::from_static(b"data: [DONE]\n\n"))
+        .await
+        .unwrap();
+    drop(tx);
+    let rest: Vec<Bytes> = body.map(|chunk| chunk.unwrap()).collect().await;
+    assert_eq!(rest.concat(), b"data: [DONE]\n\n");
+}
+
+#[tokio::test]
+async fn client_disconnect_cancels_the_upstream_request() {
+    let (upstream, tx) = sse_upstream().await;
+    let gateway = Gateway::in_front_of(&upstream).await;
+    let response = start_chat_stream(&gateway).await;
+    tx.send(Bytes::from_static(b"data: 1\n\n")).await.unwrap();
+    let mut body = response.bytes_stream();
+    body.next().await.unwrap().unwrap();
+    drop(body);
+    // The upstream's body receiver is dropped once the gateway drops its upstream request.
+    tokio::time::timeout(DELIVERY, tx.closed())
+        .await
+        .expect("the upstream stream was not cancelled after the client left");
+}
+
+/// A raw upstream that answers the first request with `head` and `first`, then resets.
+async fn resetting_upstream(head: &'static str, first: &'static str) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut seen = Vec::new();
+        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = socket.read(&mut buf).await.unwrap();
+            seen.extend_from_slice(&buf[..n]);
+        }
+        socket.write_all(head.as_bytes()).await.unwrap();
+        socket.write_all(first.as_bytes()).await.unwrap();
+        socket.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // SO_LINGER 0: close with RST, as a crashed upstream or a broken network would.
+        #[allow(deprecated)]
+        socket.set_linger(Some(Duration::ZERO)).unwrap();
+        drop(socket);
+    });
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn upstream_reset_mid_stream_ends_the_client_response_abnormally() {
+    let cases = [
+        (
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
+            "9\r\ndata: 1\n\n\r\n",
+        ),
+        (
+            "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: 1000\r\n\r\n",
+            "only a part of the body",
+        ),
+    ];
+    for (head, first) in cases {
+        let base = resetting_upstream(head, first).await;
+        let gateway = Gateway::start(&common::test_manifest(&base, "")).await;
+        let response = client()
+            .get(gateway.url("/v1/models"))
+            .header("authorization", bearer())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let mut body = response.bytes_stream();
+        let mut received = Vec::new();
+        let mut failed = false;
+        while let Some(chunk) = tokio::time::timeout(DELIVERY, body.next()).await.unwrap() {
+            match chunk {
+                Ok(chunk) => received.extend_from_slice(&chunk),
+                Err(_) => {
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        assert!(
+            failed,
+            "the client saw a clean end after an upstream reset ({head:?})"
+        );
+        assert!(!received.is_empty(), "the first part should have arrived");
+    }
+}
+
+#[tokio::test]
+async fn upstream_silent_mid_stream_past_read_timeout_aborts_the_response() {
+    let (tx, rx) = mpsc::channel::<Bytes>(4);
+    let rx = Arc::new(Mutex::new(Some(rx)));
+    let upstream = Upstream::start(move |_| {
+        Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(streaming_body(rx.lock().unwrap().take().unwrap()))
+    })
+    .await;
+    let gateway = Gateway::in_front_of(&upstream).await;
+    // /v1/slow has read_timeout = "300ms" in the test manifest.
+    let response = client()
+        .post(gateway.url("/v1/slow"))
+        .header("authorization", bearer())
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    tx.send(Bytes::from_static(b"data: 1\n\n")).await.unwrap();
+    let mut body = response.bytes_stream();
+    assert_eq!(body.next().await.unwrap().unwrap().as_ref(), b"data: 1\n\n");
+    let next = tokio::time::timeout(DELIVERY, body.next()).await.unwrap();
+    assert!(
+        matches!(next, Some(Err(_))),
+        "expected an aborted body, got {next:?}"
+    );
+    drop(tx);
+}
+
+/// A raw upstream that accepts connections and never answers.
+async fn silent_upstream() -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let handle = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    (format!("http://{addr}"), handle)
+}
+
+#[tokio::test]
+async fn upstream_silent_before_headers_is_504_naming_the_setting() {
+    let (base, _hold) = silent_upstream().await;
+    let gateway = Gateway::start(&common::test_manifest(&base, "")).await;
+    for (path, setting) in [
+        ("/v1/slow", "routes[9].read_timeout (300ms)"),
+        ("/v1/embeddings", "upstream.read_timeout (2s)"),
+    ] {
+        let response = client()
+            .post(gateway.url(path))
+            .header("authorization", bearer())
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 504, "{path}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(
+            body["error"]["message"],
+            format!("The upstream did not answer within {setting}")
+        );
+        assert_eq!(body["error"]["code"], "upstream_timeout");
+    }
+}
+
+#[tokio::test]
+async fn a_slow_upload_is_not_cut_while_it_keeps_moving() {
+    let upstream = Upstream::echo().await;
+    let gateway = Gateway::in_front_of(&upstream).await;
+    // Ten chunks 100 ms apart: one second in all, past /v1/slow's 300 ms read_timeout, yet
+    // never silent for that long.
+    let chunks = futures_util::stream::iter(0..10).then(|i| async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        Ok::<_, std::io::Error>(Bytes::from(format!("{i:02}")))
+    });
+    let response = client()
+        .post(gateway.url("/v1/slow"))
+        .header("authorization", bearer())
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(upstream.last().body_len, 20);
+}
+
+#[tokio::test]
+async fn unreachable_upstream_is_502_with_the_cause() {
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let gateway = Gateway::start(&common::test_manifest(
+        &format!("http://127.0.0.1:{port}"),
+        "",
+    ))
+    .await;
+    let response = client()
+        .get(gateway.url("/v1/models?secret=1"))
+        .header("authorization", bearer())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 502);
+    let body: Value = response.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("The upstream could not be reached"),
+        "{message}"
+    );
+    assert!(message.to_lowercase().contains("refused"), "{message}");
+    assert!(!message.contains("secret"), "the query leaked: {message}");
+    assert_eq!(body["error"]["code"], "upstream_unreachable");
+}
+
+#[tokio::test]
+async fn graceful_shutdown_lets_an_open_stream_finish() {
+    let (upstream, tx) = sse_upstream().await;
+    let mut gateway = Gateway::in_front_of(&upstream).await;
+    let response = start_chat_stream(&gateway).await;
+    tx.send(Bytes::from_static(b"data: 1\n\n")).await.unwrap();
+    let mut body = response.bytes_stream();
+    body.next().await.unwrap().unwrap();
+
+    gateway.shutdown();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // New connections are refused while the old stream still runs.
+    let refused = client().get(gateway.url("/health")).send().await;
+    assert!(refused.is_err(), "the gateway still accepted connections");
+
+    tx.send(Bytes::from_static(b"data: 2\n\n")).await.unwrap();
+    drop(tx);
+    let rest: Vec<Bytes> = body.map(|chunk| chunk.unwrap()).collect().await;
+    assert_eq!(rest.concat(), b"data: 2\n\n");
+    let served = tokio::time::timeout(DELIVERY, &mut gateway.handle)
+        .await
+        .expect("the server did not stop after its last stream ended");
+    served.unwrap().unwrap();
+}
