@@ -136,7 +136,7 @@ impl Config {
         };
         let env = Env::prefixed(ENV_PREFIX)
             .split("__")
-            .filter(|key| key.as_str() != "config");
+            .filter(|key| !key.as_str().eq_ignore_ascii_case("config"));
         let figment = Figment::new().merge(Toml::string(&text)).merge(env);
         Config::from_figment(figment, source)
     }
@@ -249,12 +249,16 @@ fn describe_figment_error(
                     " (from environment variable {ENV_PREFIX}{})",
                     err.path.join("__").to_uppercase()
                 ),
-                Some(_) => format!(" (in {source})"),
-                None => String::new(),
+                Some(_) | None => format!(" (in {source})"),
             };
             let problem = match &err.kind {
                 figment::error::Kind::UnknownField(_, allowed) => {
                     format!("unknown key; allowed here: {}", allowed.join(", "))
+                }
+                figment::error::Kind::Message(message)
+                    if message.starts_with("TOML parse error") =>
+                {
+                    summarize_toml_error(message)
                 }
                 kind => kind.to_string(),
             };
@@ -265,6 +269,21 @@ fn describe_figment_error(
             }
         })
         .collect()
+}
+
+/// A TOML syntax error names its position and problem; the quoted source line is dropped,
+/// since it may hold a secret (a proxy password, say).
+fn summarize_toml_error(message: &str) -> String {
+    let mut lines = message
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty());
+    let position = lines.next().unwrap_or(message);
+    let problem = lines
+        .filter(|line| !line.contains('|') && !line.starts_with('^'))
+        .last()
+        .unwrap_or("");
+    format!("{position}: {problem}")
 }
 
 fn validate(raw: RawConfig, source: ManifestSource) -> Result<Config, ConfigError> {

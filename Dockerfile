@@ -1,0 +1,20 @@
+# syntax=docker/dockerfile:1
+# Build a static (musl) binary, then ship it alone on a distroless image.
+FROM rust:1.95-alpine AS build
+RUN apk add --no-cache musl-dev
+WORKDIR /src
+COPY Cargo.toml Cargo.lock clippy.toml routes.toml ./
+COPY src ./src
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked \
+    && cp target/release/oa-bypass /oa-bypass
+
+# distroless/static: no shell, CA certificates and a non-root user included.
+FROM gcr.io/distroless/static-debian12:nonroot
+COPY --from=build /oa-bypass /usr/local/bin/oa-bypass
+USER nonroot:nonroot
+EXPOSE 8080
+HEALTHCHECK --interval=30s --timeout=5s --start-period=5s --retries=3 \
+    CMD ["/usr/local/bin/oa-bypass", "healthcheck"]
+ENTRYPOINT ["/usr/local/bin/oa-bypass"]

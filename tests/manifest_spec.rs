@@ -1,0 +1,112 @@
+//! The shipped routes.toml covers every operation of the OpenAI REST API.
+//!
+//! spec/openai-endpoints.tsv is generated from the public OpenAPI spec (method, path, request
+//! body kinds, response types, …). When OpenAI publishes a new spec, replace the TSV and this
+//! test lists exactly what routes.toml must gain, lose or change.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeMap;
+
+use oa_bypass::config::{Config, BUILT_IN_MANIFEST};
+
+struct SpecOperation {
+    body: Vec<String>,
+    streaming: bool,
+    tag: String,
+}
+
+fn spec() -> BTreeMap<(String, String), SpecOperation> {
+    let text = std::fs::read_to_string("spec/openai-endpoints.tsv").unwrap();
+    let mut operations = BTreeMap::new();
+    let mut lines = text.lines().filter(|line| !line.starts_with('#'));
+    let header: Vec<&str> = lines.next().unwrap().split('\t').collect();
+    assert_eq!(
+        header[..4],
+        ["method", "path", "request_body", "response_types"],
+        "spec/openai-endpoints.tsv changed shape"
+    );
+    for line in lines {
+        let fields: Vec<&str> = line.split('\t').collect();
+        let mut body: Vec<String> = fields[2].split('|').map(str::to_owned).collect();
+        body.sort();
+        let previous = operations.insert(
+            (fields[0].to_owned(), fields[1].to_owned()),
+            SpecOperation {
+                body,
+                streaming: fields[3].split('|').any(|t| t == "text/event-stream"),
+                tag: fields[5].to_owned(),
+            },
+        );
+        assert!(
+            previous.is_none(),
+            "duplicate operation in the spec: {line}"
+        );
+    }
+    operations
+}
+
+#[test]
+fn shipped_manifest_covers_every_spec_operation_with_matching_body_kinds() {
+    let config = Config::from_manifest_str(BUILT_IN_MANIFEST).unwrap();
+    let spec = spec();
+    assert_eq!(spec.len(), 281, "the reference lists 281 operations");
+
+    let mut problems = Vec::new();
+    let mut shipped = BTreeMap::new();
+    for route in config.routes.routes() {
+        let mut body: Vec<String> = route.body.iter().map(|k| k.as_str().to_owned()).collect();
+        body.sort();
+        shipped.insert(
+            (route.method.to_string(), route.template.to_string()),
+            (body, route.streaming, route.tag.clone()),
+        );
+    }
+    for ((method, path), operation) in &spec {
+        match shipped.get(&(method.clone(), path.clone())) {
+            None => problems.push(format!("missing: {method} {path}")),
+            Some((body, streaming, tag)) => {
+                if body != &operation.body {
+                    problems.push(format!(
+                        "{method} {path}: body {body:?}, the spec says {:?}",
+                        operation.body
+                    ));
+                }
+                if *streaming != operation.streaming {
+                    problems.push(format!(
+                        "{method} {path}: streaming = {streaming}, the spec says {}",
+                        operation.streaming
+                    ));
+                }
+                if operation.tag != "-" && tag.as_deref() != Some(operation.tag.as_str()) {
+                    problems.push(format!(
+                        "{method} {path}: tag {tag:?}, the spec says {:?}",
+                        operation.tag
+                    ));
+                }
+            }
+        }
+    }
+    for (method, path) in shipped.keys() {
+        if !spec.contains_key(&(method.clone(), path.clone())) {
+            problems.push(format!("not in the spec: {method} {path}"));
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "routes.toml vs spec:\n{}",
+        problems.join("\n")
+    );
+}
+
+#[test]
+fn every_shipped_route_has_a_tag_and_summary() {
+    let config = Config::from_manifest_str(BUILT_IN_MANIFEST).unwrap();
+    for route in config.routes.routes() {
+        assert!(route.tag.is_some(), "routes[{}] has no tag", route.index);
+        assert!(
+            route.summary.is_some(),
+            "routes[{}] has no summary",
+            route.index
+        );
+    }
+}
