@@ -280,8 +280,7 @@ fn summarize_toml_error(message: &str) -> String {
         .filter(|line| !line.is_empty());
     let position = lines.next().unwrap_or(message);
     let problem = lines
-        .filter(|line| !line.contains('|') && !line.starts_with('^'))
-        .last()
+        .rfind(|line| !line.contains('|') && !line.starts_with('^'))
         .unwrap_or("");
     format!("{position}: {problem}")
 }
