@@ -24,9 +24,15 @@ pub struct Recorded {
     pub headers: http::HeaderMap,
     pub body_len: u64,
     pub body_sha256: String,
+    /// The first 64 KiB of the body, for tests that look inside small bodies.
+    pub body_head: Vec<u8>,
 }
 
 impl Recorded {
+    pub fn body_text(&self) -> String {
+        String::from_utf8_lossy(&self.body_head).into_owned()
+    }
+
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
@@ -53,11 +59,14 @@ impl Endpoint for RecordingEndpoint {
     async fn call(&self, mut req: Request) -> poem::Result<Response> {
         let mut hasher = Sha256::new();
         let mut len = 0u64;
+        let mut head = Vec::new();
         let mut stream = req.take_body().into_bytes_stream();
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(poem::error::InternalServerError)?;
             len += chunk.len() as u64;
             hasher.update(&chunk);
+            let room = (64usize << 10).saturating_sub(head.len());
+            head.extend_from_slice(&chunk[..room.min(chunk.len())]);
         }
         let recorded = Recorded {
             method: req.method().to_string(),
@@ -69,6 +78,7 @@ impl Endpoint for RecordingEndpoint {
             headers: req.headers().clone(),
             body_len: len,
             body_sha256: hex(&hasher.finalize()),
+            body_head: head,
         };
         let response = (self.responder)(&recorded);
         self.records.lock().unwrap().push(recorded);
