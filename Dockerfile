@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # Build a static (musl) binary, then ship it alone on a distroless image.
 FROM rust:1.95-alpine AS build
-RUN apk add --no-cache musl-dev
+RUN apk add --no-cache "musl-dev=~1.2"
 WORKDIR /src
 COPY Cargo.toml Cargo.lock clippy.toml routes.toml ./
 COPY src ./src
@@ -13,7 +13,8 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 # distroless/static: no shell, CA certificates and a non-root user included.
 FROM gcr.io/distroless/static-debian12:nonroot
 COPY --from=build /oa-bypass /usr/local/bin/oa-bypass
-USER nonroot:nonroot
+# distroless's nonroot user
+USER 65532:65532
 EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=5s --start-period=5s --retries=3 \
     CMD ["/usr/local/bin/oa-bypass", "healthcheck"]
