@@ -449,3 +449,39 @@ fn docker_compose_environment_parses_through_the_real_loader() {
     assert!(service["healthcheck"]["test"].is_sequence());
     assert!(service["restart"].is_string());
 }
+
+#[tokio::test]
+async fn each_request_logs_one_line_with_route_status_bytes_and_outcome() {
+    let upstream = Upstream::start(|_| {
+        Response::builder()
+            .header("content-type", "application/json")
+            .body("{\"ok\":true}")
+    })
+    .await;
+    let gateway = Binary::spawn(&common::test_manifest(&upstream.base_url(), ""), &[]);
+    let response = client()
+        .get(gateway.url("/v1/files/file-secret-id"))
+        .header("authorization", bearer())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.text().await.unwrap(), "{\"ok\":true}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let logs = gateway.logs();
+    let line = logs
+        .lines()
+        .find(|line| line.contains("oa_bypass::request"))
+        .unwrap_or_else(|| panic!("no request line:\n{logs}"));
+    for field in [
+        "method=GET",
+        "route=/v1/files/{file_id}",
+        "status=200",
+        "bytes_in=0",
+        "bytes_out=11",
+        "outcome=\"complete\"",
+        "duration_ms=",
+    ] {
+        assert!(line.contains(field), "{field} missing from {line}");
+    }
+    assert!(!logs.contains("file-secret-id"), "the raw path was logged");
+}

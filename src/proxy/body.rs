@@ -133,16 +133,28 @@ pub struct DownloadBody {
     inner: BoxedBytes,
     idle: Pin<Box<Sleep>>,
     idle_timeout: Duration,
+    /// The upstream's Content-Length: the server stops polling once that much is written,
+    /// so reaching it is what "complete" means for such a body.
+    expected_len: Option<u64>,
     done: bool,
     log: RequestLog,
 }
 
 impl DownloadBody {
-    pub fn new(inner: BoxedBytes, idle_timeout: Duration, log: RequestLog) -> Self {
+    pub fn new(
+        inner: BoxedBytes,
+        idle_timeout: Duration,
+        expected_len: Option<u64>,
+        mut log: RequestLog,
+    ) -> Self {
+        if expected_len == Some(0) {
+            log.outcome = Outcome::Complete;
+        }
         DownloadBody {
             inner,
             idle: Box::pin(tokio::time::sleep(idle_timeout)),
             idle_timeout,
+            expected_len,
             done: false,
             log,
         }
@@ -159,6 +171,9 @@ impl Stream for DownloadBody {
         match self.inner.as_mut().poll_next(cx) {
             Poll::Ready(Some(Ok(chunk))) => {
                 self.log.bytes_out += chunk.len() as u64;
+                if Some(self.log.bytes_out) == self.expected_len {
+                    self.log.outcome = Outcome::Complete;
+                }
                 let deadline = Instant::now() + self.idle_timeout;
                 self.idle.as_mut().reset(deadline);
                 Poll::Ready(Some(Ok(chunk)))

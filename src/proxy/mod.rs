@@ -214,7 +214,16 @@ impl Forwarder {
             bytes_out: 0,
             outcome: Outcome::ClientAborted,
         };
-        let body = DownloadBody::new(Box::pin(upstream.bytes_stream()), read_timeout.value, log);
+        let expected_len = response_headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.parse::<u64>().ok());
+        let body = DownloadBody::new(
+            Box::pin(upstream.bytes_stream()),
+            read_timeout.value,
+            expected_len,
+            log,
+        );
         let mut response = Response::builder()
             .status(status)
             .body(Body::from_bytes_stream(body));
