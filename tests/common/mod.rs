@@ -26,6 +26,8 @@ pub struct Recorded {
     pub body_sha256: String,
     /// The first 64 KiB of the body, for tests that look inside small bodies.
     pub body_head: Vec<u8>,
+    /// The gateway's side of the connection, to tell reused connections from new ones.
+    pub peer: String,
 }
 
 impl Recorded {
@@ -79,6 +81,7 @@ impl Endpoint for RecordingEndpoint {
             body_len: len,
             body_sha256: hex(&hasher.finalize()),
             body_head: head,
+            peer: req.remote_addr().to_string(),
         };
         let response = (self.responder)(&recorded);
         self.records.lock().unwrap().push(recorded);
