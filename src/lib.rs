@@ -7,6 +7,7 @@
 pub mod config;
 pub mod cors;
 pub mod error;
+pub mod openapi;
 pub mod proxy;
 pub mod routes;
 pub mod server;
@@ -25,14 +26,34 @@ use proxy::{Forwarder, TemplateEndpoint};
 
 /// What `GET /` and `GET /health` answer, as the original gateway did.
 pub const HEALTH_TEXT: &str = "OpenAI API Server is running";
-const GATEWAY_PATHS: [&str; 2] = ["/", "/health"];
+const GATEWAY_PATHS: [&str; 4] = ["/", "/health", openapi::DOCUMENT_PATH, openapi::DOCS_PATH];
 
 /// Builds the gateway: every manifest route, the health endpoints, JSON 404s, CORS.
 pub fn app(config: &Config) -> Result<BoxEndpoint<'static, Response>, ConfigError> {
     let forwarder = Arc::new(Forwarder::new(config)?);
-    let mut router = Route::new();
-    for path in GATEWAY_PATHS {
-        router = router.at(path, Health);
+    let mut router = Route::new().at("/", Health).at("/health", Health);
+    if config.openapi.enabled {
+        let document = serde_json::to_vec_pretty(&openapi::document(config)).map_err(|err| {
+            ConfigError::Invalid(vec![format!(
+                "cannot serialise the OpenAPI document: {err}"
+            )])
+        })?;
+        let html = openapi::swagger_ui_html(&config.openapi.title).ok_or_else(|| {
+            ConfigError::Invalid(vec![
+                "openapi: the bundled Swagger UI page has an unexpected shape; \
+                 set openapi.enabled = false to serve without it"
+                    .to_owned(),
+            ])
+        })?;
+        router = router
+            .at(
+                openapi::DOCUMENT_PATH,
+                openapi::StaticDocument::new(document, "application/json"),
+            )
+            .at(
+                openapi::DOCS_PATH,
+                openapi::StaticDocument::new(html, "text/html; charset=utf-8"),
+            );
     }
     for (template, specs) in config.routes.by_template() {
         let index = specs.first().map_or(0, |spec| spec.index);

@@ -12,6 +12,7 @@ oa-bypass: a self-hosted passthrough gateway for the OpenAI API
 Usage:
   oa-bypass [--config PATH]            serve (default: ./routes.toml, else the built-in manifest)
   oa-bypass --check [--config PATH]    validate, print the route table and settings, exit 0 or 1
+  oa-bypass --print-openapi [--config PATH]  write the OpenAPI document to stdout
   oa-bypass healthcheck [--config PATH]  GET /health on the local server (for container probes)
   oa-bypass --help | --version
 
@@ -24,6 +25,7 @@ e.g. OA_BYPASS_SERVER__PORT=9000. RUST_LOG sets log levels (default: info).
 enum Command {
     Serve,
     Check,
+    PrintOpenApi,
     Healthcheck,
     Help,
     Version,
@@ -41,6 +43,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Cli, String> {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--check" => command = Command::Check,
+            "--print-openapi" => command = Command::PrintOpenApi,
             "healthcheck" => command = Command::Healthcheck,
             "-h" | "--help" => command = Command::Help,
             "-V" | "--version" => command = Command::Version,
@@ -74,7 +77,7 @@ fn main() -> ExitCode {
             println!("oa-bypass {}", env!("CARGO_PKG_VERSION"));
             return ExitCode::SUCCESS;
         }
-        Command::Serve | Command::Check | Command::Healthcheck => {}
+        Command::Serve | Command::Check | Command::PrintOpenApi | Command::Healthcheck => {}
     }
 
     let config = match Config::load(cli.config.as_deref()) {
@@ -93,6 +96,19 @@ fn main() -> ExitCode {
         print!("{}", config.describe());
         println!("\nconfiguration OK");
         return ExitCode::SUCCESS;
+    }
+
+    if cli.command == Command::PrintOpenApi {
+        return match serde_json::to_string_pretty(&oa_bypass::openapi::document(&config)) {
+            Ok(document) => {
+                println!("{document}");
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("oa-bypass: cannot serialise the OpenAPI document: {err}");
+                ExitCode::FAILURE
+            }
+        };
     }
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()

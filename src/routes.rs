@@ -241,6 +241,17 @@ pub fn check_path_param(raw: &str) -> Result<(), ParamProblem> {
     Ok(())
 }
 
+/// Whether `text` is a media type `type/subtype` (RFC 6838 §4.2 name characters, no params).
+pub fn is_media_type(text: &str) -> bool {
+    let name = |part: &str| {
+        !part.is_empty()
+            && part
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "!#$&^_.+-".contains(c))
+    };
+    matches!(text.split_once('/'), Some((kind, sub)) if name(kind) && name(sub))
+}
+
 /// One endpoint of the manifest after validation, with its effective limits.
 #[derive(Debug, Clone)]
 pub struct RouteSpec {
@@ -256,6 +267,10 @@ pub struct RouteSpec {
     pub read_timeout: Option<Duration>,
     /// `routes[i].max_body`, when the manifest overrides the `[limits]` body sizes.
     pub max_body: Option<u64>,
+    /// The manifest's OpenAPI operationId, if it names one.
+    pub operation_id: Option<String>,
+    /// Response media types, when the manifest lists them (absent: JSON).
+    pub produces: Option<Vec<String>>,
 }
 
 impl RouteSpec {
@@ -265,6 +280,24 @@ impl RouteSpec {
 
     pub fn tag_or_default(&self) -> &str {
         self.tag.as_deref().unwrap_or("Other")
+    }
+
+    /// The manifest's operationId, else one derived from method and path:
+    /// `GET /v1/files/{file_id}/content` → `get_v1_files_file_id_content`.
+    pub fn operation_id(&self) -> String {
+        if let Some(id) = &self.operation_id {
+            return id.clone();
+        }
+        let mut id = self.method.as_str().to_ascii_lowercase();
+        for segment in self.template.segments() {
+            let (Segment::Static(text) | Segment::Param(text)) = segment;
+            id.push('_');
+            id.extend(
+                text.chars()
+                    .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }),
+            );
+        }
+        id
     }
 }
 
@@ -284,6 +317,12 @@ pub enum TableError {
         method: Method,
         path: String,
     },
+    #[error("routes[{second}].operation_id: {id:?} is already used by routes[{first}]")]
+    DuplicateOperationId {
+        first: usize,
+        second: usize,
+        id: String,
+    },
     #[error(
         "routes[{second}]: {path} cannot be told apart from {other} (routes[{first}]): \
          they differ only in parameter names; use the same names"
@@ -300,6 +339,7 @@ impl RouteTable {
     pub fn new(routes: Vec<RouteSpec>) -> Result<RouteTable, TableError> {
         let mut by_shape: HashMap<String, usize> = HashMap::new();
         let mut by_method: HashMap<(Method, String), usize> = HashMap::new();
+        let mut by_operation: HashMap<String, usize> = HashMap::new();
         for (pos, route) in routes.iter().enumerate() {
             if let Some(&first) = by_shape.get(&route.template.shape()) {
                 let other = &routes[first];
@@ -324,6 +364,14 @@ impl RouteTable {
                 });
             }
             by_method.insert(key, pos);
+            if let Some(&first) = by_operation.get(&route.operation_id()) {
+                return Err(TableError::DuplicateOperationId {
+                    first: routes[first].index,
+                    second: route.index,
+                    id: route.operation_id(),
+                });
+            }
+            by_operation.insert(route.operation_id(), pos);
         }
         Ok(RouteTable { routes })
     }
@@ -436,6 +484,8 @@ mod tests {
             streaming: false,
             read_timeout: None,
             max_body: None,
+            operation_id: None,
+            produces: None,
         }
     }
 
@@ -468,5 +518,26 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(fine.by_template().len(), 2);
+        assert_eq!(fine.routes()[0].operation_id(), "get_v1_a_x");
+    }
+
+    #[test]
+    fn operation_ids_must_be_unique() {
+        let mut named = spec(1, Method::GET, "/v1/b");
+        named.operation_id = Some("get_v1_a".into());
+        let clash = RouteTable::new(vec![spec(0, Method::GET, "/v1/a"), named]);
+        assert_eq!(
+            clash.unwrap_err().to_string(),
+            "routes[1].operation_id: \"get_v1_a\" is already used by routes[0]"
+        );
+    }
+
+    #[test]
+    fn media_types() {
+        assert!(is_media_type("application/zip"));
+        assert!(is_media_type("application/vnd.api+json"));
+        assert!(!is_media_type("zip"));
+        assert!(!is_media_type("application/"));
+        assert!(!is_media_type("text/plain; charset=utf-8"));
     }
 }

@@ -11,7 +11,9 @@ use oa_bypass::config::{Config, BUILT_IN_MANIFEST};
 
 struct SpecOperation {
     body: Vec<String>,
-    streaming: bool,
+    /// Response media types, `text/event-stream` included.
+    responses: Vec<String>,
+    operation_id: String,
     tag: String,
 }
 
@@ -29,11 +31,18 @@ fn spec() -> BTreeMap<(String, String), SpecOperation> {
         let fields: Vec<&str> = line.split('\t').collect();
         let mut body: Vec<String> = fields[2].split('|').map(str::to_owned).collect();
         body.sort();
+        let mut responses: Vec<String> = fields[3]
+            .split('|')
+            .filter(|t| *t != "-")
+            .map(str::to_owned)
+            .collect();
+        responses.sort();
         let previous = operations.insert(
             (fields[0].to_owned(), fields[1].to_owned()),
             SpecOperation {
                 body,
-                streaming: fields[3].split('|').any(|t| t == "text/event-stream"),
+                responses,
+                operation_id: fields[4].to_owned(),
                 tag: fields[5].to_owned(),
             },
         );
@@ -56,25 +65,33 @@ fn shipped_manifest_covers_every_spec_operation_with_matching_body_kinds() {
     for route in config.routes.routes() {
         let mut body: Vec<String> = route.body.iter().map(|k| k.as_str().to_owned()).collect();
         body.sort();
+        let mut responses = oa_bypass::openapi::response_media_types(route);
+        responses.sort();
         shipped.insert(
             (route.method.to_string(), route.template.to_string()),
-            (body, route.streaming, route.tag.clone()),
+            (body, responses, route.operation_id(), route.tag.clone()),
         );
     }
     for ((method, path), operation) in &spec {
         match shipped.get(&(method.clone(), path.clone())) {
             None => problems.push(format!("missing: {method} {path}")),
-            Some((body, streaming, tag)) => {
+            Some((body, responses, operation_id, tag)) => {
                 if body != &operation.body {
                     problems.push(format!(
                         "{method} {path}: body {body:?}, the spec says {:?}",
                         operation.body
                     ));
                 }
-                if *streaming != operation.streaming {
+                if responses != &operation.responses {
                     problems.push(format!(
-                        "{method} {path}: streaming = {streaming}, the spec says {}",
-                        operation.streaming
+                        "{method} {path}: answers {responses:?}, the spec says {:?}",
+                        operation.responses
+                    ));
+                }
+                if operation_id != &operation.operation_id {
+                    problems.push(format!(
+                        "{method} {path}: operation_id {operation_id:?}, the spec says {:?}",
+                        operation.operation_id
                     ));
                 }
                 if operation.tag != "-" && tag.as_deref() != Some(operation.tag.as_str()) {

@@ -9,42 +9,13 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use common::{json_response, Gateway, Recorded, Upstream, KEY};
 use poem::Response;
 use serde_json::json;
 
 fn python_with_openai() -> PathBuf {
-    let system = PathBuf::from("python3");
-    let imports = |python: &PathBuf| {
-        Command::new(python)
-            .args(["-c", "import openai"])
-            .output()
-            .is_ok_and(|out| out.status.success())
-    };
-    if imports(&system) {
-        return system;
-    }
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/sdk-venv");
-    let python = venv.join("bin/python");
-    if !imports(&python) {
-        let status = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .expect("python3 is needed for the SDK test");
-        assert!(status.success(), "python3 -m venv failed");
-        let status = Command::new(&python)
-            .args(["-m", "pip", "install", "--quiet", "openai"])
-            .status()
-            .unwrap();
-        assert!(
-            status.success(),
-            "pip install openai failed (is PyPI reachable?)"
-        );
-    }
-    python
+    common::python::python_with("sdk-venv", &[("openai", "openai")])
 }
 
 fn sse(events: &[serde_json::Value]) -> String {

@@ -75,8 +75,17 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub limits: LimitsConfig,
     pub cors: CorsConfig,
+    pub openapi: OpenApiConfig,
     pub routes: RouteTable,
     pub source: ManifestSource,
+}
+
+#[derive(Debug, Clone)]
+pub struct OpenApiConfig {
+    /// Serve `/openapi.json` and `/docs`.
+    pub enabled: bool,
+    pub title: String,
+    pub version: String,
 }
 
 #[derive(Debug, Clone)]
@@ -367,6 +376,11 @@ fn validate(raw: RawConfig, source: ManifestSource) -> Result<Config, ConfigErro
             max_upload_body: raw.limits.max_upload_body.0,
         },
         cors: CorsConfig { allow_origins },
+        openapi: OpenApiConfig {
+            enabled: raw.openapi.enabled,
+            title: raw.openapi.title,
+            version: raw.openapi.version,
+        },
         routes,
         source,
     })
@@ -470,6 +484,24 @@ fn validate_route(
             problems.push(format!("{at}.max_body: must be more than 0 bytes"));
         }
     }
+    if let Some(id) = &raw.operation_id {
+        let valid = !id.is_empty()
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+        if !valid {
+            problems.push(format!(
+                "{at}.operation_id: {id:?} may only hold letters, digits, '_', '-' and '.'"
+            ));
+        }
+    }
+    for media_type in raw.produces.iter().flatten() {
+        if !crate::routes::is_media_type(media_type) {
+            problems.push(format!(
+                "{at}.produces: {media_type:?} is not a media type like \"application/zip\""
+            ));
+        }
+    }
 
     match (method, template) {
         (Some(method), Some(template)) if problems.is_empty() => Ok(RouteSpec {
@@ -482,6 +514,8 @@ fn validate_route(
             streaming: raw.streaming,
             read_timeout: raw.read_timeout.map(|t| t.0),
             max_body: raw.max_body.map(|s| s.0),
+            operation_id: raw.operation_id,
+            produces: raw.produces,
         }),
         _ => Err(problems),
     }

@@ -18,6 +18,8 @@ pub struct RawConfig {
     pub limits: RawLimits,
     #[serde(default)]
     pub cors: RawCors,
+    #[serde(default)]
+    pub openapi: RawOpenApi,
     /// Kept as loose values so each entry is deserialized on its own and an error can name
     /// its index (`routes[12].body`).
     #[serde(default)]
@@ -92,6 +94,24 @@ impl Default for RawCors {
     }
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawOpenApi {
+    pub enabled: bool,
+    pub title: String,
+    pub version: String,
+}
+
+impl Default for RawOpenApi {
+    fn default() -> Self {
+        RawOpenApi {
+            enabled: true,
+            title: "oa-bypass: OpenAI API passthrough".to_owned(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        }
+    }
+}
+
 /// One `[[routes]]` entry.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -106,6 +126,10 @@ pub struct RawRoute {
     pub streaming: bool,
     pub read_timeout: Option<HumanDuration>,
     pub max_body: Option<ByteSize>,
+    /// The OpenAPI operationId; derived from method and path when absent.
+    pub operation_id: Option<String>,
+    /// Response media types when they are not just JSON (files, audio, zip, SDP…).
+    pub produces: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -2,6 +2,8 @@
 //! in-process on 127.0.0.1:0, and the built binary spawned as a user would run it.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod python;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;

@@ -1,0 +1,310 @@
+//! The OpenAPI document of what this gateway serves, and Swagger UI to browse and try it.
+//!
+//! The document is built once at start-up from the route table actually loaded, so an edited
+//! routes.toml shows up in it. poem-openapi's derive macros describe routes known at compile
+//! time only; here the document is plain JSON built from the manifest, and poem-openapi
+//! contributes its embedded Swagger UI (no CDN) pointed at `/openapi.json`.
+
+use http::{header, Method};
+use poem::{Endpoint, Request, Response};
+use serde_json::{json, Map, Value};
+
+use crate::config::Config;
+use crate::error::GatewayError;
+use crate::routes::{BodyKind, RouteSpec};
+use crate::HEALTH_TEXT;
+
+pub const DOCUMENT_PATH: &str = "/openapi.json";
+pub const DOCS_PATH: &str = "/docs";
+const GATEWAY_TAG: &str = "Gateway";
+const JSON: &str = "application/json";
+const SSE: &str = "text/event-stream";
+
+/// The media types a route's successful answer may have: the manifest's `produces` (JSON when
+/// absent), plus server-sent events for a streaming route.
+pub fn response_media_types(route: &RouteSpec) -> Vec<String> {
+    let mut types = route
+        .produces
+        .clone()
+        .unwrap_or_else(|| vec![JSON.to_owned()]);
+    if route.streaming && !types.iter().any(|t| t == SSE) {
+        types.push(SSE.to_owned());
+    }
+    types
+}
+
+fn schema_for_response(media_type: &str) -> Value {
+    match media_type {
+        JSON => json!({"type": "object"}),
+        SSE => json!({"type": "string", "description": "Server-sent events"}),
+        _ if media_type.starts_with("text/") || media_type == "application/sdp" => {
+            json!({"type": "string"})
+        }
+        _ => json!({"type": "string", "format": "binary"}),
+    }
+}
+
+fn request_content(kind: BodyKind) -> Option<(&'static str, Value)> {
+    match kind {
+        BodyKind::None => None,
+        BodyKind::Json => Some((JSON, json!({"type": "object"}))),
+        BodyKind::Multipart => Some(("multipart/form-data", json!({"type": "object"}))),
+        BodyKind::Binary => Some((
+            "application/octet-stream",
+            json!({"type": "string", "format": "binary"}),
+        )),
+        BodyKind::Sdp => Some(("application/sdp", json!({"type": "string"}))),
+    }
+}
+
+fn operation(route: &RouteSpec) -> Value {
+    let mut op = Map::new();
+    op.insert("operationId".into(), json!(route.operation_id()));
+    op.insert("tags".into(), json!([route.tag_or_default()]));
+    if let Some(summary) = &route.summary {
+        op.insert("summary".into(), json!(summary));
+    }
+    let parameters: Vec<Value> = route
+        .template
+        .params()
+        .map(|name| {
+            json!({
+                "name": name,
+                "in": "path",
+                "required": true,
+                "schema": {"type": "string"},
+            })
+        })
+        .collect();
+    if !parameters.is_empty() {
+        op.insert("parameters".into(), Value::Array(parameters));
+    }
+    let content: Map<String, Value> = route
+        .body
+        .iter()
+        .filter_map(|kind| request_content(*kind))
+        .map(|(media_type, schema)| (media_type.to_owned(), json!({"schema": schema})))
+        .collect();
+    if !content.is_empty() {
+        op.insert(
+            "requestBody".into(),
+            json!({"required": !route.accepts(BodyKind::None), "content": content}),
+        );
+    }
+    let mut ok = json!({"description": "The upstream's answer, passed through unchanged"});
+    let answers: Map<String, Value> = response_media_types(route)
+        .iter()
+        .map(|media_type| {
+            (
+                media_type.clone(),
+                json!({"schema": schema_for_response(media_type)}),
+            )
+        })
+        .collect();
+    if !answers.is_empty() {
+        ok["content"] = Value::Object(answers);
+    }
+    op.insert(
+        "responses".into(),
+        json!({
+            "200": ok,
+            "default": {"$ref": "#/components/responses/Error"},
+        }),
+    );
+    Value::Object(op)
+}
+
+fn gateway_text_operation(operation_id: &str, summary: &str) -> Value {
+    json!({
+        "operationId": operation_id,
+        "tags": [GATEWAY_TAG],
+        "summary": summary,
+        "security": [],
+        "responses": {
+            "200": {
+                "description": HEALTH_TEXT,
+                "content": {"text/plain": {"schema": {"type": "string", "enum": [HEALTH_TEXT]}}},
+            },
+            "default": {"$ref": "#/components/responses/Error"},
+        },
+    })
+}
+
+/// The OpenAPI 3.0 document of the gateway serving `config`.
+pub fn document(config: &Config) -> Value {
+    let mut paths = Map::new();
+    paths.insert(
+        "/".into(),
+        json!({"get": gateway_text_operation("gatewayRoot", "Liveness (same as /health)")}),
+    );
+    paths.insert(
+        "/health".into(),
+        json!({"get": gateway_text_operation("gatewayHealth", "Liveness: the gateway is up")}),
+    );
+    paths.insert(
+        DOCUMENT_PATH.into(),
+        json!({"get": {
+            "operationId": "gatewayOpenApiDocument",
+            "tags": [GATEWAY_TAG],
+            "summary": "This document",
+            "security": [],
+            "responses": {
+                "200": {"description": "OpenAPI document", "content": {JSON: {"schema": {"type": "object"}}}},
+                "default": {"$ref": "#/components/responses/Error"},
+            },
+        }}),
+    );
+    for (template, routes) in config.routes.by_template() {
+        let mut item = Map::new();
+        for route in routes {
+            item.insert(route.method.as_str().to_ascii_lowercase(), operation(route));
+        }
+        paths.insert(template.as_str().to_owned(), Value::Object(item));
+    }
+
+    let mut tags: Vec<&str> = config
+        .routes
+        .routes()
+        .iter()
+        .map(RouteSpec::tag_or_default)
+        .collect();
+    tags.sort_unstable();
+    tags.dedup();
+    let mut tag_objects =
+        vec![json!({"name": GATEWAY_TAG, "description": "The gateway's own endpoints"})];
+    tag_objects.extend(tags.into_iter().map(|name| json!({"name": name})));
+
+    json!({
+        "openapi": "3.0.3",
+        "info": {
+            "title": config.openapi.title,
+            "version": config.openapi.version,
+            "description": format!(
+                "Every operation below is forwarded to {} with the caller's own key; answers \
+                 stream back unchanged. Errors made by the gateway itself have OpenAI's shape.",
+                config.upstream.base_url
+            ),
+        },
+        "servers": [{"url": "/", "description": "this gateway"}],
+        "security": [{"bearerAuth": []}],
+        "tags": tag_objects,
+        "paths": paths,
+        "components": {
+            "securitySchemes": {
+                "bearerAuth": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "Your OpenAI API key; it is forwarded, never stored.",
+                },
+            },
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {
+                        "error": {
+                            "type": "object",
+                            "required": ["message", "type", "param", "code"],
+                            "properties": {
+                                "message": {"type": "string"},
+                                "type": {"type": "string"},
+                                "param": {"type": "string", "nullable": true},
+                                "code": {"type": "string", "nullable": true},
+                            },
+                        },
+                    },
+                },
+            },
+            "responses": {
+                "Error": {
+                    "description": "An error, from the upstream or from the gateway itself",
+                    "content": {JSON: {"schema": {"$ref": "#/components/schemas/Error"}}},
+                },
+            },
+        },
+    })
+}
+
+/// Swagger UI, from poem-openapi's embedded assets, loading the document from `/openapi.json`.
+///
+/// poem-openapi only exposes the page with a spec inlined, so the inlined (empty) spec is
+/// swapped for a URL. `None` if the page no longer has the shape this relies on.
+pub fn swagger_ui_html(title: &str) -> Option<String> {
+    let empty = poem_openapi::OpenApiService::new((), title, "");
+    let html = empty.swagger_ui_html();
+    let inline = format!("let spec = {};", empty.spec());
+    let config = "spec: spec,";
+    if !html.contains(&inline) || !html.contains(config) {
+        return None;
+    }
+    Some(
+        html.replace(&inline, "let spec = null;")
+            .replace(
+                config,
+                &format!(
+                    "url: {DOCUMENT_PATH:?}, persistAuthorization: true, tryItOutEnabled: true,"
+                ),
+            )
+            .replace(
+                "<title>Swagger UI</title>",
+                &format!("<title>{}</title>", html_escape(title)),
+            ),
+    )
+}
+
+fn html_escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// Serves a fixed body with a content type on GET (and HEAD); 405 otherwise.
+pub struct StaticDocument {
+    body: bytes::Bytes,
+    content_type: &'static str,
+}
+
+impl StaticDocument {
+    pub fn new(body: impl Into<bytes::Bytes>, content_type: &'static str) -> Self {
+        StaticDocument {
+            body: body.into(),
+            content_type,
+        }
+    }
+}
+
+impl Endpoint for StaticDocument {
+    type Output = Response;
+
+    async fn call(&self, req: Request) -> poem::Result<Response> {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return Ok(GatewayError::MethodNotAllowed {
+                method: req.method().clone(),
+                template: req.uri().path().to_owned(),
+                allowed: vec![Method::GET, Method::HEAD],
+            }
+            .to_response());
+        }
+        Ok(Response::builder()
+            .header(header::CONTENT_TYPE, self.content_type)
+            .body(self.body.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn swagger_ui_page_loads_the_document_by_url() {
+        let html = swagger_ui_html("My <gateway>").expect("poem-openapi's page changed shape");
+        assert!(html.contains("url: \"/openapi.json\""));
+        assert!(html.contains("let spec = null;"));
+        assert!(html.contains("<title>My &lt;gateway&gt;</title>"));
+        assert!(
+            html.contains("SwaggerUIBundle"),
+            "the bundle is embedded, not fetched"
+        );
+        assert!(!html.contains("https://cdn") && !html.contains("unpkg.com"));
+    }
+}

@@ -1,0 +1,49 @@
+//! A Python interpreter that can import what a test needs.
+//!
+//! The system `python3` is used when it already has the packages (CI installs them); else a
+//! virtualenv under target/ is made once and the packages installed there from PyPI, so
+//! `cargo test` alone works on a new machine.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// `packages` pairs an import name with its PyPI name; `venv` names the virtualenv.
+pub fn python_with(venv: &str, packages: &[(&str, &str)]) -> PathBuf {
+    let imports_all = |python: &PathBuf| {
+        packages.iter().all(|(module, _)| {
+            Command::new(python)
+                .args(["-c", &format!("import {module}")])
+                .output()
+                .is_ok_and(|out| out.status.success())
+        })
+    };
+    let system = PathBuf::from("python3");
+    if imports_all(&system) {
+        return system;
+    }
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("target")
+        .join(venv);
+    let python = dir.join("bin/python");
+    if !imports_all(&python) {
+        let status = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&dir)
+            .status()
+            .expect("python3 is needed for this test");
+        assert!(status.success(), "python3 -m venv failed");
+        let status = Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(packages.iter().map(|(_, pip)| *pip))
+            .status()
+            .unwrap();
+        assert!(status.success(), "pip install failed (is PyPI reachable?)");
+    }
+    python
+}

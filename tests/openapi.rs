@@ -1,0 +1,262 @@
+//! /openapi.json and /docs describe exactly the routes the gateway loaded.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::{client, run_binary, Gateway, Upstream};
+use serde_json::Value;
+
+async fn document_of(gateway: &Gateway) -> Value {
+    let response = client()
+        .get(gateway.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "application/json");
+    response.json().await.unwrap()
+}
+
+#[tokio::test]
+async fn a_route_added_to_the_manifest_appears_with_params_and_body_kinds() {
+    let upstream = Upstream::echo().await;
+    let manifest = format!(
+        "{}\n[[routes]]\nmethod = \"PATCH\"\npath = \"/v1/widgets/{{widget_id}}/parts/{{part_id}}\"\n\
+         body = [\"json\", \"multipart\", \"none\"]\ntag = \"Widgets\"\nsummary = \"Patch a widget part.\"\n\
+         produces = [\"application/zip\", \"application/json\"]\nstreaming = true\n",
+        common::test_manifest(&upstream.base_url(), "")
+    );
+    let gateway = Gateway::start(&manifest).await;
+    let doc = document_of(&gateway).await;
+    assert_eq!(doc["openapi"], "3.0.3");
+    assert_eq!(doc["servers"][0]["url"], "/");
+
+    let op = &doc["paths"]["/v1/widgets/{widget_id}/parts/{part_id}"]["patch"];
+    assert_eq!(
+        op["operationId"],
+        "patch_v1_widgets_widget_id_parts_part_id"
+    );
+    assert_eq!(op["tags"][0], "Widgets");
+    assert_eq!(op["summary"], "Patch a widget part.");
+    let params: Vec<(&str, &str, bool)> = op["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap(),
+                p["in"].as_str().unwrap(),
+                p["required"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        params,
+        [("widget_id", "path", true), ("part_id", "path", true)]
+    );
+    let body = &op["requestBody"];
+    assert_eq!(body["required"], false, "\"none\" is among the kinds");
+    let mut kinds: Vec<&String> = body["content"].as_object().unwrap().keys().collect();
+    kinds.sort();
+    assert_eq!(kinds, ["application/json", "multipart/form-data"]);
+    let mut answers: Vec<&String> = op["responses"]["200"]["content"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .collect();
+    answers.sort();
+    assert_eq!(
+        answers,
+        ["application/json", "application/zip", "text/event-stream"]
+    );
+    assert_eq!(
+        op["responses"]["200"]["content"]["application/zip"]["schema"]["format"],
+        "binary"
+    );
+
+    // The rest of the manifest is there too, with the gateway's own endpoints.
+    let binary = &doc["paths"]["/v1/blobs/{blob_id}"]["put"]["requestBody"]["content"];
+    assert!(binary.get("application/octet-stream").is_some());
+    let sdp = &doc["paths"]["/v1/realtime/calls"]["post"]["requestBody"]["content"];
+    assert!(sdp.get("application/sdp").is_some());
+    assert!(doc["paths"]["/v1/models"]["get"]
+        .get("requestBody")
+        .is_none());
+    assert_eq!(
+        doc["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
+            .as_object()
+            .unwrap()
+            .len(),
+        2,
+        "streaming routes answer JSON or SSE"
+    );
+    assert_eq!(
+        doc["paths"]["/health"]["get"]["security"],
+        serde_json::json!([])
+    );
+    assert_eq!(
+        doc["components"]["securitySchemes"]["bearerAuth"]["scheme"],
+        "bearer"
+    );
+    assert_eq!(doc["security"][0]["bearerAuth"], serde_json::json!([]));
+}
+
+#[tokio::test]
+async fn docs_page_is_swagger_ui_served_by_the_gateway() {
+    let upstream = Upstream::echo().await;
+    let gateway = Gateway::in_front_of(&upstream).await;
+    let response = client().get(gateway.url("/docs")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["content-type"],
+        "text/html; charset=utf-8"
+    );
+    let html = response.text().await.unwrap();
+    assert!(html.contains("SwaggerUIBundle"));
+    assert!(html.contains("url: \"/openapi.json\""));
+    assert!(!html.contains("<script src=\"http"), "no assets from a CDN");
+}
+
+#[tokio::test]
+async fn disabled_openapi_serves_neither_endpoint() {
+    let upstream = Upstream::echo().await;
+    let gateway = Gateway::start(&format!(
+        "[openapi]\nenabled = false\n{}",
+        common::test_manifest(&upstream.base_url(), "")
+    ))
+    .await;
+    for path in ["/openapi.json", "/docs"] {
+        let response = client().get(gateway.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), 404, "{path}");
+    }
+}
+
+#[tokio::test]
+async fn title_and_version_come_from_the_settings() {
+    let upstream = Upstream::echo().await;
+    let gateway = Gateway::start(&format!(
+        "[openapi]\ntitle = \"Team gateway\"\nversion = \"2026.11\"\n{}",
+        common::test_manifest(&upstream.base_url(), "")
+    ))
+    .await;
+    let doc = document_of(&gateway).await;
+    assert_eq!(doc["info"]["title"], "Team gateway");
+    assert_eq!(doc["info"]["version"], "2026.11");
+}
+
+#[test]
+fn print_openapi_writes_the_document_of_the_loaded_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("routes.toml"),
+        "[[routes]]\nmethod = \"GET\"\npath = \"/v1/only/{thing}\"\n",
+    )
+    .unwrap();
+    let (code, stdout, stderr) = run_binary(&["--print-openapi"], &[], dir.path());
+    assert_eq!(code, 0, "{stderr}");
+    let doc: Value = serde_json::from_str(&stdout).unwrap();
+    let mut paths: Vec<&String> = doc["paths"].as_object().unwrap().keys().collect();
+    paths.sort();
+    assert_eq!(paths, ["/", "/health", "/openapi.json", "/v1/only/{thing}"]);
+}
+
+fn python_tools() -> std::path::PathBuf {
+    common::python::python_with(
+        "openapi-venv",
+        &[
+            ("openapi_spec_validator", "openapi-spec-validator"),
+            ("schemathesis", "schemathesis"),
+        ],
+    )
+}
+
+#[tokio::test]
+async fn document_validates_and_schemathesis_finds_no_gateway_errors() {
+    let python = tokio::task::spawn_blocking(python_tools).await.unwrap();
+    let upstream = Upstream::echo().await;
+    // The full shipped manifest, pointed at the recording upstream.
+    let gateway = Gateway::start(&oa_bypass::config::BUILT_IN_MANIFEST.replace(
+        "base_url = \"https://api.openai.com\"",
+        &format!("base_url = \"{}\"", upstream.base_url()),
+    ))
+    .await;
+    let document = client()
+        .get(gateway.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("openapi.json");
+    std::fs::write(&path, &document).unwrap();
+
+    let validate = tokio::process::Command::new(&python)
+        .args(["-m", "openapi_spec_validator"])
+        .arg(&path)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        validate.status.success(),
+        "openapi-spec-validator: {}{}",
+        String::from_utf8_lossy(&validate.stdout),
+        String::from_utf8_lossy(&validate.stderr)
+    );
+
+    let schemathesis = |extra: &[&str]| {
+        let mut command = tokio::process::Command::new(&python);
+        command
+            .args([
+                "-c",
+                "import sys; from schemathesis.cli import schemathesis; \
+                 sys.argv[0] = 'schemathesis'; schemathesis()",
+                "run",
+            ])
+            .arg(gateway.url("/openapi.json"))
+            .args(["--seed", "1", "--no-color"])
+            .args(["-H", "Authorization: Bearer sk-test-schemathesis"])
+            .args(extra)
+            .current_dir(dir.path())
+            .env("NO_PROXY", "127.0.0.1")
+            .env("SCHEMATHESIS_HOOKS", "");
+        command
+    };
+    // The gateway's own endpoints: every check, schema conformance included.
+    let own = schemathesis(&["--include-tag", "Gateway", "--checks", "all", "-n", "50"])
+        .output()
+        .await
+        .unwrap();
+    let own_out = String::from_utf8_lossy(&own.stdout);
+    assert!(
+        own.status.success(),
+        "schemathesis on the gateway's endpoints:\n{own_out}"
+    );
+    assert!(own_out.contains("No issues found"), "{own_out}");
+
+    // Every forwarded operation: the upstream answers 200 to anything, so any 5xx would be
+    // the gateway's own failure.
+    let forwarded = schemathesis(&[
+        "--exclude-tag",
+        "Gateway",
+        "--checks",
+        "not_a_server_error",
+        "--phases",
+        "fuzzing",
+        "-n",
+        "3",
+    ])
+    .output()
+    .await
+    .unwrap();
+    let forwarded_out = String::from_utf8_lossy(&forwarded.stdout);
+    assert!(
+        forwarded.status.success(),
+        "schemathesis on the forwarded operations:\n{forwarded_out}"
+    );
+    assert!(
+        upstream.requests().len() > 281,
+        "schemathesis did not reach the upstream through every route"
+    );
+}
