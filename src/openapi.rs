@@ -241,9 +241,7 @@ pub fn swagger_ui_html(title: &str) -> Option<String> {
         html.replace(&inline, "let spec = null;")
             .replace(
                 config,
-                &format!(
-                    "url: {DOCUMENT_PATH:?}, persistAuthorization: true, tryItOutEnabled: true,"
-                ),
+                &format!("url: {DOCUMENT_PATH:?}, persistAuthorization: true,"),
             )
             .replace(
                 "<title>Swagger UI</title>",
