@@ -51,18 +51,17 @@ pub enum GatewayError {
     #[error("The request body could not be read from the client")]
     ClientBody(#[source] std::io::Error),
 
-    #[error("The upstream could not be reached: {}", chain(.0))]
-    UpstreamUnreachable(#[source] reqwest::Error),
+    #[error("{0}")]
+    NotAWebSocket(&'static str),
+
+    #[error("The upstream could not be reached: {}", chain(.0.as_ref()))]
+    UpstreamUnreachable(#[source] Box<dyn std::error::Error + Send + Sync>),
 
     #[error(
         "The upstream did not accept a connection within upstream.connect_timeout ({})",
         format_duration(*.timeout)
     )]
-    UpstreamConnectTimeout {
-        timeout: Duration,
-        #[source]
-        source: reqwest::Error,
-    },
+    UpstreamConnectTimeout { timeout: Duration },
 
     #[error(
         "The upstream did not answer within {setting} ({})",
@@ -125,6 +124,7 @@ impl GatewayError {
                 StatusCode::BAD_REQUEST
             }
             GatewayError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::NotAWebSocket(_) => StatusCode::UPGRADE_REQUIRED,
             GatewayError::UpstreamUnreachable(_) | GatewayError::UpstreamFailed(_) => {
                 StatusCode::BAD_GATEWAY
             }
@@ -150,6 +150,7 @@ impl GatewayError {
                 ("invalid_request_error", Some("request_too_large"))
             }
             GatewayError::ClientBody(_) => ("invalid_request_error", Some("body_read_failed")),
+            GatewayError::NotAWebSocket(_) => ("invalid_request_error", Some("websocket_required")),
             GatewayError::UpstreamUnreachable(_) => ("gateway_error", Some("upstream_unreachable")),
             GatewayError::UpstreamTimeout { .. } | GatewayError::UpstreamConnectTimeout { .. } => {
                 ("gateway_error", Some("upstream_timeout"))
@@ -167,6 +168,7 @@ impl GatewayError {
             | GatewayError::MethodNotAllowed { .. }
             | GatewayError::BodyTooLarge { .. }
             | GatewayError::ClientBody(_)
+            | GatewayError::NotAWebSocket(_)
             | GatewayError::UpstreamUnreachable(_)
             | GatewayError::UpstreamTimeout { .. }
             | GatewayError::UpstreamConnectTimeout { .. }
@@ -198,6 +200,12 @@ impl GatewayError {
             if let Ok(value) = HeaderValue::from_str(&join_methods(allowed)) {
                 response.headers_mut().insert(header::ALLOW, value);
             }
+        }
+        if let GatewayError::NotAWebSocket(_) = self {
+            // RFC 9110 §15.5.22: a 426 names the protocol to switch to.
+            response
+                .headers_mut()
+                .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         }
         response
     }

@@ -9,6 +9,7 @@ pub mod cors;
 pub mod error;
 pub mod openapi;
 pub mod proxy;
+pub mod realtime;
 pub mod routes;
 pub mod server;
 pub mod telemetry;
@@ -28,9 +29,18 @@ use proxy::{Forwarder, TemplateEndpoint};
 pub const HEALTH_TEXT: &str = "OpenAI API Server is running";
 const GATEWAY_PATHS: [&str; 4] = ["/", "/health", openapi::DOCUMENT_PATH, openapi::DOCS_PATH];
 
+/// The gateway, ready to serve: its endpoint, and its realtime sessions (which outlive their
+/// HTTP exchange, so shutdown needs a handle on them).
+pub struct App {
+    pub endpoint: BoxEndpoint<'static, Response>,
+    pub sessions: realtime::Sessions,
+}
+
 /// Builds the gateway: every manifest route, the health endpoints, JSON 404s, CORS.
-pub fn app(config: &Config) -> Result<BoxEndpoint<'static, Response>, ConfigError> {
+pub fn app(config: &Config) -> Result<App, ConfigError> {
     let forwarder = Arc::new(Forwarder::new(config)?);
+    let sessions = realtime::Sessions::default();
+    let relay = Arc::new(realtime::Relay::new(config, sessions.clone())?);
     let mut router = Route::new().at("/", Health).at("/health", Health);
     if config.openapi.enabled {
         let document = serde_json::to_vec_pretty(&openapi::document(config)).map_err(|err| {
@@ -62,7 +72,8 @@ pub fn app(config: &Config) -> Result<BoxEndpoint<'static, Response>, ConfigErro
                 "routes[{index}].path: {template} is served by the gateway itself"
             )]));
         }
-        let endpoint = TemplateEndpoint::new(Arc::clone(&forwarder), template, &specs);
+        let endpoint =
+            TemplateEndpoint::new(Arc::clone(&forwarder), Arc::clone(&relay), template, &specs);
         router = router
             .try_at(template.to_poem_path(), endpoint)
             .map_err(|err| {
@@ -71,7 +82,10 @@ pub fn app(config: &Config) -> Result<BoxEndpoint<'static, Response>, ConfigErro
                 )])
             })?;
     }
-    Ok(cors::Cors::new(JsonNotFound(router), config.cors.clone()).boxed())
+    Ok(App {
+        endpoint: cors::Cors::new(JsonNotFound(router), config.cors.clone()).boxed(),
+        sessions,
+    })
 }
 
 /// `GET /` and `GET /health`: liveness, no upstream call.

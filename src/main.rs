@@ -138,7 +138,7 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: Config) -> Result<(), String> {
-    let endpoint = app(&config).map_err(|err| format!("invalid configuration:\n{err}"))?;
+    let app = app(&config).map_err(|err| format!("invalid configuration:\n{err}"))?;
     let addr = SocketAddr::new(config.server.host, config.server.port);
     let acceptor = server::Listener::bind(addr)
         .await
@@ -159,7 +159,7 @@ async fn serve(config: Config) -> Result<(), String> {
     tracing::info!("endpoints by tag: {}", by_tag.join(", "));
     server::serve(
         acceptor,
-        endpoint,
+        app,
         server::shutdown_signal(),
         config.server.shutdown_grace,
     )

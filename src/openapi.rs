@@ -23,6 +23,9 @@ const SSE: &str = "text/event-stream";
 /// The media types a route's successful answer may have: the manifest's `produces` (JSON when
 /// absent), plus server-sent events for a streaming route.
 pub fn response_media_types(route: &RouteSpec) -> Vec<String> {
+    if route.accepts(BodyKind::WebSocket) {
+        return Vec::new();
+    }
     let mut types = route
         .produces
         .clone()
@@ -46,7 +49,7 @@ fn schema_for_response(media_type: &str) -> Value {
 
 fn request_content(kind: BodyKind) -> Option<(&'static str, Value)> {
     match kind {
-        BodyKind::None => None,
+        BodyKind::None | BodyKind::WebSocket => None,
         BodyKind::Json => Some((JSON, json!({"type": "object"}))),
         BodyKind::Multipart => Some(("multipart/form-data", json!({"type": "object"}))),
         BodyKind::Binary => Some((
@@ -90,6 +93,26 @@ fn operation(route: &RouteSpec) -> Value {
             "requestBody".into(),
             json!({"required": !route.accepts(BodyKind::None), "content": content}),
         );
+    }
+    if route.accepts(BodyKind::WebSocket) {
+        op.insert(
+            "description".into(),
+            json!(
+                "A WebSocket: open it with GET and `Upgrade: websocket`. The gateway connects \
+                 to the upstream first (its refusal comes back as is), then relays frames both \
+                 ways. Browsers may pass the key as the subprotocol \
+                 `openai-insecure-api-key.<key>`."
+            ),
+        );
+        op.insert(
+            "responses".into(),
+            json!({
+                "101": {"description": "Switching Protocols: the realtime session begins"},
+                "426": {"$ref": "#/components/responses/Error"},
+                "default": {"$ref": "#/components/responses/Error"},
+            }),
+        );
+        return Value::Object(op);
     }
     let mut ok = json!({"description": "The upstream's answer, passed through unchanged"});
     let answers: Map<String, Value> = response_media_types(route)

@@ -18,15 +18,18 @@ pub enum BodyKind {
     Multipart,
     Binary,
     Sdp,
+    /// Not a body: the route is a WebSocket (GET with Upgrade), relayed frame by frame.
+    WebSocket,
 }
 
 impl BodyKind {
-    pub const ALL: [BodyKind; 5] = [
+    pub const ALL: [BodyKind; 6] = [
         BodyKind::None,
         BodyKind::Json,
         BodyKind::Multipart,
         BodyKind::Binary,
         BodyKind::Sdp,
+        BodyKind::WebSocket,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -36,6 +39,7 @@ impl BodyKind {
             BodyKind::Multipart => "multipart",
             BodyKind::Binary => "binary",
             BodyKind::Sdp => "sdp",
+            BodyKind::WebSocket => "websocket",
         }
     }
 
@@ -47,7 +51,7 @@ impl BodyKind {
     pub fn is_upload(self) -> bool {
         match self {
             BodyKind::Multipart | BodyKind::Binary => true,
-            BodyKind::None | BodyKind::Json | BodyKind::Sdp => false,
+            BodyKind::None | BodyKind::Json | BodyKind::Sdp | BodyKind::WebSocket => false,
         }
     }
 }

@@ -19,11 +19,16 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use poem::web::{LocalAddr, RemoteAddr};
-use poem::{Endpoint, Response};
+use poem::Endpoint;
+
+use crate::App;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 type ResponseBody = http_body_util::combinators::BoxBody<Bytes, io::Error>;
+
+/// How long realtime sessions get to send their 1001 close frames at the end of the grace.
+const SESSION_CLOSE_WAIT: Duration = Duration::from_secs(6);
 
 /// A bound listening socket, so callers (and tests on port 0) learn the address before serving.
 pub struct Listener {
@@ -45,16 +50,14 @@ impl Listener {
 
 /// Serves `app` until `shutdown` resolves, then stops accepting and lets in-flight requests
 /// and streams finish for up to `grace` before dropping them.
-pub async fn serve<E>(
+pub async fn serve(
     listener: Listener,
-    app: E,
+    app: App,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
-) -> io::Result<()>
-where
-    E: Endpoint<Output = Response> + 'static,
-{
-    let app = Arc::new(app);
+) -> io::Result<()> {
+    let App { endpoint, sessions } = app;
+    let app = Arc::new(endpoint);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new());
     builder.http2().timer(TokioTimer::new());
@@ -116,14 +119,23 @@ where
     }
 
     drop(listener);
+    sessions.stop_accepting();
     tracing::info!(
         grace = %humantime::format_duration(grace),
+        realtime_sessions = sessions.open(),
         "no longer accepting; waiting for in-flight requests"
     );
+    let everything = futures_util::future::join(graceful.shutdown(), sessions.finished());
     tokio::select! {
-        () = graceful.shutdown() => tracing::info!("all connections finished"),
+        _ = everything => tracing::info!("all connections finished"),
         () = tokio::time::sleep(grace) => {
-            tracing::warn!("server.shutdown_grace expired; closing the remaining connections");
+            tracing::warn!(
+                realtime_sessions = sessions.open(),
+                "server.shutdown_grace expired; closing the remaining connections"
+            );
+            // Realtime sessions close both sides with 1001 (going away) before they end.
+            sessions.close_all();
+            let _ = tokio::time::timeout(SESSION_CLOSE_WAIT, sessions.finished()).await;
             let _ = hard_stop.send(true);
         }
     }

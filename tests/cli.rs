@@ -39,7 +39,7 @@ fn bad_manifests_are_refused_with_one_clear_message() {
     assert_refused(
         &format!("{ROUTE}[[routes]]\nmethod = \"POST\"\npath = \"/v1/x\"\nbody = \"xml\"\n"),
         &[],
-        "routes[1].body: \"xml\" is not one of none, json, multipart, binary, sdp",
+        "routes[1].body: \"xml\" is not one of none, json, multipart, binary, sdp, websocket",
     );
     assert_refused(
         "[[routes]]\nmethod = \"GET\"\npath = \"/v1/files/{unclosed\"\n",
@@ -180,7 +180,7 @@ fn built_in_manifest_is_used_when_no_file_is_found() {
         stdout.starts_with("manifest: built-in manifest\n"),
         "{stdout}"
     );
-    assert!(stdout.contains("routes (281):"), "{stdout}");
+    assert!(stdout.contains("routes (282):"), "{stdout}");
     assert!(stdout.contains("upstream.base_url          https://api.openai.com/"));
 }
 
@@ -207,16 +207,19 @@ async fn built_in_manifest_serves_with_env_overrides() {
     let upstream = Upstream::echo().await;
     // No manifest file anywhere: the binary runs from an empty folder.
     let dir = tempfile::tempdir().unwrap();
-    let mut child = std::process::Command::new(common::binary_path())
-        .current_dir(dir.path())
-        .env_remove("OA_BYPASS_CONFIG")
-        .env("OA_BYPASS_SERVER__HOST", "127.0.0.1")
-        .env("OA_BYPASS_SERVER__PORT", "0")
-        .env("OA_BYPASS_UPSTREAM__BASE_URL", upstream.base_url())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
+    let mut child = common::KillOnDrop(
+        std::process::Command::new(common::binary_path())
+            .current_dir(dir.path())
+            .env_remove("OA_BYPASS_CONFIG")
+            .env("OA_BYPASS_SERVER__HOST", "127.0.0.1")
+            .env("OA_BYPASS_SERVER__PORT", "0")
+            .env("OA_BYPASS_UPSTREAM__BASE_URL", upstream.base_url())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = child.0.stdout.take().unwrap();
     let (line_tx, line_rx) = std::sync::mpsc::channel();
     // Keep draining stdout after the line is found, so the gateway's logging never hits a
     // closed pipe.
@@ -236,7 +239,7 @@ async fn built_in_manifest_serves_with_env_overrides() {
         .unwrap()
         .expect("no listening line");
     assert!(line.contains("manifest=built-in manifest"), "{line}");
-    assert!(line.contains("routes=281"), "{line}");
+    assert!(line.contains("routes=282"), "{line}");
     let addr = line
         .split_whitespace()
         .find_map(|f| f.strip_prefix("addr="))
@@ -253,8 +256,6 @@ async fn built_in_manifest_serves_with_env_overrides() {
     let rec = upstream.last();
     assert_eq!(rec.path_and_query, "/v1/assistants?limit=2");
     assert_eq!(rec.header("openai-beta"), Some("assistants=v2"));
-    child.kill().unwrap();
-    child.wait().unwrap();
 }
 
 #[tokio::test]

@@ -76,8 +76,17 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub cors: CorsConfig,
     pub openapi: OpenApiConfig,
+    pub realtime: RealtimeConfig,
     pub routes: RouteTable,
     pub source: ManifestSource,
+}
+
+#[derive(Debug, Clone)]
+pub struct RealtimeConfig {
+    /// Largest WebSocket message (and frame) relayed either way.
+    pub max_message: u64,
+    /// A session with no frame either way for this long is closed with 1001.
+    pub idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -327,6 +336,12 @@ fn validate(raw: RawConfig, source: ManifestSource) -> Result<Config, ConfigErro
             problems.push(format!("{name}: must be more than 0 bytes"));
         }
     }
+    if raw.realtime.max_message.0 == 0 {
+        problems.push("realtime.max_message: must be more than 0 bytes".to_owned());
+    }
+    if raw.realtime.idle_timeout.0.is_zero() {
+        problems.push("realtime.idle_timeout: must be more than 0s".to_owned());
+    }
     if raw.upstream.read_timeout.0.is_zero() {
         problems.push("upstream.read_timeout: must be more than 0s".to_owned());
     }
@@ -376,6 +391,10 @@ fn validate(raw: RawConfig, source: ManifestSource) -> Result<Config, ConfigErro
             max_upload_body: raw.limits.max_upload_body.0,
         },
         cors: CorsConfig { allow_origins },
+        realtime: RealtimeConfig {
+            max_message: raw.realtime.max_message.0,
+            idle_timeout: raw.realtime.idle_timeout.0,
+        },
         openapi: OpenApiConfig {
             enabled: raw.openapi.enabled,
             title: raw.openapi.title,
@@ -474,6 +493,18 @@ fn validate_route(
             )),
         }
     }
+    if body.contains(&BodyKind::WebSocket) {
+        if body.len() > 1 {
+            problems.push(format!(
+                "{at}.body: \"websocket\" cannot be combined with other kinds"
+            ));
+        }
+        if method.as_ref().is_some_and(|m| m != Method::GET) {
+            problems.push(format!(
+                "{at}.method: a websocket route must be GET (WebSockets open with GET + Upgrade)"
+            ));
+        }
+    }
     if let Some(timeout) = raw.read_timeout {
         if timeout.0.is_zero() {
             problems.push(format!("{at}.read_timeout: must be more than 0s"));
@@ -570,7 +601,7 @@ mod tests {
             format!("{ONE_ROUTE}[[routes]]\nmethod = \"POST\"\npath = \"/v1/x\"\nbody = \"xml\"\n");
         assert_eq!(
             error_of(&text),
-            "routes[1].body: \"xml\" is not one of none, json, multipart, binary, sdp"
+            "routes[1].body: \"xml\" is not one of none, json, multipart, binary, sdp, websocket"
         );
         let text = "[[routes]]\nmethod = \"FETCH\"\npath = \"/v1/{unclosed\"\n";
         assert_eq!(

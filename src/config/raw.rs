@@ -20,6 +20,8 @@ pub struct RawConfig {
     pub cors: RawCors,
     #[serde(default)]
     pub openapi: RawOpenApi,
+    #[serde(default)]
+    pub realtime: RawRealtime,
     /// Kept as loose values so each entry is deserialized on its own and an error can name
     /// its index (`routes[12].body`).
     #[serde(default)]
@@ -108,6 +110,22 @@ impl Default for RawOpenApi {
             enabled: true,
             title: "oa-bypass: OpenAI API passthrough".to_owned(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRealtime {
+    pub max_message: ByteSize,
+    pub idle_timeout: HumanDuration,
+}
+
+impl Default for RawRealtime {
+    fn default() -> Self {
+        RawRealtime {
+            max_message: ByteSize(16 << 20),
+            idle_timeout: HumanDuration(std::time::Duration::from_secs(600)),
         }
     }
 }

@@ -16,7 +16,8 @@ use tokio::time::Instant;
 
 use crate::config::{Config, ConfigError, LimitsConfig};
 use crate::error::GatewayError;
-use crate::routes::{check_path_param, PathTemplate, RouteSpec};
+use crate::realtime::Relay;
+use crate::routes::{check_path_param, BodyKind, PathTemplate, RouteSpec};
 use crate::telemetry::{self, Outcome, RequestLog};
 use body::{DownloadBody, UploadBody, UploadProgress};
 
@@ -138,13 +139,6 @@ impl Forwarder {
         mut req: Request,
         start: Instant,
     ) -> Result<Response, GatewayError> {
-        for param in route.template.params() {
-            let raw = req.raw_path_param(param).unwrap_or_default();
-            check_path_param(raw).map_err(|problem| GatewayError::InvalidPathParam {
-                param: param.to_owned(),
-                problem: problem.describe(),
-            })?;
-        }
         if !headers::has_credential(req.headers()) {
             return Err(GatewayError::MissingCredential);
         }
@@ -279,27 +273,45 @@ impl Forwarder {
         } else if err.is_connect() && err.is_timeout() {
             GatewayError::UpstreamConnectTimeout {
                 timeout: self.connect_timeout,
-                source: err,
             }
         } else if err.is_connect() {
-            GatewayError::UpstreamUnreachable(err)
+            GatewayError::UpstreamUnreachable(Box::new(err))
         } else {
             GatewayError::UpstreamFailed(err)
         }
     }
 }
 
+/// Refuses a matched path parameter that could address something else upstream.
+fn check_path_params(route: &RouteSpec, req: &Request) -> Result<(), GatewayError> {
+    for param in route.template.params() {
+        let raw = req.raw_path_param(param).unwrap_or_default();
+        check_path_param(raw).map_err(|problem| GatewayError::InvalidPathParam {
+            param: param.to_owned(),
+            problem: problem.describe(),
+        })?;
+    }
+    Ok(())
+}
+
 /// Serves every method of one path template: dispatches by method, answers 405 otherwise.
 pub struct TemplateEndpoint {
     forwarder: Arc<Forwarder>,
+    realtime: Arc<Relay>,
     template: Arc<str>,
     methods: Vec<(Method, RouteSpec)>,
 }
 
 impl TemplateEndpoint {
-    pub fn new(forwarder: Arc<Forwarder>, template: &PathTemplate, routes: &[&RouteSpec]) -> Self {
+    pub fn new(
+        forwarder: Arc<Forwarder>,
+        realtime: Arc<Relay>,
+        template: &PathTemplate,
+        routes: &[&RouteSpec],
+    ) -> Self {
         TemplateEndpoint {
             forwarder,
+            realtime,
             template: Arc::from(template.as_str()),
             methods: routes
                 .iter()
@@ -316,9 +328,14 @@ impl TemplateEndpoint {
                 allowed: self.methods.iter().map(|(m, _)| m.clone()).collect(),
             });
         };
-        self.forwarder
-            .forward(route, &self.template, req, start)
-            .await
+        check_path_params(route, &req)?;
+        if route.accepts(BodyKind::WebSocket) {
+            self.realtime.handle(&self.template, req, start).await
+        } else {
+            self.forwarder
+                .forward(route, &self.template, req, start)
+                .await
+        }
     }
 }
 

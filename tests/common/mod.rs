@@ -256,6 +256,11 @@ method = "POST"
 path = "/v1/tiny"
 body = "json"
 max_body = "10"
+
+[[routes]]
+method = "GET"
+path = "/v1/realtime"
+body = "websocket"
 "#
     )
 }
@@ -431,6 +436,16 @@ impl Drop for Binary {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A child process that is killed when the test ends, even by a panic.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
