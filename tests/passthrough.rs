@@ -537,3 +537,38 @@ async fn api_key_header_counts_as_credential_and_errors_never_echo_it() {
         assert!(!text.contains(KEY), "{text}");
     }
 }
+
+#[tokio::test]
+async fn http2_clients_are_served_and_their_bodies_forwarded() {
+    let upstream = Upstream::echo().await;
+    let gateway = Gateway::in_front_of(&upstream).await;
+    let h2 = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    // A streamed body: over HTTP/2 it has neither Content-Length nor Transfer-Encoding.
+    let body = common::pattern_stream(100_000, 8192);
+    let response = h2
+        .post(gateway.url("/v1/files"))
+        .header("authorization", bearer())
+        .header("content-type", "multipart/form-data; boundary=x")
+        .body(reqwest::Body::wrap_stream(body))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    assert_eq!(response.status(), 200);
+    let rec = upstream.last();
+    assert_eq!(rec.body_len, 100_000);
+    assert_eq!(rec.body_sha256, common::pattern_sha256(100_000, 8192));
+
+    let response = h2
+        .get(gateway.url("/v1/models"))
+        .header("authorization", bearer())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(upstream.last().body_len, 0);
+}

@@ -156,8 +156,10 @@ impl Forwarder {
                 declared: Some(declared),
             });
         }
-        let has_body = declared_length.is_some_and(|len| len > 0)
-            || req.headers().contains_key(header::TRANSFER_ENCODING);
+        // The body's own size hint knows what headers cannot: an HTTP/2 request may carry a
+        // body with neither Content-Length nor Transfer-Encoding.
+        let client_body = req.take_body();
+        let has_body = !client_body.is_empty();
 
         let path_and_query = req
             .uri()
@@ -177,7 +179,7 @@ impl Forwarder {
             .headers(upstream_headers);
         if has_body {
             let upload = UploadBody::new(
-                req.take_body().into_bytes_stream(),
+                client_body.into_bytes_stream(),
                 limit.value,
                 Arc::clone(&progress),
             );
