@@ -486,3 +486,34 @@ async fn each_request_logs_one_line_with_route_status_bytes_and_outcome() {
     }
     assert!(!logs.contains("file-secret-id"), "the raw path was logged");
 }
+
+#[tokio::test]
+async fn healthcheck_subcommand_reports_the_local_server() {
+    let upstream = Upstream::echo().await;
+    let gateway = Binary::spawn(&common::test_manifest(&upstream.base_url(), ""), &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let port = gateway.addr.port().to_string();
+    let probe = |port: String| {
+        let dir = dir.path().to_owned();
+        tokio::task::spawn_blocking(move || {
+            run_binary(
+                &["healthcheck"],
+                &[
+                    ("OA_BYPASS_SERVER__HOST", "127.0.0.1"),
+                    ("OA_BYPASS_SERVER__PORT", port.as_str()),
+                ],
+                &dir,
+            )
+        })
+    };
+    let (code, _, stderr) = probe(port).await.unwrap();
+    assert_eq!(code, 0, "{stderr}");
+    drop(gateway);
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port().to_string()
+    };
+    let (code, _, stderr) = probe(closed).await.unwrap();
+    assert_eq!(code, 1);
+    assert!(stderr.contains("/health did not answer"), "{stderr}");
+}

@@ -609,3 +609,30 @@ async fn the_outbound_proxy_carries_websocket_sessions_too() {
         [upstream.addr.to_string()]
     );
 }
+
+#[tokio::test]
+async fn a_silent_upstream_handshake_is_504_within_connect_timeout() {
+    // Accepts TCP, never answers the WebSocket handshake.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let gateway = Gateway::start(&manifest(&format!("http://{addr}"), "")).await;
+    let err = connect(gateway.addr, &[("authorization", bearer())])
+        .await
+        .unwrap_err();
+    let WsError::Http(response) = err else {
+        panic!("expected an HTTP answer, got {err:?}")
+    };
+    assert_eq!(response.status(), 504);
+    let body: serde_json::Value =
+        serde_json::from_slice(response.body().as_ref().unwrap()).unwrap();
+    assert_eq!(
+        body["error"]["message"],
+        "The upstream did not accept a connection within upstream.connect_timeout (2s)"
+    );
+}
