@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{bearer, client, run_binary, streaming_body, Binary, Upstream, KEY};
+use common::{bearer, client, run_binary, Binary, Upstream, KEY};
 use futures_util::StreamExt;
 use poem::Response;
 
@@ -260,14 +260,7 @@ async fn built_in_manifest_serves_with_env_overrides() {
 
 #[tokio::test]
 async fn sigterm_drains_an_open_stream_then_exits_zero() {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
-    let rx = std::sync::Mutex::new(Some(rx));
-    let upstream = Upstream::start(move |_| {
-        Response::builder()
-            .header("content-type", "text/event-stream")
-            .body(streaming_body(rx.lock().unwrap().take().unwrap()))
-    })
-    .await;
+    let (upstream, tx) = Upstream::streaming().await;
     let mut gateway = Binary::spawn(
         &common::test_manifest(&upstream.base_url(), "[server]\nshutdown_grace = \"20s\""),
         &[],
@@ -305,14 +298,7 @@ async fn sigterm_drains_an_open_stream_then_exits_zero() {
 
 #[tokio::test]
 async fn shutdown_grace_bounds_how_long_a_stream_may_hold_the_exit() {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
-    let rx = std::sync::Mutex::new(Some(rx));
-    let upstream = Upstream::start(move |_| {
-        Response::builder()
-            .header("content-type", "text/event-stream")
-            .body(streaming_body(rx.lock().unwrap().take().unwrap()))
-    })
-    .await;
+    let (upstream, tx) = Upstream::streaming().await;
     let mut gateway = Binary::spawn(
         &common::test_manifest(&upstream.base_url(), "[server]\nshutdown_grace = \"500ms\""),
         &[],

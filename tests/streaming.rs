@@ -3,39 +3,17 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{bearer, client, streaming_body, Gateway, Upstream};
+use common::{bearer, client, Gateway, Upstream};
 use futures_util::StreamExt;
-use poem::Response;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
 
 /// Long enough for any machine to move one small chunk over loopback; a gateway that buffers
 /// would hold the chunk until the next one arrives, which never happens before this expires.
 const DELIVERY: Duration = Duration::from_secs(10);
-
-/// An upstream whose next response streams whatever the test sends into the returned sender.
-async fn sse_upstream() -> (Upstream, mpsc::Sender<Bytes>) {
-    let (tx, rx) = mpsc::channel::<Bytes>(4);
-    let rx = Arc::new(Mutex::new(Some(rx)));
-    let upstream = Upstream::start(move |_| {
-        let rx = rx
-            .lock()
-            .unwrap()
-            .take()
-            .expect("one streaming request per test");
-        Response::builder()
-            .header("content-type", "text/event-stream")
-            .header("x-request-id", "req_sse")
-            .body(streaming_body(rx))
-    })
-    .await;
-    (upstream, tx)
-}
 
 async fn start_chat_stream(gateway: &Gateway) -> reqwest::Response {
     client()
@@ -50,7 +28,7 @@ async fn start_chat_stream(gateway: &Gateway) -> reqwest::Response {
 
 #[tokio::test]
 async fn each_sse_event_reaches_the_client_before_the_next_is_sent() {
-    let (upstream, tx) = sse_upstream().await;
+    let (upstream, tx) = Upstream::streaming().await;
     let gateway = Gateway::in_front_of(&upstream).await;
     let response = start_chat_stream(&gateway).await;
     assert_eq!(response.headers()["content-type"], "text/event-stream");
@@ -80,7 +58,7 @@ async fn each_sse_event_reaches_the_client_before_the_next_is_sent() {
 
 #[tokio::test]
 async fn client_disconnect_cancels_the_upstream_request() {
-    let (upstream, tx) = sse_upstream().await;
+    let (upstream, tx) = Upstream::streaming().await;
     let gateway = Gateway::in_front_of(&upstream).await;
     let response = start_chat_stream(&gateway).await;
     tx.send(Bytes::from_static(b"data: 1\n\n")).await.unwrap();
@@ -161,14 +139,7 @@ async fn upstream_reset_mid_stream_ends_the_client_response_abnormally() {
 
 #[tokio::test]
 async fn upstream_silent_mid_stream_past_read_timeout_aborts_the_response() {
-    let (tx, rx) = mpsc::channel::<Bytes>(4);
-    let rx = Arc::new(Mutex::new(Some(rx)));
-    let upstream = Upstream::start(move |_| {
-        Response::builder()
-            .header("content-type", "text/event-stream")
-            .body(streaming_body(rx.lock().unwrap().take().unwrap()))
-    })
-    .await;
+    let (upstream, tx) = Upstream::streaming().await;
     let gateway = Gateway::in_front_of(&upstream).await;
     // /v1/slow has read_timeout = "300ms" in the test manifest.
     let response = client()
@@ -279,7 +250,7 @@ async fn unreachable_upstream_is_502_with_the_cause() {
 
 #[tokio::test]
 async fn graceful_shutdown_lets_an_open_stream_finish() {
-    let (upstream, tx) = sse_upstream().await;
+    let (upstream, tx) = Upstream::streaming().await;
     let mut gateway = Gateway::in_front_of(&upstream).await;
     let response = start_chat_stream(&gateway).await;
     tx.send(Bytes::from_static(b"data: 1\n\n")).await.unwrap();

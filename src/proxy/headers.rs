@@ -31,15 +31,23 @@ const CLIENT_ADDRESS: [HeaderName; 6] = [
 /// Azure-style key header, which OpenAI-compatible upstreams also accept.
 pub const API_KEY: HeaderName = HeaderName::from_static("api-key");
 
-/// Removes hop-by-hop headers: those RFC 9110 §7.6.1 lists and every header the
-/// `Connection` field names, which apply to one connection only and must not be forwarded.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
+/// The items of a comma-separated list header (RFC 9110 §5.6.1), across all its lines,
+/// trimmed; values that are not text are skipped.
+pub fn list_items<'a>(headers: &'a HeaderMap, name: &HeaderName) -> impl Iterator<Item = &'a str> {
+    headers
+        .get_all(name)
         .iter()
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+}
+
+/// Removes hop-by-hop headers: those RFC 9110 §7.6.1 lists and every header the
+/// `Connection` field names, which apply to one connection only and must not be forwarded.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = list_items(headers, &header::CONNECTION)
+        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
         .collect();
     for name in named.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);
@@ -64,9 +72,14 @@ pub fn prepare_upstream_request(headers: &mut HeaderMap) {
     mark_credentials_sensitive(headers);
 }
 
-/// Marks `Authorization` and `api-key` values sensitive.
+/// Marks the values of headers that can carry a key sensitive: `Authorization`, `api-key`,
+/// and `Sec-WebSocket-Protocol` (browsers pass the key there for WebSockets).
 pub fn mark_credentials_sensitive(headers: &mut HeaderMap) {
-    for name in [header::AUTHORIZATION, API_KEY] {
+    for name in [
+        header::AUTHORIZATION,
+        API_KEY,
+        header::SEC_WEBSOCKET_PROTOCOL,
+    ] {
         if let header::Entry::Occupied(mut entry) = headers.entry(name) {
             for value in entry.iter_mut() {
                 value.set_sensitive(true);

@@ -290,45 +290,23 @@ fn upstream_request(
         .header(header::SEC_WEBSOCKET_VERSION, "13")
         .header(header::SEC_WEBSOCKET_KEY, generate_key())
         .body(())?;
-    for (name, value) in &headers {
-        request.headers_mut().append(name.clone(), value.clone());
-    }
-    mark_subprotocol_sensitive(request.headers_mut());
+    // `prepare_upstream_request` marked the key-carrying values sensitive.
+    request.headers_mut().extend(headers);
     Ok(request)
 }
 
-/// The subprotocol list can carry a key: keep it out of HTTP/2 tables and debug output.
-fn mark_subprotocol_sensitive(headers: &mut HeaderMap) {
-    if let header::Entry::Occupied(mut entry) = headers.entry(header::SEC_WEBSOCKET_PROTOCOL) {
-        for value in entry.iter_mut() {
-            value.set_sensitive(true);
-        }
-    }
-}
-
 fn has_key_subprotocol(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .any(|protocol| {
-            protocol
-                .trim()
-                .strip_prefix(KEY_SUBPROTOCOL)
-                .is_some_and(|key| !key.is_empty())
-        })
+    headers::list_items(headers, &header::SEC_WEBSOCKET_PROTOCOL).any(|protocol| {
+        protocol
+            .strip_prefix(KEY_SUBPROTOCOL)
+            .is_some_and(|key| !key.is_empty())
+    })
 }
 
 /// Checks the client asked for a WebSocket (RFC 6455 §4.2.1) and returns its key.
 fn check_upgrade_request(headers: &HeaderMap) -> Result<String, GatewayError> {
     let has_token = |name: HeaderName, token: &str| {
-        headers
-            .get_all(name)
-            .iter()
-            .filter_map(|value| value.to_str().ok())
-            .flat_map(|value| value.split(','))
-            .any(|item| item.trim().eq_ignore_ascii_case(token))
+        headers::list_items(headers, &name).any(|item| item.eq_ignore_ascii_case(token))
     };
     if !has_token(header::UPGRADE, "websocket") || !has_token(header::CONNECTION, "upgrade") {
         return Err(GatewayError::NotAWebSocket(

@@ -163,6 +163,26 @@ impl Upstream {
         .await
     }
 
+    /// An upstream whose (single) response is an event stream carrying whatever the test
+    /// sends into the returned sender; dropping the sender ends it.
+    pub async fn streaming() -> (Self, tokio::sync::mpsc::Sender<Bytes>) {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+        let rx = Arc::new(Mutex::new(Some(rx)));
+        let upstream = Upstream::start(move |_| {
+            let rx = rx
+                .lock()
+                .unwrap()
+                .take()
+                .expect("one streaming request per upstream");
+            Response::builder()
+                .header("content-type", "text/event-stream")
+                .header("x-request-id", "req_sse")
+                .body(streaming_body(rx))
+        })
+        .await;
+        (upstream, tx)
+    }
+
     pub fn base_url(&self) -> String {
         format!("http://{}", self.addr)
     }
