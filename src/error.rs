@@ -21,6 +21,12 @@ pub enum GatewayError {
     )]
     MissingCredential,
 
+    #[error("This API key is not allowed on this gateway (access.allowed_key_hashes)")]
+    KeyNotAllowed,
+
+    #[error("Your address is not allowed to use this gateway (access.allowed_ips)")]
+    AddressNotAllowed,
+
     #[error("Invalid URL ({method} {path}): this gateway serves no such route")]
     UnknownRoute { method: Method, path: String },
 
@@ -117,7 +123,10 @@ struct ErrorFields<'a> {
 impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
-            GatewayError::MissingCredential => StatusCode::UNAUTHORIZED,
+            GatewayError::MissingCredential | GatewayError::KeyNotAllowed => {
+                StatusCode::UNAUTHORIZED
+            }
+            GatewayError::AddressNotAllowed => StatusCode::FORBIDDEN,
             GatewayError::UnknownRoute { .. } => StatusCode::NOT_FOUND,
             GatewayError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::InvalidPathParam { .. } | GatewayError::ClientBody(_) => {
@@ -139,6 +148,8 @@ impl GatewayError {
     fn kind_and_code(&self) -> (&'static str, Option<&'static str>) {
         match self {
             GatewayError::MissingCredential => ("invalid_request_error", Some("missing_api_key")),
+            GatewayError::KeyNotAllowed => ("invalid_request_error", Some("invalid_api_key")),
+            GatewayError::AddressNotAllowed => ("permission_error", Some("address_not_allowed")),
             GatewayError::UnknownRoute { .. } => ("invalid_request_error", Some("unknown_url")),
             GatewayError::MethodNotAllowed { .. } => {
                 ("invalid_request_error", Some("method_not_allowed"))
@@ -164,6 +175,8 @@ impl GatewayError {
         match self {
             GatewayError::InvalidPathParam { param, .. } => Some(param),
             GatewayError::MissingCredential
+            | GatewayError::KeyNotAllowed
+            | GatewayError::AddressNotAllowed
             | GatewayError::UnknownRoute { .. }
             | GatewayError::MethodNotAllowed { .. }
             | GatewayError::BodyTooLarge { .. }

@@ -4,6 +4,7 @@
 //! binary serve exactly the same thing. The request path is `cors` → router (one endpoint per
 //! path template of the manifest) → `proxy`.
 
+pub mod access;
 pub mod config;
 pub mod cors;
 pub mod error;
@@ -41,7 +42,8 @@ pub fn app(config: &Config) -> Result<App, ConfigError> {
     let forwarder = Arc::new(Forwarder::new(config)?);
     let sessions = realtime::Sessions::default();
     let relay = Arc::new(realtime::Relay::new(config, sessions.clone())?);
-    let mut router = Route::new().at("/", Health).at("/health", Health);
+    let access = Arc::new(config.access.clone());
+    let mut api = Route::new();
     if config.openapi.enabled {
         let document = serde_json::to_vec_pretty(&openapi::document(config)).map_err(|err| {
             ConfigError::Invalid(vec![format!(
@@ -55,14 +57,20 @@ pub fn app(config: &Config) -> Result<App, ConfigError> {
                     .to_owned(),
             ])
         })?;
-        router = router
+        api = api
             .at(
                 openapi::DOCUMENT_PATH,
-                openapi::StaticDocument::new(document, "application/json"),
+                access::IpFilter::new(
+                    openapi::StaticDocument::new(document, "application/json"),
+                    Arc::clone(&access),
+                ),
             )
             .at(
                 openapi::DOCS_PATH,
-                openapi::StaticDocument::new(html, "text/html; charset=utf-8"),
+                access::IpFilter::new(
+                    openapi::StaticDocument::new(html, "text/html; charset=utf-8"),
+                    Arc::clone(&access),
+                ),
             );
     }
     for (template, specs) in config.routes.by_template() {
@@ -74,14 +82,26 @@ pub fn app(config: &Config) -> Result<App, ConfigError> {
         }
         let endpoint =
             TemplateEndpoint::new(Arc::clone(&forwarder), Arc::clone(&relay), template, &specs);
-        router = router
-            .try_at(template.to_poem_path(), endpoint)
+        api = api
+            .try_at(
+                template.to_poem_path(),
+                access::IpFilter::new(endpoint, Arc::clone(&access)),
+            )
             .map_err(|err| {
                 ConfigError::Invalid(vec![format!(
                     "routes[{index}].path: the router refused {template}: {err}"
                 )])
             })?;
     }
+    // Liveness stays at the root for probes; with a path secret, everything else moves
+    // under it and the bare paths answer 404.
+    let router = match &config.access.path_secret {
+        None => api.at("/", Health).at("/health", Health),
+        Some(secret) => Route::new()
+            .at("/", Health)
+            .at("/health", Health)
+            .nest(format!("/{secret}"), api),
+    };
     Ok(App {
         endpoint: cors::Cors::new(JsonNotFound(router), config.cors.clone()).boxed(),
         sessions,

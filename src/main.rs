@@ -14,6 +14,7 @@ Usage:
   oa-bypass --check [--config PATH]    validate, print the route table and settings, exit 0 or 1
   oa-bypass --print-openapi [--config PATH]  write the OpenAPI document to stdout
   oa-bypass healthcheck [--config PATH]  GET /health on the local server (for container probes)
+  oa-bypass hash-key                   read a key on stdin, print its access.allowed_key_hashes line
   oa-bypass --help | --version
 
 The manifest is --config PATH, else $OA_BYPASS_CONFIG, else ./routes.toml if present, else the
@@ -27,6 +28,7 @@ enum Command {
     Check,
     PrintOpenApi,
     Healthcheck,
+    HashKey,
     Help,
     Version,
 }
@@ -45,6 +47,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Cli, String> {
             "--check" => command = Command::Check,
             "--print-openapi" => command = Command::PrintOpenApi,
             "healthcheck" => command = Command::Healthcheck,
+            "hash-key" => command = Command::HashKey,
             "-h" | "--help" => command = Command::Help,
             "-V" | "--version" => command = Command::Version,
             "--config" => {
@@ -77,6 +80,7 @@ fn main() -> ExitCode {
             println!("oa-bypass {}", env!("CARGO_PKG_VERSION"));
             return ExitCode::SUCCESS;
         }
+        Command::HashKey => return hash_key(),
         Command::Serve | Command::Check | Command::PrintOpenApi | Command::Healthcheck => {}
     }
 
@@ -167,6 +171,24 @@ async fn serve(config: Config) -> Result<(), String> {
     .map_err(|err| format!("server failed: {err}"))?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Reads one key from stdin and prints `sha256:<hex>`; the key itself is never printed.
+fn hash_key() -> ExitCode {
+    let mut key = String::new();
+    if let Err(err) = std::io::stdin().read_line(&mut key) {
+        eprintln!("oa-bypass: cannot read the key from stdin: {err}");
+        return ExitCode::FAILURE;
+    }
+    let key = key.trim();
+    if key.is_empty() {
+        eprintln!(
+            "oa-bypass: no key on stdin (try: printf %s \"$OPENAI_API_KEY\" | oa-bypass hash-key)"
+        );
+        return ExitCode::FAILURE;
+    }
+    println!("{}", oa_bypass::access::hash_line(key));
+    ExitCode::SUCCESS
 }
 
 /// `GET /health` against the configured port on loopback: exit 0 when it answers 200.

@@ -208,7 +208,10 @@ pub fn document(config: &Config) -> Value {
                 config.upstream.base_url
             ),
         },
-        "servers": [{"url": "/", "description": "this gateway"}],
+        "servers": [{
+            "url": config.access.path_secret.as_ref().map_or_else(|| "/".to_owned(), |secret| format!("/{secret}")),
+            "description": "this gateway",
+        }],
         "security": [{"bearerAuth": []}],
         "tags": tag_objects,
         "paths": paths,
@@ -264,7 +267,8 @@ pub fn swagger_ui_html(title: &str) -> Option<String> {
         html.replace(&inline, "let spec = null;")
             .replace(
                 config,
-                &format!("url: {DOCUMENT_PATH:?}, persistAuthorization: true,"),
+                // Relative, so the page also works under access.path_secret.
+                "url: \"openapi.json\", persistAuthorization: true,",
             )
             .replace(
                 "<title>Swagger UI</title>",
@@ -319,7 +323,7 @@ mod tests {
     #[test]
     fn swagger_ui_page_loads_the_document_by_url() {
         let html = swagger_ui_html("My <gateway>").expect("poem-openapi's page changed shape");
-        assert!(html.contains("url: \"/openapi.json\""));
+        assert!(html.contains("url: \"openapi.json\""));
         assert!(html.contains("let spec = null;"));
         assert!(html.contains("<title>My &lt;gateway&gt;</title>"));
         assert!(

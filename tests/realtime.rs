@@ -636,3 +636,31 @@ async fn a_silent_upstream_handshake_is_504_within_connect_timeout() {
         "The upstream did not accept a connection within upstream.connect_timeout (2s)"
     );
 }
+
+#[tokio::test]
+async fn allowed_key_hashes_apply_to_websocket_keys_too() {
+    let upstream = WsUpstream::start(choose_realtime, echo).await;
+    let allowed = oa_bypass::access::hash_line(KEY);
+    let gateway = Gateway::start(&format!(
+        "[access]\nallowed_key_hashes = [\"{allowed}\"]\n{}",
+        manifest(&upstream.base_url(), "")
+    ))
+    .await;
+    let browser = |key: &str| {
+        vec![(
+            "sec-websocket-protocol",
+            format!("realtime, openai-insecure-api-key.{key}"),
+        )]
+    };
+    let (mut ws, _) = connect(gateway.addr, &browser(KEY)).await.unwrap();
+    ws.send(Message::text("ok")).await.unwrap();
+    assert_eq!(next_message(&mut ws).await, Message::text("ok"));
+    let err = connect(gateway.addr, &browser("sk-not-listed"))
+        .await
+        .unwrap_err();
+    let WsError::Http(response) = err else {
+        panic!("expected an HTTP refusal, got {err:?}")
+    };
+    assert_eq!(response.status(), 401);
+    assert_eq!(upstream.connections.load(Ordering::SeqCst), 1);
+}

@@ -77,6 +77,7 @@ pub struct Config {
     pub cors: CorsConfig,
     pub openapi: OpenApiConfig,
     pub realtime: RealtimeConfig,
+    pub access: crate::access::AccessConfig,
     pub routes: RouteTable,
     pub source: ManifestSource,
 }
@@ -349,6 +350,8 @@ fn validate(raw: RawConfig, source: ManifestSource) -> Result<Config, ConfigErro
         problems.push("upstream.connect_timeout: must be more than 0s".to_owned());
     }
 
+    let access = validate_access(raw.access, &mut problems);
+
     let mut specs = Vec::with_capacity(raw.routes.len());
     for (index, value) in raw.routes.into_iter().enumerate() {
         match validate_route(index, value, &source) {
@@ -391,6 +394,7 @@ fn validate(raw: RawConfig, source: ManifestSource) -> Result<Config, ConfigErro
             max_upload_body: raw.limits.max_upload_body.0,
         },
         cors: CorsConfig { allow_origins },
+        access,
         realtime: RealtimeConfig {
             max_message: raw.realtime.max_message.0,
             idle_timeout: raw.realtime.idle_timeout.0,
@@ -403,6 +407,60 @@ fn validate(raw: RawConfig, source: ManifestSource) -> Result<Config, ConfigErro
         routes,
         source,
     })
+}
+
+fn validate_access(raw: raw::RawAccess, problems: &mut Vec<String>) -> crate::access::AccessConfig {
+    let mut access = crate::access::AccessConfig::default();
+    for (i, line) in raw.allowed_key_hashes.iter().enumerate() {
+        match crate::access::parse_hash_line(line.trim()) {
+            Some(hash) => access.allowed_key_hashes.push(hash),
+            // The value is not echoed: someone may have pasted a key here by mistake.
+            None => problems.push(format!(
+                "access.allowed_key_hashes[{i}]: not a \"sha256:<64 hex digits>\" line; \
+                 make one with `oa-bypass hash-key`"
+            )),
+        }
+    }
+    for (key, list, into) in [
+        (
+            "access.allowed_ips",
+            &raw.allowed_ips,
+            &mut access.allowed_ips,
+        ),
+        (
+            "access.trusted_proxies",
+            &raw.trusted_proxies,
+            &mut access.trusted_proxies,
+        ),
+    ] {
+        for (i, text) in list.iter().enumerate() {
+            let parsed = text
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+            match parsed {
+                Ok(net) => into.push(net.trunc()),
+                Err(_) => problems.push(format!(
+                    "{key}[{i}]: {text:?} is not an address or CIDR network like \"203.0.113.0/24\" or \"::1\""
+                )),
+            }
+        }
+    }
+    if let Some(secret) = raw.path_secret {
+        let valid = (8..=128).contains(&secret.len())
+            && secret
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '~'));
+        if valid {
+            access.path_secret = Some(secret);
+        } else {
+            problems.push(
+                "access.path_secret: must be 8 to 128 characters of letters, digits, '-', '_', \
+                 '.' or '~' (it becomes a path segment)"
+                    .to_owned(),
+            );
+        }
+    }
+    access
 }
 
 fn parse_base_url(text: &str) -> Result<Url, String> {

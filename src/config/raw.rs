@@ -22,6 +22,8 @@ pub struct RawConfig {
     pub openapi: RawOpenApi,
     #[serde(default)]
     pub realtime: RawRealtime,
+    #[serde(default)]
+    pub access: RawAccess,
     /// Kept as loose values so each entry is deserialized on its own and an error can name
     /// its index (`routes[12].body`).
     #[serde(default)]
@@ -128,6 +130,15 @@ impl Default for RawRealtime {
             idle_timeout: HumanDuration(std::time::Duration::from_secs(600)),
         }
     }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAccess {
+    pub allowed_key_hashes: Vec<String>,
+    pub allowed_ips: Vec<String>,
+    pub trusted_proxies: Vec<String>,
+    pub path_secret: Option<String>,
 }
 
 /// One `[[routes]]` entry.

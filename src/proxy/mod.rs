@@ -14,6 +14,7 @@ use http::{header, HeaderMap, Method};
 use poem::{Body, Endpoint, Request, Response};
 use tokio::time::Instant;
 
+use crate::access::AccessConfig;
 use crate::config::{Config, ConfigError, LimitsConfig};
 use crate::error::GatewayError;
 use crate::realtime::Relay;
@@ -51,6 +52,7 @@ pub struct Forwarder {
     connect_timeout: Duration,
     read_timeout: Duration,
     limits: LimitsConfig,
+    access: AccessConfig,
 }
 
 impl Forwarder {
@@ -79,6 +81,7 @@ impl Forwarder {
             connect_timeout: upstream.connect_timeout,
             read_timeout: upstream.read_timeout,
             limits: config.limits.clone(),
+            access: config.access.clone(),
         })
     }
 
@@ -142,6 +145,7 @@ impl Forwarder {
         if !headers::has_credential(req.headers()) {
             return Err(GatewayError::MissingCredential);
         }
+        self.access.check_key(req.headers())?;
 
         let limit = self.body_limit(route, req.headers());
         let declared_length = req
@@ -332,7 +336,9 @@ impl TemplateEndpoint {
         };
         check_path_params(route, &req)?;
         if route.accepts(BodyKind::WebSocket) {
-            self.realtime.handle(&self.template, req, start).await
+            self.realtime
+                .handle(&self.forwarder.access, &self.template, req, start)
+                .await
         } else {
             self.forwarder
                 .forward(route, &self.template, req, start)

@@ -25,13 +25,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use url::Url;
 
+use crate::access::KEY_SUBPROTOCOL;
 use crate::config::{Config, ConfigError};
 use crate::error::GatewayError;
 use crate::proxy::headers;
 use tunnel::Route as TunnelRoute;
-
-/// Subprotocol prefix browsers use to carry the API key (they cannot set headers).
-const KEY_SUBPROTOCOL: &str = "openai-insecure-api-key.";
 
 /// Handshake headers that belong to one hop of a WebSocket connection (RFC 6455 §4).
 const HANDSHAKE_HEADERS: [HeaderName; 4] = [
@@ -113,6 +111,7 @@ impl Relay {
     /// Answers one upgrade request for a `websocket` route.
     pub async fn handle(
         &self,
+        access: &crate::access::AccessConfig,
         route_name: &Arc<str>,
         req: Request,
         start: Instant,
@@ -121,6 +120,7 @@ impl Relay {
         if !headers::has_credential(req.headers()) && !has_key_subprotocol(req.headers()) {
             return Err(GatewayError::MissingCredential);
         }
+        access.check_key(req.headers())?;
         let on_upgrade = req
             .take_upgrade()
             .map_err(|err| GatewayError::Internal(format!("connection cannot upgrade: {err}")))?;

@@ -1,0 +1,228 @@
+//! Who may use the gateway: allowed key hashes, allowed client addresses (with trusted
+//! reverse proxies), and the path secret. All off by default, so the open passthrough works.
+//!
+//! Keys are compared by their SHA-256, so routes.toml never holds a key. Nothing here logs a
+//! key or a hash of one.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName};
+use ipnet::IpNet;
+use poem::{Endpoint, IntoResponse, Request, Response};
+use sha2::{Digest, Sha256};
+
+use crate::error::GatewayError;
+use crate::proxy::headers;
+
+/// Subprotocol prefix browsers use to carry the API key on WebSockets.
+pub const KEY_SUBPROTOCOL: &str = "openai-insecure-api-key.";
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
+/// The `[access]` settings, validated.
+#[derive(Debug, Clone, Default)]
+pub struct AccessConfig {
+    /// SHA-256 digests of the keys that may be forwarded; empty: any key.
+    pub allowed_key_hashes: Vec<[u8; 32]>,
+    /// Client networks that may use the API; empty: any.
+    pub allowed_ips: Vec<IpNet>,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<IpNet>,
+    /// When set, the API lives under `/<secret>` only.
+    pub path_secret: Option<String>,
+}
+
+/// `sha256:<hex>` of a key, as `oa-bypass hash-key` prints it and routes.toml lists it.
+pub fn hash_line(key: &str) -> String {
+    let digest = Sha256::digest(key.as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
+}
+
+/// Parses `sha256:<64 hex digits>`.
+pub fn parse_hash_line(text: &str) -> Option<[u8; 32]> {
+    let hex = text.strip_prefix("sha256:")?;
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(i * 2..i * 2 + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// The keys a request presents: the bearer token, `api-key`, and a WebSocket key subprotocol.
+fn presented_keys(headers: &HeaderMap) -> Vec<&str> {
+    let mut keys = Vec::new();
+    if let Some(value) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        let value = value.trim();
+        let token = match value.get(..7) {
+            Some(scheme) if scheme.eq_ignore_ascii_case("bearer ") => value[7..].trim(),
+            _ => value,
+        };
+        keys.push(token);
+    }
+    if let Some(value) = headers.get(headers::API_KEY).and_then(|v| v.to_str().ok()) {
+        keys.push(value.trim());
+    }
+    keys.extend(
+        headers::list_items(headers, &header::SEC_WEBSOCKET_PROTOCOL)
+            .filter_map(|protocol| protocol.strip_prefix(KEY_SUBPROTOCOL)),
+    );
+    keys.retain(|key| !key.is_empty());
+    keys
+}
+
+impl AccessConfig {
+    /// With `allowed_key_hashes` set, every key the request presents must be listed.
+    pub fn check_key(&self, headers: &HeaderMap) -> Result<(), GatewayError> {
+        if self.allowed_key_hashes.is_empty() {
+            return Ok(());
+        }
+        let keys = presented_keys(headers);
+        let allowed = !keys.is_empty()
+            && keys.iter().all(|key| {
+                let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+                self.allowed_key_hashes.contains(&digest)
+            });
+        if allowed {
+            Ok(())
+        } else {
+            Err(GatewayError::KeyNotAllowed)
+        }
+    }
+
+    /// The client's address: the peer, or, when the peer is a trusted proxy, the nearest
+    /// address in `X-Forwarded-For` that is not itself a trusted proxy (RFC 7239 §5.2's
+    /// reasoning: only the hops we trust can vouch for the one before them).
+    pub fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        let trusted = |ip: &IpAddr| self.trusted_proxies.iter().any(|net| net.contains(ip));
+        if !trusted(&peer) {
+            return peer;
+        }
+        let chain: Vec<IpAddr> = headers::list_items(headers, &X_FORWARDED_FOR)
+            .filter_map(|item| item.parse().ok())
+            .collect();
+        let mut client = peer;
+        for hop in chain.into_iter().rev() {
+            client = hop;
+            if !trusted(&hop) {
+                break;
+            }
+        }
+        client
+    }
+
+    fn check_ip(&self, peer: Option<IpAddr>, headers: &HeaderMap) -> Result<(), GatewayError> {
+        if self.allowed_ips.is_empty() {
+            return Ok(());
+        }
+        let client = peer.map(|peer| self.client_ip(peer, headers));
+        match client {
+            Some(ip) if self.allowed_ips.iter().any(|net| net.contains(&ip)) => Ok(()),
+            Some(_) | None => Err(GatewayError::AddressNotAllowed),
+        }
+    }
+}
+
+/// Refuses clients outside `allowed_ips` before anything else looks at their request.
+pub struct IpFilter<E> {
+    inner: E,
+    access: std::sync::Arc<AccessConfig>,
+}
+
+impl<E> IpFilter<E> {
+    pub fn new(inner: E, access: std::sync::Arc<AccessConfig>) -> Self {
+        IpFilter { inner, access }
+    }
+}
+
+impl<E: Endpoint> Endpoint for IpFilter<E> {
+    type Output = Response;
+
+    async fn call(&self, req: Request) -> poem::Result<Response> {
+        let peer = req.remote_addr().as_socket_addr().map(|addr| addr.ip());
+        if let Err(err) = self.access.check_ip(peer, req.headers()) {
+            crate::telemetry::log_rejected(
+                req.method(),
+                "(access)",
+                err.status().as_u16(),
+                tokio::time::Instant::now(),
+                "client address not in access.allowed_ips",
+            );
+            return Ok(err.to_response());
+        }
+        self.inner.call(req).await.map(IntoResponse::into_response)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (name, value) in pairs {
+            headers.append(*name, HeaderValue::from_static(value));
+        }
+        headers
+    }
+
+    #[test]
+    fn hash_lines_round_trip() {
+        let line = hash_line("sk-test");
+        assert!(line.starts_with("sha256:") && line.len() == 71, "{line}");
+        assert!(parse_hash_line(&line).is_some());
+        assert!(parse_hash_line("sha256:zz").is_none());
+        assert!(parse_hash_line("md5:00").is_none());
+    }
+
+    #[test]
+    fn every_presented_key_must_be_allowed() {
+        let access = AccessConfig {
+            allowed_key_hashes: vec![parse_hash_line(&hash_line("sk-good")).unwrap()],
+            ..AccessConfig::default()
+        };
+        assert!(access
+            .check_key(&map(&[("authorization", "Bearer sk-good")]))
+            .is_ok());
+        assert!(access.check_key(&map(&[("api-key", "sk-good")])).is_ok());
+        assert!(access
+            .check_key(&map(&[(
+                "sec-websocket-protocol",
+                "realtime, openai-insecure-api-key.sk-good"
+            )]))
+            .is_ok());
+        assert!(access
+            .check_key(&map(&[("authorization", "Bearer sk-bad")]))
+            .is_err());
+        assert!(access
+            .check_key(&map(&[
+                ("authorization", "Bearer sk-good"),
+                ("api-key", "sk-bad")
+            ]))
+            .is_err());
+        assert!(access.check_key(&map(&[])).is_err());
+    }
+
+    #[test]
+    fn forwarded_for_is_believed_only_from_trusted_proxies() {
+        let access = AccessConfig {
+            trusted_proxies: vec!["10.0.0.0/8".parse().unwrap()],
+            ..AccessConfig::default()
+        };
+        let xff = map(&[("x-forwarded-for", "198.51.100.9, 203.0.113.7, 10.1.1.1")]);
+        let via_proxy: IpAddr = "10.0.0.2".parse().unwrap();
+        let direct: IpAddr = "192.0.2.1".parse().unwrap();
+        assert_eq!(
+            access.client_ip(via_proxy, &xff),
+            "203.0.113.7".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(access.client_ip(direct, &xff), direct);
+        assert_eq!(access.client_ip(via_proxy, &map(&[])), via_proxy);
+    }
+}
