@@ -59,8 +59,10 @@ fn presented_keys(headers: &HeaderMap) -> Vec<&str> {
         .and_then(|v| v.to_str().ok())
     {
         let value = value.trim();
+        // `Bearer` with no token, as SDKs send for an empty key, presents nothing.
         let token = match value.get(..7) {
             Some(scheme) if scheme.eq_ignore_ascii_case("bearer ") => value[7..].trim(),
+            _ if value.eq_ignore_ascii_case("bearer") => "",
             _ => value,
         };
         keys.push(token);
@@ -74,6 +76,17 @@ fn presented_keys(headers: &HeaderMap) -> Vec<&str> {
     );
     keys.retain(|key| !key.is_empty());
     keys
+}
+
+/// Whether the request carries a credential: an `Authorization` or `api-key` with something
+/// in it, or (WebSockets) a key subprotocol.
+pub fn has_credential(headers: &HeaderMap) -> bool {
+    !presented_keys(headers).is_empty()
+}
+
+/// The first key the request presents, for per-key limits.
+pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
+    presented_keys(headers).into_iter().next()
 }
 
 impl AccessConfig {
@@ -179,6 +192,25 @@ mod tests {
         assert!(parse_hash_line(&line).is_some());
         assert!(parse_hash_line("sha256:zz").is_none());
         assert!(parse_hash_line("md5:00").is_none());
+    }
+
+    #[test]
+    fn credential_is_a_key_in_authorization_api_key_or_a_subprotocol() {
+        assert!(has_credential(&map(&[("authorization", "Bearer sk-1")])));
+        assert!(has_credential(&map(&[("api-key", "k")])));
+        assert!(has_credential(&map(&[("authorization", "Basic abc")])));
+        assert!(has_credential(&map(&[(
+            "sec-websocket-protocol",
+            "realtime, openai-insecure-api-key.sk-1"
+        )])));
+        assert!(!has_credential(&map(&[("authorization", "  ")])));
+        assert!(!has_credential(&map(&[("authorization", "Bearer ")])));
+        assert!(!has_credential(&map(&[("authorization", "bearer")])));
+        assert!(!has_credential(&map(&[("openai-organization", "org")])));
+        assert!(!has_credential(&map(&[(
+            "sec-websocket-protocol",
+            "realtime, openai-insecure-api-key."
+        )])));
     }
 
     #[test]

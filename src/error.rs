@@ -27,6 +27,19 @@ pub enum GatewayError {
     #[error("Your address is not allowed to use this gateway (access.allowed_ips)")]
     AddressNotAllowed,
 
+    #[error(
+        "Rate limit reached on this gateway ({setting} = {per_minute}); retry after {}",
+        format_duration(Duration::from_secs(retry_after_secs(*.retry_after)))
+    )]
+    RateLimited {
+        setting: &'static str,
+        per_minute: u32,
+        retry_after: Duration,
+    },
+
+    #[error("The gateway is at {setting} ({limit} requests at once); retry shortly")]
+    TooBusy { setting: &'static str, limit: u32 },
+
     #[error("Invalid URL ({method} {path}): this gateway serves no such route")]
     UnknownRoute { method: Method, path: String },
 
@@ -98,6 +111,11 @@ fn chain(err: &dyn std::error::Error) -> String {
     out
 }
 
+/// Whole seconds to wait, rounded up, at least one (RFC 9110 §10.2.3 takes integers).
+fn retry_after_secs(wait: Duration) -> u64 {
+    wait.as_secs() + u64::from(wait.subsec_nanos() > 0).max(u64::from(wait.is_zero()))
+}
+
 fn join_methods(methods: &[Method]) -> String {
     methods
         .iter()
@@ -127,6 +145,9 @@ impl GatewayError {
                 StatusCode::UNAUTHORIZED
             }
             GatewayError::AddressNotAllowed => StatusCode::FORBIDDEN,
+            GatewayError::RateLimited { .. } | GatewayError::TooBusy { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             GatewayError::UnknownRoute { .. } => StatusCode::NOT_FOUND,
             GatewayError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::InvalidPathParam { .. } | GatewayError::ClientBody(_) => {
@@ -150,6 +171,8 @@ impl GatewayError {
             GatewayError::MissingCredential => ("invalid_request_error", Some("missing_api_key")),
             GatewayError::KeyNotAllowed => ("invalid_request_error", Some("invalid_api_key")),
             GatewayError::AddressNotAllowed => ("permission_error", Some("address_not_allowed")),
+            GatewayError::RateLimited { .. } => ("requests", Some("rate_limit_exceeded")),
+            GatewayError::TooBusy { .. } => ("requests", Some("concurrency_limit_exceeded")),
             GatewayError::UnknownRoute { .. } => ("invalid_request_error", Some("unknown_url")),
             GatewayError::MethodNotAllowed { .. } => {
                 ("invalid_request_error", Some("method_not_allowed"))
@@ -177,6 +200,8 @@ impl GatewayError {
             GatewayError::MissingCredential
             | GatewayError::KeyNotAllowed
             | GatewayError::AddressNotAllowed
+            | GatewayError::RateLimited { .. }
+            | GatewayError::TooBusy { .. }
             | GatewayError::UnknownRoute { .. }
             | GatewayError::MethodNotAllowed { .. }
             | GatewayError::BodyTooLarge { .. }
@@ -214,6 +239,17 @@ impl GatewayError {
                 response.headers_mut().insert(header::ALLOW, value);
             }
         }
+        if let GatewayError::RateLimited { retry_after, .. } = self {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(retry_after_secs(*retry_after)),
+            );
+        }
+        if let GatewayError::TooBusy { .. } = self {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         if let GatewayError::NotAWebSocket(_) = self {
             // RFC 9110 §15.5.22: a 426 names the protocol to switch to.
             response
@@ -247,6 +283,14 @@ mod tests {
         assert_eq!(body["error"]["type"], "invalid_request_error");
         assert!(body["error"]["param"].is_null());
         assert_eq!(body["error"]["code"], "method_not_allowed");
+    }
+
+    #[test]
+    fn retry_after_rounds_up_to_whole_seconds() {
+        assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1500)), 2);
+        assert_eq!(retry_after_secs(Duration::from_secs(3)), 3);
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod access;
 pub mod config;
 pub mod cors;
 pub mod error;
+pub mod limits;
 pub mod openapi;
 pub mod proxy;
 pub mod realtime;

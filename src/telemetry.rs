@@ -57,6 +57,8 @@ pub struct RequestLog {
     pub upload: Arc<UploadProgress>,
     pub bytes_out: u64,
     pub outcome: Outcome,
+    /// The request's place under the concurrency limits, released with this line.
+    pub admission: crate::limits::Admission,
 }
 
 impl Drop for RequestLog {

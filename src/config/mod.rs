@@ -10,6 +10,7 @@ pub mod units;
 
 use std::fmt;
 use std::net::IpAddr;
+use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -117,6 +118,7 @@ pub struct UpstreamConfig {
 pub struct LimitsConfig {
     pub max_json_body: u64,
     pub max_upload_body: u64,
+    pub admission: crate::limits::AdmissionConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -211,6 +213,23 @@ impl Config {
                 format_size(self.limits.max_upload_body),
             ),
             (
+                "limits.requests_per_minute_per_key",
+                show_limit(self.limits.admission.requests_per_minute_per_key),
+            ),
+            (
+                "limits.requests_per_minute_per_ip",
+                show_limit(self.limits.admission.requests_per_minute_per_ip),
+            ),
+            ("limits.burst", show_limit(self.limits.admission.burst)),
+            (
+                "limits.max_concurrent_requests",
+                show_limit(self.limits.admission.max_concurrent_requests),
+            ),
+            (
+                "limits.max_concurrent_per_key",
+                show_limit(self.limits.admission.max_concurrent_per_key),
+            ),
+            (
                 "cors.allow_origins",
                 format!("{:?}", self.cors.allow_origins),
             ),
@@ -242,6 +261,10 @@ impl Config {
         }
         out
     }
+}
+
+fn show_limit(limit: Option<NonZeroU32>) -> String {
+    limit.map_or_else(|| "off".to_owned(), |n| n.to_string())
 }
 
 /// A URL with any password replaced, so `--check` output can be pasted into an issue.
@@ -392,6 +415,16 @@ fn validate(raw: RawConfig, source: ManifestSource) -> Result<Config, ConfigErro
         limits: LimitsConfig {
             max_json_body: raw.limits.max_json_body.0,
             max_upload_body: raw.limits.max_upload_body.0,
+            // 0 means off for each of these.
+            admission: crate::limits::AdmissionConfig {
+                requests_per_minute_per_key: NonZeroU32::new(
+                    raw.limits.requests_per_minute_per_key,
+                ),
+                requests_per_minute_per_ip: NonZeroU32::new(raw.limits.requests_per_minute_per_ip),
+                burst: NonZeroU32::new(raw.limits.burst),
+                max_concurrent_requests: NonZeroU32::new(raw.limits.max_concurrent_requests),
+                max_concurrent_per_key: NonZeroU32::new(raw.limits.max_concurrent_per_key),
+            },
         },
         cors: CorsConfig { allow_origins },
         access,

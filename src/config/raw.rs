@@ -73,6 +73,11 @@ impl Default for RawUpstream {
 pub struct RawLimits {
     pub max_json_body: ByteSize,
     pub max_upload_body: ByteSize,
+    pub requests_per_minute_per_key: u32,
+    pub requests_per_minute_per_ip: u32,
+    pub burst: u32,
+    pub max_concurrent_requests: u32,
+    pub max_concurrent_per_key: u32,
 }
 
 impl Default for RawLimits {
@@ -80,6 +85,11 @@ impl Default for RawLimits {
         RawLimits {
             max_json_body: ByteSize(64 << 20),
             max_upload_body: ByteSize(1 << 30),
+            requests_per_minute_per_key: 0,
+            requests_per_minute_per_ip: 0,
+            burst: 0,
+            max_concurrent_requests: 0,
+            max_concurrent_per_key: 0,
         }
     }
 }

@@ -88,24 +88,6 @@ pub fn mark_credentials_sensitive(headers: &mut HeaderMap) {
     }
 }
 
-/// Whether the request carries a credential the upstream could accept: an `Authorization`
-/// or `api-key` with something in it (`Bearer ` alone, as SDKs send for an empty key, is
-/// nothing). The value itself is never inspected further.
-pub fn has_credential(headers: &HeaderMap) -> bool {
-    [header::AUTHORIZATION, API_KEY]
-        .iter()
-        .filter_map(|name| headers.get(name))
-        .any(|value| {
-            let value = value.as_bytes().trim_ascii();
-            let token = match value.get(..7) {
-                Some(scheme) if scheme.eq_ignore_ascii_case(b"bearer ") => &value[7..],
-                _ if value.eq_ignore_ascii_case(b"bearer") => &[],
-                _ => value,
-            };
-            !token.trim_ascii().is_empty()
-        })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,16 +144,5 @@ mod tests {
         assert!(headers[API_KEY].is_sensitive());
         assert_eq!(headers[header::AUTHORIZATION], "Bearer sk-test");
         assert!(!format!("{headers:?}").contains("sk-test"));
-    }
-
-    #[test]
-    fn credential_is_authorization_or_api_key_and_not_blank() {
-        assert!(has_credential(&map(&[("authorization", "Bearer sk-1")])));
-        assert!(has_credential(&map(&[("api-key", "k")])));
-        assert!(!has_credential(&map(&[("authorization", "  ")])));
-        assert!(!has_credential(&map(&[("authorization", "Bearer ")])));
-        assert!(!has_credential(&map(&[("authorization", "bearer")])));
-        assert!(has_credential(&map(&[("authorization", "Basic abc")])));
-        assert!(!has_credential(&map(&[("openai-organization", "org")])));
     }
 }

@@ -14,9 +14,10 @@ use http::{header, HeaderMap, Method};
 use poem::{Body, Endpoint, Request, Response};
 use tokio::time::Instant;
 
-use crate::access::AccessConfig;
+use crate::access::{self, AccessConfig};
 use crate::config::{Config, ConfigError, LimitsConfig};
 use crate::error::GatewayError;
+use crate::limits::{Admission, Limiter};
 use crate::realtime::Relay;
 use crate::routes::{check_path_param, BodyKind, PathTemplate, RouteSpec};
 use crate::telemetry::{self, Outcome, RequestLog};
@@ -53,6 +54,7 @@ pub struct Forwarder {
     read_timeout: Duration,
     limits: LimitsConfig,
     access: AccessConfig,
+    limiter: Limiter,
 }
 
 impl Forwarder {
@@ -82,6 +84,7 @@ impl Forwarder {
             read_timeout: upstream.read_timeout,
             limits: config.limits.clone(),
             access: config.access.clone(),
+            limiter: Limiter::new(&config.limits.admission),
         })
     }
 
@@ -141,12 +144,8 @@ impl Forwarder {
         route_name: &Arc<str>,
         mut req: Request,
         start: Instant,
+        admission: Admission,
     ) -> Result<Response, GatewayError> {
-        if !headers::has_credential(req.headers()) {
-            return Err(GatewayError::MissingCredential);
-        }
-        self.access.check_key(req.headers())?;
-
         let limit = self.body_limit(route, req.headers());
         let declared_length = req
             .headers()
@@ -213,6 +212,7 @@ impl Forwarder {
             upload: progress,
             bytes_out: 0,
             outcome: Outcome::ClientAborted,
+            admission,
         };
         let expected_len = response_headers
             .get(header::CONTENT_LENGTH)
@@ -335,15 +335,32 @@ impl TemplateEndpoint {
             });
         };
         check_path_params(route, &req)?;
+        let admission = self.admit(&req)?;
         if route.accepts(BodyKind::WebSocket) {
             self.realtime
-                .handle(&self.forwarder.access, &self.template, req, start)
+                .handle(&self.template, req, start, admission)
                 .await
         } else {
             self.forwarder
-                .forward(route, &self.template, req, start)
+                .forward(route, &self.template, req, start, admission)
                 .await
         }
+    }
+
+    /// Credential, allowed keys, then rate and concurrency limits: all before any upstream
+    /// connection is made.
+    fn admit(&self, req: &Request) -> Result<Admission, GatewayError> {
+        let headers = req.headers();
+        if !access::has_credential(headers) {
+            return Err(GatewayError::MissingCredential);
+        }
+        let forwarder = &self.forwarder;
+        forwarder.access.check_key(headers)?;
+        let ip = req
+            .remote_addr()
+            .as_socket_addr()
+            .map(|peer| forwarder.access.client_ip(peer.ip(), headers));
+        forwarder.limiter.admit(ip, access::presented_key(headers))
     }
 }
 

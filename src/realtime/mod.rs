@@ -25,7 +25,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use url::Url;
 
-use crate::access::KEY_SUBPROTOCOL;
 use crate::config::{Config, ConfigError};
 use crate::error::GatewayError;
 use crate::proxy::headers;
@@ -111,16 +110,12 @@ impl Relay {
     /// Answers one upgrade request for a `websocket` route.
     pub async fn handle(
         &self,
-        access: &crate::access::AccessConfig,
         route_name: &Arc<str>,
         req: Request,
         start: Instant,
+        admission: crate::limits::Admission,
     ) -> Result<Response, GatewayError> {
         let client_key = check_upgrade_request(req.headers())?;
-        if !headers::has_credential(req.headers()) && !has_key_subprotocol(req.headers()) {
-            return Err(GatewayError::MissingCredential);
-        }
-        access.check_key(req.headers())?;
         let on_upgrade = req
             .take_upgrade()
             .map_err(|err| GatewayError::Internal(format!("connection cannot upgrade: {err}")))?;
@@ -172,6 +167,8 @@ impl Relay {
         let ws_config = self.ws_config;
         let closing = self.sessions.closing.clone();
         self.sessions.tracker.spawn(async move {
+            // Held for the session's life: a WebSocket counts against the concurrency limits.
+            let _admission = admission;
             let upgraded = match on_upgrade.await {
                 Ok(upgraded) => upgraded,
                 Err(err) => {
@@ -295,14 +292,6 @@ fn upstream_request(
     Ok(request)
 }
 
-fn has_key_subprotocol(headers: &HeaderMap) -> bool {
-    headers::list_items(headers, &header::SEC_WEBSOCKET_PROTOCOL).any(|protocol| {
-        protocol
-            .strip_prefix(KEY_SUBPROTOCOL)
-            .is_some_and(|key| !key.is_empty())
-    })
-}
-
 /// Checks the client asked for a WebSocket (RFC 6455 §4.2.1) and returns its key.
 fn check_upgrade_request(headers: &HeaderMap) -> Result<String, GatewayError> {
     let has_token = |name: HeaderName, token: &str| {
@@ -371,22 +360,6 @@ mod tests {
             headers.append(*name, HeaderValue::from_static(value));
         }
         headers
-    }
-
-    #[test]
-    fn key_subprotocol_counts_as_credential_only_with_a_key() {
-        assert!(has_key_subprotocol(&map(&[(
-            "sec-websocket-protocol",
-            "realtime, openai-insecure-api-key.sk-123, openai-beta.realtime-v1"
-        )])));
-        assert!(!has_key_subprotocol(&map(&[(
-            "sec-websocket-protocol",
-            "realtime, openai-insecure-api-key."
-        )])));
-        assert!(!has_key_subprotocol(&map(&[(
-            "sec-websocket-protocol",
-            "realtime"
-        )])));
     }
 
     #[test]

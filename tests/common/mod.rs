@@ -163,21 +163,17 @@ impl Upstream {
         .await
     }
 
-    /// An upstream whose (single) response is an event stream carrying whatever the test
-    /// sends into the returned sender; dropping the sender ends it.
+    /// An upstream whose first response is an event stream carrying whatever the test sends
+    /// into the returned sender (dropping the sender ends it); later requests get `{}`.
     pub async fn streaming() -> (Self, tokio::sync::mpsc::Sender<Bytes>) {
         let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
         let rx = Arc::new(Mutex::new(Some(rx)));
-        let upstream = Upstream::start(move |_| {
-            let rx = rx
-                .lock()
-                .unwrap()
-                .take()
-                .expect("one streaming request per upstream");
-            Response::builder()
+        let upstream = Upstream::start(move |_| match rx.lock().unwrap().take() {
+            Some(rx) => Response::builder()
                 .header("content-type", "text/event-stream")
                 .header("x-request-id", "req_sse")
-                .body(streaming_body(rx))
+                .body(streaming_body(rx)),
+            None => json_response(200, &serde_json::json!({})),
         })
         .await;
         (upstream, tx)
