@@ -67,6 +67,12 @@ pub enum GatewayError {
         declared: Option<u64>,
     },
 
+    #[error(
+        "The request body stalled for longer than server.body_read_timeout ({})",
+        format_duration(*.timeout)
+    )]
+    ClientBodyTimeout { timeout: Duration },
+
     #[error("The request body could not be read from the client")]
     ClientBody(#[source] std::io::Error),
 
@@ -154,6 +160,7 @@ impl GatewayError {
                 StatusCode::BAD_REQUEST
             }
             GatewayError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::ClientBodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             GatewayError::NotAWebSocket(_) => StatusCode::UPGRADE_REQUIRED,
             GatewayError::UpstreamUnreachable(_) | GatewayError::UpstreamFailed(_) => {
                 StatusCode::BAD_GATEWAY
@@ -184,6 +191,9 @@ impl GatewayError {
                 ("invalid_request_error", Some("request_too_large"))
             }
             GatewayError::ClientBody(_) => ("invalid_request_error", Some("body_read_failed")),
+            GatewayError::ClientBodyTimeout { .. } => {
+                ("invalid_request_error", Some("body_read_timeout"))
+            }
             GatewayError::NotAWebSocket(_) => ("invalid_request_error", Some("websocket_required")),
             GatewayError::UpstreamUnreachable(_) => ("gateway_error", Some("upstream_unreachable")),
             GatewayError::UpstreamTimeout { .. } | GatewayError::UpstreamConnectTimeout { .. } => {
@@ -206,6 +216,7 @@ impl GatewayError {
             | GatewayError::MethodNotAllowed { .. }
             | GatewayError::BodyTooLarge { .. }
             | GatewayError::ClientBody(_)
+            | GatewayError::ClientBodyTimeout { .. }
             | GatewayError::NotAWebSocket(_)
             | GatewayError::UpstreamUnreachable(_)
             | GatewayError::UpstreamTimeout { .. }

@@ -165,7 +165,7 @@ async fn serve(config: Config) -> Result<(), String> {
         acceptor,
         app,
         server::shutdown_signal(),
-        config.server.shutdown_grace,
+        config.server.clone(),
     )
     .await
     .map_err(|err| format!("server failed: {err}"))?;

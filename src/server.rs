@@ -21,6 +21,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use poem::web::{LocalAddr, RemoteAddr};
 use poem::Endpoint;
 
+use crate::config::ServerConfig;
 use crate::App;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -54,13 +55,29 @@ pub async fn serve(
     listener: Listener,
     app: App,
     shutdown: impl Future<Output = ()>,
-    grace: Duration,
+    settings: ServerConfig,
 ) -> io::Result<()> {
+    let grace = settings.shutdown_grace;
     let App { endpoint, sessions } = app;
     let app = Arc::new(endpoint);
+    let max_header_bytes = usize::try_from(settings.max_header_bytes).unwrap_or(usize::MAX);
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new());
-    builder.http2().timer(TokioTimer::new());
+    // A client gets header_read_timeout to send its request head (slowloris), and a head may
+    // not outgrow max_header_bytes (hyper answers 431).
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_read_timeout)
+        .max_buf_size(max_header_bytes);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(max_header_bytes).unwrap_or(u32::MAX));
+    // At max_connections, stop accepting: new clients wait in the listen backlog instead of
+    // exhausting file descriptors.
+    let connection_slots = settings
+        .max_connections
+        .map(|n| Arc::new(tokio::sync::Semaphore::new(n.get() as usize)));
     let graceful = GracefulShutdown::new();
     // Flipped when the grace period is over: connections still open are dropped.
     let (hard_stop, hard_stopped) = watch::channel(false);
@@ -68,6 +85,13 @@ pub async fn serve(
     tokio::pin!(shutdown);
 
     loop {
+        let slot = match &connection_slots {
+            Some(slots) => tokio::select! {
+                () = &mut shutdown => break,
+                permit = Arc::clone(slots).acquire_owned() => permit.ok(),
+            },
+            None => None,
+        };
         let (stream, remote) = tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.listener.accept() => match accepted {
@@ -107,6 +131,7 @@ pub async fn serve(
         let connection = graceful.watch(connection);
         let mut hard_stopped = hard_stopped.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             tokio::select! {
                 result = connection => {
                     if let Err(err) = result {

@@ -104,6 +104,14 @@ pub struct ServerConfig {
     pub host: IpAddr,
     pub port: u16,
     pub shutdown_grace: Duration,
+    /// Longest a client may take to send its request head.
+    pub header_read_timeout: Duration,
+    /// Longest silence allowed between two chunks of a request body.
+    pub body_read_timeout: Duration,
+    /// Largest request head (HTTP/1 buffer, HTTP/2 header list).
+    pub max_header_bytes: u64,
+    /// Connections served at once; `None` is unlimited.
+    pub max_connections: Option<NonZeroU32>,
 }
 
 #[derive(Debug, Clone)]
@@ -187,6 +195,22 @@ impl Config {
             (
                 "server.shutdown_grace",
                 format_duration(self.server.shutdown_grace),
+            ),
+            (
+                "server.header_read_timeout",
+                format_duration(self.server.header_read_timeout),
+            ),
+            (
+                "server.body_read_timeout",
+                format_duration(self.server.body_read_timeout),
+            ),
+            (
+                "server.max_header_bytes",
+                format_size(self.server.max_header_bytes),
+            ),
+            (
+                "server.max_connections",
+                show_limit(self.server.max_connections),
             ),
             ("upstream.base_url", mask_url(&self.upstream.base_url)),
             (
@@ -360,6 +384,15 @@ fn validate(raw: RawConfig, source: ManifestSource) -> Result<Config, ConfigErro
             problems.push(format!("{name}: must be more than 0 bytes"));
         }
     }
+    if raw.server.header_read_timeout.0.is_zero() || raw.server.body_read_timeout.0.is_zero() {
+        problems.push(
+            "server.header_read_timeout and server.body_read_timeout must be more than 0s"
+                .to_owned(),
+        );
+    }
+    if !(8192..=(16 << 20)).contains(&raw.server.max_header_bytes.0) {
+        problems.push("server.max_header_bytes: must be between 8KiB and 16MiB".to_owned());
+    }
     if raw.realtime.max_message.0 == 0 {
         problems.push("realtime.max_message: must be more than 0 bytes".to_owned());
     }
@@ -405,6 +438,10 @@ fn validate(raw: RawConfig, source: ManifestSource) -> Result<Config, ConfigErro
             host,
             port: raw.server.port,
             shutdown_grace: raw.server.shutdown_grace.0,
+            header_read_timeout: raw.server.header_read_timeout.0,
+            body_read_timeout: raw.server.body_read_timeout.0,
+            max_header_bytes: raw.server.max_header_bytes.0,
+            max_connections: NonZeroU32::new(raw.server.max_connections),
         },
         upstream: UpstreamConfig {
             base_url,

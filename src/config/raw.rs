@@ -36,6 +36,10 @@ pub struct RawServer {
     pub host: String,
     pub port: u16,
     pub shutdown_grace: HumanDuration,
+    pub header_read_timeout: HumanDuration,
+    pub body_read_timeout: HumanDuration,
+    pub max_header_bytes: ByteSize,
+    pub max_connections: u32,
 }
 
 impl Default for RawServer {
@@ -44,6 +48,10 @@ impl Default for RawServer {
             host: "0.0.0.0".to_owned(),
             port: 8080,
             shutdown_grace: HumanDuration(std::time::Duration::from_secs(30)),
+            header_read_timeout: HumanDuration(std::time::Duration::from_secs(10)),
+            body_read_timeout: HumanDuration(std::time::Duration::from_secs(60)),
+            max_header_bytes: ByteSize(64 << 10),
+            max_connections: 10_000,
         }
     }
 }

@@ -25,6 +25,7 @@ pub struct UploadProgress {
     bytes: AtomicU64,
     over_limit: AtomicBool,
     client_failed: AtomicBool,
+    client_stalled: AtomicBool,
 }
 
 impl UploadProgress {
@@ -35,6 +36,7 @@ impl UploadProgress {
             bytes: AtomicU64::new(0),
             over_limit: AtomicBool::new(false),
             client_failed: AtomicBool::new(false),
+            client_stalled: AtomicBool::new(false),
         })
     }
 
@@ -54,24 +56,39 @@ impl UploadProgress {
     pub fn client_failed(&self) -> bool {
         self.client_failed.load(Ordering::Relaxed)
     }
+
+    /// The client went silent mid-body for longer than `server.body_read_timeout`.
+    pub fn client_stalled(&self) -> bool {
+        self.client_stalled.load(Ordering::Relaxed)
+    }
 }
 
-/// The client's request body, counted and cut at `limit` bytes.
+/// The client's request body, counted, cut at `limit` bytes, and abandoned when the client
+/// goes silent for `idle_timeout` (a slow-drip upload must not hold an upstream connection).
 pub struct UploadBody<S> {
     inner: S,
     limit: u64,
     seen: u64,
     progress: Arc<UploadProgress>,
+    idle: Pin<Box<Sleep>>,
+    idle_timeout: Duration,
     done: bool,
 }
 
 impl<S> UploadBody<S> {
-    pub fn new(inner: S, limit: u64, progress: Arc<UploadProgress>) -> Self {
+    pub fn new(
+        inner: S,
+        limit: u64,
+        idle_timeout: Duration,
+        progress: Arc<UploadProgress>,
+    ) -> Self {
         UploadBody {
             inner,
             limit,
             seen: 0,
             progress,
+            idle: Box::pin(tokio::time::sleep(idle_timeout)),
+            idle_timeout,
             done: false,
         }
     }
@@ -90,6 +107,8 @@ where
         match Pin::new(&mut self.inner).poll_next(cx) {
             Poll::Ready(Some(Ok(chunk))) => {
                 self.seen += chunk.len() as u64;
+                let deadline = Instant::now() + self.idle_timeout;
+                self.idle.as_mut().reset(deadline);
                 let progress = &self.progress;
                 progress.bytes.store(self.seen, Ordering::Relaxed);
                 let elapsed = progress.start.elapsed().as_millis();
@@ -116,7 +135,17 @@ where
                 self.done = true;
                 Poll::Ready(None)
             }
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => match self.idle.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    self.progress.client_stalled.store(true, Ordering::Relaxed);
+                    self.done = true;
+                    Poll::Ready(Some(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the client stopped sending its request body",
+                    ))))
+                }
+                Poll::Pending => Poll::Pending,
+            },
         }
     }
 }

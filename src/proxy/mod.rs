@@ -52,6 +52,7 @@ pub struct Forwarder {
     base: String,
     connect_timeout: Duration,
     read_timeout: Duration,
+    body_read_timeout: Duration,
     limits: LimitsConfig,
     access: AccessConfig,
     limiter: Limiter,
@@ -82,6 +83,7 @@ impl Forwarder {
             base: upstream.base_url.as_str().trim_end_matches('/').to_owned(),
             connect_timeout: upstream.connect_timeout,
             read_timeout: upstream.read_timeout,
+            body_read_timeout: config.server.body_read_timeout,
             limits: config.limits.clone(),
             access: config.access.clone(),
             limiter: Limiter::new(&config.limits.admission),
@@ -184,6 +186,7 @@ impl Forwarder {
             let upload = UploadBody::new(
                 client_body.into_bytes_stream(),
                 limit.value,
+                self.body_read_timeout,
                 Arc::clone(&progress),
             );
             builder = builder.body(reqwest::Body::wrap_stream(upload));
@@ -273,6 +276,10 @@ impl Forwarder {
                 limit: limit.value,
                 setting: limit.setting.to_string(),
                 declared: None,
+            }
+        } else if progress.client_stalled() {
+            GatewayError::ClientBodyTimeout {
+                timeout: self.body_read_timeout,
             }
         } else if progress.client_failed() {
             GatewayError::ClientBody(std::io::Error::other(err))

@@ -303,7 +303,7 @@ impl Gateway {
             async {
                 let _ = stopped.await;
             },
-            config.server.shutdown_grace,
+            config.server.clone(),
         ));
         Gateway {
             addr,
