@@ -73,6 +73,9 @@ pub enum GatewayError {
     )]
     ClientBodyTimeout { timeout: Duration },
 
+    #[error("This route takes {accepted} bodies; the request declares Content-Type {declared:?}")]
+    UnsupportedMediaType { declared: String, accepted: String },
+
     #[error("The request body could not be read from the client")]
     ClientBody(#[source] std::io::Error),
 
@@ -161,6 +164,7 @@ impl GatewayError {
             }
             GatewayError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::ClientBodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            GatewayError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             GatewayError::NotAWebSocket(_) => StatusCode::UPGRADE_REQUIRED,
             GatewayError::UpstreamUnreachable(_) | GatewayError::UpstreamFailed(_) => {
                 StatusCode::BAD_GATEWAY
@@ -194,6 +198,9 @@ impl GatewayError {
             GatewayError::ClientBodyTimeout { .. } => {
                 ("invalid_request_error", Some("body_read_timeout"))
             }
+            GatewayError::UnsupportedMediaType { .. } => {
+                ("invalid_request_error", Some("unsupported_media_type"))
+            }
             GatewayError::NotAWebSocket(_) => ("invalid_request_error", Some("websocket_required")),
             GatewayError::UpstreamUnreachable(_) => ("gateway_error", Some("upstream_unreachable")),
             GatewayError::UpstreamTimeout { .. } | GatewayError::UpstreamConnectTimeout { .. } => {
@@ -217,6 +224,7 @@ impl GatewayError {
             | GatewayError::BodyTooLarge { .. }
             | GatewayError::ClientBody(_)
             | GatewayError::ClientBodyTimeout { .. }
+            | GatewayError::UnsupportedMediaType { .. }
             | GatewayError::NotAWebSocket(_)
             | GatewayError::UpstreamUnreachable(_)
             | GatewayError::UpstreamTimeout { .. }

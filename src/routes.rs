@@ -245,6 +245,28 @@ pub fn check_path_param(raw: &str) -> Result<(), ParamProblem> {
     Ok(())
 }
 
+impl BodyKind {
+    /// The kind a request's `Content-Type` declares (parameters such as `charset` ignored);
+    /// anything not JSON, multipart or SDP is binary.
+    pub fn of_content_type(content_type: &str) -> BodyKind {
+        let essence = content_type
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        if essence == "application/json" || essence.ends_with("+json") {
+            BodyKind::Json
+        } else if essence.starts_with("multipart/") {
+            BodyKind::Multipart
+        } else if essence == "application/sdp" {
+            BodyKind::Sdp
+        } else {
+            BodyKind::Binary
+        }
+    }
+}
+
 /// Whether `text` is a media type `type/subtype` (RFC 6838 §4.2 name characters, no params).
 pub fn is_media_type(text: &str) -> bool {
     let name = |part: &str| {
@@ -280,6 +302,18 @@ pub struct RouteSpec {
 impl RouteSpec {
     pub fn accepts(&self, kind: BodyKind) -> bool {
         self.body.contains(&kind)
+    }
+
+    /// Whether a body declared as `content_type` contradicts the kinds this route takes.
+    /// Routes that take binary, or only no body, accept any declaration.
+    pub fn refuses_content_type(&self, content_type: &str) -> bool {
+        let declares_kinds = self
+            .body
+            .iter()
+            .any(|kind| !matches!(kind, BodyKind::None | BodyKind::WebSocket));
+        declares_kinds
+            && !self.accepts(BodyKind::Binary)
+            && !self.accepts(BodyKind::of_content_type(content_type))
     }
 
     pub fn tag_or_default(&self) -> &str {
@@ -534,6 +568,36 @@ mod tests {
             clash.unwrap_err().to_string(),
             "routes[1].operation_id: \"get_v1_a\" is already used by routes[0]"
         );
+    }
+
+    #[test]
+    fn content_types_map_to_kinds() {
+        assert_eq!(
+            BodyKind::of_content_type("application/json; charset=utf-8"),
+            BodyKind::Json
+        );
+        assert_eq!(
+            BodyKind::of_content_type("Application/JSON"),
+            BodyKind::Json
+        );
+        assert_eq!(
+            BodyKind::of_content_type("application/merge-patch+json"),
+            BodyKind::Json
+        );
+        assert_eq!(
+            BodyKind::of_content_type("multipart/form-data; boundary=x"),
+            BodyKind::Multipart
+        );
+        assert_eq!(BodyKind::of_content_type("application/sdp"), BodyKind::Sdp);
+        assert_eq!(BodyKind::of_content_type("text/plain"), BodyKind::Binary);
+        let mut route = spec(0, Method::POST, "/v1/x");
+        route.body = vec![BodyKind::Json];
+        assert!(route.refuses_content_type("text/plain"));
+        assert!(!route.refuses_content_type("application/json; charset=utf-8"));
+        route.body = vec![BodyKind::None];
+        assert!(!route.refuses_content_type("text/plain"));
+        route.body = vec![BodyKind::Binary];
+        assert!(!route.refuses_content_type("audio/mpeg"));
     }
 
     #[test]

@@ -572,3 +572,55 @@ async fn http2_clients_are_served_and_their_bodies_forwarded() {
     assert_eq!(response.status(), 200);
     assert_eq!(upstream.last().body_len, 0);
 }
+
+#[tokio::test]
+async fn a_content_type_that_contradicts_the_route_is_415_naming_the_accepted_kinds() {
+    let upstream = Upstream::echo().await;
+    let gateway = Gateway::in_front_of(&upstream).await;
+    let send = |path: &'static str, content_type: &'static str| {
+        client()
+            .post(gateway.url(path))
+            .header("authorization", bearer())
+            .header("content-type", content_type)
+            .body("payload")
+            .send()
+    };
+    let response = send("/v1/embeddings", "text/plain").await.unwrap();
+    let (status, body) = error_of(response).await;
+    assert_eq!(status, 415);
+    assert_eq!(
+        body["error"]["message"],
+        "This route takes json bodies; the request declares Content-Type \"text/plain\""
+    );
+    let response = send("/v1/files", "application/json").await.unwrap();
+    assert_eq!(response.status(), 415);
+    let response = send("/v1/realtime/calls", "application/xml").await.unwrap();
+    let (_, body) = error_of(response).await;
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("This route takes multipart, sdp bodies"));
+    assert!(upstream.requests().is_empty());
+
+    // Parameters do not change the kind, and declared kinds the route takes pass.
+    for (path, content_type) in [
+        ("/v1/embeddings", "application/json; charset=utf-8"),
+        ("/v1/realtime/calls", "application/sdp"),
+        ("/v1/blobs/b1", "audio/mpeg"),
+    ] {
+        let method = if path.starts_with("/v1/blobs") {
+            reqwest::Method::PUT
+        } else {
+            reqwest::Method::POST
+        };
+        let response = client()
+            .request(method, gateway.url(path))
+            .header("authorization", bearer())
+            .header("content-type", content_type)
+            .body("payload")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{path} {content_type}");
+    }
+}

@@ -73,11 +73,17 @@ async fn slowloris_connections_are_cut_and_real_clients_are_served() {
     // Past header_read_timeout every trickling connection has been closed.
     let mut closed = 0;
     for stream in attackers.iter_mut() {
-        if read_until_closed(stream, Duration::from_secs(3)).await.is_some() {
+        if read_until_closed(stream, Duration::from_secs(3))
+            .await
+            .is_some()
+        {
             closed += 1;
         }
     }
-    assert_eq!(closed, 300, "only {closed} of 300 slowloris connections were cut");
+    assert_eq!(
+        closed, 300,
+        "only {closed} of 300 slowloris connections were cut"
+    );
 }
 
 #[tokio::test]
@@ -144,7 +150,10 @@ async fn max_connections_makes_new_clients_wait_for_a_free_slot() {
 
     let mut third = TcpStream::connect(gateway.addr).await.unwrap();
     let waiting = tokio::time::timeout(Duration::from_millis(500), request_on(&mut third)).await;
-    assert!(waiting.is_err(), "a third connection was served past max_connections");
+    assert!(
+        waiting.is_err(),
+        "a third connection was served past max_connections"
+    );
     drop(first);
     let mut buf = vec![0u8; 4096];
     let n = tokio::time::timeout(Duration::from_secs(5), third.read(&mut buf))

@@ -713,7 +713,7 @@ mod tests {
         let err = error_of(&format!("[server]\nprot = 80\n{ONE_ROUTE}"));
         assert_eq!(
             err,
-            "server.prot: unknown key; allowed here: host, port, shutdown_grace (in inline manifest)"
+            "server.prot: unknown key; allowed here: host, port, shutdown_grace, header_read_timeout, body_read_timeout, max_header_bytes, max_connections (in inline manifest)"
         );
         let err =
             error_of("[[routes]]\nmethod = \"GET\"\npath = \"/v1/models\"\nbodee = \"json\"\n");

@@ -165,6 +165,24 @@ impl Forwarder {
         // body with neither Content-Length nor Transfer-Encoding.
         let client_body = req.take_body();
         let has_body = !client_body.is_empty();
+        if has_body {
+            let declared = req
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|value| value.to_str().ok());
+            if let Some(content_type) = declared.filter(|ct| route.refuses_content_type(ct)) {
+                return Err(GatewayError::UnsupportedMediaType {
+                    declared: content_type.chars().take(100).collect(),
+                    accepted: route
+                        .body
+                        .iter()
+                        .filter(|kind| **kind != BodyKind::None)
+                        .map(|kind| kind.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                });
+            }
+        }
 
         let path_and_query = req
             .uri()
