@@ -66,6 +66,9 @@ impl Forwarder {
             .connect_timeout(upstream.connect_timeout)
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(90))
+            // Enough warm connections for bursts; a spike of thousands of streams does not
+            // leave thousands of idle sockets behind.
+            .pool_max_idle_per_host(256)
             // A passthrough hands redirects back to the client instead of following them.
             .redirect(reqwest::redirect::Policy::none())
             .referer(false);
