@@ -8,7 +8,6 @@ use std::fmt;
 use std::time::Duration;
 
 use http::Method;
-use percent_encoding::percent_decode_str;
 
 /// What a route accepts as a request body, as the manifest spells it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -208,6 +207,7 @@ impl fmt::Display for PathTemplate {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ParamProblem {
     Empty,
+    NotUtf8,
     Slash,
     DotSegment,
     ControlChar,
@@ -217,6 +217,7 @@ impl ParamProblem {
     pub fn describe(self) -> &'static str {
         match self {
             ParamProblem::Empty => "is empty",
+            ParamProblem::NotUtf8 => "is not valid UTF-8 once decoded",
             ParamProblem::Slash => "contains '/' or '\\' once decoded",
             ParamProblem::DotSegment => "is a '.' or '..' segment once decoded",
             ParamProblem::ControlChar => "contains a control character once decoded",
@@ -224,22 +225,23 @@ impl ParamProblem {
     }
 }
 
-/// Checks one raw (still percent-encoded) path parameter.
+/// Checks one path parameter as the router decoded it (`None`: it did not decode to UTF-8).
 ///
-/// The upstream receives the raw path byte for byte, so a value that decodes to a separator
-/// or a dot segment could address a different resource there than the route we matched.
-pub fn check_path_param(raw: &str) -> Result<(), ParamProblem> {
-    let decoded: Vec<u8> = percent_decode_str(raw).collect();
-    if decoded.is_empty() {
+/// The upstream receives the raw path byte for byte and decodes it once, as the router did,
+/// so a value that decodes to a separator or a dot segment could address a different
+/// resource there than the route we matched.
+pub fn check_path_param(decoded: Option<&str>) -> Result<(), ParamProblem> {
+    let value = decoded.ok_or(ParamProblem::NotUtf8)?;
+    if value.is_empty() {
         return Err(ParamProblem::Empty);
     }
-    if decoded == b"." || decoded == b".." {
+    if value == "." || value == ".." {
         return Err(ParamProblem::DotSegment);
     }
-    if decoded.iter().any(|b| *b == b'/' || *b == b'\\') {
+    if value.contains(['/', '\\']) {
         return Err(ParamProblem::Slash);
     }
-    if decoded.iter().any(|b| b.is_ascii_control()) {
+    if value.chars().any(char::is_control) {
         return Err(ParamProblem::ControlChar);
     }
     Ok(())
@@ -497,18 +499,20 @@ mod tests {
 
     #[test]
     fn param_check_refuses_what_could_escape_the_route() {
-        assert_eq!(check_path_param("file-abc123"), Ok(()));
-        assert_eq!(check_path_param("ft%3Agpt-4o%3Aorg"), Ok(()));
-        assert_eq!(check_path_param("a%2Fb"), Err(ParamProblem::Slash));
-        assert_eq!(check_path_param("a%2fb"), Err(ParamProblem::Slash));
-        assert_eq!(check_path_param("a%5Cb"), Err(ParamProblem::Slash));
-        assert_eq!(check_path_param(".."), Err(ParamProblem::DotSegment));
-        assert_eq!(check_path_param("%2e%2E"), Err(ParamProblem::DotSegment));
-        assert_eq!(check_path_param("%2e"), Err(ParamProblem::DotSegment));
-        assert_eq!(check_path_param("a%0Ab"), Err(ParamProblem::ControlChar));
-        assert_eq!(check_path_param("a%00"), Err(ParamProblem::ControlChar));
-        assert_eq!(check_path_param("a%7F"), Err(ParamProblem::ControlChar));
-        assert_eq!(check_path_param("...."), Ok(()));
+        let check = |value: &str| check_path_param(Some(value));
+        assert_eq!(check("file-abc123"), Ok(()));
+        assert_eq!(check("ft:gpt-4o:org"), Ok(()));
+        assert_eq!(check("%2F"), Ok(()), "decoded once, as the upstream will");
+        assert_eq!(check("a/b"), Err(ParamProblem::Slash));
+        assert_eq!(check("a\\b"), Err(ParamProblem::Slash));
+        assert_eq!(check(".."), Err(ParamProblem::DotSegment));
+        assert_eq!(check("."), Err(ParamProblem::DotSegment));
+        assert_eq!(check("a\nb"), Err(ParamProblem::ControlChar));
+        assert_eq!(check("a\u{0}"), Err(ParamProblem::ControlChar));
+        assert_eq!(check("a\u{7f}"), Err(ParamProblem::ControlChar));
+        assert_eq!(check("...."), Ok(()));
+        assert_eq!(check(""), Err(ParamProblem::Empty));
+        assert_eq!(check_path_param(None), Err(ParamProblem::NotUtf8));
     }
 
     fn spec(index: usize, method: Method, path: &str) -> RouteSpec {

@@ -319,8 +319,10 @@ impl Forwarder {
 /// Refuses a matched path parameter that could address something else upstream.
 fn check_path_params(route: &RouteSpec, req: &Request) -> Result<(), GatewayError> {
     for param in route.template.params() {
-        let raw = req.raw_path_param(param).unwrap_or_default();
-        check_path_param(raw).map_err(|problem| GatewayError::InvalidPathParam {
+        // poem's router hands parameters over percent-decoded (despite the method's name),
+        // and leaves out any that do not decode to UTF-8.
+        let decoded = req.raw_path_param(param);
+        check_path_param(decoded).map_err(|problem| GatewayError::InvalidPathParam {
             param: param.to_owned(),
             problem: problem.describe(),
         })?;
