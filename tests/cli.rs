@@ -378,6 +378,26 @@ async fn the_key_never_reaches_the_logs_even_at_trace() {
     );
     assert!(!logs.contains(KEY), "the key reached the logs");
     assert!(!logs.contains("SECRET"), "part of the key reached the logs");
+
+    // Access-control refusals, at trace too.
+    let other = oa_bypass::access::hash_line("sk-someone-else");
+    let guarded = Binary::spawn(
+        &format!(
+            "[access]\nallowed_key_hashes = [\"{other}\"]\n{}",
+            common::test_manifest(&upstream.base_url(), "")
+        ),
+        &[("RUST_LOG", "trace")],
+    );
+    let response = with_key(http.get(guarded.url("/v1/models")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    assert!(!response.text().await.unwrap().contains(KEY));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let logs = guarded.logs();
+    assert!(logs.contains("status=401"), "{logs}");
+    assert!(!logs.contains(KEY) && !logs.contains("SECRET"), "the key reached the logs");
 }
 
 #[test]
