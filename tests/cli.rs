@@ -397,7 +397,10 @@ async fn the_key_never_reaches_the_logs_even_at_trace() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let logs = guarded.logs();
     assert!(logs.contains("status=401"), "{logs}");
-    assert!(!logs.contains(KEY) && !logs.contains("SECRET"), "the key reached the logs");
+    assert!(
+        !logs.contains(KEY) && !logs.contains("SECRET"),
+        "the key reached the logs"
+    );
 }
 
 #[test]

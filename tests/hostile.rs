@@ -104,3 +104,48 @@ async fn hostile_requests_are_refused_and_never_forwarded() {
         .unwrap();
     assert_eq!(response.status(), 200);
 }
+
+#[tokio::test]
+async fn over_http2_the_same_refusals_hold() {
+    let upstream = Upstream::echo().await;
+    let gateway = Gateway::in_front_of(&upstream).await;
+    let h2 = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let cases = [
+        (
+            h2.get(gateway.url("/v1/files/a%2Fb"))
+                .header("authorization", bearer()),
+            400,
+        ),
+        (h2.get(gateway.url("/v1/models")), 401),
+        (
+            h2.post(gateway.url("/v1/embeddings"))
+                .header("authorization", bearer())
+                .header("content-type", "text/plain")
+                .body("x"),
+            415,
+        ),
+        (
+            h2.post(gateway.url("/v1/tiny"))
+                .header("authorization", bearer())
+                .body("0123456789abcdef"),
+            413,
+        ),
+        (
+            h2.delete(gateway.url("/v1/embeddings"))
+                .header("authorization", bearer()),
+            405,
+        ),
+    ];
+    for (request, expected) in cases {
+        let response = request.send().await.unwrap();
+        assert_eq!(response.version(), reqwest::Version::HTTP_2);
+        assert_eq!(response.status().as_u16(), expected);
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert!(body["error"]["message"].is_string());
+    }
+    assert!(upstream.requests().is_empty());
+}
