@@ -13,6 +13,15 @@ use poem::Response;
 
 const ROUTE: &str = "[[routes]]\nmethod = \"GET\"\npath = \"/v1/models\"\n";
 
+/// The value `--check` shows for a setting.
+fn shown<'a>(stdout: &'a str, setting: &str) -> &'a str {
+    stdout
+        .lines()
+        .find_map(|line| line.trim_start().strip_prefix(&format!("{setting} ")))
+        .map(str::trim)
+        .unwrap_or_else(|| panic!("{setting} missing from:\n{stdout}"))
+}
+
 /// Runs `--check` on a manifest and returns (exit code, stdout, stderr).
 fn check(manifest: &str, envs: &[(&str, &str)]) -> (i32, String, String) {
     let dir = tempfile::tempdir().unwrap();
@@ -136,22 +145,26 @@ fn serving_a_bad_manifest_exits_nonzero_before_listening() {
 fn check_prints_settings_and_routes_and_masks_secrets() {
     let (code, stdout, stderr) = check(
         &format!(
-            "[upstream]\nproxy = \"http://user:hunter2@127.0.0.1:3128\"\n{ROUTE}\
+            "[access]\npath_secret = \"hunter2-path-secret\"\nallowed_key_hashes = [\"{}\"]\n\
+             [upstream]\nproxy = \"http://user:hunter2@127.0.0.1:3128\"\n{ROUTE}\
              [[routes]]\nmethod = \"POST\"\npath = \"/v1/chat/completions\"\nbody = \"json\"\n\
-             streaming = true\nread_timeout = \"30s\"\n"
+             streaming = true\nread_timeout = \"30s\"\n",
+            oa_bypass::access::hash_line(KEY)
         ),
         &[("OA_BYPASS_SERVER__PORT", "9000")],
     );
     assert_eq!(code, 0, "{stderr}");
-    assert!(
-        stdout.contains("server.port                9000"),
-        "{stdout}"
-    );
+    assert!(shown(&stdout, "server.port") == "9000", "{stdout}");
     assert!(
         stdout.contains("http://user:****@127.0.0.1:3128/"),
         "{stdout}"
     );
     assert!(!stdout.contains("hunter2"));
+    assert_eq!(shown(&stdout, "access.path_secret"), "(set)");
+    assert_eq!(shown(&stdout, "access.allowed_key_hashes"), "1 listed");
+    assert!(!stdout.contains(&oa_bypass::access::hash_line(KEY)));
+    assert_eq!(shown(&stdout, "realtime.max_message"), "16MiB");
+    assert_eq!(shown(&stdout, "openapi.enabled"), "true");
     assert!(stdout.contains("routes (2):"));
     assert!(stdout.contains("streaming read_timeout=30s"), "{stdout}");
     assert!(stdout.ends_with("configuration OK\n"));
@@ -181,7 +194,10 @@ fn built_in_manifest_is_used_when_no_file_is_found() {
         "{stdout}"
     );
     assert!(stdout.contains("routes (282):"), "{stdout}");
-    assert!(stdout.contains("upstream.base_url          https://api.openai.com/"));
+    assert_eq!(
+        shown(&stdout, "upstream.base_url"),
+        "https://api.openai.com/"
+    );
 }
 
 #[test]
@@ -195,10 +211,7 @@ fn config_path_variable_selects_the_file_and_is_not_a_setting() {
         dir.path(),
     );
     assert_eq!(code, 0, "{stderr}");
-    assert!(
-        stdout.contains("server.port                7001"),
-        "{stdout}"
-    );
+    assert!(shown(&stdout, "server.port") == "7001", "{stdout}");
     assert!(stdout.contains("routes (1):"));
 }
 

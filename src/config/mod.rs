@@ -257,9 +257,41 @@ impl Config {
                 "cors.allow_origins",
                 format!("{:?}", self.cors.allow_origins),
             ),
+            (
+                "realtime.max_message",
+                format_size(self.realtime.max_message),
+            ),
+            (
+                "realtime.idle_timeout",
+                format_duration(self.realtime.idle_timeout),
+            ),
+            (
+                "access.allowed_key_hashes",
+                format!("{} listed", self.access.allowed_key_hashes.len()),
+            ),
+            (
+                "access.allowed_ips",
+                format!("{:?}", self.access.allowed_ips),
+            ),
+            (
+                "access.trusted_proxies",
+                format!("{:?}", self.access.trusted_proxies),
+            ),
+            (
+                "access.path_secret",
+                if self.access.path_secret.is_some() {
+                    "(set)"
+                } else {
+                    "(none)"
+                }
+                .to_owned(),
+            ),
+            ("openapi.enabled", self.openapi.enabled.to_string()),
+            ("openapi.title", format!("{:?}", self.openapi.title)),
+            ("openapi.version", format!("{:?}", self.openapi.version)),
         ];
         for (key, value) in settings {
-            let _ = writeln!(out, "  {key:<26} {value}");
+            let _ = writeln!(out, "  {key:<34} {value}");
         }
         let _ = writeln!(out, "\nroutes ({}):", self.routes.len());
         for route in self.routes.routes() {
