@@ -115,6 +115,39 @@ async fn pooled_connections_the_upstream_closed_are_replaced_not_failed() {
 }
 
 #[tokio::test]
+async fn an_upstream_closing_right_after_each_answer_never_hangs_a_request() {
+    // The close races the next request onto the pooled connection: the gateway must either
+    // retry (hyper retries a request it had not yet sent) or answer 502; never hang.
+    let (base, _) = raw_upstream(|mut socket| async move {
+        if read_head(&mut socket).await.is_some() {
+            let _ = socket
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+                .await;
+        }
+    })
+    .await;
+    let gateway = Gateway::start(&common::test_manifest(&base, "")).await;
+    let mut outcomes = std::collections::BTreeMap::new();
+    for _ in 0..200 {
+        let (status, _) = tokio::time::timeout(Duration::from_secs(5), status_and_code(&gateway))
+            .await
+            .expect("a request hung on a connection the upstream had closed");
+        *outcomes.entry(status).or_insert(0) += 1;
+    }
+    println!("outcomes: {outcomes:?}");
+    assert!(
+        outcomes
+            .keys()
+            .all(|status| *status == 200 || *status == 502),
+        "{outcomes:?}"
+    );
+    assert!(
+        outcomes.get(&200).copied().unwrap_or(0) >= 190,
+        "{outcomes:?}"
+    );
+}
+
+#[tokio::test]
 async fn a_client_aborting_mid_upload_cancels_the_upstream_request() {
     let received = Arc::new(AtomicUsize::new(0));
     let (ended_tx, mut ended_rx) = tokio::sync::mpsc::channel::<usize>(1);
