@@ -175,15 +175,7 @@ impl<E: Endpoint> Endpoint for IpFilter<E> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
-
-    fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
-        let mut headers = HeaderMap::new();
-        for (name, value) in pairs {
-            headers.append(*name, HeaderValue::from_static(value));
-        }
-        headers
-    }
+    use crate::proxy::headers::test_map as map;
 
     #[test]
     fn hash_lines_round_trip() {

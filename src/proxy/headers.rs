@@ -88,18 +88,20 @@ pub fn mark_credentials_sensitive(headers: &mut HeaderMap) {
     }
 }
 
+/// A header map from static pairs, for unit tests across the crate.
+#[cfg(test)]
+pub(crate) fn test_map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    for (name, value) in pairs {
+        headers.append(*name, http::HeaderValue::from_static(value));
+    }
+    headers
+}
+
 #[cfg(test)]
 mod tests {
+    use super::test_map as map;
     use super::*;
-    use http::HeaderValue;
-
-    fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
-        let mut headers = HeaderMap::new();
-        for (name, value) in pairs {
-            headers.append(*name, HeaderValue::from_static(value));
-        }
-        headers
-    }
 
     #[test]
     fn hop_by_hop_and_connection_named_headers_go() {

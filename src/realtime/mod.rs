@@ -353,14 +353,7 @@ fn tls_connector() -> Result<tokio_rustls::TlsConnector, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
-        let mut headers = HeaderMap::new();
-        for (name, value) in pairs {
-            headers.append(*name, HeaderValue::from_static(value));
-        }
-        headers
-    }
+    use crate::proxy::headers::test_map as map;
 
     #[test]
     fn upgrade_request_needs_upgrade_connection_version_and_key() {
