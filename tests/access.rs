@@ -168,12 +168,7 @@ async fn path_secret_gates_the_api_by_url() {
     assert_eq!(bare.status(), 404);
     assert!(upstream.requests().is_empty());
 
-    let response = client()
-        .get(gateway.url("/s3cret-Path_42/v1/models?limit=1"))
-        .header("authorization", bearer())
-        .send()
-        .await
-        .unwrap();
+    let response = common::get_with_key(gateway.url("/s3cret-Path_42/v1/models?limit=1")).await;
     assert_eq!(response.status(), 200);
     assert_eq!(upstream.last().path_and_query, "/v1/models?limit=1");
 

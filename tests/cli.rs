@@ -482,12 +482,7 @@ async fn each_request_logs_one_line_with_route_status_bytes_and_outcome() {
     })
     .await;
     let gateway = Binary::spawn(&common::test_manifest(&upstream.base_url(), ""), &[]);
-    let response = client()
-        .get(gateway.url("/v1/files/file-secret-id"))
-        .header("authorization", bearer())
-        .send()
-        .await
-        .unwrap();
+    let response = common::get_with_key(gateway.url("/v1/files/file-secret-id")).await;
     assert_eq!(response.text().await.unwrap(), "{\"ok\":true}");
     tokio::time::sleep(Duration::from_millis(200)).await;
     let logs = gateway.logs();

@@ -48,12 +48,7 @@ async fn read_head(socket: &mut TcpStream) -> Option<Vec<u8>> {
 }
 
 async fn status_and_code(gateway: &Gateway) -> (u16, Value) {
-    let response = client()
-        .get(gateway.url("/v1/models"))
-        .header("authorization", bearer())
-        .send()
-        .await
-        .unwrap();
+    let response = common::get_with_key(gateway.url("/v1/models")).await;
     let status = response.status().as_u16();
     (status, response.json().await.unwrap_or(Value::Null))
 }

@@ -21,12 +21,7 @@ const MAX_GROWTH_KIB: u64 = 16 << 10;
 /// Warms the gateway up (connection pool, first-request allocations) and returns its RSS.
 async fn settled_rss(gateway: &Binary) -> u64 {
     for _ in 0..3 {
-        let response = client()
-            .get(gateway.url("/v1/models"))
-            .header("authorization", bearer())
-            .send()
-            .await
-            .unwrap();
+        let response = common::get_with_key(gateway.url("/v1/models")).await;
         response.bytes().await.unwrap();
     }
     proc_status_kib(gateway.pid(), "VmRSS")
@@ -84,12 +79,7 @@ async fn download_of_256_mib_streams_in_flat_memory() {
     .await;
     let gateway = Binary::spawn(&common::test_manifest(&upstream.base_url(), ""), &[]);
     let before = settled_rss(&gateway).await;
-    let response = client()
-        .get(gateway.url("/v1/files/file-big/content"))
-        .header("authorization", bearer())
-        .send()
-        .await
-        .unwrap();
+    let response = common::get_with_key(gateway.url("/v1/files/file-big/content")).await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["content-length"], SIZE.to_string());
     let mut hasher = Sha256::new();

@@ -5,7 +5,7 @@ mod common;
 
 use std::sync::{Arc, Mutex};
 
-use common::{bearer, client, Binary, Gateway, Upstream};
+use common::{bearer, Binary, Gateway, Upstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test]
@@ -77,12 +77,7 @@ async fn upstream_proxy_setting_routes_requests_through_the_proxy() {
         &format!("proxy = \"{proxy}\""),
     );
     let gateway = Gateway::start(&manifest).await;
-    let response = client()
-        .get(gateway.url("/v1/models?a=1"))
-        .header("authorization", bearer())
-        .send()
-        .await
-        .unwrap();
+    let response = common::get_with_key(gateway.url("/v1/models?a=1")).await;
     assert_eq!(response.text().await.unwrap(), "{\"via\":\"proxy\"}");
     assert_eq!(
         lines.lock().unwrap().as_slice(),
@@ -97,12 +92,7 @@ async fn standard_proxy_variables_apply_when_no_proxy_is_set() {
         &common::test_manifest("http://upstream.example:8000", ""),
         &[("HTTP_PROXY", proxy.as_str()), ("NO_PROXY", "")],
     );
-    let response = client()
-        .get(gateway.url("/v1/models"))
-        .header("authorization", bearer())
-        .send()
-        .await
-        .unwrap();
+    let response = common::get_with_key(gateway.url("/v1/models")).await;
     assert_eq!(response.text().await.unwrap(), "{\"via\":\"proxy\"}");
     assert_eq!(
         lines.lock().unwrap().as_slice(),

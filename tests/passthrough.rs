@@ -229,12 +229,7 @@ async fn upstream_errors_pass_through_unchanged() {
     .await;
     let gateway = Gateway::in_front_of(&upstream).await;
     for (path, status) in [("/v1/models", 429), ("/v1/files/f", 500)] {
-        let response = client()
-            .get(gateway.url(path))
-            .header("authorization", bearer())
-            .send()
-            .await
-            .unwrap();
+        let response = common::get_with_key(gateway.url(path)).await;
         assert_eq!(response.status(), status);
         assert_eq!(response.headers()["retry-after"], "7");
         let body: Value = response.json().await.unwrap();
@@ -283,12 +278,7 @@ async fn missing_key_is_401_without_upstream_call() {
 async fn unknown_route_is_404_and_wrong_method_is_405_with_allow() {
     let upstream = Upstream::echo().await;
     let gateway = Gateway::in_front_of(&upstream).await;
-    let response = client()
-        .get(gateway.url("/v1/nonexistent?key=should-not-echo"))
-        .header("authorization", bearer())
-        .send()
-        .await
-        .unwrap();
+    let response = common::get_with_key(gateway.url("/v1/nonexistent?key=should-not-echo")).await;
     let (status, body) = error_of(response).await;
     assert_eq!(status, 404);
     assert_eq!(
@@ -315,6 +305,13 @@ async fn unknown_route_is_404_and_wrong_method_is_405_with_allow() {
         .unwrap();
     assert_eq!(response.headers()["allow"], "DELETE, GET");
     assert!(upstream.requests().is_empty());
+}
+
+async fn assert_413_naming(response: reqwest::Response, setting: &str) {
+    let (status, body) = error_of(response).await;
+    assert_eq!(status, 413);
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains(setting), "{message}");
 }
 
 #[tokio::test]
@@ -354,12 +351,7 @@ async fn body_over_limit_is_413_naming_the_setting() {
         .send()
         .await
         .unwrap();
-    let (status, body) = error_of(response).await;
-    assert_eq!(status, 413);
-    assert!(body["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("4KiB (limits.max_upload_body)"));
+    assert_413_naming(response, "4KiB (limits.max_upload_body)").await;
 
     // A route's own max_body wins and is named.
     let response = client()
@@ -369,12 +361,7 @@ async fn body_over_limit_is_413_naming_the_setting() {
         .send()
         .await
         .unwrap();
-    let (status, body) = error_of(response).await;
-    assert_eq!(status, 413);
-    assert!(body["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("(routes[10].max_body)"));
+    assert_413_naming(response, "(routes[10].max_body)").await;
 
     // Within the limit, the same routes forward.
     let response = client()
@@ -413,12 +400,7 @@ async fn encoded_traversal_in_params_is_400_and_never_forwarded() {
     assert!(upstream.requests().is_empty());
 
     // Percent-encoded but harmless values pass through raw, not decoded.
-    let response = client()
-        .get(gateway.url("/v1/files/ft%3Agpt-4o%3Aorg"))
-        .header("authorization", bearer())
-        .send()
-        .await
-        .unwrap();
+    let response = common::get_with_key(gateway.url("/v1/files/ft%3Agpt-4o%3Aorg")).await;
     assert_eq!(response.status(), 200);
     assert_eq!(
         upstream.last().path_and_query,
@@ -529,12 +511,7 @@ async fn api_key_header_counts_as_credential_and_errors_never_echo_it() {
     assert_eq!(response.status(), 200);
     // Gateway-made errors with a key attached still never carry it.
     for path in ["/v1/files/..", "/v1/nope"] {
-        let response = client()
-            .get(gateway.url(path))
-            .header("authorization", bearer())
-            .send()
-            .await
-            .unwrap();
+        let response = common::get_with_key(gateway.url(path)).await;
         let text = response.text().await.unwrap();
         assert!(!text.contains(KEY), "{text}");
     }

@@ -269,12 +269,7 @@ async fn no_credential_is_401_and_the_upstream_is_never_dialled() {
 async fn a_plain_get_on_the_websocket_route_is_426() {
     let upstream = WsUpstream::start(accept_all, echo).await;
     let gateway = Gateway::start(&manifest(&upstream.base_url(), "")).await;
-    let response = common::client()
-        .get(gateway.url("/v1/realtime?model=x"))
-        .header("authorization", bearer())
-        .send()
-        .await
-        .unwrap();
+    let response = common::get_with_key(gateway.url("/v1/realtime?model=x")).await;
     assert_eq!(response.status(), 426);
     assert_eq!(response.headers()["upgrade"], "websocket");
     assert_eq!(upstream.connections.load(Ordering::SeqCst), 0);

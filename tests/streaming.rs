@@ -110,12 +110,7 @@ async fn upstream_reset_mid_stream_ends_the_client_response_abnormally() {
     for (head, first) in cases {
         let base = resetting_upstream(head, first).await;
         let gateway = Gateway::start(&common::test_manifest(&base, "")).await;
-        let response = client()
-            .get(gateway.url("/v1/models"))
-            .header("authorization", bearer())
-            .send()
-            .await
-            .unwrap();
+        let response = common::get_with_key(gateway.url("/v1/models")).await;
         assert_eq!(response.status(), 200);
         let mut body = response.bytes_stream();
         let mut received = Vec::new();
@@ -230,12 +225,7 @@ async fn unreachable_upstream_is_502_with_the_cause() {
         "",
     ))
     .await;
-    let response = client()
-        .get(gateway.url("/v1/models?secret=1"))
-        .header("authorization", bearer())
-        .send()
-        .await
-        .unwrap();
+    let response = common::get_with_key(gateway.url("/v1/models?secret=1")).await;
     assert_eq!(response.status(), 502);
     let body: Value = response.json().await.unwrap();
     let message = body["error"]["message"].as_str().unwrap();

@@ -333,6 +333,16 @@ pub fn client() -> reqwest::Client {
     reqwest::Client::builder().no_proxy().build().unwrap()
 }
 
+/// `GET url` with the test key, sent by [`client`].
+pub async fn get_with_key(url: impl reqwest::IntoUrl) -> reqwest::Response {
+    client()
+        .get(url)
+        .header("authorization", bearer())
+        .send()
+        .await
+        .unwrap()
+}
+
 pub const KEY: &str = "sk-test-0123456789abcdefSECRET";
 
 pub fn bearer() -> String {
