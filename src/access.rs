@@ -89,6 +89,27 @@ pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
     presented_keys(headers).into_iter().next()
 }
 
+/// Who made a request, as far as logs and metrics may say: the SHA-256 of its key, shown as
+/// the first 8 hex digits. The key itself is never kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyId {
+    pub hash: [u8; 32],
+}
+
+impl KeyId {
+    pub fn of(key: &str) -> KeyId {
+        KeyId {
+            hash: Sha256::digest(key.as_bytes()).into(),
+        }
+    }
+
+    /// The first 8 hex digits of the hash: enough to tell a team's keys apart, far too few
+    /// to test guesses of a key against.
+    pub fn prefix(&self) -> String {
+        self.hash[..4].iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
 impl AccessConfig {
     /// With `allowed_key_hashes` set, every key the request presents must be listed.
     pub fn check_key(&self, headers: &HeaderMap) -> Result<(), GatewayError> {
@@ -145,11 +166,20 @@ impl AccessConfig {
 pub struct IpFilter<E> {
     inner: E,
     access: std::sync::Arc<AccessConfig>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 impl<E> IpFilter<E> {
-    pub fn new(inner: E, access: std::sync::Arc<AccessConfig>) -> Self {
-        IpFilter { inner, access }
+    pub fn new(
+        inner: E,
+        access: std::sync::Arc<AccessConfig>,
+        metrics: std::sync::Arc<crate::metrics::Metrics>,
+    ) -> Self {
+        IpFilter {
+            inner,
+            access,
+            metrics,
+        }
     }
 }
 
@@ -159,6 +189,11 @@ impl<E: Endpoint> Endpoint for IpFilter<E> {
     async fn call(&self, req: Request) -> poem::Result<Response> {
         let peer = req.remote_addr().as_socket_addr().map(|addr| addr.ip());
         if let Err(err) = self.access.check_ip(peer, req.headers()) {
+            self.metrics.count_request(
+                &std::sync::Arc::from("(access)"),
+                req.method(),
+                err.status().as_u16(),
+            );
             crate::telemetry::log_rejected(
                 req.method(),
                 "(access)",

@@ -9,41 +9,163 @@ pub mod config;
 pub mod cors;
 pub mod error;
 pub mod limits;
+pub mod metrics;
 pub mod openapi;
 pub mod proxy;
 pub mod realtime;
 pub mod routes;
 pub mod server;
 pub mod telemetry;
+pub mod tls;
+pub mod usage;
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use http::{header, Method};
+use arc_swap::ArcSwap;
+use http::{header, Method, StatusCode};
 use poem::endpoint::BoxEndpoint;
 use poem::error::NotFoundError;
 use poem::{Endpoint, EndpointExt, IntoResponse, Request, Response, Route};
 
 pub use config::{Config, ConfigError};
 use error::GatewayError;
+use limits::{AdmissionConfig, Limiter};
+use metrics::Metrics;
 use proxy::{Forwarder, TemplateEndpoint};
 
 /// What `GET /` and `GET /health` answer, as the original gateway did.
 pub const HEALTH_TEXT: &str = "OpenAI API Server is running";
-const GATEWAY_PATHS: [&str; 4] = ["/", "/health", openapi::DOCUMENT_PATH, openapi::DOCS_PATH];
+/// Readiness: 200 once the manifest is loaded (and, with `upstream.ready_check`, the
+/// upstream answers).
+pub const READY_PATH: &str = "/ready";
+/// Prometheus metrics (under the path secret, when one is set).
+pub const METRICS_PATH: &str = "/metrics";
+const GATEWAY_PATHS: [&str; 6] = [
+    "/",
+    "/health",
+    READY_PATH,
+    METRICS_PATH,
+    openapi::DOCUMENT_PATH,
+    openapi::DOCS_PATH,
+];
+/// How long a `/ready` upstream check is reused, so probes cannot flood the upstream.
+const READY_CHECK_TTL: Duration = Duration::from_secs(5);
 
-/// The gateway, ready to serve: its endpoint, and its realtime sessions (which outlive their
-/// HTTP exchange, so shutdown needs a handle on them).
-pub struct App {
-    pub endpoint: BoxEndpoint<'static, Response>,
+/// What outlives a reload of the manifest: realtime sessions, metrics, the limiter's state.
+pub struct Shared {
     pub sessions: realtime::Sessions,
+    pub metrics: Arc<Metrics>,
+    /// The limiter and the settings it was built for: a reload with the same `[limits]`
+    /// keeps it, so buckets and in-flight counts carry over.
+    limiter: Mutex<Option<(AdmissionConfig, Arc<Limiter>)>>,
+    generation: AtomicU64,
 }
 
-/// Builds the gateway: every manifest route, the health endpoints, JSON 404s, CORS.
-pub fn app(config: &Config) -> Result<App, ConfigError> {
-    let forwarder = Arc::new(Forwarder::new(config)?);
-    let sessions = realtime::Sessions::default();
-    let relay = Arc::new(realtime::Relay::new(config, sessions.clone())?);
+impl Shared {
+    fn new(config: &Config) -> Shared {
+        Shared {
+            sessions: realtime::Sessions::default(),
+            metrics: Arc::new(Metrics::new(&config.metrics)),
+            limiter: Mutex::new(None),
+            generation: AtomicU64::new(0),
+        }
+    }
+
+    fn limiter(&self, config: &AdmissionConfig) -> Arc<Limiter> {
+        let Ok(mut slot) = self.limiter.lock() else {
+            return Arc::new(Limiter::new(config));
+        };
+        match &*slot {
+            Some((built_for, limiter)) if built_for == config => Arc::clone(limiter),
+            _ => {
+                let limiter = Arc::new(Limiter::new(config));
+                *slot = Some((config.clone(), Arc::clone(&limiter)));
+                limiter
+            }
+        }
+    }
+
+    /// How many manifests have been loaded: 1 at start, one more per successful reload.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+}
+
+/// The gateway, ready to serve: the endpoint built from the current manifest (swapped
+/// whole on reload; requests in flight keep the one they started with) and the state that
+/// outlives it.
+pub struct App {
+    current: ArcSwap<BoxEndpoint<'static, Response>>,
+    /// The `[server]` settings the process started with; they need a restart to change.
+    server: config::ServerConfig,
+    log: config::LogConfig,
+    pub shared: Arc<Shared>,
+}
+
+/// Builds the gateway from `config`.
+pub fn app(config: &Config) -> Result<Arc<App>, ConfigError> {
+    let shared = Arc::new(Shared::new(config));
+    let endpoint = build(config, &shared)?;
+    shared.generation.store(1, Ordering::Relaxed);
+    Ok(Arc::new(App {
+        current: ArcSwap::from_pointee(endpoint),
+        server: config.server.clone(),
+        log: config.log.clone(),
+        shared,
+    }))
+}
+
+impl App {
+    /// The endpoint new requests go to.
+    pub fn endpoint(&self) -> Arc<BoxEndpoint<'static, Response>> {
+        self.current.load_full()
+    }
+
+    /// Serves `config` from now on. Requests and streams already running finish on the
+    /// manifest they started with. On error nothing changes. Settings that only apply at
+    /// start-up (`[server]`, `[log]`) are kept, with a warning when they differ.
+    pub fn reload(&self, config: &Config) -> Result<(), ConfigError> {
+        let result = build(config, &self.shared);
+        self.shared.metrics.count_reload(result.is_ok());
+        let endpoint = result?;
+        self.current.store(Arc::new(endpoint));
+        self.shared.metrics.configure(&config.metrics);
+        let generation = self.shared.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        if config.server != self.server {
+            tracing::warn!(
+                "[server] settings changed in the manifest; they apply at the next restart"
+            );
+        }
+        if config.log != self.log {
+            tracing::warn!(
+                "[log] settings changed in the manifest; they apply at the next restart"
+            );
+        }
+        tracing::info!(
+            manifest = %config.source,
+            routes = config.routes.len(),
+            generation,
+            "manifest reloaded"
+        );
+        Ok(())
+    }
+}
+
+/// Builds the endpoint for one manifest: every route, health and readiness, metrics,
+/// OpenAPI, JSON 404s, CORS.
+fn build(
+    config: &Config,
+    shared: &Arc<Shared>,
+) -> Result<BoxEndpoint<'static, Response>, ConfigError> {
+    let limiter = shared.limiter(&config.limits.admission);
+    let forwarder = Arc::new(Forwarder::new(config, limiter)?);
+    let relay = Arc::new(realtime::Relay::new(config, shared.sessions.clone())?);
     let access = Arc::new(config.access.clone());
+    let metrics = &shared.metrics;
+    let guard =
+        |endpoint| access::IpFilter::new(endpoint, Arc::clone(&access), Arc::clone(metrics));
     let mut api = Route::new();
     if config.openapi.enabled {
         let document = serde_json::to_vec_pretty(&openapi::document(config)).map_err(|err| {
@@ -61,18 +183,18 @@ pub fn app(config: &Config) -> Result<App, ConfigError> {
         api = api
             .at(
                 openapi::DOCUMENT_PATH,
-                access::IpFilter::new(
-                    openapi::StaticDocument::new(document, "application/json"),
-                    Arc::clone(&access),
-                ),
+                guard(openapi::StaticDocument::new(document, "application/json").boxed()),
             )
             .at(
                 openapi::DOCS_PATH,
-                access::IpFilter::new(
-                    openapi::StaticDocument::new(html, "text/html; charset=utf-8"),
-                    Arc::clone(&access),
-                ),
+                guard(openapi::StaticDocument::new(html, "text/html; charset=utf-8").boxed()),
             );
+    }
+    if config.metrics.enabled {
+        api = api.at(
+            METRICS_PATH,
+            guard(MetricsEndpoint(Arc::clone(metrics)).boxed()),
+        );
     }
     for (template, specs) in config.routes.by_template() {
         let index = specs.first().map_or(0, |spec| spec.index);
@@ -81,32 +203,41 @@ pub fn app(config: &Config) -> Result<App, ConfigError> {
                 "routes[{index}].path: {template} is served by the gateway itself"
             )]));
         }
-        let endpoint =
-            TemplateEndpoint::new(Arc::clone(&forwarder), Arc::clone(&relay), template, &specs);
+        let endpoint = TemplateEndpoint::new(
+            Arc::clone(&forwarder),
+            Arc::clone(&relay),
+            metrics,
+            template,
+            &specs,
+        );
         api = api
-            .try_at(
-                template.to_poem_path(),
-                access::IpFilter::new(endpoint, Arc::clone(&access)),
-            )
+            .try_at(template.to_poem_path(), guard(endpoint.boxed()))
             .map_err(|err| {
                 ConfigError::Invalid(vec![format!(
                     "routes[{index}].path: the router refused {template}: {err}"
                 )])
             })?;
     }
-    // Liveness stays at the root for probes; with a path secret, everything else moves
-    // under it and the bare paths answer 404.
+    let ready = Ready::new(config, shared, &forwarder);
+    // Liveness and readiness stay at the root for probes; with a path secret, everything
+    // else moves under it and the bare paths answer 404.
     let router = match &config.access.path_secret {
-        None => api.at("/", Health).at("/health", Health),
+        None => api
+            .at("/", Health)
+            .at("/health", Health)
+            .at(READY_PATH, ready),
         Some(secret) => Route::new()
             .at("/", Health)
             .at("/health", Health)
+            .at(READY_PATH, ready)
             .nest(format!("/{secret}"), api),
     };
-    Ok(App {
-        endpoint: cors::Cors::new(JsonNotFound(router), config.cors.clone()).boxed(),
-        sessions,
-    })
+    let not_found = JsonNotFound {
+        inner: router,
+        metrics: Arc::clone(metrics),
+        route_name: Arc::from("(no route)"),
+    };
+    Ok(cors::Cors::new(not_found, config.cors.clone()).boxed())
 }
 
 /// `GET /` and `GET /health`: liveness, no upstream call.
@@ -131,7 +262,11 @@ impl Endpoint for Health {
 }
 
 /// Turns the router's "no such path" into OpenAI's own answer for an unknown URL.
-struct JsonNotFound<E>(E);
+struct JsonNotFound<E> {
+    inner: E,
+    metrics: Arc<Metrics>,
+    route_name: Arc<str>,
+}
 
 impl<E: Endpoint> Endpoint for JsonNotFound<E> {
     type Output = Response;
@@ -140,9 +275,10 @@ impl<E: Endpoint> Endpoint for JsonNotFound<E> {
         let start = tokio::time::Instant::now();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
-        match self.0.call(req).await {
+        match self.inner.call(req).await {
             Ok(output) => Ok(output.into_response()),
             Err(err) if err.is::<NotFoundError>() => {
+                self.metrics.count_request(&self.route_name, &method, 404);
                 telemetry::log_rejected(
                     &method,
                     "(no route)",
@@ -154,5 +290,139 @@ impl<E: Endpoint> Endpoint for JsonNotFound<E> {
             }
             Err(err) => Err(err),
         }
+    }
+}
+
+/// `GET /metrics`: the Prometheus exposition.
+struct MetricsEndpoint(Arc<Metrics>);
+
+impl Endpoint for MetricsEndpoint {
+    type Output = Response;
+
+    async fn call(&self, req: Request) -> poem::Result<Response> {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return Ok(GatewayError::MethodNotAllowed {
+                method: req.method().clone(),
+                template: METRICS_PATH.to_owned(),
+                allowed: vec![Method::GET, Method::HEAD],
+            }
+            .to_response());
+        }
+        match self.0.encode() {
+            Ok(text) => Ok(Response::builder()
+                .header(header::CONTENT_TYPE, metrics::CONTENT_TYPE)
+                .header(header::CACHE_CONTROL, "no-store")
+                .body(text)),
+            Err(_) => {
+                Ok(GatewayError::Internal("cannot encode the metrics".to_owned()).to_response())
+            }
+        }
+    }
+}
+
+/// `GET /ready`: 200 with what is loaded; 503 when `upstream.ready_check` is on and the
+/// upstream is unreachable.
+struct Ready {
+    shared: Arc<Shared>,
+    manifest: String,
+    routes: usize,
+    check: Option<UpstreamCheck>,
+}
+
+/// A GET of `upstream.base_url` through the forwarder's own client (so its proxy and TLS
+/// settings apply). Any HTTP answer, even 401 or 404, means reachable.
+struct UpstreamCheck {
+    client: reqwest::Client,
+    url: String,
+    timeout: Duration,
+    last: tokio::sync::Mutex<Option<(tokio::time::Instant, Result<(), String>)>>,
+}
+
+impl UpstreamCheck {
+    async fn run(&self) -> Result<(), String> {
+        let mut last = self.last.lock().await;
+        if let Some((at, result)) = &*last {
+            if at.elapsed() < READY_CHECK_TTL {
+                return result.clone();
+            }
+        }
+        let result =
+            match tokio::time::timeout(self.timeout, self.client.get(&self.url).send()).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(err)) => Err(err.without_url().to_string()),
+                Err(_) => Err(format!(
+                    "no answer within {}",
+                    humantime::format_duration(self.timeout)
+                )),
+            };
+        *last = Some((tokio::time::Instant::now(), result.clone()));
+        result
+    }
+}
+
+impl Ready {
+    fn new(config: &Config, shared: &Arc<Shared>, forwarder: &Forwarder) -> Ready {
+        Ready {
+            shared: Arc::clone(shared),
+            manifest: config.source.to_string(),
+            routes: config.routes.len(),
+            check: config.upstream.ready_check.then(|| UpstreamCheck {
+                client: forwarder.client().clone(),
+                url: config.upstream.base_url.to_string(),
+                timeout: config.upstream.connect_timeout,
+                last: tokio::sync::Mutex::new(None),
+            }),
+        }
+    }
+}
+
+impl Endpoint for Ready {
+    type Output = Response;
+
+    async fn call(&self, req: Request) -> poem::Result<Response> {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return Ok(GatewayError::MethodNotAllowed {
+                method: req.method().clone(),
+                template: READY_PATH.to_owned(),
+                allowed: vec![Method::GET, Method::HEAD],
+            }
+            .to_response());
+        }
+        let upstream = match &self.check {
+            None => serde_json::json!({ "checked": false }),
+            Some(check) => match check.run().await {
+                Ok(()) => serde_json::json!({ "checked": true, "reachable": true }),
+                Err(error) => {
+                    serde_json::json!({ "checked": true, "reachable": false, "error": error })
+                }
+            },
+        };
+        let unreachable = upstream.get("reachable") == Some(&serde_json::Value::Bool(false));
+        let status = if unreachable {
+            "upstream_unreachable"
+        } else {
+            "ready"
+        };
+        let body = serde_json::json!({
+            "status": status,
+            "config": {
+                "loaded": true,
+                "manifest": self.manifest,
+                "routes": self.routes,
+                "generation": self.shared.generation(),
+            },
+            "upstream": upstream,
+            "realtime_sessions": self.shared.sessions.open(),
+        });
+        let code = if status == "ready" {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        Ok(Response::builder()
+            .status(code)
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::CACHE_CONTROL, "no-store")
+            .body(body.to_string()))
     }
 }

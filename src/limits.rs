@@ -12,13 +12,12 @@ use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
-use sha2::{Digest, Sha256};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::GatewayError;
 
 /// The `[limits]` admission settings, validated (`None`: off).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AdmissionConfig {
     pub requests_per_minute_per_key: Option<NonZeroU32>,
     pub requests_per_minute_per_ip: Option<NonZeroU32>,
@@ -28,7 +27,8 @@ pub struct AdmissionConfig {
     pub max_concurrent_per_key: Option<NonZeroU32>,
 }
 
-type KeyHash = [u8; 32];
+/// The SHA-256 of a key.
+pub type KeyHash = [u8; 32];
 
 /// Holds a request's place under the concurrency caps until it is dropped (when its answer
 /// has been delivered, or its WebSocket session has ended).
@@ -89,15 +89,19 @@ impl Limiter {
         }
     }
 
-    /// Admits a request from `ip` presenting `key` (its credential, if any), or says why not.
-    pub fn admit(&self, ip: Option<IpAddr>, key: Option<&str>) -> Result<Admission, GatewayError> {
+    /// Admits a request from `ip` presenting the key hashed as `key_hash` (if any), or says
+    /// why not.
+    pub fn admit(
+        &self,
+        ip: Option<IpAddr>,
+        key_hash: Option<&KeyHash>,
+    ) -> Result<Admission, GatewayError> {
         let count = self
             .admitted
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if count % 4096 == 4095 {
             self.shrink();
         }
-        let key_hash: Option<KeyHash> = key.map(|key| Sha256::digest(key.as_bytes()).into());
         if let (Some(limiter), Some(ip)) = (&self.per_ip_rate, ip) {
             limiter.check_key(&ip).map_err(|not_until| {
                 rate_limited(
@@ -107,7 +111,7 @@ impl Limiter {
                 )
             })?;
         }
-        if let (Some(limiter), Some(hash)) = (&self.per_key_rate, &key_hash) {
+        if let (Some(limiter), Some(hash)) = (&self.per_key_rate, key_hash) {
             limiter.check_key(hash).map_err(|not_until| {
                 rate_limited(
                     "limits.requests_per_minute_per_key",
@@ -129,7 +133,7 @@ impl Limiter {
             None => None,
         };
         let per_key = match (self.config.max_concurrent_per_key, key_hash) {
-            (Some(cap), Some(hash)) => {
+            (Some(cap), Some(&hash)) => {
                 let mut counts = self
                     .per_key_counts
                     .lock()
@@ -177,6 +181,11 @@ fn rate_limited(setting: &'static str, rate: Option<NonZeroU32>, wait: Duration)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::{Digest, Sha256};
+
+    fn key(text: &str) -> KeyHash {
+        Sha256::digest(text.as_bytes()).into()
+    }
 
     fn n(v: u32) -> Option<NonZeroU32> {
         NonZeroU32::new(v)
@@ -189,16 +198,16 @@ mod tests {
             burst: n(2),
             ..AdmissionConfig::default()
         });
-        assert!(limiter.admit(None, Some("k1")).is_ok());
-        assert!(limiter.admit(None, Some("k1")).is_ok());
-        match limiter.admit(None, Some("k1")) {
+        assert!(limiter.admit(None, Some(&key("k1"))).is_ok());
+        assert!(limiter.admit(None, Some(&key("k1"))).is_ok());
+        match limiter.admit(None, Some(&key("k1"))) {
             Err(GatewayError::RateLimited { retry_after, .. }) => {
                 assert!(retry_after <= Duration::from_secs(1), "{retry_after:?}")
             }
             other => panic!("expected a rate limit, got {other:?}"),
         }
         // Another key has its own bucket.
-        assert!(limiter.admit(None, Some("k2")).is_ok());
+        assert!(limiter.admit(None, Some(&key("k2"))).is_ok());
     }
 
     #[test]
@@ -208,17 +217,17 @@ mod tests {
             max_concurrent_requests: n(2),
             ..AdmissionConfig::default()
         });
-        let first = limiter.admit(None, Some("k1")).unwrap();
+        let first = limiter.admit(None, Some(&key("k1"))).unwrap();
         assert!(matches!(
-            limiter.admit(None, Some("k1")),
+            limiter.admit(None, Some(&key("k1"))),
             Err(GatewayError::TooBusy {
                 setting: "limits.max_concurrent_per_key",
                 ..
             })
         ));
-        let second = limiter.admit(None, Some("k2")).unwrap();
+        let second = limiter.admit(None, Some(&key("k2"))).unwrap();
         assert!(matches!(
-            limiter.admit(None, Some("k3")),
+            limiter.admit(None, Some(&key("k3"))),
             Err(GatewayError::TooBusy {
                 setting: "limits.max_concurrent_requests",
                 ..
@@ -226,7 +235,7 @@ mod tests {
         ));
         drop(first);
         drop(second);
-        assert!(limiter.admit(None, Some("k1")).is_ok());
+        assert!(limiter.admit(None, Some(&key("k1"))).is_ok());
         assert!(limiter.per_key_counts.lock().unwrap().is_empty());
     }
 }

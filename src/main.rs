@@ -4,7 +4,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use oa_bypass::{app, config::Config, server, telemetry};
+use std::sync::Arc;
+
+use oa_bypass::tls::Tls;
+use oa_bypass::{app, config::Config, server, telemetry, App};
 
 const USAGE: &str = "\
 oa-bypass: a self-hosted passthrough gateway for the OpenAI API
@@ -97,6 +100,10 @@ fn main() -> ExitCode {
             eprintln!("oa-bypass: invalid configuration:\n{err}");
             return ExitCode::FAILURE;
         }
+        if let Err(err) = Tls::check(&config.server) {
+            eprintln!("oa-bypass: invalid configuration:\n{err}");
+            return ExitCode::FAILURE;
+        }
         print!("{}", config.describe());
         println!("\nconfiguration OK");
         return ExitCode::SUCCESS;
@@ -128,8 +135,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Healthcheck => runtime.block_on(healthcheck(&config)),
         _ => {
-            telemetry::init();
-            runtime.block_on(serve(config))
+            telemetry::init(&config.log);
+            runtime.block_on(serve(config, cli.config))
         }
     };
     match result {
@@ -141,12 +148,18 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(config: Config) -> Result<(), String> {
+async fn serve(config: Config, explicit: Option<PathBuf>) -> Result<(), String> {
     let app = app(&config).map_err(|err| format!("invalid configuration:\n{err}"))?;
+    let tls = Tls::from_config(&config.server)?;
     let addr = SocketAddr::new(config.server.host, config.server.port);
     let acceptor = server::Listener::bind(addr)
         .await
-        .map_err(|err| format!("cannot listen on {addr} (server.host, server.port): {err}"))?;
+        .map_err(|err| format!("cannot listen on {addr} (server.host, server.port): {err}"))?
+        .with_tls(tls.clone());
+    #[cfg(unix)]
+    tokio::spawn(reload_on_sighup(Arc::clone(&app), tls, explicit));
+    #[cfg(not(unix))]
+    let _ = (tls, explicit);
     let by_tag: Vec<String> = config
         .routes
         .count_by_tag()
@@ -155,6 +168,7 @@ async fn serve(config: Config) -> Result<(), String> {
         .collect();
     tracing::info!(
         addr = %acceptor.local_addr(),
+        tls = config.server.tls.is_some() || config.server.acme.is_some(),
         upstream = %config.upstream.base_url,
         manifest = %config.source,
         routes = config.routes.len(),
@@ -171,6 +185,42 @@ async fn serve(config: Config) -> Result<(), String> {
     .map_err(|err| format!("server failed: {err}"))?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Reloads the manifest (the same file and environment as at start) on every SIGHUP, and
+/// re-reads the TLS certificate files. A manifest that does not load is refused with its
+/// errors logged; the running one keeps serving.
+#[cfg(unix)]
+async fn reload_on_sighup(app: Arc<App>, tls: Option<Arc<Tls>>, explicit: Option<PathBuf>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(hangups) => hangups,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot listen for SIGHUP; reload needs a restart");
+            return;
+        }
+    };
+    while hangups.recv().await.is_some() {
+        tracing::info!("SIGHUP received; reloading the manifest");
+        // A manifest that does not parse is counted here; App::reload counts the rest.
+        let loaded = Config::load(explicit.as_deref())
+            .inspect_err(|_| app.shared.metrics.count_reload(false))
+            .and_then(|config| app.reload(&config));
+        if let Err(err) = loaded {
+            tracing::error!(
+                generation = app.shared.generation(),
+                "manifest reload refused; still serving the previous one:\n{err}"
+            );
+        }
+        if let Some(tls) = &tls {
+            match tls.reload() {
+                Ok(()) => tracing::info!("TLS certificate files re-read"),
+                Err(err) => {
+                    tracing::error!("TLS reload refused; the current certificate stays: {err}")
+                }
+            }
+        }
+    }
 }
 
 /// Reads one key from stdin and prints `sha256:<hex>`; the key itself is never printed.

@@ -299,6 +299,8 @@ pub struct RouteSpec {
     pub operation_id: Option<String>,
     /// Response media types, when the manifest lists them (absent: JSON).
     pub produces: Option<Vec<String>>,
+    /// Token usage in this route's answers is counted (`usage = true`).
+    pub usage: bool,
 }
 
 impl RouteSpec {
@@ -528,6 +530,7 @@ mod tests {
             max_body: None,
             operation_id: None,
             produces: None,
+            usage: false,
         }
     }
 

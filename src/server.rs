@@ -22,6 +22,7 @@ use poem::web::{LocalAddr, RemoteAddr};
 use poem::Endpoint;
 
 use crate::config::ServerConfig;
+use crate::tls::{Tls, ACME_TLS_ALPN};
 use crate::App;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -35,13 +36,24 @@ const SESSION_CLOSE_WAIT: Duration = Duration::from_secs(6);
 pub struct Listener {
     listener: TcpListener,
     local: SocketAddr,
+    tls: Option<Arc<Tls>>,
 }
 
 impl Listener {
     pub async fn bind(addr: SocketAddr) -> io::Result<Listener> {
         let listener = TcpListener::bind(addr).await?;
         let local = listener.local_addr()?;
-        Ok(Listener { listener, local })
+        Ok(Listener {
+            listener,
+            local,
+            tls: None,
+        })
+    }
+
+    /// Serves HTTPS with `tls` instead of plain HTTP.
+    pub fn with_tls(mut self, tls: Option<Arc<Tls>>) -> Listener {
+        self.tls = tls;
+        self
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -53,13 +65,12 @@ impl Listener {
 /// and streams finish for up to `grace` before dropping them.
 pub async fn serve(
     listener: Listener,
-    app: App,
+    app: Arc<App>,
     shutdown: impl Future<Output = ()>,
     settings: ServerConfig,
 ) -> io::Result<()> {
     let grace = settings.shutdown_grace;
-    let App { endpoint, sessions } = app;
-    let app = Arc::new(endpoint);
+    let sessions = app.shared.sessions.clone();
     let max_header_bytes = usize::try_from(settings.max_header_bytes).unwrap_or(usize::MAX);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // A client gets header_read_timeout to send its request head (slowloris), and a head may
@@ -109,38 +120,47 @@ pub async fn serve(
         // A socket that refuses still works, only slower.
         let _ = stream.set_nodelay(true);
 
-        let app = Arc::clone(&app);
-        let local = local.clone();
-        let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
-            let app = Arc::clone(&app);
-            let request: poem::Request = (
-                req,
-                local.clone(),
-                RemoteAddr(remote.into()),
-                http::uri::Scheme::HTTP,
-            )
-                .into();
-            async move {
-                let response = app.get_response(request).await;
-                Ok::<_, Infallible>(hyper::Response::<ResponseBody>::from(response))
+        let connection = Connection {
+            app: Arc::clone(&app),
+            builder: builder.clone(),
+            local: local.clone(),
+            remote,
+            watcher: graceful.watcher(),
+            hard_stopped: hard_stopped.clone(),
+        };
+        match &listener.tls {
+            None => {
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    connection.serve(stream, http::uri::Scheme::HTTP).await;
+                });
             }
-        });
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
-        let mut hard_stopped = hard_stopped.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            tokio::select! {
-                result = connection => {
-                    if let Err(err) = result {
-                        tracing::debug!(error = %err, "connection ended with an error");
+            Some(tls) => {
+                let acceptor = tls.acceptor();
+                let handshake_timeout = settings.header_read_timeout;
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    let handshake =
+                        tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await;
+                    let stream = match handshake {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(err)) => {
+                            tracing::debug!(error = %err, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!("TLS handshake timed out (server.header_read_timeout)");
+                            return;
+                        }
+                    };
+                    // An ACME TLS-ALPN-01 validation only needs the handshake.
+                    if stream.get_ref().1.alpn_protocol() == Some(ACME_TLS_ALPN) {
+                        return;
                     }
-                }
-                _ = hard_stopped.wait_for(|stop| *stop) => {}
+                    connection.serve(stream, http::uri::Scheme::HTTPS).await;
+                });
             }
-        });
+        }
     }
 
     drop(listener);
@@ -165,6 +185,60 @@ pub async fn serve(
         }
     }
     Ok(())
+}
+
+/// Everything one accepted connection needs to be served.
+struct Connection {
+    app: Arc<App>,
+    builder: auto::Builder<TokioExecutor>,
+    local: LocalAddr,
+    remote: SocketAddr,
+    watcher: hyper_util::server::graceful::Watcher,
+    hard_stopped: watch::Receiver<bool>,
+}
+
+impl Connection {
+    async fn serve<I>(self, io: I, scheme: http::uri::Scheme)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let Connection {
+            app,
+            builder,
+            local,
+            remote,
+            watcher,
+            mut hard_stopped,
+        } = self;
+        let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+            // The endpoint of the manifest loaded now: a reload between two requests on one
+            // connection serves the second with the new routes.
+            let endpoint = app.endpoint();
+            let request: poem::Request = (
+                req,
+                local.clone(),
+                RemoteAddr(remote.into()),
+                scheme.clone(),
+            )
+                .into();
+            async move {
+                let response = endpoint.get_response(request).await;
+                Ok::<_, Infallible>(hyper::Response::<ResponseBody>::from(response))
+            }
+        });
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(io), service)
+            .into_owned();
+        let connection = watcher.watch(connection);
+        tokio::select! {
+            result = connection => {
+                if let Err(err) = result {
+                    tracing::debug!(error = %err, "connection ended with an error");
+                }
+            }
+            _ = hard_stopped.wait_for(|stop| *stop) => {}
+        }
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).

@@ -79,8 +79,52 @@ pub struct Config {
     pub openapi: OpenApiConfig,
     pub realtime: RealtimeConfig,
     pub access: crate::access::AccessConfig,
+    pub log: LogConfig,
+    pub metrics: MetricsConfig,
     pub routes: RouteTable,
     pub source: ManifestSource,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable `key=value` lines.
+    Text,
+    /// One JSON object per line, fields at the top level.
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `tracing` filter like `info` or `info,oa_bypass=debug`; `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// Serve `GET /metrics`.
+    pub enabled: bool,
+    /// Also count tokens per key (the first 8 hex digits of the key's SHA-256).
+    pub tokens_by_key: bool,
+    /// Distinct model names kept as label values; later ones are counted as `other`.
+    pub max_models: usize,
+}
+
+/// `[server.tls]`: certificate chain and private key, PEM files re-read on SIGHUP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// `[server.acme]`: a certificate obtained over ACME (TLS-ALPN-01 on this port).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcmeConfig {
+    pub domains: Vec<String>,
+    pub cache_dir: PathBuf,
+    pub contacts: Vec<String>,
+    pub directory: Url,
 }
 
 #[derive(Debug, Clone)]
@@ -99,7 +143,7 @@ pub struct OpenApiConfig {
     pub version: String,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerConfig {
     pub host: IpAddr,
     pub port: u16,
@@ -112,6 +156,8 @@ pub struct ServerConfig {
     pub max_header_bytes: u64,
     /// Connections served at once; `None` is unlimited.
     pub max_connections: Option<NonZeroU32>,
+    pub tls: Option<TlsConfig>,
+    pub acme: Option<AcmeConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -120,6 +166,8 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
     pub proxy: Option<Url>,
+    /// `/ready` also checks that the upstream answers.
+    pub ready_check: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -212,6 +260,26 @@ impl Config {
                 "server.max_connections",
                 show_limit(self.server.max_connections),
             ),
+            (
+                "server.tls",
+                self.server.tls.as_ref().map_or("(off)".to_owned(), |tls| {
+                    format!("cert={} key={}", tls.cert.display(), tls.key.display())
+                }),
+            ),
+            (
+                "server.acme",
+                self.server
+                    .acme
+                    .as_ref()
+                    .map_or("(off)".to_owned(), |acme| {
+                        format!(
+                            "domains={:?} cache_dir={} directory={}",
+                            acme.domains,
+                            acme.cache_dir.display(),
+                            acme.directory
+                        )
+                    }),
+            ),
             ("upstream.base_url", mask_url(&self.upstream.base_url)),
             (
                 "upstream.connect_timeout",
@@ -227,6 +295,10 @@ impl Config {
                     "(none: HTTPS_PROXY/ALL_PROXY/NO_PROXY apply)".into(),
                     mask_url,
                 ),
+            ),
+            (
+                "upstream.ready_check",
+                self.upstream.ready_check.to_string(),
             ),
             (
                 "limits.max_json_body",
@@ -289,6 +361,21 @@ impl Config {
             ("openapi.enabled", self.openapi.enabled.to_string()),
             ("openapi.title", format!("{:?}", self.openapi.title)),
             ("openapi.version", format!("{:?}", self.openapi.version)),
+            (
+                "log.format",
+                match self.log.format {
+                    LogFormat::Text => "text",
+                    LogFormat::Json => "json",
+                }
+                .to_owned(),
+            ),
+            ("log.level", format!("{:?}", self.log.level)),
+            ("metrics.enabled", self.metrics.enabled.to_string()),
+            (
+                "metrics.tokens_by_key",
+                self.metrics.tokens_by_key.to_string(),
+            ),
+            ("metrics.max_models", self.metrics.max_models.to_string()),
         ];
         for (key, value) in settings {
             let _ = writeln!(out, "  {key:<34} {value}");
@@ -305,6 +392,9 @@ impl Config {
             }
             if let Some(max) = route.max_body {
                 extras.push(format!("max_body={}", format_size(max)));
+            }
+            if route.usage {
+                extras.push("usage".to_owned());
             }
             let line = format!(
                 "  {:<6} {:<80} {:<16} {}",
@@ -439,6 +529,24 @@ fn validate(raw: RawConfig, source: ManifestSource) -> Result<Config, ConfigErro
     }
 
     let access = validate_access(raw.access, &mut problems);
+    let log = validate_log(raw.log, &mut problems);
+    let tls = raw.server.tls.map(|tls| TlsConfig {
+        cert: PathBuf::from(tls.cert),
+        key: PathBuf::from(tls.key),
+    });
+    let acme = raw
+        .server
+        .acme
+        .and_then(|acme| validate_acme(acme, &mut problems));
+    if tls.is_some() && acme.is_some() {
+        problems.push(
+            "server.tls and server.acme: choose one source for the certificate, not both"
+                .to_owned(),
+        );
+    }
+    if raw.metrics.max_models == 0 {
+        problems.push("metrics.max_models: must be at least 1".to_owned());
+    }
 
     let mut specs = Vec::with_capacity(raw.routes.len());
     for (index, value) in raw.routes.into_iter().enumerate() {
@@ -474,12 +582,15 @@ fn validate(raw: RawConfig, source: ManifestSource) -> Result<Config, ConfigErro
             body_read_timeout: raw.server.body_read_timeout.0,
             max_header_bytes: raw.server.max_header_bytes.0,
             max_connections: NonZeroU32::new(raw.server.max_connections),
+            tls,
+            acme,
         },
         upstream: UpstreamConfig {
             base_url,
             connect_timeout: raw.upstream.connect_timeout.0,
             read_timeout: raw.upstream.read_timeout.0,
             proxy,
+            ready_check: raw.upstream.ready_check,
         },
         limits: LimitsConfig {
             max_json_body: raw.limits.max_json_body.0,
@@ -506,9 +617,84 @@ fn validate(raw: RawConfig, source: ManifestSource) -> Result<Config, ConfigErro
             title: raw.openapi.title,
             version: raw.openapi.version,
         },
+        log,
+        metrics: MetricsConfig {
+            enabled: raw.metrics.enabled,
+            tokens_by_key: raw.metrics.tokens_by_key,
+            max_models: usize::try_from(raw.metrics.max_models).unwrap_or(usize::MAX),
+        },
         routes,
         source,
     })
+}
+
+fn validate_log(raw: raw::RawLog, problems: &mut Vec<String>) -> LogConfig {
+    let format = match raw.format.as_str() {
+        "text" => LogFormat::Text,
+        "json" => LogFormat::Json,
+        other => {
+            problems.push(format!(
+                "log.format: {other:?} is not one of \"text\", \"json\""
+            ));
+            LogFormat::Text
+        }
+    };
+    if let Err(err) = tracing_subscriber::EnvFilter::builder().parse(&raw.level) {
+        problems.push(format!(
+            "log.level: {:?} is not a log filter like \"info\" or \"info,oa_bypass=debug\" ({err})",
+            raw.level
+        ));
+    }
+    LogConfig {
+        format,
+        level: raw.level,
+    }
+}
+
+fn validate_acme(raw: raw::RawAcme, problems: &mut Vec<String>) -> Option<AcmeConfig> {
+    let before = problems.len();
+    if raw.domains.is_empty() {
+        problems.push("server.acme.domains: list at least one domain name".to_owned());
+    }
+    for domain in &raw.domains {
+        let valid = !domain.is_empty()
+            && domain.len() <= 253
+            && domain
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.'));
+        if !valid {
+            problems.push(format!(
+                "server.acme.domains: {domain:?} is not a domain name like \"gw.example.com\""
+            ));
+        }
+    }
+    if raw.cache_dir.is_empty() {
+        problems.push(
+            "server.acme.cache_dir: needed, so a restart reuses the certificate instead of \
+             asking for a new one"
+                .to_owned(),
+        );
+    }
+    let directory = match raw.directory.as_str() {
+        "letsencrypt" => Url::parse(poem::listener::acme::LETS_ENCRYPT_PRODUCTION).ok(),
+        "letsencrypt-staging" => Url::parse(poem::listener::acme::LETS_ENCRYPT_STAGING).ok(),
+        other => Url::parse(other).ok().filter(|url| url.scheme() == "https"),
+    };
+    if directory.is_none() {
+        problems.push(format!(
+            "server.acme.directory: {:?} is not \"letsencrypt\", \"letsencrypt-staging\" or an https:// directory URL",
+            raw.directory
+        ));
+    }
+    match directory {
+        Some(directory) if problems.len() == before => Some(AcmeConfig {
+            domains: raw.domains,
+            cache_dir: PathBuf::from(raw.cache_dir),
+            contacts: raw.contacts,
+            directory,
+        }),
+        _ => None,
+    }
 }
 
 fn validate_access(raw: raw::RawAccess, problems: &mut Vec<String>) -> crate::access::AccessConfig {
@@ -707,6 +893,7 @@ fn validate_route(
             max_body: raw.max_body.map(|s| s.0),
             operation_id: raw.operation_id,
             produces: raw.produces,
+            usage: raw.usage,
         }),
         _ => Err(problems),
     }
@@ -745,7 +932,7 @@ mod tests {
         let err = error_of(&format!("[server]\nprot = 80\n{ONE_ROUTE}"));
         assert_eq!(
             err,
-            "server.prot: unknown key; allowed here: host, port, shutdown_grace, header_read_timeout, body_read_timeout, max_header_bytes, max_connections (in inline manifest)"
+            "server.prot: unknown key; allowed here: host, port, shutdown_grace, header_read_timeout, body_read_timeout, max_header_bytes, max_connections, tls, acme (in inline manifest)"
         );
         let err =
             error_of("[[routes]]\nmethod = \"GET\"\npath = \"/v1/models\"\nbodee = \"json\"\n");

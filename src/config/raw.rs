@@ -24,6 +24,10 @@ pub struct RawConfig {
     pub realtime: RawRealtime,
     #[serde(default)]
     pub access: RawAccess,
+    #[serde(default)]
+    pub log: RawLog,
+    #[serde(default)]
+    pub metrics: RawMetrics,
     /// Kept as loose values so each entry is deserialized on its own and an error can name
     /// its index (`routes[12].body`).
     #[serde(default)]
@@ -40,6 +44,66 @@ pub struct RawServer {
     pub body_read_timeout: HumanDuration,
     pub max_header_bytes: ByteSize,
     pub max_connections: u32,
+    pub tls: Option<RawTls>,
+    pub acme: Option<RawAcme>,
+}
+
+/// `[server.tls]`: serve HTTPS with these PEM files.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub cert: String,
+    pub key: String,
+}
+
+/// `[server.acme]`: serve HTTPS with a certificate obtained and renewed over ACME.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAcme {
+    pub domains: Vec<String>,
+    pub cache_dir: String,
+    #[serde(default)]
+    pub contacts: Vec<String>,
+    #[serde(default = "default_acme_directory")]
+    pub directory: String,
+}
+
+fn default_acme_directory() -> String {
+    "letsencrypt".to_owned()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLog {
+    pub format: String,
+    pub level: String,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        RawLog {
+            format: "text".to_owned(),
+            level: "info".to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawMetrics {
+    pub enabled: bool,
+    pub tokens_by_key: bool,
+    pub max_models: u32,
+}
+
+impl Default for RawMetrics {
+    fn default() -> Self {
+        RawMetrics {
+            enabled: true,
+            tokens_by_key: false,
+            max_models: 200,
+        }
+    }
 }
 
 impl Default for RawServer {
@@ -52,6 +116,8 @@ impl Default for RawServer {
             body_read_timeout: HumanDuration(std::time::Duration::from_secs(60)),
             max_header_bytes: ByteSize(64 << 10),
             max_connections: 10_000,
+            tls: None,
+            acme: None,
         }
     }
 }
@@ -63,6 +129,7 @@ pub struct RawUpstream {
     pub connect_timeout: HumanDuration,
     pub read_timeout: HumanDuration,
     pub proxy: Option<String>,
+    pub ready_check: bool,
 }
 
 impl Default for RawUpstream {
@@ -72,6 +139,7 @@ impl Default for RawUpstream {
             connect_timeout: HumanDuration(std::time::Duration::from_secs(10)),
             read_timeout: HumanDuration(std::time::Duration::from_secs(600)),
             proxy: None,
+            ready_check: false,
         }
     }
 }
@@ -177,6 +245,9 @@ pub struct RawRoute {
     pub operation_id: Option<String>,
     /// Response media types when they are not just JSON (files, audio, zip, SDP…).
     pub produces: Option<Vec<String>>,
+    /// Count the token usage reported in this route's answers.
+    #[serde(default)]
+    pub usage: bool,
 }
 
 #[derive(Debug, Deserialize)]

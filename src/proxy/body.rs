@@ -200,6 +200,9 @@ impl Stream for DownloadBody {
         match self.inner.as_mut().poll_next(cx) {
             Poll::Ready(Some(Ok(chunk))) => {
                 self.log.bytes_out += chunk.len() as u64;
+                if let Some(tap) = self.log.usage.as_mut() {
+                    tap.feed(&chunk);
+                }
                 if Some(self.log.bytes_out) == self.expected_len {
                     self.log.outcome = Outcome::Complete;
                 }

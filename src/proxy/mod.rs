@@ -14,14 +14,28 @@ use http::{header, HeaderMap, Method};
 use poem::{Body, Endpoint, Request, Response};
 use tokio::time::Instant;
 
-use crate::access::{self, AccessConfig};
+use crate::access::{self, AccessConfig, KeyId};
 use crate::config::{Config, ConfigError, LimitsConfig};
 use crate::error::GatewayError;
 use crate::limits::{Admission, Limiter};
+use crate::metrics::{Metrics, RouteMetrics, UpstreamErrorKind};
 use crate::realtime::Relay;
 use crate::routes::{check_path_param, BodyKind, PathTemplate, RouteSpec};
 use crate::telemetry::{self, Outcome, RequestLog};
+use crate::usage::UsageTap;
 use body::{DownloadBody, UploadBody, UploadProgress};
+
+const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+
+/// What the gateway knows of a request once it is admitted.
+pub struct Admitted<'a> {
+    pub route: &'a RouteSpec,
+    pub route_name: &'a Arc<str>,
+    pub metrics: &'a Arc<RouteMetrics>,
+    pub key: Option<KeyId>,
+    pub start: Instant,
+    pub admission: Admission,
+}
 
 /// A limit in force for one request, with the setting that controls it for messages.
 #[derive(Debug, Clone, Copy)]
@@ -55,11 +69,13 @@ pub struct Forwarder {
     body_read_timeout: Duration,
     limits: LimitsConfig,
     access: AccessConfig,
-    limiter: Limiter,
+    limiter: Arc<Limiter>,
 }
 
 impl Forwarder {
-    pub fn new(config: &Config) -> Result<Forwarder, ConfigError> {
+    /// A forwarder for `config`. The limiter is passed in so a reload with the same limits
+    /// keeps the buckets and concurrency counts of requests still in flight.
+    pub fn new(config: &Config, limiter: Arc<Limiter>) -> Result<Forwarder, ConfigError> {
         let upstream = &config.upstream;
         let mut builder = reqwest::Client::builder()
             .use_rustls_tls()
@@ -89,8 +105,13 @@ impl Forwarder {
             body_read_timeout: config.server.body_read_timeout,
             limits: config.limits.clone(),
             access: config.access.clone(),
-            limiter: Limiter::new(&config.limits.admission),
+            limiter,
         })
+    }
+
+    /// The upstream HTTP client, for other requests that must go the same way.
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
     }
 
     fn read_timeout(&self, route: &RouteSpec) -> Bound<Duration> {
@@ -142,15 +163,13 @@ impl Forwarder {
         }
     }
 
-    /// Forwards one request that matched `route` and streams the answer back.
+    /// Forwards one admitted request and streams the answer back.
     pub async fn forward(
         &self,
-        route: &RouteSpec,
-        route_name: &Arc<str>,
+        admitted: Admitted<'_>,
         mut req: Request,
-        start: Instant,
-        admission: Admission,
     ) -> Result<Response, GatewayError> {
+        let route = admitted.route;
         let limit = self.body_limit(route, req.headers());
         let declared_length = req
             .headers()
@@ -214,29 +233,56 @@ impl Forwarder {
         }
 
         let read_timeout = self.read_timeout(route);
+        let route_metrics = admitted.metrics;
+        let in_flight = route_metrics.all().in_flight();
+        let sent = Instant::now();
         let upstream = self
             .send_with_idle_timeout(builder.send(), &progress, read_timeout)
             .await
-            .map_err(|err| match err {
-                SendError::Timeout => GatewayError::UpstreamTimeout {
-                    setting: read_timeout.setting.to_string(),
-                    timeout: read_timeout.value,
-                },
-                SendError::Reqwest(err) => self.classify_send_error(err, &progress, limit),
+            .map_err(|err| {
+                let err = match err {
+                    SendError::Timeout => GatewayError::UpstreamTimeout {
+                        setting: read_timeout.setting.to_string(),
+                        timeout: read_timeout.value,
+                    },
+                    SendError::Reqwest(err) => self.classify_send_error(err, &progress, limit),
+                };
+                if let Some(kind) = upstream_error_kind(&err) {
+                    route_metrics.count_upstream_error(kind);
+                }
+                err
             })?;
+        let upstream_ttfb = sent.elapsed();
+        route_metrics.observe_upstream_ttfb(upstream_ttfb);
 
         let status = upstream.status();
         let mut response_headers = upstream.headers().clone();
         headers::strip_hop_by_hop(&mut response_headers);
+        let content_type = response_headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .map(|ct| ct.split(';').next().unwrap_or("").trim());
+        let is_event_stream =
+            content_type.is_some_and(|ct| ct.eq_ignore_ascii_case("text/event-stream"));
+        let is_json = content_type.is_some_and(|ct| ct.eq_ignore_ascii_case("application/json"));
+        let usage = (route.usage && status.is_success() && (is_json || is_event_stream))
+            .then(UsageTap::new);
+        let stream_gauge = is_event_stream.then(|| route_metrics.all().open_stream());
         let log = RequestLog {
             method,
-            route: Arc::clone(route_name),
+            route: Arc::clone(admitted.route_name),
             status: status.as_u16(),
-            start,
+            start: admitted.start,
+            upstream_ttfb,
+            upstream_request_id: response_headers.get(X_REQUEST_ID).cloned(),
+            key: admitted.key,
             upload: progress,
             bytes_out: 0,
             outcome: Outcome::ClientAborted,
-            admission,
+            usage,
+            metrics: Arc::clone(route_metrics),
+            admission: admitted.admission,
+            gauges: (in_flight, stream_gauge),
         };
         let expected_len = response_headers
             .get(header::CONTENT_LENGTH)
@@ -281,6 +327,19 @@ impl Forwarder {
 enum SendError {
     Timeout,
     Reqwest(reqwest::Error),
+}
+
+/// The upstream's share of a failure, for `oa_bypass_upstream_errors_total`; `None` when the
+/// client or the gateway's own limits were the cause.
+fn upstream_error_kind(err: &GatewayError) -> Option<UpstreamErrorKind> {
+    match err {
+        GatewayError::UpstreamUnreachable(_) => Some(UpstreamErrorKind::Connect),
+        GatewayError::UpstreamConnectTimeout { .. } | GatewayError::UpstreamTimeout { .. } => {
+            Some(UpstreamErrorKind::Timeout)
+        }
+        GatewayError::UpstreamFailed(_) => Some(UpstreamErrorKind::Reset),
+        _ => None,
+    }
 }
 
 impl Forwarder {
@@ -330,56 +389,71 @@ fn check_path_params(route: &RouteSpec, req: &Request) -> Result<(), GatewayErro
     Ok(())
 }
 
+/// One method of a template: its manifest entry and its metric handles.
+struct MethodRoute {
+    spec: RouteSpec,
+    metrics: Arc<RouteMetrics>,
+}
+
 /// Serves every method of one path template: dispatches by method, answers 405 otherwise.
 pub struct TemplateEndpoint {
     forwarder: Arc<Forwarder>,
     realtime: Arc<Relay>,
+    metrics: Arc<Metrics>,
     template: Arc<str>,
-    methods: Vec<(Method, RouteSpec)>,
+    methods: Vec<MethodRoute>,
 }
 
 impl TemplateEndpoint {
     pub fn new(
         forwarder: Arc<Forwarder>,
         realtime: Arc<Relay>,
+        metrics: &Arc<Metrics>,
         template: &PathTemplate,
         routes: &[&RouteSpec],
     ) -> Self {
+        let template: Arc<str> = Arc::from(template.as_str());
         TemplateEndpoint {
             forwarder,
             realtime,
-            template: Arc::from(template.as_str()),
+            metrics: Arc::clone(metrics),
             methods: routes
                 .iter()
-                .map(|route| (route.method.clone(), (*route).clone()))
+                .map(|route| MethodRoute {
+                    spec: (*route).clone(),
+                    metrics: Arc::new(metrics.route(&template, &route.method)),
+                })
                 .collect(),
+            template,
         }
     }
 
-    async fn handle_inner(&self, req: Request, start: Instant) -> Result<Response, GatewayError> {
-        let Some((_, route)) = self.methods.iter().find(|(m, _)| m == req.method()) else {
-            return Err(GatewayError::MethodNotAllowed {
-                method: req.method().clone(),
-                template: self.template.to_string(),
-                allowed: self.methods.iter().map(|(m, _)| m.clone()).collect(),
-            });
+    async fn handle_inner(
+        &self,
+        route: &MethodRoute,
+        req: Request,
+        start: Instant,
+    ) -> Result<Response, GatewayError> {
+        check_path_params(&route.spec, &req)?;
+        let (admission, key) = self.admit(&req)?;
+        let admitted = Admitted {
+            route: &route.spec,
+            route_name: &self.template,
+            metrics: &route.metrics,
+            key,
+            start,
+            admission,
         };
-        check_path_params(route, &req)?;
-        let admission = self.admit(&req)?;
-        if route.accepts(BodyKind::WebSocket) {
-            self.realtime
-                .handle(&self.template, req, start, admission)
-                .await
+        if route.spec.accepts(BodyKind::WebSocket) {
+            self.realtime.handle(admitted, req).await
         } else {
-            self.forwarder
-                .forward(route, &self.template, req, start, admission)
-                .await
+            self.forwarder.forward(admitted, req).await
         }
     }
 
     /// Credential, allowed keys, then rate and concurrency limits: all before any upstream
     /// connection is made.
-    fn admit(&self, req: &Request) -> Result<Admission, GatewayError> {
+    fn admit(&self, req: &Request) -> Result<(Admission, Option<KeyId>), GatewayError> {
         let headers = req.headers();
         if !access::has_credential(headers) {
             return Err(GatewayError::MissingCredential);
@@ -390,7 +464,26 @@ impl TemplateEndpoint {
             .remote_addr()
             .as_socket_addr()
             .map(|peer| forwarder.access.client_ip(peer.ip(), headers));
-        forwarder.limiter.admit(ip, access::presented_key(headers))
+        let key = access::presented_key(headers).map(KeyId::of);
+        let admission = forwarder
+            .limiter
+            .admit(ip, key.as_ref().map(|key| &key.hash))
+            .inspect_err(|err| {
+                if let GatewayError::RateLimited { setting, .. }
+                | GatewayError::TooBusy { setting, .. } = err
+                {
+                    self.metrics.count_rate_limited(setting);
+                }
+            })?;
+        Ok((admission, key))
+    }
+
+    fn reject(&self, method: &Method, start: Instant, err: &GatewayError) -> Response {
+        let response = err.to_response();
+        let status = response.status().as_u16();
+        self.metrics.count_request(&self.template, method, status);
+        telemetry::log_rejected(method, &self.template, status, start, &err.to_string());
+        response
     }
 }
 
@@ -400,19 +493,25 @@ impl Endpoint for TemplateEndpoint {
     async fn call(&self, req: Request) -> poem::Result<Response> {
         let start = Instant::now();
         let method = req.method().clone();
-        match self.handle_inner(req, start).await {
-            Ok(response) => Ok(response),
-            Err(err) => {
-                let response = err.to_response();
-                telemetry::log_rejected(
-                    &method,
-                    &self.template,
-                    response.status().as_u16(),
-                    start,
-                    &err.to_string(),
-                );
+        let Some(route) = self
+            .methods
+            .iter()
+            .find(|route| route.spec.method == method)
+        else {
+            let err = GatewayError::MethodNotAllowed {
+                method: method.clone(),
+                template: self.template.to_string(),
+                allowed: self.methods.iter().map(|r| r.spec.method.clone()).collect(),
+            };
+            return Ok(self.reject(&method, start, &err));
+        };
+        match self.handle_inner(route, req, start).await {
+            Ok(response) => {
+                route.metrics.count_status(response.status().as_u16());
+                route.metrics.observe_response_headers(start.elapsed());
                 Ok(response)
             }
+            Err(err) => Ok(self.reject(&method, start, &err)),
         }
     }
 }

@@ -16,7 +16,6 @@ use std::time::Duration;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::StatusCode;
 use poem::{Body, Request, Response};
-use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
@@ -110,11 +109,10 @@ impl Relay {
     /// Answers one upgrade request for a `websocket` route.
     pub async fn handle(
         &self,
-        route_name: &Arc<str>,
+        admitted: crate::proxy::Admitted<'_>,
         req: Request,
-        start: Instant,
-        admission: crate::limits::Admission,
     ) -> Result<Response, GatewayError> {
+        let start = admitted.start;
         let client_key = check_upgrade_request(req.headers())?;
         let on_upgrade = req
             .take_upgrade()
@@ -162,13 +160,17 @@ impl Relay {
             }
         }
 
-        let route = Arc::clone(route_name);
+        let route = Arc::clone(admitted.route_name);
+        let metrics = Arc::clone(admitted.metrics);
+        let key = admitted.key.map(|key| key.prefix());
+        let admission = admitted.admission;
         let idle_timeout = self.idle_timeout;
         let ws_config = self.ws_config;
         let closing = self.sessions.closing.clone();
         self.sessions.tracker.spawn(async move {
             // Held for the session's life: a WebSocket counts against the concurrency limits.
             let _admission = admission;
+            let _open = metrics.all().realtime_session();
             let upgraded = match on_upgrade.await {
                 Ok(upgraded) => upgraded,
                 Err(err) => {
@@ -180,18 +182,26 @@ impl Relay {
             let client =
                 WebSocketStream::from_raw_socket(upgraded, Role::Server, Some(ws_config)).await;
             let summary = relay::run(client, upstream, idle_timeout, closing).await;
-            let duration_ms = start.elapsed().as_secs_f64() * 1000.0;
+            let elapsed = start.elapsed();
+            metrics.finish(
+                elapsed,
+                summary.bytes_from_client,
+                summary.bytes_from_upstream,
+            );
+            let duration_ms = (elapsed.as_secs_f64() * 1_000_000.0).round() / 1000.0;
             tracing::info!(
                 target: "oa_bypass::request",
                 method = "GET",
                 route = %route,
                 status = 101,
-                duration_ms = format_args!("{duration_ms:.1}"),
+                duration_ms,
                 messages_in = summary.from_client,
                 messages_out = summary.from_upstream,
                 bytes_in = summary.bytes_from_client,
                 bytes_out = summary.bytes_from_upstream,
                 outcome = summary.ending.as_str(),
+                key_hash = key.as_deref(),
+                "request"
             );
         });
         Ok(response)

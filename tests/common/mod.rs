@@ -391,10 +391,14 @@ impl Binary {
                 let Ok(line) = line else { break };
                 if line.contains("oa-bypass listening") {
                     if let Some(tx) = addr_tx.take() {
-                        let addr = line
-                            .split_whitespace()
-                            .find_map(|field| field.strip_prefix("addr="))
-                            .map(str::to_owned);
+                        // A text line says addr=…; a JSON line has an "addr" field.
+                        let addr = match serde_json::from_str::<serde_json::Value>(&line) {
+                            Ok(json) => json["addr"].as_str().map(str::to_owned),
+                            Err(_) => line
+                                .split_whitespace()
+                                .find_map(|field| field.strip_prefix("addr="))
+                                .map(str::to_owned),
+                        };
                         let _ = tx.send(addr);
                     }
                 }
@@ -426,6 +430,11 @@ impl Binary {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// The manifest file the binary was started with (rewrite it, then SIGHUP).
+    pub fn manifest_path(&self) -> std::path::PathBuf {
+        self._dir.path().join("routes.toml")
     }
 
     pub fn pid(&self) -> u32 {

@@ -1,0 +1,385 @@
+//! The token usage tap: reads the `usage` object and the model name out of an answer as it
+//! streams past, without holding back or changing a byte of it.
+//!
+//! The tap sees each chunk after it has been handed on, and keeps only small copies: the
+//! bytes just after a `"model"` key (to read the name) and after each `"usage"` key (to read
+//! the object). It works the same on one JSON document and on a server-sent event stream:
+//! - Chat Completions, Completions, Embeddings, images, audio: the top-level `usage` object.
+//! - Chat streams with `stream_options.include_usage`: every chunk says `"usage":null` except
+//!   the last, which carries the object.
+//! - Responses streams: `response.completed` (or `.incomplete`, `.failed`) carries it.
+//!
+//! The last `usage` object seen wins; the first `model` string names the model. A key is
+//! recognised lexically: `"usage"` preceded by a backslash is text inside a string (every
+//! quote in a JSON string is escaped), so it is skipped.
+
+use memchr::memmem::Finder;
+use serde_json::Value;
+
+/// Bytes kept after a `"usage"` key: the object with every detail is well under this.
+const USAGE_CAPTURE: usize = 4096;
+/// Bytes kept after a `"model"` key.
+const MODEL_CAPTURE: usize = 512;
+
+const USAGE_KEY: &[u8] = b"\"usage\"";
+const MODEL_KEY: &[u8] = b"\"model\"";
+
+/// Token counts of one answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub model: Option<String>,
+    pub input: u64,
+    pub output: u64,
+    pub cached_input: u64,
+    pub reasoning: u64,
+}
+
+impl Usage {
+    /// The non-zero counts with their `kind` label.
+    pub fn counts(&self) -> impl Iterator<Item = (&'static str, u64)> {
+        [
+            ("input", self.input),
+            ("output", self.output),
+            ("cached_input", self.cached_input),
+            ("reasoning", self.reasoning),
+        ]
+        .into_iter()
+        .filter(|(_, count)| *count > 0)
+    }
+
+    /// Reads OpenAI's usage shapes: `prompt_tokens`/`completion_tokens` (Chat, Completions,
+    /// Embeddings) and `input_tokens`/`output_tokens` (Responses, images, audio), with their
+    /// cached and reasoning details. `None` when the object counts no tokens at all.
+    fn from_object(object: &Value) -> Option<Usage> {
+        let number = |path: &[&str]| -> Option<u64> {
+            let mut value = object;
+            for key in path {
+                value = value.get(key)?;
+            }
+            value.as_u64()
+        };
+        let input = number(&["prompt_tokens"]).or_else(|| number(&["input_tokens"]));
+        let output = number(&["completion_tokens"]).or_else(|| number(&["output_tokens"]));
+        if input.is_none() && output.is_none() {
+            return None;
+        }
+        let cached_input = number(&["prompt_tokens_details", "cached_tokens"])
+            .or_else(|| number(&["input_tokens_details", "cached_tokens"]));
+        let reasoning = number(&["completion_tokens_details", "reasoning_tokens"])
+            .or_else(|| number(&["output_tokens_details", "reasoning_tokens"]));
+        Some(Usage {
+            model: None,
+            input: input.unwrap_or(0),
+            output: output.unwrap_or(0),
+            cached_input: cached_input.unwrap_or(0),
+            reasoning: reasoning.unwrap_or(0),
+        })
+    }
+}
+
+/// Bytes being copied after a key was seen, up to a cap.
+#[derive(Debug)]
+struct Capture {
+    bytes: Vec<u8>,
+    cap: usize,
+}
+
+impl Capture {
+    fn new(cap: usize) -> Capture {
+        Capture {
+            bytes: Vec::new(),
+            cap,
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.bytes.len() >= self.cap
+    }
+
+    fn push(&mut self, data: &[u8]) {
+        let room = self.cap.saturating_sub(self.bytes.len());
+        self.bytes.extend_from_slice(&data[..data.len().min(room)]);
+    }
+}
+
+/// Watches one answer go by. Feed it every chunk in order, then call [`UsageTap::finish`].
+pub struct UsageTap {
+    usage_finder: Finder<'static>,
+    model_finder: Finder<'static>,
+    /// The previous chunk's last bytes, to find a key split across two chunks.
+    tail: Vec<u8>,
+    usage: Option<Capture>,
+    model: Option<Capture>,
+    best: Option<Usage>,
+}
+
+impl std::fmt::Debug for UsageTap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UsageTap")
+            .field("best", &self.best)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for UsageTap {
+    fn default() -> Self {
+        UsageTap::new()
+    }
+}
+
+impl UsageTap {
+    pub fn new() -> UsageTap {
+        UsageTap {
+            usage_finder: Finder::new(USAGE_KEY),
+            model_finder: Finder::new(MODEL_KEY),
+            tail: Vec::with_capacity(USAGE_KEY.len()),
+            usage: None,
+            model: None,
+            best: None,
+        }
+    }
+
+    pub fn feed(&mut self, chunk: &[u8]) {
+        if let Some(capture) = self.usage.as_mut().filter(|c| !c.full()) {
+            capture.push(chunk);
+        }
+        if let Some(capture) = self.model.as_mut().filter(|c| !c.full()) {
+            capture.push(chunk);
+        }
+        self.find_split_keys(chunk);
+        let mut from = 0;
+        while let Some(at) = self.usage_finder.find(&chunk[from..]) {
+            let start = from + at;
+            let escaped = match start.checked_sub(1) {
+                Some(before) => chunk[before] == b'\\',
+                None => self.tail.last() == Some(&b'\\'),
+            };
+            if !escaped {
+                self.start_usage(&chunk[start + USAGE_KEY.len()..]);
+            }
+            from = start + USAGE_KEY.len();
+        }
+        if self.model.is_none() {
+            let mut from = 0;
+            while let Some(at) = self.model_finder.find(&chunk[from..]) {
+                let start = from + at;
+                let escaped = match start.checked_sub(1) {
+                    Some(before) => chunk[before] == b'\\',
+                    None => self.tail.last() == Some(&b'\\'),
+                };
+                if !escaped {
+                    let mut capture = Capture::new(MODEL_CAPTURE);
+                    capture.push(&chunk[start + MODEL_KEY.len()..]);
+                    self.model = Some(capture);
+                    break;
+                }
+                from = start + MODEL_KEY.len();
+            }
+        }
+        // Keep the last bytes for the next chunk: enough for a key minus one byte, plus the
+        // byte before it (to tell an escaped quote).
+        let keep = USAGE_KEY.len().min(chunk.len());
+        if keep == USAGE_KEY.len() {
+            self.tail.clear();
+        } else {
+            let overflow = (self.tail.len() + keep).saturating_sub(USAGE_KEY.len());
+            self.tail.drain(..overflow);
+        }
+        self.tail.extend_from_slice(&chunk[chunk.len() - keep..]);
+    }
+
+    /// A key that began in the previous chunk and ends in this one.
+    fn find_split_keys(&mut self, chunk: &[u8]) {
+        if self.tail.is_empty() {
+            return;
+        }
+        let head = &chunk[..chunk.len().min(USAGE_KEY.len() - 1)];
+        let mut joint = Vec::with_capacity(self.tail.len() + head.len());
+        joint.extend_from_slice(&self.tail);
+        joint.extend_from_slice(head);
+        for (key, is_usage) in [(USAGE_KEY, true), (MODEL_KEY, false)] {
+            let Some(start) = memchr::memmem::find(&joint, key) else {
+                continue;
+            };
+            let end = start + key.len();
+            // Only a key that straddles the boundary: one wholly in the tail was already
+            // seen, one wholly in the chunk is found by the chunk's own search.
+            if start >= self.tail.len() || end <= self.tail.len() {
+                continue;
+            }
+            if start > 0 && joint[start - 1] == b'\\' {
+                continue;
+            }
+            let rest = &chunk[end - self.tail.len()..];
+            if is_usage {
+                self.start_usage(rest);
+            } else if self.model.is_none() {
+                let mut capture = Capture::new(MODEL_CAPTURE);
+                capture.push(rest);
+                self.model = Some(capture);
+            }
+        }
+    }
+
+    /// A new `"usage"` key: the one before it is read now (it may hold the object, while
+    /// the new one may say `null`), then copying starts over.
+    fn start_usage(&mut self, rest: &[u8]) {
+        let mut capture = match self.usage.take() {
+            Some(mut previous) => {
+                self.settle(&previous);
+                previous.bytes.clear();
+                previous
+            }
+            None => Capture::new(USAGE_CAPTURE),
+        };
+        capture.push(rest);
+        self.usage = Some(capture);
+    }
+
+    fn settle(&mut self, capture: &Capture) {
+        if let Some(usage) = value_after_colon(&capture.bytes)
+            .filter(Value::is_object)
+            .and_then(|object| Usage::from_object(&object))
+        {
+            self.best = Some(usage);
+        }
+    }
+
+    /// The usage of the whole answer, if it reported any, with the model when it named one.
+    pub fn finish(mut self) -> Option<Usage> {
+        if let Some(capture) = self.usage.take() {
+            self.settle(&capture);
+        }
+        let mut usage = self.best.take()?;
+        usage.model = self
+            .model
+            .as_ref()
+            .and_then(|capture| value_after_colon(&capture.bytes))
+            .and_then(|value| value.as_str().map(str::to_owned));
+        Some(usage)
+    }
+}
+
+/// Parses the JSON value after `: ` at the start of `bytes`, ignoring what follows it.
+fn value_after_colon(bytes: &[u8]) -> Option<Value> {
+    let rest = bytes.trim_ascii_start().strip_prefix(b":")?;
+    let rest = rest.trim_ascii_start();
+    // Only self-delimiting values are read: a number cut at the capture's end would parse.
+    if !matches!(rest.first(), Some(b'{' | b'"')) {
+        return None;
+    }
+    serde_json::Deserializer::from_slice(rest)
+        .into_iter::<Value>()
+        .next()?
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tap_all(chunks: &[&[u8]]) -> Option<Usage> {
+        let mut tap = UsageTap::new();
+        for chunk in chunks {
+            tap.feed(chunk);
+        }
+        tap.finish()
+    }
+
+    /// Every way of cutting `text` in two, and one byte at a time.
+    fn all_splits(text: &[u8]) -> Vec<Option<Usage>> {
+        let mut results = Vec::new();
+        for cut in 0..=text.len() {
+            results.push(tap_all(&[&text[..cut], &text[cut..]]));
+        }
+        let bytes: Vec<&[u8]> = text.chunks(1).collect();
+        results.push(tap_all(&bytes));
+        results
+    }
+
+    const CHAT: &str = r#"{
+  "id": "chatcmpl-1",
+  "object": "chat.completion",
+  "model": "gpt-4o-mini-2024-07-18",
+  "choices": [{"index": 0, "message": {"role": "assistant", "content": "say \"usage\": {\"prompt_tokens\": 999}"}}],
+  "usage": {
+    "prompt_tokens": 19,
+    "completion_tokens": 10,
+    "total_tokens": 29,
+    "prompt_tokens_details": {"cached_tokens": 4, "audio_tokens": 0},
+    "completion_tokens_details": {"reasoning_tokens": 2}
+  },
+  "system_fingerprint": "fp_1"
+}"#;
+
+    #[test]
+    fn reads_a_pretty_printed_chat_completion_at_every_split() {
+        let expected = Usage {
+            model: Some("gpt-4o-mini-2024-07-18".to_owned()),
+            input: 19,
+            output: 10,
+            cached_input: 4,
+            reasoning: 2,
+        };
+        for result in all_splits(CHAT.as_bytes()) {
+            assert_eq!(result.as_ref(), Some(&expected));
+        }
+    }
+
+    #[test]
+    fn a_chat_stream_counts_the_final_chunk_not_the_nulls() {
+        let stream = concat!(
+            "data: {\"id\":\"c\",\"model\":\"gpt-4o\",\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n",
+            "data: {\"id\":\"c\",\"model\":\"gpt-4o\",\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":3,\"total_tokens\":10}}\n\n",
+            "data: [DONE]\n\n"
+        );
+        for result in all_splits(stream.as_bytes()) {
+            let usage = result.expect("usage");
+            assert_eq!((usage.input, usage.output), (7, 3));
+            assert_eq!(usage.model.as_deref(), Some("gpt-4o"));
+        }
+    }
+
+    #[test]
+    fn a_responses_stream_counts_response_completed() {
+        let stream = concat!(
+            "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"model\":\"gpt-5\",\"usage\":null}}\n\n",
+            "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"\\\"usage\\\":{\\\"input_tokens\\\":1}\"}\n\n",
+            "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"model\":\"gpt-5\",\"usage\":{\"input_tokens\":11,\"input_tokens_details\":{\"cached_tokens\":0},\"output_tokens\":22,\"output_tokens_details\":{\"reasoning_tokens\":5},\"total_tokens\":33}}}\n\n",
+        );
+        for result in all_splits(stream.as_bytes()) {
+            let usage = result.expect("usage");
+            assert_eq!(
+                (
+                    usage.input,
+                    usage.output,
+                    usage.reasoning,
+                    usage.cached_input
+                ),
+                (11, 22, 5, 0)
+            );
+            assert_eq!(usage.model.as_deref(), Some("gpt-5"));
+        }
+    }
+
+    #[test]
+    fn no_usage_means_nothing_counted() {
+        assert_eq!(tap_all(&[b"{\"object\":\"list\",\"data\":[]}"]), None);
+        assert_eq!(tap_all(&[b"{\"usage\":null}"]), None);
+        assert_eq!(
+            tap_all(&[b"{\"usage\":{\"type\":\"duration\",\"seconds\":3}}"]),
+            None
+        );
+        // Cut off mid-object: nothing is guessed.
+        assert_eq!(tap_all(&[b"{\"usage\":{\"prompt_tokens\":5,"]), None);
+    }
+
+    #[test]
+    fn embeddings_count_input_only() {
+        let body = br#"{"object":"list","data":[{"embedding":[0.1,0.2]}],"model":"text-embedding-3-small","usage":{"prompt_tokens":8,"total_tokens":8}}"#;
+        let usage = tap_all(&[body]).expect("usage");
+        assert_eq!((usage.input, usage.output), (8, 0));
+        assert_eq!(usage.counts().collect::<Vec<_>>(), vec![("input", 8)]);
+        assert_eq!(usage.model.as_deref(), Some("text-embedding-3-small"));
+    }
+}
