@@ -168,27 +168,24 @@ fn build(
         |endpoint| access::IpFilter::new(endpoint, Arc::clone(&access), Arc::clone(metrics));
     let mut api = Route::new();
     if config.openapi.enabled {
-        let document = serde_json::to_vec_pretty(&openapi::document(config)).map_err(|err| {
-            ConfigError::Invalid(vec![format!(
-                "cannot serialise the OpenAPI document: {err}"
-            )])
-        })?;
-        let html = openapi::swagger_ui_html(&config.openapi.title).ok_or_else(|| {
-            ConfigError::Invalid(vec![
-                "openapi: the bundled Swagger UI page has an unexpected shape; \
+        // Built on first request, from this manifest.
+        let routes = config.clone();
+        let document = openapi::LazyDocument::new("application/json", move || {
+            serde_json::to_vec_pretty(&openapi::document(&routes))
+                .map(Into::into)
+                .map_err(|err| format!("cannot serialise the OpenAPI document: {err}"))
+        });
+        let title = config.openapi.title.clone();
+        let html = openapi::LazyDocument::new("text/html; charset=utf-8", move || {
+            openapi::swagger_ui_html(&title).map(Into::into).ok_or_else(|| {
+                "the bundled Swagger UI page has an unexpected shape; \
                  set openapi.enabled = false to serve without it"
-                    .to_owned(),
-            ])
-        })?;
+                    .to_owned()
+            })
+        });
         api = api
-            .at(
-                openapi::DOCUMENT_PATH,
-                guard(openapi::StaticDocument::new(document, "application/json").boxed()),
-            )
-            .at(
-                openapi::DOCS_PATH,
-                guard(openapi::StaticDocument::new(html, "text/html; charset=utf-8").boxed()),
-            );
+            .at(openapi::DOCUMENT_PATH, guard(document.boxed()))
+            .at(openapi::DOCS_PATH, guard(html.boxed()));
     }
     if config.metrics.enabled {
         api = api.at(

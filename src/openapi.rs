@@ -283,22 +283,40 @@ fn html_escape(text: &str) -> String {
         .replace('>', "&gt;")
 }
 
-/// Serves a fixed body with a content type on GET (and HEAD); 405 otherwise.
-pub struct StaticDocument {
-    body: bytes::Bytes,
+/// The body of a lazily built document.
+type Build = Box<dyn Fn() -> Result<bytes::Bytes, String> + Send + Sync>;
+
+/// Serves a document built on its first request (the OpenAPI document and the Swagger UI page
+/// take megabytes to build, which an idle gateway should not hold), on GET and HEAD; 405
+/// otherwise.
+pub struct LazyDocument {
+    build: Build,
+    body: std::sync::OnceLock<bytes::Bytes>,
     content_type: &'static str,
 }
 
-impl StaticDocument {
-    pub fn new(body: impl Into<bytes::Bytes>, content_type: &'static str) -> Self {
-        StaticDocument {
-            body: body.into(),
+impl LazyDocument {
+    pub fn new(
+        content_type: &'static str,
+        build: impl Fn() -> Result<bytes::Bytes, String> + Send + Sync + 'static,
+    ) -> Self {
+        LazyDocument {
+            build: Box::new(build),
+            body: std::sync::OnceLock::new(),
             content_type,
         }
     }
+
+    fn body(&self) -> Result<bytes::Bytes, String> {
+        if let Some(body) = self.body.get() {
+            return Ok(body.clone());
+        }
+        let body = (self.build)()?;
+        Ok(self.body.get_or_init(|| body).clone())
+    }
 }
 
-impl Endpoint for StaticDocument {
+impl Endpoint for LazyDocument {
     type Output = Response;
 
     async fn call(&self, req: Request) -> poem::Result<Response> {
@@ -310,9 +328,15 @@ impl Endpoint for StaticDocument {
             }
             .to_response());
         }
-        Ok(Response::builder()
-            .header(header::CONTENT_TYPE, self.content_type)
-            .body(self.body.clone()))
+        match self.body() {
+            Ok(body) => Ok(Response::builder()
+                .header(header::CONTENT_TYPE, self.content_type)
+                .body(body)),
+            Err(message) => {
+                tracing::error!(error = %message, "cannot build {}", req.uri().path());
+                Ok(GatewayError::Internal(message).to_response())
+            }
+        }
     }
 }
 
