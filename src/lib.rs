@@ -97,20 +97,29 @@ impl Shared {
 /// whole on reload; requests in flight keep the one they started with) and the state that
 /// outlives it.
 pub struct App {
-    current: ArcSwap<BoxEndpoint<'static, Response>>,
+    /// One endpoint per worker: each worker's requests use its own upstream pool, so a
+    /// request's tasks stay on one thread.
+    current: Vec<ArcSwap<BoxEndpoint<'static, Response>>>,
     /// The `[server]` settings the process started with; they need a restart to change.
     server: config::ServerConfig,
     log: config::LogConfig,
     pub shared: Arc<Shared>,
 }
 
-/// Builds the gateway from `config`.
+/// Builds the gateway from `config`, for one worker (tests, or a single runtime).
 pub fn app(config: &Config) -> Result<Arc<App>, ConfigError> {
+    app_for_workers(config, 1)
+}
+
+/// Builds the gateway from `config` with one endpoint per worker.
+pub fn app_for_workers(config: &Config, workers: usize) -> Result<Arc<App>, ConfigError> {
     let shared = Arc::new(Shared::new(config));
-    let endpoint = build(config, &shared)?;
+    let current = (0..workers.max(1))
+        .map(|_| build(config, &shared).map(ArcSwap::from_pointee))
+        .collect::<Result<Vec<_>, _>>()?;
     shared.generation.store(1, Ordering::Relaxed);
     Ok(Arc::new(App {
-        current: ArcSwap::from_pointee(endpoint),
+        current,
         server: config.server.clone(),
         log: config.log.clone(),
         shared,
@@ -118,19 +127,29 @@ pub fn app(config: &Config) -> Result<Arc<App>, ConfigError> {
 }
 
 impl App {
-    /// The endpoint new requests go to.
-    pub fn endpoint(&self) -> Arc<BoxEndpoint<'static, Response>> {
-        self.current.load_full()
+    /// The endpoint `worker`'s new requests go to.
+    pub fn endpoint(&self, worker: usize) -> Arc<BoxEndpoint<'static, Response>> {
+        self.current[worker % self.current.len()].load_full()
+    }
+
+    pub fn workers(&self) -> usize {
+        self.current.len()
     }
 
     /// Serves `config` from now on. Requests and streams already running finish on the
     /// manifest they started with. On error nothing changes. Settings that only apply at
     /// start-up (`[server]`, `[log]`) are kept, with a warning when they differ.
     pub fn reload(&self, config: &Config) -> Result<(), ConfigError> {
-        let result = build(config, &self.shared);
+        // Every worker's endpoint is built before any is swapped: all or nothing.
+        let result = self
+            .current
+            .iter()
+            .map(|_| build(config, &self.shared))
+            .collect::<Result<Vec<_>, _>>();
         self.shared.metrics.count_reload(result.is_ok());
-        let endpoint = result?;
-        self.current.store(Arc::new(endpoint));
+        for (slot, endpoint) in self.current.iter().zip(result?) {
+            slot.store(Arc::new(endpoint));
+        }
         self.shared.metrics.configure(&config.metrics);
         let generation = self.shared.generation.fetch_add(1, Ordering::Relaxed) + 1;
         if config.server != self.server {
@@ -177,11 +196,13 @@ fn build(
         });
         let title = config.openapi.title.clone();
         let html = openapi::LazyDocument::new("text/html; charset=utf-8", move || {
-            openapi::swagger_ui_html(&title).map(Into::into).ok_or_else(|| {
-                "the bundled Swagger UI page has an unexpected shape; \
+            openapi::swagger_ui_html(&title)
+                .map(Into::into)
+                .ok_or_else(|| {
+                    "the bundled Swagger UI page has an unexpected shape; \
                  set openapi.enabled = false to serve without it"
-                    .to_owned()
-            })
+                        .to_owned()
+                })
         });
         api = api
             .at(openapi::DOCUMENT_PATH, guard(document.boxed()))

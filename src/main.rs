@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use oa_bypass::tls::Tls;
-use oa_bypass::{app, config::Config, server, telemetry, App};
+use oa_bypass::{app, app_for_workers, config::Config, server, telemetry, App};
 
 const USAGE: &str = "\
 oa-bypass: a self-hosted passthrough gateway for the OpenAI API
@@ -122,21 +122,11 @@ fn main() -> ExitCode {
         };
     }
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("oa-bypass: cannot start the async runtime: {err}");
-            return ExitCode::FAILURE;
-        }
-    };
     let result = match cli.command {
-        Command::Healthcheck => runtime.block_on(healthcheck(&config)),
+        Command::Healthcheck => runtime().and_then(|rt| rt.block_on(healthcheck(&config))),
         _ => {
             telemetry::init(&config.log);
-            runtime.block_on(serve(config, cli.config))
+            serve(config, cli.config)
         }
     };
     match result {
@@ -148,18 +138,69 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(config: Config, explicit: Option<PathBuf>) -> Result<(), String> {
-    let app = app(&config).map_err(|err| format!("invalid configuration:\n{err}"))?;
-    let tls = Tls::from_config(&config.server)?;
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|err| format!("cannot start the async runtime: {err}"))
+}
+
+/// Serves with `server.workers` threads, each running its own single-threaded event loop
+/// with its own listener (the kernel spreads connections across them with `SO_REUSEPORT`)
+/// and its own upstream connection pool, so the tasks of one request never wake another
+/// thread. This thread keeps a small event loop for signals, reloads and ACME renewal.
+fn serve(config: Config, explicit: Option<PathBuf>) -> Result<(), String> {
+    let workers = if cfg!(unix) {
+        config.server.worker_count()
+    } else {
+        1
+    };
+    let app = app_for_workers(&config, workers)
+        .map_err(|err| format!("invalid configuration:\n{err}"))?;
+    let control = runtime()?;
+    let tls = control.block_on(async { Tls::from_config(&config.server) })?;
     let addr = SocketAddr::new(config.server.host, config.server.port);
-    let acceptor = server::Listener::bind(addr)
-        .await
-        .map_err(|err| format!("cannot listen on {addr} (server.host, server.port): {err}"))?
-        .with_tls(tls.clone());
-    #[cfg(unix)]
-    tokio::spawn(reload_on_sighup(Arc::clone(&app), tls, explicit));
-    #[cfg(not(unix))]
-    let _ = (tls, explicit);
+    let cannot_listen =
+        |err: std::io::Error| format!("cannot listen on {addr} (server.host, server.port): {err}");
+    // SO_REUSEPORT would let a second gateway on the same port share it silently: a plain
+    // bind first makes "address in use" an error, as it is for any server.
+    if config.server.port != 0 {
+        std::net::TcpListener::bind(addr).map_err(cannot_listen)?;
+    }
+    let mut settings = config.server.clone();
+    settings.max_connections = settings.max_connections.and_then(|max| {
+        std::num::NonZeroU32::new(max.get().div_ceil(u32::try_from(workers).unwrap_or(1)))
+    });
+    let mut bound = Vec::with_capacity(workers);
+    let mut bind_to = addr;
+    for worker in 0..workers {
+        let rt = runtime()?;
+        let listener = {
+            let _inside = rt.enter();
+            bind(bind_to, worker).map_err(cannot_listen)?
+        };
+        // With port 0 the first bind picks the port; the others join it.
+        bind_to = listener.local_addr();
+        bound.push((rt, listener.with_tls(tls.clone())));
+    }
+
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut threads = Vec::with_capacity(workers);
+    for (worker, (rt, listener)) in bound.into_iter().enumerate() {
+        let app = Arc::clone(&app);
+        let settings = settings.clone();
+        let mut stopped = stopped.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("oa-bypass-{worker}"))
+            .spawn(move || {
+                let shutdown = async move {
+                    let _ = stopped.wait_for(|stop| *stop).await;
+                };
+                rt.block_on(server::serve(listener, app, shutdown, settings))
+            })
+            .map_err(|err| format!("cannot start worker thread {worker}: {err}"))?;
+        threads.push(thread);
+    }
     let by_tag: Vec<String> = config
         .routes
         .count_by_tag()
@@ -167,24 +208,48 @@ async fn serve(config: Config, explicit: Option<PathBuf>) -> Result<(), String> 
         .map(|(tag, count)| format!("{tag}={count}"))
         .collect();
     tracing::info!(
-        addr = %acceptor.local_addr(),
+        addr = %bind_to,
         tls = config.server.tls.is_some() || config.server.acme.is_some(),
+        workers,
         upstream = %config.upstream.base_url,
         manifest = %config.source,
         routes = config.routes.len(),
         "oa-bypass listening"
     );
     tracing::info!("endpoints by tag: {}", by_tag.join(", "));
-    server::serve(
-        acceptor,
-        app,
-        server::shutdown_signal(),
-        config.server.clone(),
-    )
-    .await
-    .map_err(|err| format!("server failed: {err}"))?;
+    control.block_on(async {
+        #[cfg(unix)]
+        tokio::spawn(reload_on_sighup(Arc::clone(&app), tls, explicit));
+        #[cfg(not(unix))]
+        let _ = (tls, explicit);
+        server::shutdown_signal().await;
+    });
+    let _ = stop.send(true);
+    let mut failure = None;
+    for thread in threads {
+        match thread.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => failure = Some(format!("server failed: {err}")),
+            Err(_) => failure = Some("a worker thread panicked".to_owned()),
+        }
+    }
+    if let Some(failure) = failure {
+        return Err(failure);
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+#[cfg(unix)]
+fn bind(addr: SocketAddr, worker: usize) -> std::io::Result<server::Listener> {
+    server::Listener::bind_shared(addr, worker)
+}
+
+#[cfg(not(unix))]
+fn bind(addr: SocketAddr, _worker: usize) -> std::io::Result<server::Listener> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    server::Listener::from_std(listener)
 }
 
 /// Reloads the manifest (the same file and environment as at start) on every SIGHUP, and

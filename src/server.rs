@@ -37,6 +37,8 @@ pub struct Listener {
     listener: TcpListener,
     local: SocketAddr,
     tls: Option<Arc<Tls>>,
+    /// Which of the app's per-worker endpoints this listener's connections use.
+    worker: usize,
 }
 
 impl Listener {
@@ -47,6 +49,41 @@ impl Listener {
             listener,
             local,
             tls: None,
+            worker: 0,
+        })
+    }
+
+    /// A listener for `worker` that shares its port with the other workers' (`SO_REUSEPORT`:
+    /// the kernel spreads new connections across them). Call inside the worker's runtime.
+    #[cfg(unix)]
+    pub fn bind_shared(addr: SocketAddr, worker: usize) -> io::Result<Listener> {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.set_reuseport(true)?;
+        socket.bind(addr)?;
+        let listener = socket.listen(1024)?;
+        let local = listener.local_addr()?;
+        Ok(Listener {
+            listener,
+            local,
+            tls: None,
+            worker,
+        })
+    }
+
+    /// Wraps a bound, non-blocking std listener. Call inside the serving runtime.
+    pub fn from_std(listener: std::net::TcpListener) -> io::Result<Listener> {
+        let listener = TcpListener::from_std(listener)?;
+        let local = listener.local_addr()?;
+        Ok(Listener {
+            listener,
+            local,
+            tls: None,
+            worker: 0,
         })
     }
 
@@ -122,6 +159,7 @@ pub async fn serve(
 
         let connection = Connection {
             app: Arc::clone(&app),
+            worker: listener.worker,
             builder: builder.clone(),
             local: local.clone(),
             remote,
@@ -163,16 +201,18 @@ pub async fn serve(
         }
     }
 
+    let worker = listener.worker;
     drop(listener);
     sessions.stop_accepting();
     tracing::info!(
+        worker,
         grace = %humantime::format_duration(grace),
         realtime_sessions = sessions.open(),
         "no longer accepting; waiting for in-flight requests"
     );
     let everything = futures_util::future::join(graceful.shutdown(), sessions.finished());
     tokio::select! {
-        _ = everything => tracing::info!("all connections finished"),
+        _ = everything => tracing::info!(worker, "all connections finished"),
         () = tokio::time::sleep(grace) => {
             tracing::warn!(
                 realtime_sessions = sessions.open(),
@@ -190,6 +230,7 @@ pub async fn serve(
 /// Everything one accepted connection needs to be served.
 struct Connection {
     app: Arc<App>,
+    worker: usize,
     builder: auto::Builder<TokioExecutor>,
     local: LocalAddr,
     remote: SocketAddr,
@@ -204,6 +245,7 @@ impl Connection {
     {
         let Connection {
             app,
+            worker,
             builder,
             local,
             remote,
@@ -213,7 +255,7 @@ impl Connection {
         let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
             // The endpoint of the manifest loaded now: a reload between two requests on one
             // connection serves the second with the new routes.
-            let endpoint = app.endpoint();
+            let endpoint = app.endpoint(worker);
             let request: poem::Request = (
                 req,
                 local.clone(),

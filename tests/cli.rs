@@ -43,7 +43,7 @@ fn bad_manifests_are_refused_with_one_clear_message() {
     assert_refused(
         &format!("[server]\nprot = 80\n{ROUTE}"),
         &[],
-        "server.prot: unknown key; allowed here: host, port, shutdown_grace, header_read_timeout, body_read_timeout, max_header_bytes, max_connections, tls, acme (in bad.toml)",
+        "server.prot: unknown key; allowed here: host, port, shutdown_grace, header_read_timeout, body_read_timeout, max_header_bytes, max_connections, workers, tls, acme (in bad.toml)",
     );
     assert_refused(
         &format!("{ROUTE}[[routes]]\nmethod = \"POST\"\npath = \"/v1/x\"\nbody = \"xml\"\n"),

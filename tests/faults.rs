@@ -215,9 +215,13 @@ async fn many_requests_and_streams_leave_no_leak() {
     .await;
     // One malloc arena, so what RSS shows is the gateway's retention rather than how glibc
     // happens to spread allocations over per-thread arenas.
+    const WORKERS: usize = 2;
     let gateway = Binary::spawn(
         &common::test_manifest(&upstream.base_url(), ""),
-        &[("MALLOC_ARENA_MAX", "1")],
+        &[
+            ("MALLOC_ARENA_MAX", "1"),
+            ("OA_BYPASS_SERVER__WORKERS", &WORKERS.to_string()),
+        ],
     );
     let pid = gateway.pid();
     let sample = || (open_fds(pid), common::proc_status_kib(pid, "VmRSS"));
@@ -286,9 +290,12 @@ async fn many_requests_and_streams_leave_no_leak() {
     println!(
         "sequential: idle {idle:?}, after 10,000 {once:?}, after 20,000 {twice:?} (fds, RSS KiB)"
     );
-    assert_eq!(
-        twice.0, idle.0,
-        "descriptors leaked over sequential requests"
+    // Each sequential() is a new client connection, which the kernel may hand to either
+    // worker; each worker pools its own upstream connection, so one more descriptor per
+    // other worker may appear once, and never more.
+    assert!(
+        twice.0 < idle.0 + WORKERS,
+        "descriptors leaked over sequential requests: {idle:?} -> {once:?} -> {twice:?}"
     );
     assert!(
         twice.1 <= once.1 + 1024,
@@ -302,9 +309,9 @@ async fn many_requests_and_streams_leave_no_leak() {
     for _ in 0..5 {
         concurrent_streams(1000).await;
         let (fds, kib) = sample();
-        // Up to 256 idle upstream connections stay pooled for reuse, by design.
+        // Up to 256 idle upstream connections per worker stay pooled for reuse, by design.
         assert!(
-            fds <= idle.0 + 256 + 16,
+            fds <= idle.0 + 256 * WORKERS + 16,
             "descriptors grew from {} to {fds}",
             idle.0
         );

@@ -156,8 +156,21 @@ pub struct ServerConfig {
     pub max_header_bytes: u64,
     /// Connections served at once; `None` is unlimited.
     pub max_connections: Option<NonZeroU32>,
+    /// Worker threads, each with its own event loop, listener and upstream pool; `None`:
+    /// one per CPU core.
+    pub workers: Option<NonZeroU32>,
     pub tls: Option<TlsConfig>,
     pub acme: Option<AcmeConfig>,
+}
+
+impl ServerConfig {
+    /// How many workers to run: `workers`, else one per CPU core this process may use.
+    pub fn worker_count(&self) -> usize {
+        match self.workers {
+            Some(n) => n.get() as usize,
+            None => std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -259,6 +272,13 @@ impl Config {
             (
                 "server.max_connections",
                 show_limit(self.server.max_connections),
+            ),
+            (
+                "server.workers",
+                self.server.workers.map_or_else(
+                    || format!("auto ({})", self.server.worker_count()),
+                    |n| n.to_string(),
+                ),
             ),
             (
                 "server.tls",
@@ -582,6 +602,7 @@ fn validate(raw: RawConfig, source: ManifestSource) -> Result<Config, ConfigErro
             body_read_timeout: raw.server.body_read_timeout.0,
             max_header_bytes: raw.server.max_header_bytes.0,
             max_connections: NonZeroU32::new(raw.server.max_connections),
+            workers: NonZeroU32::new(raw.server.workers),
             tls,
             acme,
         },
@@ -932,7 +953,7 @@ mod tests {
         let err = error_of(&format!("[server]\nprot = 80\n{ONE_ROUTE}"));
         assert_eq!(
             err,
-            "server.prot: unknown key; allowed here: host, port, shutdown_grace, header_read_timeout, body_read_timeout, max_header_bytes, max_connections, tls, acme (in inline manifest)"
+            "server.prot: unknown key; allowed here: host, port, shutdown_grace, header_read_timeout, body_read_timeout, max_header_bytes, max_connections, workers, tls, acme (in inline manifest)"
         );
         let err =
             error_of("[[routes]]\nmethod = \"GET\"\npath = \"/v1/models\"\nbodee = \"json\"\n");

@@ -44,6 +44,7 @@ pub struct RawServer {
     pub body_read_timeout: HumanDuration,
     pub max_header_bytes: ByteSize,
     pub max_connections: u32,
+    pub workers: u32,
     pub tls: Option<RawTls>,
     pub acme: Option<RawAcme>,
 }
@@ -116,6 +117,7 @@ impl Default for RawServer {
             body_read_timeout: HumanDuration(std::time::Duration::from_secs(60)),
             max_header_bytes: ByteSize(64 << 10),
             max_connections: 10_000,
+            workers: 0,
             tls: None,
             acme: None,
         }
