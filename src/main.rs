@@ -306,7 +306,9 @@ fn hash_key() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// `GET /health` against the configured port on loopback: exit 0 when it answers 200.
+/// `GET /health` against the configured port on loopback: exit 0 when it answers 200. Over
+/// HTTPS when the gateway serves TLS; the certificate is not checked, since it names the
+/// public domain, not loopback, and this only asks our own process whether it is alive.
 async fn healthcheck(config: &Config) -> Result<(), String> {
     let host = if config.server.host.is_unspecified() {
         match config.server.host {
@@ -319,9 +321,13 @@ async fn healthcheck(config: &Config) -> Result<(), String> {
             std::net::IpAddr::V6(ip) => format!("[{ip}]"),
         }
     };
-    let url = format!("http://{host}:{}/health", config.server.port);
+    let tls = config.server.tls.is_some() || config.server.acme.is_some();
+    let scheme = if tls { "https" } else { "http" };
+    let url = format!("{scheme}://{host}:{}/health", config.server.port);
     let client = reqwest::Client::builder()
         .no_proxy()
+        .use_rustls_tls()
+        .danger_accept_invalid_certs(tls)
         .timeout(std::time::Duration::from_secs(3))
         .build()
         .map_err(|err| format!("healthcheck: {err}"))?;

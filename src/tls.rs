@@ -23,8 +23,11 @@ use crate::config::{AcmeConfig, ServerConfig, TlsConfig};
 pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 /// Renew when the certificate has less than this left.
 const RENEW_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
-/// How often the renewal task looks at the certificate (and retries after a failure).
+/// How often the renewal task looks at the certificate (and retries a failed renewal).
 const RENEW_CHECK_EVERY: Duration = Duration::from_secs(3600);
+/// The retry while there is no certificate at all: soon, but within Let's Encrypt's limit of
+/// 5 failed validations per hostname and hour.
+const FIRST_CERT_RETRY: Duration = Duration::from_secs(15 * 60);
 
 /// The TLS side of the listener.
 pub struct Tls {
@@ -122,8 +125,8 @@ impl ResolvesServerCert for FixedCert {
 }
 
 fn acceptor_from_files(files: &TlsConfig) -> Result<TlsAcceptor, String> {
-    let chain = read_chain(&files.cert)?;
-    let key = read_key(&files.key)?;
+    let chain = read_chain("server.tls.cert", &files.cert)?;
+    let key = read_key("server.tls.key", &files.key)?;
     let signing_key = provider()
         .key_provider
         .load_private_key(key)
@@ -144,24 +147,25 @@ fn acceptor_from_files(files: &TlsConfig) -> Result<TlsAcceptor, String> {
     acceptor_with(Arc::new(FixedCert(Arc::new(certified))), alpn_protocols())
 }
 
-fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+/// Reads a PEM certificate chain; `setting` names where the path came from, for messages.
+fn read_chain(setting: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let chain = CertificateDer::pem_file_iter(path)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|err| format!("server.tls.cert: cannot read {}: {err}", path.display()))?;
+        .map_err(|err| format!("{setting}: cannot read {}: {err}", path.display()))?;
     if chain.is_empty() {
         return Err(format!(
-            "server.tls.cert: {} holds no PEM certificate",
+            "{setting}: {} holds no PEM certificate",
             path.display()
         ));
     }
     Ok(chain)
 }
 
-fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+fn read_key(setting: &str, path: &Path) -> Result<PrivateKeyDer<'static>, String> {
     // The error never quotes the file: it holds the private key.
     PrivateKeyDer::from_pem_file(path).map_err(|err| {
         format!(
-            "server.tls.key: cannot read a PEM private key from {}: {err}",
+            "{setting}: cannot read a PEM private key from {}: {err}",
             path.display()
         )
     })
@@ -171,8 +175,8 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
 fn load_cached(acme: &AcmeConfig, resolver: &ResolveServerCert) {
     let cert = acme.cache_dir.join("cert.pem");
     let key = acme.cache_dir.join("key.pem");
-    let loaded = read_chain(&cert).and_then(|chain| {
-        let key = read_key(&key)?;
+    let loaded = read_chain("server.acme.cache_dir", &cert).and_then(|chain| {
+        let key = read_key("server.acme.cache_dir", &key)?;
         let signing_key = provider()
             .key_provider
             .load_private_key(key)
@@ -197,7 +201,8 @@ fn load_cached(acme: &AcmeConfig, resolver: &ResolveServerCert) {
 }
 
 /// Obtains the certificate when there is none or it is within [`RENEW_BEFORE`] of expiry,
-/// writes it to the cache, and checks again every hour.
+/// writes it to the cache, and checks again every hour (every 15 minutes while there is
+/// none).
 async fn renew(acme: AcmeConfig, resolver: Arc<ResolveServerCert>) {
     let mut client = None;
     loop {
@@ -206,10 +211,15 @@ async fn renew(acme: AcmeConfig, resolver: Arc<ResolveServerCert>) {
         });
         if due {
             if let Err(err) = issue(&acme, &resolver, &mut client).await {
-                tracing::error!(error = %err, "ACME: cannot obtain a certificate; retrying in an hour");
+                tracing::error!(error = %err, "ACME: cannot obtain a certificate; will retry");
             }
         }
-        tokio::time::sleep(RENEW_CHECK_EVERY).await;
+        let wait = if resolver.cert.read().is_some() {
+            RENEW_CHECK_EVERY
+        } else {
+            FIRST_CERT_RETRY
+        };
+        tokio::time::sleep(wait).await;
     }
 }
 

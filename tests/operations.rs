@@ -65,6 +65,18 @@ async fn serves_https_from_pem_files_and_swaps_them_on_sighup() {
     // ALPN offers h2: the client speaks HTTP/2 without being told to.
     assert_eq!(response.version(), reqwest::Version::HTTP_2);
     assert_eq!(upstream.last().path_and_query, "/v1/models");
+    // The container health check speaks HTTPS to a TLS gateway.
+    let port = gateway.addr.port().to_string();
+    let manifest = gateway.manifest_path();
+    let (code, _, stderr) = common::run_binary(
+        &["healthcheck", "--config", manifest.to_str().unwrap()],
+        &[
+            ("OA_BYPASS_SERVER__HOST", "127.0.0.1"),
+            ("OA_BYPASS_SERVER__PORT", &port),
+        ],
+        certs.path(),
+    );
+    assert_eq!(code, 0, "{stderr}");
     // Plain HTTP on the TLS port gets nowhere.
     let plain = common::client()
         .get(gateway.url("/health"))
