@@ -114,8 +114,9 @@ pub fn app(config: &Config) -> Result<Arc<App>, ConfigError> {
 /// Builds the gateway from `config` with one endpoint per worker.
 pub fn app_for_workers(config: &Config, workers: usize) -> Result<Arc<App>, ConfigError> {
     let shared = Arc::new(Shared::new(config));
+    let docs = Docs::new(config);
     let current = (0..workers.max(1))
-        .map(|_| build(config, &shared).map(ArcSwap::from_pointee))
+        .map(|_| build(config, &shared, &docs).map(ArcSwap::from_pointee))
         .collect::<Result<Vec<_>, _>>()?;
     shared.generation.store(1, Ordering::Relaxed);
     Ok(Arc::new(App {
@@ -141,10 +142,11 @@ impl App {
     /// start-up (`[server]`, `[log]`) are kept, with a warning when they differ.
     pub fn reload(&self, config: &Config) -> Result<(), ConfigError> {
         // Every worker's endpoint is built before any is swapped: all or nothing.
+        let docs = Docs::new(config);
         let result = self
             .current
             .iter()
-            .map(|_| build(config, &self.shared))
+            .map(|_| build(config, &self.shared, &docs))
             .collect::<Result<Vec<_>, _>>();
         self.shared.metrics.count_reload(result.is_ok());
         for (slot, endpoint) in self.current.iter().zip(result?) {
@@ -172,22 +174,15 @@ impl App {
     }
 }
 
-/// Builds the endpoint for one manifest: every route, health and readiness, metrics,
-/// OpenAPI, JSON 404s, CORS.
-fn build(
-    config: &Config,
-    shared: &Arc<Shared>,
-) -> Result<BoxEndpoint<'static, Response>, ConfigError> {
-    let limiter = shared.limiter(&config.limits.admission);
-    let forwarder = Arc::new(Forwarder::new(config, limiter)?);
-    let relay = Arc::new(realtime::Relay::new(config, shared.sessions.clone())?);
-    let access = Arc::new(config.access.clone());
-    let metrics = &shared.metrics;
-    let guard =
-        |endpoint| access::IpFilter::new(endpoint, Arc::clone(&access), Arc::clone(metrics));
-    let mut api = Route::new();
-    if config.openapi.enabled {
-        // Built on first request, from this manifest.
+/// `/openapi.json` and `/docs` of one manifest, built on their first request and shared by
+/// the workers; `None` with `openapi.enabled = false`.
+struct Docs(Option<(Arc<openapi::LazyDocument>, Arc<openapi::LazyDocument>)>);
+
+impl Docs {
+    fn new(config: &Config) -> Docs {
+        if !config.openapi.enabled {
+            return Docs(None);
+        }
         let routes = config.clone();
         let document = openapi::LazyDocument::new("application/json", move || {
             serde_json::to_vec_pretty(&openapi::document(&routes))
@@ -204,9 +199,29 @@ fn build(
                         .to_owned()
                 })
         });
+        Docs(Some((Arc::new(document), Arc::new(html))))
+    }
+}
+
+/// Builds the endpoint for one manifest: every route, health and readiness, metrics,
+/// OpenAPI, JSON 404s, CORS.
+fn build(
+    config: &Config,
+    shared: &Arc<Shared>,
+    docs: &Docs,
+) -> Result<BoxEndpoint<'static, Response>, ConfigError> {
+    let limiter = shared.limiter(&config.limits.admission);
+    let forwarder = Arc::new(Forwarder::new(config, limiter)?);
+    let relay = Arc::new(realtime::Relay::new(config, shared.sessions.clone())?);
+    let access = Arc::new(config.access.clone());
+    let metrics = &shared.metrics;
+    let guard =
+        |endpoint| access::IpFilter::new(endpoint, Arc::clone(&access), Arc::clone(metrics));
+    let mut api = Route::new();
+    if let Some(docs) = &docs.0 {
         api = api
-            .at(openapi::DOCUMENT_PATH, guard(document.boxed()))
-            .at(openapi::DOCS_PATH, guard(html.boxed()));
+            .at(openapi::DOCUMENT_PATH, guard(Arc::clone(&docs.0).boxed()))
+            .at(openapi::DOCS_PATH, guard(Arc::clone(&docs.1).boxed()));
     }
     if config.metrics.enabled {
         api = api.at(
