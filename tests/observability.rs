@@ -644,3 +644,81 @@ async fn json_logs_carry_one_line_per_request_with_its_fields() {
     // Even at trace level, the key never appears.
     assert!(!logs.contains(KEY), "the key leaked into the logs");
 }
+
+/// An upstream on a raw socket that reads the request head and then does `then` with the
+/// connection: stay silent, or break off mid-body.
+async fn raw_upstream(answer: &'static [u8], then_close: bool) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = stream.write_all(answer).await;
+                if then_close {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn upstream_errors_are_counted_by_kind() {
+    // Silent after the request: a timeout (504). Broken off mid-body: a reset.
+    let silent = raw_upstream(b"", false).await;
+    let broken = raw_upstream(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+        true,
+    )
+    .await;
+    let quick = |addr: std::net::SocketAddr| {
+        manifest(&format!("http://{addr}"), "")
+            .replace("read_timeout = \"5s\"", "read_timeout = \"300ms\"")
+    };
+    let gateway = Gateway::start(&quick(silent)).await;
+    let (status, _) = post(&gateway, "/v1/embeddings", KEY, json!({})).await;
+    assert_eq!(status, 504);
+    let samples = parse_metrics(&scrape(&gateway).await);
+    assert_eq!(
+        sample(
+            &samples,
+            r#"oa_bypass_upstream_errors_total{kind="timeout",route="/v1/embeddings"}"#
+        ),
+        1.0
+    );
+
+    let gateway = Gateway::start(&quick(broken)).await;
+    let response = common::client()
+        .post(gateway.url("/v1/embeddings"))
+        .header("authorization", bearer())
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.bytes().await.is_err(),
+        "a broken body must not look complete"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let samples = parse_metrics(&scrape(&gateway).await);
+    assert_eq!(
+        sample(
+            &samples,
+            r#"oa_bypass_upstream_errors_total{kind="reset",route="/v1/embeddings"}"#
+        ),
+        1.0
+    );
+    assert_eq!(sample(&samples, "oa_bypass_requests_in_flight{}"), 0.0);
+}

@@ -659,3 +659,62 @@ async fn allowed_key_hashes_apply_to_websocket_keys_too() {
     assert_eq!(response.status(), 401);
     assert_eq!(upstream.connections.load(Ordering::SeqCst), 1);
 }
+
+/// The `oa_bypass_realtime_sessions` gauge and the route's byte counters, read from /metrics.
+fn realtime_metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix(name)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
+        .unwrap_or_else(|| panic!("{name} missing from:\n{text}"))
+}
+
+#[tokio::test]
+async fn open_sessions_show_in_metrics() {
+    let upstream = WsUpstream::start(accept_all, echo).await;
+    let gateway = Gateway::start(&manifest(&upstream.base_url(), "")).await;
+    let scrape = || async {
+        common::client()
+            .get(gateway.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let (mut ws, _) = connect(gateway.addr, &[("authorization", bearer())])
+        .await
+        .unwrap();
+    ws.send(Message::text("{\"type\":\"session.update\"}"))
+        .await
+        .unwrap();
+    next_message(&mut ws).await;
+    assert_eq!(
+        realtime_metric(&scrape().await, "oa_bypass_realtime_sessions"),
+        1.0
+    );
+    ws.close(None).await.unwrap();
+    while let Some(Ok(_)) = ws.next().await {}
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let text = scrape().await;
+        if realtime_metric(&text, "oa_bypass_realtime_sessions") == 0.0 {
+            let sent = realtime_metric(
+                &text,
+                "oa_bypass_sent_bytes_total{route=\"/v1/realtime\",method=\"GET\"}",
+            );
+            assert!(sent >= 25.0, "{text}");
+            assert!(text.contains(
+                "oa_bypass_requests_total{route=\"/v1/realtime\",method=\"GET\",status=\"101\"} 1"
+            ));
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the session never ended:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
