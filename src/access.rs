@@ -106,7 +106,13 @@ impl KeyId {
     /// The first 8 hex digits of the hash: enough to tell a team's keys apart, far too few
     /// to test guesses of a key against.
     pub fn prefix(&self) -> String {
-        self.hash[..4].iter().map(|b| format!("{b:02x}")).collect()
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut out = String::with_capacity(8);
+        for byte in &self.hash[..4] {
+            out.push(char::from(HEX[usize::from(byte >> 4)]));
+            out.push(char::from(HEX[usize::from(byte & 0x0f)]));
+        }
+        out
     }
 }
 
@@ -211,6 +217,12 @@ impl<E: Endpoint> Endpoint for IpFilter<E> {
 mod tests {
     use super::*;
     use crate::proxy::headers::test_map as map;
+
+    #[test]
+    fn key_id_prefix_is_the_first_eight_hex_digits_of_the_hash() {
+        let line = hash_line("sk-test");
+        assert_eq!(KeyId::of("sk-test").prefix(), line["sha256:".len()..][..8]);
+    }
 
     #[test]
     fn hash_lines_round_trip() {

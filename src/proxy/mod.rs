@@ -338,7 +338,20 @@ fn upstream_error_kind(err: &GatewayError) -> Option<UpstreamErrorKind> {
             Some(UpstreamErrorKind::Timeout)
         }
         GatewayError::UpstreamFailed(_) => Some(UpstreamErrorKind::Reset),
-        _ => None,
+        GatewayError::MissingCredential
+        | GatewayError::KeyNotAllowed
+        | GatewayError::AddressNotAllowed
+        | GatewayError::RateLimited { .. }
+        | GatewayError::TooBusy { .. }
+        | GatewayError::UnknownRoute { .. }
+        | GatewayError::MethodNotAllowed { .. }
+        | GatewayError::InvalidPathParam { .. }
+        | GatewayError::BodyTooLarge { .. }
+        | GatewayError::ClientBodyTimeout { .. }
+        | GatewayError::UnsupportedMediaType { .. }
+        | GatewayError::ClientBody(_)
+        | GatewayError::NotAWebSocket(_)
+        | GatewayError::Internal(_) => None,
     }
 }
 
