@@ -97,8 +97,8 @@ pub enum GatewayError {
     )]
     UpstreamTimeout { setting: String, timeout: Duration },
 
-    #[error("The upstream failed to answer: {}", chain(.0))]
-    UpstreamFailed(#[source] reqwest::Error),
+    #[error("The upstream failed to answer: {}", chain(.0.as_ref()))]
+    UpstreamFailed(#[source] Box<dyn std::error::Error + Send + Sync>),
 
     #[error("Internal gateway error: {0}")]
     Internal(String),

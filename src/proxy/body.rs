@@ -150,7 +150,10 @@ where
     }
 }
 
-type BoxedBytes = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
+/// An upstream failure, whichever HTTP client met it.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The upstream's response body as a stream of chunks.
+pub type BoxedBytes = Pin<Box<dyn Stream<Item = Result<Bytes, BoxError>> + Send>>;
 
 /// The upstream's response body on its way to the client.
 ///
@@ -213,7 +216,7 @@ impl Stream for DownloadBody {
             Poll::Ready(Some(Err(err))) => {
                 self.done = true;
                 self.log.outcome = Outcome::UpstreamBodyError;
-                Poll::Ready(Some(Err(io::Error::other(err.without_url()))))
+                Poll::Ready(Some(Err(io::Error::other(err))))
             }
             Poll::Ready(None) => {
                 self.done = true;

@@ -344,6 +344,14 @@ fn relay_refusal(refusal: http::Response<Option<Vec<u8>>>) -> Response {
 }
 
 fn tls_connector() -> Result<tokio_rustls::TlsConnector, ConfigError> {
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(
+        client_tls_config()?,
+    )))
+}
+
+/// The TLS client settings for upstream connections: Mozilla's roots (webpki-roots) and the
+/// system's, with ring.
+pub fn client_tls_config() -> Result<rustls::ClientConfig, ConfigError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     // The system's store too, so a private CA installed on the host is honoured, as reqwest
@@ -357,7 +365,7 @@ fn tls_connector() -> Result<tokio_rustls::TlsConnector, ConfigError> {
         .map_err(|err| ConfigError::Invalid(vec![format!("TLS setup failed: {err}")]))?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+    Ok(config)
 }
 
 #[cfg(test)]
