@@ -603,3 +603,17 @@ async fn a_content_type_that_contradicts_the_route_is_415_naming_the_accepted_ki
         assert_eq!(response.status(), 200, "{path} {content_type}");
     }
 }
+
+#[tokio::test]
+async fn nothing_is_added_to_the_request_headers() {
+    let upstream = Upstream::echo().await;
+    let gateway = Gateway::in_front_of(&upstream).await;
+    let answer = common::raw_get(gateway.addr, "/v1/models").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let seen = upstream.last();
+    // The client sent Host, Authorization and Connection; the upstream gets its own Host and
+    // the key, and no Accept, User-Agent or encoding the client did not ask for.
+    let mut names: Vec<&str> = seen.headers.keys().map(|name| name.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["authorization", "host"], "{:?}", seen.headers);
+}
