@@ -307,7 +307,8 @@ impl<E: Endpoint> Endpoint for JsonNotFound<E> {
     async fn call(&self, req: Request) -> poem::Result<Response> {
         let start = tokio::time::Instant::now();
         let method = req.method().clone();
-        let path = req.uri().path().to_owned();
+        // A reference-counted copy: the path is only written out for a 404.
+        let uri = req.uri().clone();
         match self.inner.call(req).await {
             Ok(output) => Ok(output.into_response()),
             Err(err) if err.is::<NotFoundError>() => {
@@ -319,7 +320,11 @@ impl<E: Endpoint> Endpoint for JsonNotFound<E> {
                     start,
                     "no route matches the path",
                 );
-                Ok(GatewayError::UnknownRoute { method, path }.to_response())
+                Ok(GatewayError::UnknownRoute {
+                    method,
+                    path: uri.path().to_owned(),
+                }
+                .to_response())
             }
             Err(err) => Err(err),
         }
