@@ -13,6 +13,8 @@
 //! recognised lexically: `"usage"` preceded by a backslash is text inside a string (every
 //! quote in a JSON string is escaped), so it is skipped.
 
+use std::sync::LazyLock;
+
 use memchr::memmem::Finder;
 use serde_json::Value;
 
@@ -23,6 +25,26 @@ const MODEL_CAPTURE: usize = 512;
 
 const USAGE_KEY: &[u8] = b"\"usage\"";
 const MODEL_KEY: &[u8] = b"\"model\"";
+/// Both keys are this long, so one tail serves both searches.
+const KEY_LEN: usize = 7;
+static USAGE_FINDER: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(USAGE_KEY));
+static MODEL_FINDER: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(MODEL_KEY));
+
+/// Where `finder`'s key starts in `chunk`, leaving out the places inside a string (a quote
+/// with a backslash before it; `before` is the byte ahead of the chunk).
+fn key_starts<'a>(
+    finder: &'a Finder<'static>,
+    chunk: &'a [u8],
+    before: Option<u8>,
+) -> impl Iterator<Item = usize> + 'a {
+    finder.find_iter(chunk).filter(move |&start| {
+        let previous = match start.checked_sub(1) {
+            Some(at) => Some(chunk[at]),
+            None => before,
+        };
+        previous != Some(b'\\')
+    })
+}
 
 /// Token counts of one answer.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -104,8 +126,6 @@ impl Capture {
 
 /// Watches one answer go by. Feed it every chunk in order, then call [`UsageTap::finish`].
 pub struct UsageTap {
-    usage_finder: Finder<'static>,
-    model_finder: Finder<'static>,
     /// The previous chunk's last bytes, to find a key split across two chunks.
     tail: Vec<u8>,
     usage: Option<Capture>,
@@ -130,9 +150,7 @@ impl Default for UsageTap {
 impl UsageTap {
     pub fn new() -> UsageTap {
         UsageTap {
-            usage_finder: Finder::new(USAGE_KEY),
-            model_finder: Finder::new(MODEL_KEY),
-            tail: Vec::with_capacity(USAGE_KEY.len()),
+            tail: Vec::with_capacity(KEY_LEN),
             usage: None,
             model: None,
             best: None,
@@ -147,42 +165,22 @@ impl UsageTap {
             capture.push(chunk);
         }
         self.find_split_keys(chunk);
-        let mut from = 0;
-        while let Some(at) = self.usage_finder.find(&chunk[from..]) {
-            let start = from + at;
-            let escaped = match start.checked_sub(1) {
-                Some(before) => chunk[before] == b'\\',
-                None => self.tail.last() == Some(&b'\\'),
-            };
-            if !escaped {
-                self.start_usage(&chunk[start + USAGE_KEY.len()..]);
-            }
-            from = start + USAGE_KEY.len();
+        let before = self.tail.last().copied();
+        for start in key_starts(&USAGE_FINDER, chunk, before) {
+            self.start_usage(&chunk[start + KEY_LEN..]);
         }
         if self.model.is_none() {
-            let mut from = 0;
-            while let Some(at) = self.model_finder.find(&chunk[from..]) {
-                let start = from + at;
-                let escaped = match start.checked_sub(1) {
-                    Some(before) => chunk[before] == b'\\',
-                    None => self.tail.last() == Some(&b'\\'),
-                };
-                if !escaped {
-                    let mut capture = Capture::new(MODEL_CAPTURE);
-                    capture.push(&chunk[start + MODEL_KEY.len()..]);
-                    self.model = Some(capture);
-                    break;
-                }
-                from = start + MODEL_KEY.len();
+            if let Some(start) = key_starts(&MODEL_FINDER, chunk, before).next() {
+                self.start_model(&chunk[start + KEY_LEN..]);
             }
         }
         // Keep the last bytes for the next chunk: enough for a key minus one byte, plus the
         // byte before it (to tell an escaped quote).
-        let keep = USAGE_KEY.len().min(chunk.len());
-        if keep == USAGE_KEY.len() {
+        let keep = KEY_LEN.min(chunk.len());
+        if keep == KEY_LEN {
             self.tail.clear();
         } else {
-            let overflow = (self.tail.len() + keep).saturating_sub(USAGE_KEY.len());
+            let overflow = (self.tail.len() + keep).saturating_sub(KEY_LEN);
             self.tail.drain(..overflow);
         }
         self.tail.extend_from_slice(&chunk[chunk.len() - keep..]);
@@ -193,15 +191,18 @@ impl UsageTap {
         if self.tail.is_empty() {
             return;
         }
-        let head = &chunk[..chunk.len().min(USAGE_KEY.len() - 1)];
-        let mut joint = Vec::with_capacity(self.tail.len() + head.len());
-        joint.extend_from_slice(&self.tail);
-        joint.extend_from_slice(head);
-        for (key, is_usage) in [(USAGE_KEY, true), (MODEL_KEY, false)] {
-            let Some(start) = memchr::memmem::find(&joint, key) else {
+        // The tail and the chunk's first bytes, on the stack: this runs for every chunk.
+        let head = &chunk[..chunk.len().min(KEY_LEN - 1)];
+        let mut joint = [0u8; 2 * KEY_LEN - 1];
+        let joint_len = self.tail.len() + head.len();
+        joint[..self.tail.len()].copy_from_slice(&self.tail);
+        joint[self.tail.len()..joint_len].copy_from_slice(head);
+        let joint = &joint[..joint_len];
+        for (finder, is_usage) in [(&*USAGE_FINDER, true), (&*MODEL_FINDER, false)] {
+            let Some(start) = finder.find(joint) else {
                 continue;
             };
-            let end = start + key.len();
+            let end = start + KEY_LEN;
             // Only a key that straddles the boundary: one wholly in the tail was already
             // seen, one wholly in the chunk is found by the chunk's own search.
             if start >= self.tail.len() || end <= self.tail.len() {
@@ -214,11 +215,16 @@ impl UsageTap {
             if is_usage {
                 self.start_usage(rest);
             } else if self.model.is_none() {
-                let mut capture = Capture::new(MODEL_CAPTURE);
-                capture.push(rest);
-                self.model = Some(capture);
+                self.start_model(rest);
             }
         }
+    }
+
+    /// The first `"model"` key: its value is copied from here.
+    fn start_model(&mut self, rest: &[u8]) {
+        let mut capture = Capture::new(MODEL_CAPTURE);
+        capture.push(rest);
+        self.model = Some(capture);
     }
 
     /// A new `"usage"` key: the one before it is read now (it may hold the object, while
