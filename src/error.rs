@@ -106,7 +106,21 @@ pub enum GatewayError {
 
 /// An error and its causes on one line: reqwest's own message ("error sending request") says
 /// little until its source ("Connection refused") is shown beside it.
-fn chain(err: &dyn std::error::Error) -> String {
+/// The gateway's own endpoints (health, readiness, metrics, docs) only read: anything but
+/// GET or HEAD is 405 with `Allow: GET, HEAD`.
+pub fn only_reads(req: &poem::Request) -> Result<(), GatewayError> {
+    if req.method() == Method::GET || req.method() == Method::HEAD {
+        return Ok(());
+    }
+    Err(GatewayError::MethodNotAllowed {
+        method: req.method().clone(),
+        template: req.uri().path().to_owned(),
+        allowed: vec![Method::GET, Method::HEAD],
+    })
+}
+
+/// An error and its causes on one line, each said once.
+pub(crate) fn chain(err: &dyn std::error::Error) -> String {
     let mut out = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use http::{header, Method, StatusCode};
+use http::{header, StatusCode};
 use poem::endpoint::BoxEndpoint;
 use poem::error::NotFoundError;
 use poem::{Endpoint, EndpointExt, IntoResponse, Request, Response, Route};
@@ -114,9 +114,9 @@ pub fn app(config: &Config) -> Result<Arc<App>, ConfigError> {
 /// Builds the gateway from `config` with one endpoint per worker.
 pub fn app_for_workers(config: &Config, workers: usize) -> Result<Arc<App>, ConfigError> {
     let shared = Arc::new(Shared::new(config));
-    let docs = Docs::new(config);
+    let common = PerManifest::new(config)?;
     let current = (0..workers.max(1))
-        .map(|_| build(config, &shared, &docs).map(ArcSwap::from_pointee))
+        .map(|_| build(config, &shared, &common).map(ArcSwap::from_pointee))
         .collect::<Result<Vec<_>, _>>()?;
     shared.generation.store(1, Ordering::Relaxed);
     Ok(Arc::new(App {
@@ -142,12 +142,12 @@ impl App {
     /// start-up (`[server]`, `[log]`) are kept, with a warning when they differ.
     pub fn reload(&self, config: &Config) -> Result<(), ConfigError> {
         // Every worker's endpoint is built before any is swapped: all or nothing.
-        let docs = Docs::new(config);
-        let result = self
-            .current
-            .iter()
-            .map(|_| build(config, &self.shared, &docs))
-            .collect::<Result<Vec<_>, _>>();
+        let result = PerManifest::new(config).and_then(|common| {
+            self.current
+                .iter()
+                .map(|_| build(config, &self.shared, &common))
+                .collect::<Result<Vec<_>, _>>()
+        });
         self.shared.metrics.count_reload(result.is_ok());
         for (slot, endpoint) in self.current.iter().zip(result?) {
             slot.store(Arc::new(endpoint));
@@ -174,33 +174,42 @@ impl App {
     }
 }
 
-/// `/openapi.json` and `/docs` of one manifest, built on their first request and shared by
-/// the workers; `None` with `openapi.enabled = false`.
-struct Docs(Option<(Arc<openapi::LazyDocument>, Arc<openapi::LazyDocument>)>);
+/// What the workers' endpoints of one manifest share: the upstream TLS settings (the root
+/// certificates are read once), and `/openapi.json` and `/docs`, built on their first request
+/// (`None` with `openapi.enabled = false`).
+struct PerManifest {
+    tls: Arc<rustls::ClientConfig>,
+    docs: Option<(Arc<openapi::LazyDocument>, Arc<openapi::LazyDocument>)>,
+}
 
-impl Docs {
-    fn new(config: &Config) -> Docs {
-        if !config.openapi.enabled {
-            return Docs(None);
-        }
-        let routes = config.clone();
-        let document = openapi::LazyDocument::new("application/json", move || {
-            serde_json::to_vec_pretty(&openapi::document(&routes))
-                .map(Into::into)
-                .map_err(|err| format!("cannot serialise the OpenAPI document: {err}"))
-        });
-        let title = config.openapi.title.clone();
-        let html = openapi::LazyDocument::new("text/html; charset=utf-8", move || {
-            openapi::swagger_ui_html(&title)
-                .map(Into::into)
-                .ok_or_else(|| {
-                    "the bundled Swagger UI page has an unexpected shape; \
-                 set openapi.enabled = false to serve without it"
-                        .to_owned()
-                })
-        });
-        Docs(Some((Arc::new(document), Arc::new(html))))
+impl PerManifest {
+    fn new(config: &Config) -> Result<PerManifest, ConfigError> {
+        Ok(PerManifest {
+            tls: Arc::new(realtime::client_tls_config()?),
+            docs: config.openapi.enabled.then(|| docs(config)),
+        })
     }
+}
+
+/// `/openapi.json` and `/docs` of one manifest, each built on its first request.
+fn docs(config: &Config) -> (Arc<openapi::LazyDocument>, Arc<openapi::LazyDocument>) {
+    let routes = config.clone();
+    let document = openapi::LazyDocument::new("application/json", move || {
+        serde_json::to_vec_pretty(&openapi::document(&routes))
+            .map(Into::into)
+            .map_err(|err| format!("cannot serialise the OpenAPI document: {err}"))
+    });
+    let title = config.openapi.title.clone();
+    let html = openapi::LazyDocument::new("text/html; charset=utf-8", move || {
+        openapi::swagger_ui_html(&title)
+            .map(Into::into)
+            .ok_or_else(|| {
+                "the bundled Swagger UI page has an unexpected shape; \
+             set openapi.enabled = false to serve without it"
+                    .to_owned()
+            })
+    });
+    (Arc::new(document), Arc::new(html))
 }
 
 /// Builds the endpoint for one manifest: every route, health and readiness, metrics,
@@ -208,17 +217,21 @@ impl Docs {
 fn build(
     config: &Config,
     shared: &Arc<Shared>,
-    docs: &Docs,
+    common: &PerManifest,
 ) -> Result<BoxEndpoint<'static, Response>, ConfigError> {
     let limiter = shared.limiter(&config.limits.admission);
-    let forwarder = Arc::new(Forwarder::new(config, limiter)?);
-    let relay = Arc::new(realtime::Relay::new(config, shared.sessions.clone())?);
+    let forwarder = Arc::new(Forwarder::new(config, limiter, &common.tls)?);
+    let relay = Arc::new(realtime::Relay::new(
+        config,
+        shared.sessions.clone(),
+        Arc::clone(&common.tls),
+    )?);
     let access = Arc::new(config.access.clone());
     let metrics = &shared.metrics;
     let guard =
         |endpoint| access::IpFilter::new(endpoint, Arc::clone(&access), Arc::clone(metrics));
     let mut api = Route::new();
-    if let Some(docs) = &docs.0 {
+    if let Some(docs) = &common.docs {
         api = api
             .at(openapi::DOCUMENT_PATH, guard(Arc::clone(&docs.0).boxed()))
             .at(openapi::DOCS_PATH, guard(Arc::clone(&docs.1).boxed()));
@@ -280,17 +293,12 @@ impl Endpoint for Health {
     type Output = Response;
 
     async fn call(&self, req: Request) -> poem::Result<Response> {
-        if req.method() == Method::GET || req.method() == Method::HEAD {
-            return Ok(Response::builder()
-                .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
-                .body(HEALTH_TEXT));
+        if let Err(err) = error::only_reads(&req) {
+            return Ok(err.to_response());
         }
-        Ok(GatewayError::MethodNotAllowed {
-            method: req.method().clone(),
-            template: req.uri().path().to_owned(),
-            allowed: vec![Method::GET, Method::HEAD],
-        }
-        .to_response())
+        Ok(Response::builder()
+            .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+            .body(HEALTH_TEXT))
     }
 }
 
@@ -338,13 +346,8 @@ impl Endpoint for MetricsEndpoint {
     type Output = Response;
 
     async fn call(&self, req: Request) -> poem::Result<Response> {
-        if req.method() != Method::GET && req.method() != Method::HEAD {
-            return Ok(GatewayError::MethodNotAllowed {
-                method: req.method().clone(),
-                template: METRICS_PATH.to_owned(),
-                allowed: vec![Method::GET, Method::HEAD],
-            }
-            .to_response());
+        if let Err(err) = error::only_reads(&req) {
+            return Ok(err.to_response());
         }
         match self.0.encode() {
             Ok(text) => Ok(Response::builder()
@@ -370,7 +373,7 @@ struct Ready {
 /// A GET of `upstream.base_url` through the forwarder's own client (so its proxy and TLS
 /// settings apply). Any HTTP answer, even 401 or 404, means reachable.
 struct UpstreamCheck {
-    client: reqwest::Client,
+    forwarder: Arc<Forwarder>,
     url: String,
     timeout: Duration,
     last: tokio::sync::Mutex<Option<(tokio::time::Instant, Result<(), String>)>>,
@@ -384,28 +387,27 @@ impl UpstreamCheck {
                 return result.clone();
             }
         }
-        let result =
-            match tokio::time::timeout(self.timeout, self.client.get(&self.url).send()).await {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err(err)) => Err(err.without_url().to_string()),
-                Err(_) => Err(format!(
+        let result = tokio::time::timeout(self.timeout, self.forwarder.probe(&self.url))
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!(
                     "no answer within {}",
                     humantime::format_duration(self.timeout)
-                )),
-            };
+                ))
+            });
         *last = Some((tokio::time::Instant::now(), result.clone()));
         result
     }
 }
 
 impl Ready {
-    fn new(config: &Config, shared: &Arc<Shared>, forwarder: &Forwarder) -> Ready {
+    fn new(config: &Config, shared: &Arc<Shared>, forwarder: &Arc<Forwarder>) -> Ready {
         Ready {
             shared: Arc::clone(shared),
             manifest: config.source.to_string(),
             routes: config.routes.len(),
             check: config.upstream.ready_check.then(|| UpstreamCheck {
-                client: forwarder.client().clone(),
+                forwarder: Arc::clone(forwarder),
                 url: config.upstream.base_url.to_string(),
                 timeout: config.upstream.connect_timeout,
                 last: tokio::sync::Mutex::new(None),
@@ -418,13 +420,8 @@ impl Endpoint for Ready {
     type Output = Response;
 
     async fn call(&self, req: Request) -> poem::Result<Response> {
-        if req.method() != Method::GET && req.method() != Method::HEAD {
-            return Ok(GatewayError::MethodNotAllowed {
-                method: req.method().clone(),
-                template: READY_PATH.to_owned(),
-                allowed: vec![Method::GET, Method::HEAD],
-            }
-            .to_response());
+        if let Err(err) = error::only_reads(&req) {
+            return Ok(err.to_response());
         }
         let upstream = match &self.check {
             None => serde_json::json!({ "checked": false }),

@@ -5,7 +5,7 @@
 //! time only; here the document is plain JSON built from the manifest, and poem-openapi
 //! contributes its embedded Swagger UI (no CDN) pointed at `/openapi.json`.
 
-use http::{header, Method};
+use http::header;
 use poem::{Endpoint, Request, Response};
 use serde_json::{json, Map, Value};
 
@@ -320,13 +320,8 @@ impl Endpoint for LazyDocument {
     type Output = Response;
 
     async fn call(&self, req: Request) -> poem::Result<Response> {
-        if req.method() != Method::GET && req.method() != Method::HEAD {
-            return Ok(GatewayError::MethodNotAllowed {
-                method: req.method().clone(),
-                template: req.uri().path().to_owned(),
-                allowed: vec![Method::GET, Method::HEAD],
-            }
-            .to_response());
+        if let Err(err) = crate::error::only_reads(&req) {
+            return Ok(err.to_response());
         }
         match self.body() {
             Ok(body) => Ok(Response::builder()

@@ -79,9 +79,6 @@ enum Transport {
 /// Sends requests upstream. One per worker; its client pools connections.
 pub struct Forwarder {
     transport: Transport,
-    /// Kept for requests of the gateway's own (the `/ready` upstream check), which go the
-    /// same way as forwarded ones.
-    client: reqwest::Client,
     /// `upstream.base_url` without its trailing slash, ready for a path to be appended.
     base: String,
     connect_timeout: Duration,
@@ -94,42 +91,26 @@ pub struct Forwarder {
 
 impl Forwarder {
     /// A forwarder for `config`. The limiter is passed in so a reload with the same limits
-    /// keeps the buckets and concurrency counts of requests still in flight.
-    pub fn new(config: &Config, limiter: Arc<Limiter>) -> Result<Forwarder, ConfigError> {
+    /// keeps the buckets and concurrency counts of requests still in flight; the TLS settings
+    /// so the root certificates are read once per manifest, not once per worker and client.
+    pub fn new(
+        config: &Config,
+        limiter: Arc<Limiter>,
+        tls: &rustls::ClientConfig,
+    ) -> Result<Forwarder, ConfigError> {
         let upstream = &config.upstream;
-        let mut builder = reqwest::Client::builder()
-            .use_rustls_tls()
-            .connect_timeout(upstream.connect_timeout)
-            .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(90))
-            // Enough warm connections for bursts; a spike of thousands of streams does not
-            // leave thousands of idle sockets behind.
-            .pool_max_idle_per_host(256)
-            // A passthrough hands redirects back to the client instead of following them.
-            .redirect(reqwest::redirect::Policy::none())
-            .referer(false);
-        if let Some(proxy) = &upstream.proxy {
-            let proxy = reqwest::Proxy::all(proxy.as_str()).map_err(|err| {
-                ConfigError::Invalid(vec![format!("upstream.proxy: not usable: {err}")])
-            })?;
-            builder = builder.proxy(proxy);
-        }
-        let client = builder.build().map_err(|err| {
-            ConfigError::Invalid(vec![format!("cannot build the upstream client: {err}")])
-        })?;
         let secure = upstream.base_url.scheme() == "https";
         let host = upstream.base_url.host_str().unwrap_or_default();
         let proxied = upstream.proxy.is_some()
             || crate::realtime::tunnel::route_from_env(secure, host)
                 != crate::realtime::tunnel::Route::Direct;
         let transport = if proxied {
-            Transport::Proxied(client.clone())
+            Transport::Proxied(proxied_client(config, tls)?)
         } else {
-            Transport::Direct(Box::new(direct_client(upstream.connect_timeout)?))
+            Transport::Direct(Box::new(direct_client(upstream.connect_timeout, tls)))
         };
         Ok(Forwarder {
             transport,
-            client,
             base: upstream.base_url.as_str().trim_end_matches('/').to_owned(),
             connect_timeout: upstream.connect_timeout,
             read_timeout: upstream.read_timeout,
@@ -140,9 +121,19 @@ impl Forwarder {
         })
     }
 
-    /// The upstream HTTP client, for other requests that must go the same way.
-    pub fn client(&self) -> &reqwest::Client {
-        &self.client
+    /// GETs `url` the way forwarded requests go (same transport, proxy and TLS): `Ok` for
+    /// any HTTP answer, else why none came. For `/ready`.
+    pub async fn probe(&self, url: &str) -> Result<(), String> {
+        type NoBody = UploadBody<futures_util::stream::Empty<std::io::Result<bytes::Bytes>>>;
+        match self
+            .send(Method::GET, url, HeaderMap::new(), None::<NoBody>)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(Failure::Direct(err)) => Err(crate::error::chain(&err)),
+            Err(Failure::Proxied(err)) => Err(crate::error::chain(&err.without_url())),
+            Err(Failure::Internal(message)) => Err(message),
+        }
     }
 
     fn read_timeout(&self, route: &RouteSpec) -> Bound<Duration> {
@@ -438,30 +429,58 @@ enum SendError {
     Failed(Failure),
 }
 
-/// hyper's pooled client with rustls (webpki and system roots, HTTP/2 by ALPN), configured
-/// as the reqwest client it stands in for.
-fn direct_client(connect_timeout: Duration) -> Result<DirectClient, ConfigError> {
+/// Pooled connections: enough warm ones for bursts, while a spike of thousands of streams does
+/// not leave thousands of idle sockets behind.
+const POOL_MAX_IDLE: usize = 256;
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// hyper's pooled client with rustls (HTTP/2 by ALPN), configured as the reqwest client of
+/// the proxied transport.
+fn direct_client(connect_timeout: Duration, tls: &rustls::ClientConfig) -> DirectClient {
     let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
     http.set_nodelay(true);
     http.set_connect_timeout(Some(connect_timeout));
     // The connector sees https:// URLs too; TLS is layered on by hyper-rustls.
     http.enforce_http(false);
-    let tls = crate::realtime::client_tls_config()?;
     let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
+        .with_tls_config(tls.clone())
         .https_or_http()
         .enable_http1()
         .enable_http2()
         .wrap_connector(http);
-    Ok(
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            // Enough warm connections for bursts; a spike of thousands of streams does not
-            // leave thousands of idle sockets behind.
-            .pool_max_idle_per_host(256)
-            .pool_timer(hyper_util::rt::TokioTimer::new())
-            .build(https),
-    )
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .pool_max_idle_per_host(POOL_MAX_IDLE)
+        .pool_timer(hyper_util::rt::TokioTimer::new())
+        .build(https)
+}
+
+/// reqwest through `upstream.proxy` (or the standard variables), with the same TLS roots.
+fn proxied_client(
+    config: &Config,
+    tls: &rustls::ClientConfig,
+) -> Result<reqwest::Client, ConfigError> {
+    let upstream = &config.upstream;
+    let mut tls = tls.clone();
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let mut builder = reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .connect_timeout(upstream.connect_timeout)
+        .tcp_nodelay(true)
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .pool_max_idle_per_host(POOL_MAX_IDLE)
+        // A passthrough hands redirects back to the client instead of following them.
+        .redirect(reqwest::redirect::Policy::none())
+        .referer(false);
+    if let Some(proxy) = &upstream.proxy {
+        let proxy = reqwest::Proxy::all(proxy.as_str()).map_err(|err| {
+            ConfigError::Invalid(vec![format!("upstream.proxy: not usable: {err}")])
+        })?;
+        builder = builder.proxy(proxy);
+    }
+    builder.build().map_err(|err| {
+        ConfigError::Invalid(vec![format!("cannot build the upstream client: {err}")])
+    })
 }
 
 /// Whether `err` or one of its causes is an I/O timeout (a connect timeout, for hyper).

@@ -77,7 +77,11 @@ pub struct Relay {
 }
 
 impl Relay {
-    pub fn new(config: &Config, sessions: Sessions) -> Result<Relay, ConfigError> {
+    pub fn new(
+        config: &Config,
+        sessions: Sessions,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> Result<Relay, ConfigError> {
         let mut base = config.upstream.base_url.clone();
         let scheme = if base.scheme() == "https" {
             "wss"
@@ -101,7 +105,7 @@ impl Relay {
             connect_timeout: config.upstream.connect_timeout,
             idle_timeout: config.realtime.idle_timeout,
             ws_config,
-            tls: tls_connector()?,
+            tls: tokio_rustls::TlsConnector::from(tls),
             sessions,
         })
     }
@@ -341,12 +345,6 @@ fn relay_refusal(refusal: http::Response<Option<Vec<u8>>>) -> Response {
         .body(Body::from(body.unwrap_or_default()));
     response.headers_mut().extend(response_headers);
     response
-}
-
-fn tls_connector() -> Result<tokio_rustls::TlsConnector, ConfigError> {
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(
-        client_tls_config()?,
-    )))
 }
 
 /// The TLS client settings for upstream connections: Mozilla's roots (webpki-roots) and the
