@@ -43,13 +43,16 @@ pub struct Listener {
 
 impl Listener {
     pub async fn bind(addr: SocketAddr) -> io::Result<Listener> {
-        let listener = TcpListener::bind(addr).await?;
+        Listener::new(TcpListener::bind(addr).await?, 0)
+    }
+
+    fn new(listener: TcpListener, worker: usize) -> io::Result<Listener> {
         let local = listener.local_addr()?;
         Ok(Listener {
             listener,
             local,
             tls: None,
-            worker: 0,
+            worker,
         })
     }
 
@@ -65,26 +68,12 @@ impl Listener {
         socket.set_reuseaddr(true)?;
         socket.set_reuseport(true)?;
         socket.bind(addr)?;
-        let listener = socket.listen(1024)?;
-        let local = listener.local_addr()?;
-        Ok(Listener {
-            listener,
-            local,
-            tls: None,
-            worker,
-        })
+        Listener::new(socket.listen(1024)?, worker)
     }
 
     /// Wraps a bound, non-blocking std listener. Call inside the serving runtime.
     pub fn from_std(listener: std::net::TcpListener) -> io::Result<Listener> {
-        let listener = TcpListener::from_std(listener)?;
-        let local = listener.local_addr()?;
-        Ok(Listener {
-            listener,
-            local,
-            tls: None,
-            worker: 0,
-        })
+        Listener::new(TcpListener::from_std(listener)?, 0)
     }
 
     /// Serves HTTPS with `tls` instead of plain HTTP.

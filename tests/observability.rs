@@ -266,12 +266,7 @@ async fn metrics_count_real_traffic_and_token_usage_without_touching_the_bytes()
     assert_eq!(status, 200);
 
     // Refusals: an unknown path, no key, and the sixth request of a key limited to five.
-    let response = common::client()
-        .get(gateway.url("/v1/nothing-here"))
-        .header("authorization", bearer())
-        .send()
-        .await
-        .unwrap();
+    let response = common::get_with_key(gateway.url("/v1/nothing-here")).await;
     assert_eq!(response.status(), 404);
     let response = common::client()
         .get(gateway.url("/v1/files/file-SECRETID"))

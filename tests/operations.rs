@@ -13,6 +13,19 @@ use bytes::Bytes;
 use common::{bearer, Binary, Upstream};
 use serde_json::json;
 
+/// Polls `done` every 20 ms until it holds; after 10 s, fails saying `what`, with the logs.
+async fn wait_until<F, Fut>(gateway: &Binary, what: &str, mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done().await {
+        assert!(Instant::now() < deadline, "{what}:\n{}", gateway.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn self_signed() -> (String, String) {
     let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
     (made.cert.pem(), made.signing_key.serialize_pem())
@@ -90,25 +103,12 @@ async fn serves_https_from_pem_files_and_swaps_them_on_sighup() {
     std::fs::write(certs.path().join("cert.pem"), &cert_b).unwrap();
     std::fs::write(certs.path().join("key.pem"), &key_b).unwrap();
     gateway.signal("HUP");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    wait_until(&gateway, "the new certificate was never served", || async {
         let fresh = client_trusting(&cert_b, gateway.addr);
-        if fresh
-            .get(&url)
-            .header("authorization", bearer())
-            .send()
-            .await
-            .is_ok()
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the new certificate was never served:\n{}",
-            gateway.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        let sent = fresh.get(&url).header("authorization", bearer()).send();
+        sent.await.is_ok()
+    })
+    .await;
     let stale = client_trusting(&cert_a, gateway.addr);
     assert!(
         stale.get(&url).send().await.is_err(),
@@ -118,15 +118,10 @@ async fn serves_https_from_pem_files_and_swaps_them_on_sighup() {
     // A broken key file on the next SIGHUP: refused, the current certificate stays.
     std::fs::write(certs.path().join("key.pem"), "not a key").unwrap();
     gateway.signal("HUP");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !gateway.logs().contains("TLS reload refused") {
-        assert!(
-            Instant::now() < deadline,
-            "no refusal logged:\n{}",
-            gateway.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(&gateway, "no refusal logged", || async {
+        gateway.logs().contains("TLS reload refused")
+    })
+    .await;
     let fresh = client_trusting(&cert_b, gateway.addr);
     let response = fresh
         .get(&url)
@@ -252,15 +247,10 @@ async fn sighup_reloads_the_manifest_under_load_without_dropping_anything() {
     )
     .unwrap();
     gateway.signal("HUP");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while models.try_clone().unwrap().send().await.unwrap().status() != 200 {
-        assert!(
-            Instant::now() < deadline,
-            "the new route never appeared:\n{}",
-            gateway.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(&gateway, "the new route never appeared", || async {
+        models.try_clone().unwrap().send().await.unwrap().status() == 200
+    })
+    .await;
     next_event(2, &mut stream, &mut received).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
 
@@ -274,15 +264,10 @@ async fn sighup_reloads_the_manifest_under_load_without_dropping_anything() {
     )
     .unwrap();
     gateway.signal("HUP");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !gateway.logs().contains("manifest reload refused") {
-        assert!(
-            Instant::now() < deadline,
-            "no refusal logged:\n{}",
-            gateway.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(&gateway, "no refusal logged", || async {
+        gateway.logs().contains("manifest reload refused")
+    })
+    .await;
     assert!(
         gateway
             .logs()

@@ -88,12 +88,8 @@ async fn an_https_upstream_is_reached_over_http2_when_it_offers_it() {
         &[("SSL_CERT_FILE", ca.to_str().unwrap())],
     );
 
-    let seen: serde_json::Value = common::client()
-        .get(gateway.url("/v1/models"))
-        .header("authorization", bearer())
-        .send()
+    let seen: serde_json::Value = common::get_with_key(gateway.url("/v1/models"))
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
@@ -122,12 +118,7 @@ async fn an_untrusted_upstream_certificate_is_a_clear_502() {
     let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
     let upstream = tls_upstream(&made.cert.pem(), &made.signing_key.serialize_pem()).await;
     let gateway = Binary::spawn(&manifest(upstream.port()), &[]);
-    let response = common::client()
-        .get(gateway.url("/v1/models"))
-        .header("authorization", bearer())
-        .send()
-        .await
-        .unwrap();
+    let response = common::get_with_key(gateway.url("/v1/models")).await;
     assert_eq!(response.status(), 502);
     let error: serde_json::Value = response.json().await.unwrap();
     let message = error["error"]["message"].as_str().unwrap();

