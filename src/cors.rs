@@ -5,6 +5,9 @@
 //! a browser app can read `x-request-id` and the rate-limit headers. A request from an origin
 //! that is not allowed gets no CORS headers, and the browser withholds the answer.
 
+use std::future::{ready, Future};
+
+use futures_util::future::Either;
 use http::{header, HeaderValue, Method, StatusCode};
 use poem::{Endpoint, IntoResponse, Request, Response};
 
@@ -50,56 +53,67 @@ fn is_preflight(req: &Request) -> bool {
 impl<E: Endpoint> Endpoint for Cors<E> {
     type Output = Response;
 
-    async fn call(&self, req: Request) -> poem::Result<Response> {
+    fn call(&self, req: Request) -> impl Future<Output = poem::Result<Response>> + Send {
         let allowed = req
             .headers()
             .get(header::ORIGIN)
             .and_then(|origin| self.allow_origin(origin));
-        let Some(allow_origin) = allowed else {
-            return self.inner.call(req).await.map(IntoResponse::into_response);
-        };
-        let specific = allow_origin != "*";
-
-        if is_preflight(&req) {
-            let mut response = Response::builder()
-                .status(StatusCode::NO_CONTENT)
-                .header(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow_origin)
-                .header(header::ACCESS_CONTROL_MAX_AGE, MAX_AGE_SECS)
-                .finish();
-            let headers = response.headers_mut();
-            for (asked, answer) in [
-                (
-                    header::ACCESS_CONTROL_REQUEST_METHOD,
-                    header::ACCESS_CONTROL_ALLOW_METHODS,
-                ),
-                (
-                    header::ACCESS_CONTROL_REQUEST_HEADERS,
-                    header::ACCESS_CONTROL_ALLOW_HEADERS,
-                ),
-            ] {
-                if let Some(value) = req.headers().get(&asked) {
-                    headers.insert(answer, value.clone());
-                }
+        // Decided before the inner call, which takes the request: the future then holds only
+        // the inner one and the header to add.
+        match allowed {
+            Some(allow_origin) if is_preflight(&req) => {
+                Either::Left(ready(Ok(preflight(allow_origin, &req))))
             }
-            headers.insert(
-                header::VARY,
-                HeaderValue::from_static(
-                    "Origin, Access-Control-Request-Method, Access-Control-Request-Headers",
-                ),
-            );
-            return Ok(response);
+            allowed => {
+                let inner = self.inner.call(req);
+                Either::Right(async move {
+                    let mut response = inner.await?.into_response();
+                    if let Some(allow_origin) = allowed {
+                        let specific = allow_origin != "*";
+                        let headers = response.headers_mut();
+                        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow_origin);
+                        headers.insert(
+                            header::ACCESS_CONTROL_EXPOSE_HEADERS,
+                            HeaderValue::from_static("*"),
+                        );
+                        if specific {
+                            headers.append(header::VARY, HeaderValue::from_static("Origin"));
+                        }
+                    }
+                    Ok(response)
+                })
+            }
         }
-
-        let mut response = self.inner.call(req).await?.into_response();
-        let headers = response.headers_mut();
-        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow_origin);
-        headers.insert(
-            header::ACCESS_CONTROL_EXPOSE_HEADERS,
-            HeaderValue::from_static("*"),
-        );
-        if specific {
-            headers.append(header::VARY, HeaderValue::from_static("Origin"));
-        }
-        Ok(response)
     }
+}
+
+/// The answer to an allowed preflight: the method and headers the browser asked for.
+fn preflight(allow_origin: HeaderValue, req: &Request) -> Response {
+    let mut response = Response::builder()
+        .status(StatusCode::NO_CONTENT)
+        .header(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow_origin)
+        .header(header::ACCESS_CONTROL_MAX_AGE, MAX_AGE_SECS)
+        .finish();
+    let headers = response.headers_mut();
+    for (asked, answer) in [
+        (
+            header::ACCESS_CONTROL_REQUEST_METHOD,
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+        ),
+        (
+            header::ACCESS_CONTROL_REQUEST_HEADERS,
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+        ),
+    ] {
+        if let Some(value) = req.headers().get(&asked) {
+            headers.insert(answer, value.clone());
+        }
+    }
+    headers.insert(
+        header::VARY,
+        HeaderValue::from_static(
+            "Origin, Access-Control-Request-Method, Access-Control-Request-Headers",
+        ),
+    );
+    response
 }

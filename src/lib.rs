@@ -19,6 +19,7 @@ pub mod telemetry;
 pub mod tls;
 pub mod usage;
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -228,18 +229,25 @@ fn build(
     )?);
     let access = Arc::new(config.access.clone());
     let metrics = &shared.metrics;
-    let guard =
-        |endpoint| access::IpFilter::new(endpoint, Arc::clone(&access), Arc::clone(metrics));
+    let guard = |endpoint: TemplateEndpoint| {
+        access::IpFilter::new(endpoint, Arc::clone(&access), Arc::clone(metrics))
+    };
+    let guard_boxed = |endpoint: BoxEndpoint<'static, Response>| {
+        access::IpFilter::new(endpoint, Arc::clone(&access), Arc::clone(metrics))
+    };
     let mut api = Route::new();
     if let Some(docs) = &common.docs {
         api = api
-            .at(openapi::DOCUMENT_PATH, guard(Arc::clone(&docs.0).boxed()))
-            .at(openapi::DOCS_PATH, guard(Arc::clone(&docs.1).boxed()));
+            .at(
+                openapi::DOCUMENT_PATH,
+                guard_boxed(Arc::clone(&docs.0).boxed()),
+            )
+            .at(openapi::DOCS_PATH, guard_boxed(Arc::clone(&docs.1).boxed()));
     }
     if config.metrics.enabled {
         api = api.at(
             METRICS_PATH,
-            guard(MetricsEndpoint(Arc::clone(metrics)).boxed()),
+            guard_boxed(MetricsEndpoint(Arc::clone(metrics)).boxed()),
         );
     }
     for (template, specs) in config.routes.by_template() {
@@ -257,7 +265,7 @@ fn build(
             &specs,
         );
         api = api
-            .try_at(template.to_poem_path(), guard(endpoint.boxed()))
+            .try_at(template.to_poem_path(), guard(endpoint))
             .map_err(|err| {
                 ConfigError::Invalid(vec![format!(
                     "routes[{index}].path: the router refused {template}: {err}"
@@ -312,29 +320,32 @@ struct JsonNotFound<E> {
 impl<E: Endpoint> Endpoint for JsonNotFound<E> {
     type Output = Response;
 
-    async fn call(&self, req: Request) -> poem::Result<Response> {
+    fn call(&self, req: Request) -> impl Future<Output = poem::Result<Response>> + Send {
         let start = tokio::time::Instant::now();
         let method = req.method().clone();
         // A reference-counted copy: the path is only written out for a 404.
         let uri = req.uri().clone();
-        match self.inner.call(req).await {
-            Ok(output) => Ok(output.into_response()),
-            Err(err) if err.is::<NotFoundError>() => {
-                self.metrics.count_request(&self.route_name, &method, 404);
-                telemetry::log_rejected(
-                    &method,
-                    "(no route)",
-                    404,
-                    start,
-                    "no route matches the path",
-                );
-                Ok(GatewayError::UnknownRoute {
-                    method,
-                    path: uri.path().to_owned(),
+        let inner = self.inner.call(req);
+        async move {
+            match inner.await {
+                Ok(output) => Ok(output.into_response()),
+                Err(err) if err.is::<NotFoundError>() => {
+                    self.metrics.count_request(&self.route_name, &method, 404);
+                    telemetry::log_rejected(
+                        &method,
+                        "(no route)",
+                        404,
+                        start,
+                        "no route matches the path",
+                    );
+                    Ok(GatewayError::UnknownRoute {
+                        method,
+                        path: uri.path().to_owned(),
+                    }
+                    .to_response())
                 }
-                .to_response())
+                Err(err) => Err(err),
             }
-            Err(err) => Err(err),
         }
     }
 }

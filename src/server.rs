@@ -18,8 +18,8 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use poem::endpoint::DynEndpoint;
 use poem::web::{LocalAddr, RemoteAddr};
-use poem::Endpoint;
 
 use crate::config::ServerConfig;
 use crate::tls::{Tls, ACME_TLS_ALPN};
@@ -253,7 +253,13 @@ impl Connection {
             )
                 .into();
             async move {
-                let response = endpoint.get_response(request).await;
+                // Straight to the boxed endpoint: poem's `get_response` and its `Arc`/`Box`
+                // forwarding impls would each keep a copy of the request in this future, which
+                // hyper holds for the connection's lifetime.
+                let response = match DynEndpoint::call(&**endpoint, request).await {
+                    Ok(response) => response,
+                    Err(err) => err.into_response(),
+                };
                 Ok::<_, Infallible>(hyper::Response::<ResponseBody>::from(response))
             }
         });

@@ -15,6 +15,43 @@ use tokio::time::{Instant, Sleep};
 
 use crate::telemetry::{Outcome, RequestLog};
 
+/// A silence timer that costs nothing while data keeps coming: it is armed the first time
+/// the stream has to wait, and re-armed from that moment after each chunk. A body that
+/// arrives whole (most JSON answers and requests) never touches the timer wheel.
+#[derive(Debug)]
+struct IdleTimer {
+    timeout: Duration,
+    sleep: Option<Pin<Box<Sleep>>>,
+    /// A chunk went by since the timer was last armed.
+    stale: bool,
+}
+
+impl IdleTimer {
+    fn new(timeout: Duration) -> IdleTimer {
+        IdleTimer {
+            timeout,
+            sleep: None,
+            stale: false,
+        }
+    }
+
+    fn saw_chunk(&mut self) {
+        self.stale = true;
+    }
+
+    /// Called when the stream has nothing to give: ready once it has been silent too long.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let timeout = self.timeout;
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        if std::mem::take(&mut self.stale) {
+            sleep.as_mut().reset(Instant::now() + timeout);
+        }
+        sleep.as_mut().poll(cx)
+    }
+}
+
 /// What the upload has done so far, shared between the upload stream and the task waiting
 /// for the upstream's response headers.
 #[derive(Debug)]
@@ -70,8 +107,7 @@ pub struct UploadBody<S> {
     limit: u64,
     seen: u64,
     progress: Arc<UploadProgress>,
-    idle: Pin<Box<Sleep>>,
-    idle_timeout: Duration,
+    idle: IdleTimer,
     done: bool,
 }
 
@@ -87,8 +123,7 @@ impl<S> UploadBody<S> {
             limit,
             seen: 0,
             progress,
-            idle: Box::pin(tokio::time::sleep(idle_timeout)),
-            idle_timeout,
+            idle: IdleTimer::new(idle_timeout),
             done: false,
         }
     }
@@ -107,8 +142,7 @@ where
         match Pin::new(&mut self.inner).poll_next(cx) {
             Poll::Ready(Some(Ok(chunk))) => {
                 self.seen += chunk.len() as u64;
-                let deadline = Instant::now() + self.idle_timeout;
-                self.idle.as_mut().reset(deadline);
+                self.idle.saw_chunk();
                 let progress = &self.progress;
                 progress.bytes.store(self.seen, Ordering::Relaxed);
                 let elapsed = progress.start.elapsed().as_millis();
@@ -135,7 +169,7 @@ where
                 self.done = true;
                 Poll::Ready(None)
             }
-            Poll::Pending => match self.idle.as_mut().poll(cx) {
+            Poll::Pending => match self.idle.poll_expired(cx) {
                 Poll::Ready(()) => {
                     self.progress.client_stalled.store(true, Ordering::Relaxed);
                     self.done = true;
@@ -163,8 +197,7 @@ pub type BoxedBytes = Pin<Box<dyn Stream<Item = Result<Bytes, BoxError>> + Send>
 /// this stream is dropped, with what was actually delivered.
 pub struct DownloadBody {
     inner: BoxedBytes,
-    idle: Pin<Box<Sleep>>,
-    idle_timeout: Duration,
+    idle: IdleTimer,
     /// The upstream's Content-Length: the server stops polling once that much is written,
     /// so reaching it is what "complete" means for such a body.
     expected_len: Option<u64>,
@@ -184,8 +217,7 @@ impl DownloadBody {
         }
         DownloadBody {
             inner,
-            idle: Box::pin(tokio::time::sleep(idle_timeout)),
-            idle_timeout,
+            idle: IdleTimer::new(idle_timeout),
             expected_len,
             done: false,
             log,
@@ -209,8 +241,7 @@ impl Stream for DownloadBody {
                 if Some(self.log.bytes_out) == self.expected_len {
                     self.log.outcome = Outcome::Complete;
                 }
-                let deadline = Instant::now() + self.idle_timeout;
-                self.idle.as_mut().reset(deadline);
+                self.idle.saw_chunk();
                 Poll::Ready(Some(Ok(chunk)))
             }
             Poll::Ready(Some(Err(err))) => {
@@ -223,7 +254,7 @@ impl Stream for DownloadBody {
                 self.log.outcome = Outcome::Complete;
                 Poll::Ready(None)
             }
-            Poll::Pending => match self.idle.as_mut().poll(cx) {
+            Poll::Pending => match self.idle.poll_expired(cx) {
                 Poll::Ready(()) => {
                     self.done = true;
                     self.log.outcome = Outcome::UpstreamBodyTimeout;

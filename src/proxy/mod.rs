@@ -7,6 +7,8 @@
 pub mod body;
 pub mod headers;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -125,10 +127,12 @@ impl Forwarder {
     /// any HTTP answer, else why none came. For `/ready`.
     pub async fn probe(&self, url: &str) -> Result<(), String> {
         type NoBody = UploadBody<futures_util::stream::Empty<std::io::Result<bytes::Bytes>>>;
-        match self
-            .send(Method::GET, url, HeaderMap::new(), None::<NoBody>)
-            .await
-        {
+        let sending = self.send(Method::GET, url, HeaderMap::new(), None::<NoBody>);
+        let response = match sending {
+            Ok(sending) => sending.response().await,
+            Err(failure) => Err(failure),
+        };
+        match response {
             Ok(_) => Ok(()),
             Err(Failure::Direct(err)) => Err(crate::error::chain(&err)),
             Err(Failure::Proxied(err)) => Err(crate::error::chain(&err.without_url())),
@@ -185,12 +189,15 @@ impl Forwarder {
         }
     }
 
-    /// Forwards one admitted request and streams the answer back.
-    pub async fn forward(
-        &self,
-        admitted: Admitted<'_>,
+    /// Takes from the client's request everything the upstream request needs, refusing what
+    /// cannot be sent (a declared body over the limit, a content type the route does not
+    /// take). Synchronous on purpose: the future that then waits for the upstream holds only
+    /// the [`Exchange`], not the whole client request.
+    pub fn prepare<'a>(
+        &'a self,
+        admitted: Admitted<'a>,
         mut req: Request,
-    ) -> Result<Response, GatewayError> {
+    ) -> Result<Exchange<'a, impl ClientStream>, GatewayError> {
         let route = admitted.route;
         let limit = self.body_limit(route, req.headers());
         let declared_length = req
@@ -233,10 +240,8 @@ impl Forwarder {
             .path_and_query()
             .map_or_else(|| req.uri().path(), |pq| pq.as_str());
         let target = format!("{}{}", self.base, path_and_query);
-
-        let method = req.method().clone();
-        let mut upstream_headers = std::mem::take(req.headers_mut());
-        headers::prepare_upstream_request(&mut upstream_headers);
+        let mut headers = std::mem::take(req.headers_mut());
+        headers::prepare_upstream_request(&mut headers);
 
         let progress = UploadProgress::new();
         let upload = has_body.then(|| {
@@ -247,29 +252,149 @@ impl Forwarder {
                 Arc::clone(&progress),
             )
         });
-        let read_timeout = self.read_timeout(route);
+        Ok(Exchange {
+            forwarder: self,
+            admitted,
+            method: req.method().clone(),
+            target,
+            headers,
+            upload,
+            progress,
+            limit,
+        })
+    }
+
+    /// Starts one request by the forwarder's transport; the returned [`Sending`] resolves
+    /// to the response headers.
+    fn send<S: ClientStream>(
+        &self,
+        method: Method,
+        target: &str,
+        headers: HeaderMap,
+        upload: Option<UploadBody<S>>,
+    ) -> Result<Sending, Failure> {
+        match &self.transport {
+            Transport::Direct(client) => {
+                use http_body_util::BodyExt;
+                let uri: http::Uri = target.parse().map_err(|err: http::uri::InvalidUri| {
+                    Failure::Internal(format!("cannot build the upstream URL: {err}"))
+                })?;
+                let body: UpstreamBody = match upload {
+                    Some(upload) => http_body_util::StreamBody::new(futures_util::StreamExt::map(
+                        upload,
+                        |chunk| chunk.map(hyper::body::Frame::data),
+                    ))
+                    .boxed(),
+                    None => http_body_util::Empty::new()
+                        .map_err(|never| match never {})
+                        .boxed(),
+                };
+                let mut request = http::Request::new(body);
+                *request.method_mut() = method;
+                *request.uri_mut() = uri;
+                *request.headers_mut() = headers;
+                Ok(Sending::Direct(client.request(request)))
+            }
+            Transport::Proxied(client) => {
+                let url = reqwest::Url::parse(target).map_err(|err| {
+                    Failure::Internal(format!("cannot build the upstream URL: {err}"))
+                })?;
+                let mut builder = client.request(method, url).headers(headers);
+                if let Some(upload) = upload {
+                    builder = builder.body(reqwest::Body::wrap_stream(upload));
+                }
+                Ok(Sending::Proxied(Box::pin(builder.send())))
+            }
+        }
+    }
+
+    /// Waits for the upstream's response headers while the request shows life: the timer
+    /// restarts with every uploaded chunk, so a long upload is never cut, only silence is.
+    async fn send_with_idle_timeout(
+        &self,
+        send: impl std::future::Future<Output = Result<UpstreamResponse, Failure>>,
+        progress: &UploadProgress,
+        timeout: Bound<Duration>,
+    ) -> Result<UpstreamResponse, SendError> {
+        tokio::pin!(send);
+        loop {
+            let deadline = progress.last_activity() + timeout.value;
+            tokio::select! {
+                result = &mut send => return result.map_err(SendError::Failed),
+                () = tokio::time::sleep_until(deadline) => {
+                    if progress.last_activity() + timeout.value <= Instant::now() {
+                        return Err(SendError::Timeout);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The client's request body as the forwarder streams it upstream.
+pub trait ClientStream:
+    futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Unpin + Send + Sync + 'static
+{
+}
+
+impl<S> ClientStream for S where
+    S: futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Unpin + Send + Sync + 'static
+{
+}
+
+/// One request on its way upstream: what [`Forwarder::prepare`] took from the client's.
+pub struct Exchange<'a, S> {
+    forwarder: &'a Forwarder,
+    admitted: Admitted<'a>,
+    method: Method,
+    target: String,
+    headers: HeaderMap,
+    upload: Option<UploadBody<S>>,
+    progress: Arc<UploadProgress>,
+    limit: Bound<u64>,
+}
+
+impl<S: ClientStream> Exchange<'_, S> {
+    /// Sends the request and streams the answer back.
+    pub async fn run(self) -> Result<Response, GatewayError> {
+        let Exchange {
+            forwarder,
+            admitted,
+            method,
+            target,
+            headers,
+            upload,
+            progress,
+            limit,
+        } = self;
+        let route = admitted.route;
+        let read_timeout = forwarder.read_timeout(route);
         let route_metrics = admitted.metrics;
         let in_flight = route_metrics.all().in_flight();
         let sent = Instant::now();
-        let send = self.send(method.clone(), &target, upstream_headers, upload);
-        let upstream = self
-            .send_with_idle_timeout(send, &progress, read_timeout)
-            .await
-            .map_err(|err| {
-                let err = match err {
-                    SendError::Timeout => GatewayError::UpstreamTimeout {
-                        setting: read_timeout.setting.to_string(),
-                        timeout: read_timeout.value,
-                    },
-                    SendError::Failed(failure) => {
-                        self.classify_send_error(failure, &progress, limit)
-                    }
-                };
-                if let Some(kind) = upstream_error_kind(&err) {
-                    route_metrics.count_upstream_error(kind);
+        let upstream = match forwarder.send(method.clone(), &target, headers, upload) {
+            Ok(sending) => {
+                forwarder
+                    .send_with_idle_timeout(sending.response(), &progress, read_timeout)
+                    .await
+            }
+            Err(failure) => Err(SendError::Failed(failure)),
+        };
+        let upstream = upstream.map_err(|err| {
+            let err = match err {
+                SendError::Timeout => GatewayError::UpstreamTimeout {
+                    setting: read_timeout.setting.to_string(),
+                    timeout: read_timeout.value,
+                },
+                SendError::Failed(failure) => {
+                    forwarder.classify_send_error(failure, &progress, limit)
                 }
-                err
-            })?;
+            };
+            if let Some(kind) = upstream_error_kind(&err) {
+                route_metrics.count_upstream_error(kind);
+            }
+            err
+        })?;
         let upstream_ttfb = sent.elapsed();
         route_metrics.observe_upstream_ttfb(upstream_ttfb);
 
@@ -316,43 +441,20 @@ impl Forwarder {
         *response.headers_mut() = response_headers;
         Ok(response)
     }
+}
 
-    /// Sends one request by the forwarder's transport, up to the response headers.
-    async fn send<S>(
-        &self,
-        method: Method,
-        target: &str,
-        headers: HeaderMap,
-        upload: Option<UploadBody<S>>,
-    ) -> Result<UpstreamResponse, Failure>
-    where
-        S: futures_util::Stream<Item = std::io::Result<bytes::Bytes>>
-            + Unpin
-            + Send
-            + Sync
-            + 'static,
-    {
-        match &self.transport {
-            Transport::Direct(client) => {
-                use http_body_util::BodyExt;
-                let uri: http::Uri = target.parse().map_err(|err: http::uri::InvalidUri| {
-                    Failure::Internal(format!("cannot build the upstream URL: {err}"))
-                })?;
-                let body: UpstreamBody = match upload {
-                    Some(upload) => http_body_util::StreamBody::new(futures_util::StreamExt::map(
-                        upload,
-                        |chunk| chunk.map(hyper::body::Frame::data),
-                    ))
-                    .boxed(),
-                    None => http_body_util::Empty::new()
-                        .map_err(|never| match never {})
-                        .boxed(),
-                };
-                let mut request = http::Request::new(body);
-                *request.method_mut() = method;
-                *request.uri_mut() = uri;
-                *request.headers_mut() = headers;
-                let response = client.request(request).await.map_err(Failure::Direct)?;
+/// A request sent upstream, waiting for its response headers.
+enum Sending {
+    Direct(hyper_util::client::legacy::ResponseFuture),
+    /// reqwest's future has no name to hold it by.
+    Proxied(Pin<Box<dyn Future<Output = reqwest::Result<reqwest::Response>> + Send>>),
+}
+
+impl Sending {
+    async fn response(self) -> Result<UpstreamResponse, Failure> {
+        match self {
+            Sending::Direct(pending) => {
+                let response = pending.await.map_err(Failure::Direct)?;
                 let (parts, incoming) = response.into_parts();
                 let chunks = futures_util::StreamExt::map(
                     http_body_util::BodyDataStream::new(incoming),
@@ -364,15 +466,8 @@ impl Forwarder {
                     body: Box::pin(chunks),
                 })
             }
-            Transport::Proxied(client) => {
-                let url = reqwest::Url::parse(target).map_err(|err| {
-                    Failure::Internal(format!("cannot build the upstream URL: {err}"))
-                })?;
-                let mut builder = client.request(method, url).headers(headers);
-                if let Some(upload) = upload {
-                    builder = builder.body(reqwest::Body::wrap_stream(upload));
-                }
-                let mut response = builder.send().await.map_err(Failure::Proxied)?;
+            Sending::Proxied(pending) => {
+                let mut response = pending.await.map_err(Failure::Proxied)?;
                 let status = response.status();
                 let headers = std::mem::take(response.headers_mut());
                 let chunks = futures_util::StreamExt::map(response.bytes_stream(), |chunk| {
@@ -383,28 +478,6 @@ impl Forwarder {
                     headers,
                     body: Box::pin(chunks),
                 })
-            }
-        }
-    }
-
-    /// Waits for the upstream's response headers while the request shows life: the timer
-    /// restarts with every uploaded chunk, so a long upload is never cut, only silence is.
-    async fn send_with_idle_timeout(
-        &self,
-        send: impl std::future::Future<Output = Result<UpstreamResponse, Failure>>,
-        progress: &UploadProgress,
-        timeout: Bound<Duration>,
-    ) -> Result<UpstreamResponse, SendError> {
-        tokio::pin!(send);
-        loop {
-            let deadline = progress.last_activity() + timeout.value;
-            tokio::select! {
-                result = &mut send => return result.map_err(SendError::Failed),
-                () = tokio::time::sleep_until(deadline) => {
-                    if progress.last_activity() + timeout.value <= Instant::now() {
-                        return Err(SendError::Timeout);
-                    }
-                }
             }
         }
     }
@@ -589,6 +662,17 @@ struct MethodRoute {
     metrics: Arc<RouteMetrics>,
 }
 
+/// An admitted request, ready to be awaited.
+// The common case stays inline; boxing it would cost every request an allocation.
+#[allow(clippy::large_enum_variant)]
+enum Begun<'a, S> {
+    Forward(Exchange<'a, S>),
+    Realtime(Session<'a>),
+}
+
+/// A realtime session's handshake: boxed, being far larger than a forwarded request's.
+type Session<'a> = Pin<Box<dyn Future<Output = Result<Response, GatewayError>> + Send + 'a>>;
+
 /// Serves every method of one path template: dispatches by method, answers 405 otherwise.
 pub struct TemplateEndpoint {
     forwarder: Arc<Forwarder>,
@@ -622,12 +706,16 @@ impl TemplateEndpoint {
         }
     }
 
-    async fn handle_inner(
-        &self,
-        route: &MethodRoute,
+    /// Everything before the upstream is contacted, done at once: path parameters,
+    /// credential, limits, and taking the request apart. What is left to await holds only
+    /// what the exchange needs; a realtime session's larger future is boxed so it does not
+    /// size every request's.
+    fn begin<'a>(
+        &'a self,
+        route: &'a MethodRoute,
         req: Request,
         start: Instant,
-    ) -> Result<Response, GatewayError> {
+    ) -> Result<Begun<'a, impl ClientStream>, GatewayError> {
         check_path_params(&route.spec, &req)?;
         let (admission, key) = self.admit(&req)?;
         let admitted = Admitted {
@@ -639,9 +727,11 @@ impl TemplateEndpoint {
             admission,
         };
         if route.spec.accepts(BodyKind::WebSocket) {
-            self.realtime.handle(admitted, req).await
+            Ok(Begun::Realtime(Box::pin(
+                self.realtime.handle(admitted, req),
+            )))
         } else {
-            self.forwarder.forward(admitted, req).await
+            Ok(Begun::Forward(self.forwarder.prepare(admitted, req)?))
         }
     }
 
@@ -684,28 +774,36 @@ impl TemplateEndpoint {
 impl Endpoint for TemplateEndpoint {
     type Output = Response;
 
-    async fn call(&self, req: Request) -> poem::Result<Response> {
+    fn call(&self, req: Request) -> impl Future<Output = poem::Result<Response>> + Send {
         let start = Instant::now();
         let method = req.method().clone();
-        let Some(route) = self
+        let route = self
             .methods
             .iter()
-            .find(|route| route.spec.method == method)
-        else {
-            let err = GatewayError::MethodNotAllowed {
+            .find(|route| route.spec.method == method);
+        let begun = match route {
+            Some(route) => self.begin(route, req, start),
+            None => Err(GatewayError::MethodNotAllowed {
                 method: method.clone(),
                 template: self.template.to_string(),
                 allowed: self.methods.iter().map(|r| r.spec.method.clone()).collect(),
-            };
-            return Ok(self.reject(&method, start, &err));
+            }),
         };
-        match self.handle_inner(route, req, start).await {
-            Ok(response) => {
-                route.metrics.count_status(response.status().as_u16());
-                route.metrics.observe_response_headers(start.elapsed());
-                Ok(response)
+        async move {
+            let result = match begun {
+                Ok(Begun::Forward(exchange)) => exchange.run().await,
+                Ok(Begun::Realtime(session)) => session.await,
+                Err(err) => Err(err),
+            };
+            match (route, result) {
+                (Some(route), Ok(response)) => {
+                    route.metrics.count_status(response.status().as_u16());
+                    route.metrics.observe_response_headers(start.elapsed());
+                    Ok(response)
+                }
+                (_, Err(err)) => Ok(self.reject(&method, start, &err)),
+                (None, Ok(response)) => Ok(response),
             }
-            Err(err) => Ok(self.reject(&method, start, &err)),
         }
     }
 }
