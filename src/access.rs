@@ -4,8 +4,10 @@
 //! Keys are compared by their SHA-256, so routes.toml never holds a key. Nothing here logs a
 //! key or a hash of one.
 
+use std::future::Future;
 use std::net::IpAddr;
 
+use futures_util::future::Either;
 use http::header::{self, HeaderMap, HeaderName};
 use ipnet::IpNet;
 use poem::{Endpoint, IntoResponse, Request, Response};
@@ -105,14 +107,27 @@ impl KeyId {
 
     /// The first 8 hex digits of the hash: enough to tell a team's keys apart, far too few
     /// to test guesses of a key against.
-    pub fn prefix(&self) -> String {
+    pub fn prefix(&self) -> KeyPrefix {
         const HEX: &[u8; 16] = b"0123456789abcdef";
-        let mut out = String::with_capacity(8);
-        for byte in &self.hash[..4] {
-            out.push(char::from(HEX[usize::from(byte >> 4)]));
-            out.push(char::from(HEX[usize::from(byte & 0x0f)]));
+        let mut out = [0; 8];
+        for (pair, byte) in out.chunks_exact_mut(2).zip(&self.hash) {
+            pair[0] = HEX[usize::from(byte >> 4)];
+            pair[1] = HEX[usize::from(byte & 0x0f)];
         }
-        out
+        KeyPrefix(out)
+    }
+}
+
+/// A key's hash prefix as text, kept on the stack: every request's log line has one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyPrefix([u8; 8]);
+
+impl std::ops::Deref for KeyPrefix {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        // Hex digits only, so always UTF-8.
+        std::str::from_utf8(&self.0).unwrap_or_default()
     }
 }
 
@@ -192,24 +207,27 @@ impl<E> IpFilter<E> {
 impl<E: Endpoint> Endpoint for IpFilter<E> {
     type Output = Response;
 
-    async fn call(&self, req: Request) -> poem::Result<Response> {
+    fn call(&self, req: Request) -> impl Future<Output = poem::Result<Response>> + Send {
         let peer = req.remote_addr().as_socket_addr().map(|addr| addr.ip());
-        if let Err(err) = self.access.check_ip(peer, req.headers()) {
-            self.metrics.count_request(
-                &std::sync::Arc::from("(access)"),
-                req.method(),
-                err.status().as_u16(),
-            );
-            crate::telemetry::log_rejected(
-                req.method(),
-                "(access)",
-                err.status().as_u16(),
-                tokio::time::Instant::now(),
-                "client address not in access.allowed_ips",
-            );
-            return Ok(err.to_response());
+        match self.access.check_ip(peer, req.headers()) {
+            Ok(()) => {
+                let inner = self.inner.call(req);
+                Either::Left(async move { inner.await.map(IntoResponse::into_response) })
+            }
+            Err(err) => {
+                let status = err.status().as_u16();
+                self.metrics
+                    .count_request(&std::sync::Arc::from("(access)"), req.method(), status);
+                crate::telemetry::log_rejected(
+                    req.method(),
+                    "(access)",
+                    status,
+                    tokio::time::Instant::now(),
+                    "client address not in access.allowed_ips",
+                );
+                Either::Right(std::future::ready(Ok(err.to_response())))
+            }
         }
-        self.inner.call(req).await.map(IntoResponse::into_response)
     }
 }
 
@@ -221,7 +239,10 @@ mod tests {
     #[test]
     fn key_id_prefix_is_the_first_eight_hex_digits_of_the_hash() {
         let line = hash_line("sk-test");
-        assert_eq!(KeyId::of("sk-test").prefix(), line["sha256:".len()..][..8]);
+        assert_eq!(
+            &*KeyId::of("sk-test").prefix(),
+            &line["sha256:".len()..][..8]
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use http::Method;
@@ -19,7 +19,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::config::MetricsConfig;
-use crate::usage::Usage;
+use crate::usage::{Usage, TOKEN_KINDS};
 
 /// The media type of the exposition format `prometheus-client` writes.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -281,6 +281,8 @@ impl Metrics {
             method: method_label(method),
         };
         RouteMetrics {
+            ok: OnceLock::new(),
+            tokens: Mutex::default(),
             response_headers: self.response_headers.get_or_create_owned(&labels),
             duration: self.duration.get_or_create_owned(&labels),
             upstream_ttfb: self.upstream_ttfb.get_or_create_owned(&labels),
@@ -368,9 +370,21 @@ impl Drop for GaugeGuard {
     }
 }
 
+/// A route's token counters for one model, by kind ([`TOKEN_KINDS`]).
+#[derive(Debug, Default)]
+struct ModelCounters {
+    model: Option<Arc<str>>,
+    by_kind: [Option<Counter>; 4],
+}
+
 /// The metrics of one route and method, with its histograms already resolved.
 pub struct RouteMetrics {
     labels: RouteLabels,
+    /// `requests_total` for status 200, the one nearly every answer has: resolved on first
+    /// use instead of hashing the labels again per request.
+    ok: OnceLock<Counter>,
+    /// The token counters of the model this route saw last.
+    tokens: Mutex<ModelCounters>,
     response_headers: Histogram,
     duration: Histogram,
     upstream_ttfb: Histogram,
@@ -394,14 +408,21 @@ impl RouteMetrics {
     }
 
     pub fn count_status(&self, status: u16) {
-        self.all
-            .requests
-            .get_or_create(&RequestLabels {
-                route: Arc::clone(&self.labels.route),
-                method: self.labels.method,
-                status,
-            })
-            .inc();
+        let counter = |status| {
+            self.all
+                .requests
+                .get_or_create(&RequestLabels {
+                    route: Arc::clone(&self.labels.route),
+                    method: self.labels.method,
+                    status,
+                })
+                .clone()
+        };
+        if status == 200 {
+            self.ok.get_or_init(|| counter(200)).inc();
+        } else {
+            counter(status).inc();
+        }
     }
 
     pub fn observe_response_headers(&self, elapsed: Duration) {
@@ -434,15 +455,40 @@ impl RouteMetrics {
         let model = self.all.model_label(usage.model.as_deref());
         let by_key = self.all.tokens_by_key.load(Ordering::Relaxed);
         let key: Option<Arc<str>> = key_prefix.filter(|_| by_key).map(Arc::from);
-        for (kind, count) in usage.counts() {
-            self.all
-                .tokens
-                .get_or_create(&TokenLabels {
-                    model: Arc::clone(&model),
-                    route: Arc::clone(&self.labels.route),
-                    kind,
-                })
-                .inc_by(count);
+        // A route mostly sees one model, so its counters are kept rather than looked up by
+        // their labels per answer. A series is created on its first non-zero count.
+        let mut cache = self.tokens.lock().ok();
+        if let Some(cache) = cache.as_deref_mut() {
+            if !cache
+                .model
+                .as_ref()
+                .is_some_and(|seen| Arc::ptr_eq(seen, &model))
+            {
+                *cache = ModelCounters {
+                    model: Some(Arc::clone(&model)),
+                    by_kind: Default::default(),
+                };
+            }
+        }
+        for (index, count) in usage.counts() {
+            let kind = TOKEN_KINDS[index];
+            let create = || {
+                self.all
+                    .tokens
+                    .get_or_create(&TokenLabels {
+                        model: Arc::clone(&model),
+                        route: Arc::clone(&self.labels.route),
+                        kind,
+                    })
+                    .clone()
+            };
+            match cache.as_deref_mut() {
+                Some(cache) => cache.by_kind[index]
+                    .get_or_insert_with(create)
+                    .inc_by(count),
+                // A poisoned cache: look the counter up instead.
+                None => create().inc_by(count),
+            };
             if let Some(key) = &key {
                 self.all
                     .key_tokens

@@ -16,7 +16,7 @@
 use std::sync::LazyLock;
 
 use memchr::memmem::Finder;
-use serde_json::Value;
+use serde::Deserialize;
 
 /// Bytes kept after a `"usage"` key: the object with every detail is well under this.
 const USAGE_CAPTURE: usize = 4096;
@@ -46,6 +46,9 @@ fn key_starts<'a>(
     })
 }
 
+/// The `kind` label of each count, in the order [`Usage::counts`] numbers them.
+pub const TOKEN_KINDS: [&str; 4] = ["input", "output", "cached_input", "reasoning"];
+
 /// Token counts of one answer.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Usage {
@@ -57,44 +60,102 @@ pub struct Usage {
 }
 
 impl Usage {
-    /// The non-zero counts with their `kind` label.
-    pub fn counts(&self) -> impl Iterator<Item = (&'static str, u64)> {
-        [
-            ("input", self.input),
-            ("output", self.output),
-            ("cached_input", self.cached_input),
-            ("reasoning", self.reasoning),
-        ]
-        .into_iter()
-        .filter(|(_, count)| *count > 0)
+    /// The non-zero counts with their place in [`TOKEN_KINDS`].
+    pub fn counts(&self) -> impl Iterator<Item = (usize, u64)> {
+        [self.input, self.output, self.cached_input, self.reasoning]
+            .into_iter()
+            .enumerate()
+            .filter(|(_, count)| *count > 0)
     }
 
     /// Reads OpenAI's usage shapes: `prompt_tokens`/`completion_tokens` (Chat, Completions,
     /// Embeddings) and `input_tokens`/`output_tokens` (Responses, images, audio), with their
     /// cached and reasoning details. `None` when the object counts no tokens at all.
-    fn from_object(object: &Value) -> Option<Usage> {
-        let number = |path: &[&str]| -> Option<u64> {
-            let mut value = object;
-            for key in path {
-                value = value.get(key)?;
-            }
-            value.as_u64()
-        };
-        let input = number(&["prompt_tokens"]).or_else(|| number(&["input_tokens"]));
-        let output = number(&["completion_tokens"]).or_else(|| number(&["output_tokens"]));
+    fn from_object(object: UsageObject) -> Option<Usage> {
+        let input = object.prompt_tokens.get().or(object.input_tokens.get());
+        let output = object
+            .completion_tokens
+            .get()
+            .or(object.output_tokens.get());
         if input.is_none() && output.is_none() {
             return None;
         }
-        let cached_input = number(&["prompt_tokens_details", "cached_tokens"])
-            .or_else(|| number(&["input_tokens_details", "cached_tokens"]));
-        let reasoning = number(&["completion_tokens_details", "reasoning_tokens"])
-            .or_else(|| number(&["output_tokens_details", "reasoning_tokens"]));
+        let detail = |details: &Lenient<Details>, pick: fn(&Details) -> Option<u64>| {
+            details.0.as_ref().and_then(pick)
+        };
+        let cached = |d: &Details| d.cached_tokens.get();
+        let reasoning = |d: &Details| d.reasoning_tokens.get();
         Some(Usage {
             model: None,
             input: input.unwrap_or(0),
             output: output.unwrap_or(0),
-            cached_input: cached_input.unwrap_or(0),
-            reasoning: reasoning.unwrap_or(0),
+            cached_input: detail(&object.prompt_tokens_details, cached)
+                .or_else(|| detail(&object.input_tokens_details, cached))
+                .unwrap_or(0),
+            reasoning: detail(&object.completion_tokens_details, reasoning)
+                .or_else(|| detail(&object.output_tokens_details, reasoning))
+                .unwrap_or(0),
+        })
+    }
+}
+
+/// The fields of a `usage` object the tap reads; everything else is skipped unread.
+#[derive(Debug, Deserialize)]
+struct UsageObject {
+    #[serde(default)]
+    prompt_tokens: Lenient<u64>,
+    #[serde(default)]
+    input_tokens: Lenient<u64>,
+    #[serde(default)]
+    completion_tokens: Lenient<u64>,
+    #[serde(default)]
+    output_tokens: Lenient<u64>,
+    #[serde(default)]
+    prompt_tokens_details: Lenient<Details>,
+    #[serde(default)]
+    input_tokens_details: Lenient<Details>,
+    #[serde(default)]
+    completion_tokens_details: Lenient<Details>,
+    #[serde(default)]
+    output_tokens_details: Lenient<Details>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Details {
+    #[serde(default)]
+    cached_tokens: Lenient<u64>,
+    #[serde(default)]
+    reasoning_tokens: Lenient<u64>,
+}
+
+/// A field that may hold something else (null, a string, a float): then it counts as absent
+/// instead of failing the whole object.
+#[derive(Debug)]
+struct Lenient<T>(Option<T>);
+
+impl<T> Default for Lenient<T> {
+    fn default() -> Self {
+        Lenient(None)
+    }
+}
+
+impl Lenient<u64> {
+    fn get(&self) -> Option<u64> {
+        self.0
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Lenient<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either<T> {
+            Wanted(T),
+            Other(serde::de::IgnoredAny),
+        }
+        Ok(match Either::deserialize(deserializer)? {
+            Either::Wanted(value) => Lenient(Some(value)),
+            Either::Other(_) => Lenient(None),
         })
     }
 }
@@ -243,9 +304,8 @@ impl UsageTap {
     }
 
     fn settle(&mut self, capture: &Capture) {
-        if let Some(usage) = value_after_colon(&capture.bytes)
-            .filter(Value::is_object)
-            .and_then(|object| Usage::from_object(&object))
+        if let Some(usage) =
+            value_after_colon::<UsageObject>(&capture.bytes).and_then(Usage::from_object)
         {
             self.best = Some(usage);
         }
@@ -260,14 +320,13 @@ impl UsageTap {
         usage.model = self
             .model
             .as_ref()
-            .and_then(|capture| value_after_colon(&capture.bytes))
-            .and_then(|value| value.as_str().map(str::to_owned));
+            .and_then(|capture| value_after_colon::<String>(&capture.bytes));
         Some(usage)
     }
 }
 
 /// Parses the JSON value after `: ` at the start of `bytes`, ignoring what follows it.
-fn value_after_colon(bytes: &[u8]) -> Option<Value> {
+fn value_after_colon<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Option<T> {
     let rest = bytes.trim_ascii_start().strip_prefix(b":")?;
     let rest = rest.trim_ascii_start();
     // Only self-delimiting values are read: a number cut at the capture's end would parse.
@@ -275,7 +334,7 @@ fn value_after_colon(bytes: &[u8]) -> Option<Value> {
         return None;
     }
     serde_json::Deserializer::from_slice(rest)
-        .into_iter::<Value>()
+        .into_iter::<T>()
         .next()?
         .ok()
 }
@@ -385,7 +444,7 @@ mod tests {
         let body = br#"{"object":"list","data":[{"embedding":[0.1,0.2]}],"model":"text-embedding-3-small","usage":{"prompt_tokens":8,"total_tokens":8}}"#;
         let usage = tap_all(&[body]).expect("usage");
         assert_eq!((usage.input, usage.output), (8, 0));
-        assert_eq!(usage.counts().collect::<Vec<_>>(), vec![("input", 8)]);
+        assert_eq!(usage.counts().collect::<Vec<_>>(), vec![(0, 8)]);
         assert_eq!(usage.model.as_deref(), Some("text-embedding-3-small"));
     }
 }
