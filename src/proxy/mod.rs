@@ -795,14 +795,16 @@ impl Endpoint for TemplateEndpoint {
                 Ok(Begun::Realtime(session)) => session.await,
                 Err(err) => Err(err),
             };
-            match (route, result) {
-                (Some(route), Ok(response)) => {
-                    route.metrics.count_status(response.status().as_u16());
-                    route.metrics.observe_response_headers(start.elapsed());
+            match result {
+                Ok(response) => {
+                    // Only a matched route answers Ok.
+                    if let Some(route) = route {
+                        route.metrics.count_status(response.status().as_u16());
+                        route.metrics.observe_response_headers(start.elapsed());
+                    }
                     Ok(response)
                 }
-                (_, Err(err)) => Ok(self.reject(&method, start, &err)),
-                (None, Ok(response)) => Ok(response),
+                Err(err) => Ok(self.reject(&method, start, &err)),
             }
         }
     }
