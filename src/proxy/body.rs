@@ -268,3 +268,18 @@ impl Stream for DownloadBody {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::StreamExt;
+
+    #[tokio::test]
+    async fn a_body_that_never_waits_never_arms_its_timer() {
+        let chunks = futures_util::stream::iter([Ok(Bytes::from_static(b"{}"))]);
+        let mut upload =
+            UploadBody::new(chunks, 1024, Duration::from_secs(5), UploadProgress::new());
+        while upload.next().await.is_some() {}
+        assert!(upload.idle.sleep.is_none());
+    }
+}

@@ -809,3 +809,44 @@ impl Endpoint for TemplateEndpoint {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    /// The future of a forwarded request lives in hyper's per-request slot and is copied when
+    /// boxed; it must stay small (it was 4.7 KB when it carried the realtime branch and the
+    /// whole client request).
+    #[test]
+    fn a_forwarded_request_future_stays_small() {
+        let config = Config::from_manifest_str(crate::config::BUILT_IN_MANIFEST).unwrap();
+        let metrics = Arc::new(Metrics::new(&config.metrics));
+        let limiter = Arc::new(Limiter::new(&config.limits.admission));
+        let tls = Arc::new(crate::realtime::client_tls_config().unwrap());
+        let forwarder = Arc::new(Forwarder::new(&config, limiter, &tls).unwrap());
+        let relay = Arc::new(
+            Relay::new(
+                &config,
+                crate::realtime::Sessions::default(),
+                Arc::clone(&tls),
+            )
+            .unwrap(),
+        );
+        let routes = config.routes.by_template();
+        let (template, specs) = routes
+            .iter()
+            .find(|(template, _)| template.as_str() == "/v1/chat/completions")
+            .unwrap();
+        let endpoint = TemplateEndpoint::new(forwarder, relay, &metrics, template, specs);
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(http::Uri::from_static("/v1/chat/completions"))
+            .header(header::AUTHORIZATION, "Bearer sk-test")
+            .content_type("application/json")
+            .body("{}");
+        let future = endpoint.call(request);
+        let size = std::mem::size_of_val(&future);
+        assert!(size <= 2048, "a forwarded request's future is {size} bytes");
+    }
+}
