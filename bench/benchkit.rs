@@ -7,6 +7,7 @@
 //!   benchkit startup BINARY PORT                -> ms from spawn to the first 200 on /health
 //!   benchkit blob-upstream ADDR                 -> POST: reads the whole body; GET: streams
 //!                                                  ?bytes=N bytes
+//!   benchkit hyper-proxy ADDR UPSTREAM_URL      -> a bare reverse proxy on hyper alone
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::convert::Infallible;
@@ -258,6 +259,85 @@ async fn startup(binary: String, port: u16) {
     child.kill().await.unwrap();
 }
 
+/// A bare reverse proxy on hyper alone: hyper's HTTP/1 server and hyper-util's pooled client,
+/// one current-thread runtime per core on a shared `SO_REUSEPORT` port, as the gateway runs.
+/// No routing, checks, metrics or logs: the floor any hyper-based gateway starts from,
+/// measured in the same run as the gateway and nginx.
+fn hyper_proxy(addr: String, upstream: String) {
+    use http_body_util::combinators::BoxBody;
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::client::legacy::{connect::HttpConnector, Client};
+
+    let addr: std::net::SocketAddr = addr.parse().unwrap();
+    let upstream: &'static str = Box::leak(upstream.trim_end_matches('/').into());
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads: Vec<_> = (0..workers)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async move {
+                    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                    socket.set_reuseport(true).unwrap();
+                    socket.bind(addr).unwrap();
+                    let listener = socket.listen(1024).unwrap();
+                    let mut connector = HttpConnector::new();
+                    connector.set_nodelay(true);
+                    let client: Client<_, BoxBody<Bytes, hyper::Error>> =
+                        Client::builder(TokioExecutor::new())
+                            .pool_max_idle_per_host(256)
+                            .build(connector);
+                    loop {
+                        let (stream, _) = listener.accept().await.unwrap();
+                        stream.set_nodelay(true).unwrap();
+                        let client = client.clone();
+                        tokio::spawn(async move {
+                            let service = hyper::service::service_fn(
+                                move |req: http::Request<hyper::body::Incoming>| {
+                                    let client = client.clone();
+                                    async move {
+                                        let (mut parts, body) = req.into_parts();
+                                        let path = parts
+                                            .uri
+                                            .path_and_query()
+                                            .map_or("/", |pq| pq.as_str());
+                                        parts.uri = format!("{upstream}{path}").parse().unwrap();
+                                        parts.headers.remove(http::header::HOST);
+                                        let request =
+                                            http::Request::from_parts(parts, body.boxed());
+                                        let response = match client.request(request).await {
+                                            Ok(response) => response.map(BodyExt::boxed),
+                                            Err(_) => {
+                                                let mut response = http::Response::new(
+                                                    Empty::new()
+                                                        .map_err(|never| match never {})
+                                                        .boxed(),
+                                                );
+                                                *response.status_mut() =
+                                                    http::StatusCode::BAD_GATEWAY;
+                                                response
+                                            }
+                                        };
+                                        Ok::<_, Infallible>(response)
+                                    }
+                                },
+                            );
+                            let _ = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await;
+                        });
+                    }
+                })
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -279,6 +359,12 @@ async fn main() {
         Some("hold") => hold(arg(1), arg(2).parse().unwrap(), arg(3).parse().unwrap()).await,
         Some("startup") => startup(arg(1), arg(2).parse().unwrap()).await,
         Some("blob-upstream") => blob_upstream(arg(1)).await,
+        Some("hyper-proxy") => {
+            let (addr, upstream) = (arg(1), arg(2));
+            tokio::task::spawn_blocking(move || hyper_proxy(addr, upstream))
+                .await
+                .unwrap()
+        }
         _ => eprintln!("usage: see the top of bench/benchkit.rs"),
     }
 }
