@@ -264,77 +264,74 @@ async fn startup(binary: String, port: u16) {
 /// No routing, checks, metrics or logs: the floor any hyper-based gateway starts from,
 /// measured in the same run as the gateway and nginx.
 fn hyper_proxy(addr: String, upstream: String) {
-    use http_body_util::combinators::BoxBody;
-    use http_body_util::{BodyExt, Empty};
-    use hyper_util::client::legacy::{connect::HttpConnector, Client};
-
     let addr: std::net::SocketAddr = addr.parse().unwrap();
     let upstream: &'static str = Box::leak(upstream.trim_end_matches('/').into());
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads: Vec<_> = (0..workers)
         .map(|_| {
             std::thread::spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
+                tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
-                    .unwrap();
-                runtime.block_on(async move {
-                    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-                    socket.set_reuseport(true).unwrap();
-                    socket.bind(addr).unwrap();
-                    let listener = socket.listen(1024).unwrap();
-                    let mut connector = HttpConnector::new();
-                    connector.set_nodelay(true);
-                    let client: Client<_, BoxBody<Bytes, hyper::Error>> =
-                        Client::builder(TokioExecutor::new())
-                            .pool_max_idle_per_host(256)
-                            .build(connector);
-                    loop {
-                        let (stream, _) = listener.accept().await.unwrap();
-                        stream.set_nodelay(true).unwrap();
-                        let client = client.clone();
-                        tokio::spawn(async move {
-                            let service = hyper::service::service_fn(
-                                move |req: http::Request<hyper::body::Incoming>| {
-                                    let client = client.clone();
-                                    async move {
-                                        let (mut parts, body) = req.into_parts();
-                                        let path = parts
-                                            .uri
-                                            .path_and_query()
-                                            .map_or("/", |pq| pq.as_str());
-                                        parts.uri = format!("{upstream}{path}").parse().unwrap();
-                                        parts.headers.remove(http::header::HOST);
-                                        let request =
-                                            http::Request::from_parts(parts, body.boxed());
-                                        let response = match client.request(request).await {
-                                            Ok(response) => response.map(BodyExt::boxed),
-                                            Err(_) => {
-                                                let mut response = http::Response::new(
-                                                    Empty::new()
-                                                        .map_err(|never| match never {})
-                                                        .boxed(),
-                                                );
-                                                *response.status_mut() =
-                                                    http::StatusCode::BAD_GATEWAY;
-                                                response
-                                            }
-                                        };
-                                        Ok::<_, Infallible>(response)
-                                    }
-                                },
-                            );
-                            let _ = hyper::server::conn::http1::Builder::new()
-                                .serve_connection(TokioIo::new(stream), service)
-                                .await;
-                        });
-                    }
-                })
+                    .unwrap()
+                    .block_on(hyper_proxy_worker(addr, upstream))
             })
         })
         .collect();
     for thread in threads {
         thread.join().unwrap();
+    }
+}
+
+type HyperClient = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::combinators::BoxBody<Bytes, hyper::Error>,
+>;
+
+async fn hyper_proxy_worker(addr: std::net::SocketAddr, upstream: &'static str) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_reuseport(true).unwrap();
+    socket.bind(addr).unwrap();
+    let listener = socket.listen(1024).unwrap();
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_nodelay(true);
+    let client: HyperClient = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(256)
+        .build(connector);
+    loop {
+        let (stream, _) = listener.accept().await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        let client = client.clone();
+        let service =
+            hyper::service::service_fn(move |req| hyper_forward(client.clone(), upstream, req));
+        tokio::spawn(
+            hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service),
+        );
+    }
+}
+
+async fn hyper_forward(
+    client: HyperClient,
+    upstream: &'static str,
+    req: http::Request<hyper::body::Incoming>,
+) -> Result<http::Response<http_body_util::combinators::BoxBody<Bytes, hyper::Error>>, Infallible> {
+    use http_body_util::BodyExt;
+    let (mut parts, body) = req.into_parts();
+    let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    parts.uri = format!("{upstream}{path}").parse().unwrap();
+    parts.headers.remove(http::header::HOST);
+    match client
+        .request(http::Request::from_parts(parts, body.boxed()))
+        .await
+    {
+        Ok(response) => Ok(response.map(BodyExt::boxed)),
+        Err(_) => {
+            let empty = http_body_util::Empty::new().map_err(|never| match never {});
+            let mut response = http::Response::new(empty.boxed());
+            *response.status_mut() = http::StatusCode::BAD_GATEWAY;
+            Ok(response)
+        }
     }
 }
 

@@ -193,13 +193,13 @@ pub struct IpFilter<E> {
 impl<E> IpFilter<E> {
     pub fn new(
         inner: E,
-        access: std::sync::Arc<AccessConfig>,
-        metrics: std::sync::Arc<crate::metrics::Metrics>,
+        access: &std::sync::Arc<AccessConfig>,
+        metrics: &std::sync::Arc<crate::metrics::Metrics>,
     ) -> Self {
         IpFilter {
             inner,
-            access,
-            metrics,
+            access: std::sync::Arc::clone(access),
+            metrics: std::sync::Arc::clone(metrics),
         }
     }
 }

@@ -229,25 +229,22 @@ fn build(
     )?);
     let access = Arc::new(config.access.clone());
     let metrics = &shared.metrics;
-    let guard = |endpoint: TemplateEndpoint| {
-        access::IpFilter::new(endpoint, Arc::clone(&access), Arc::clone(metrics))
-    };
-    let guard_boxed = |endpoint: BoxEndpoint<'static, Response>| {
-        access::IpFilter::new(endpoint, Arc::clone(&access), Arc::clone(metrics))
-    };
     let mut api = Route::new();
     if let Some(docs) = &common.docs {
         api = api
             .at(
                 openapi::DOCUMENT_PATH,
-                guard_boxed(Arc::clone(&docs.0).boxed()),
+                access::IpFilter::new(Arc::clone(&docs.0), &access, metrics),
             )
-            .at(openapi::DOCS_PATH, guard_boxed(Arc::clone(&docs.1).boxed()));
+            .at(
+                openapi::DOCS_PATH,
+                access::IpFilter::new(Arc::clone(&docs.1), &access, metrics),
+            );
     }
     if config.metrics.enabled {
         api = api.at(
             METRICS_PATH,
-            guard_boxed(MetricsEndpoint(Arc::clone(metrics)).boxed()),
+            access::IpFilter::new(MetricsEndpoint(Arc::clone(metrics)), &access, metrics),
         );
     }
     for (template, specs) in config.routes.by_template() {
@@ -265,7 +262,10 @@ fn build(
             &specs,
         );
         api = api
-            .try_at(template.to_poem_path(), guard(endpoint))
+            .try_at(
+                template.to_poem_path(),
+                access::IpFilter::new(endpoint, &access, metrics),
+            )
             .map_err(|err| {
                 ConfigError::Invalid(vec![format!(
                     "routes[{index}].path: the router refused {template}: {err}"

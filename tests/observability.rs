@@ -212,17 +212,7 @@ async fn post(gateway: &Gateway, path: &str, key: &str, body: Value) -> (u16, By
 }
 
 async fn scrape(gateway: &Gateway) -> String {
-    let response = common::client()
-        .get(gateway.url("/metrics"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    assert!(response.headers()["content-type"]
-        .to_str()
-        .unwrap()
-        .starts_with("application/openmetrics-text"));
-    response.text().await.unwrap()
+    common::scrape(gateway.url("/metrics")).await
 }
 
 #[tokio::test]

@@ -314,14 +314,7 @@ async fn sighup_reloads_the_manifest_under_load_without_dropping_anything() {
         ok.load(Ordering::Relaxed)
     );
 
-    let metrics = client
-        .get(gateway.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::scrape(gateway.url("/metrics")).await;
     assert!(
         metrics.contains("oa_bypass_config_reloads_total{result=\"ok\"} 1"),
         "{metrics}"

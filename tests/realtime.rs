@@ -674,16 +674,7 @@ fn realtime_metric(text: &str, name: &str) -> f64 {
 async fn open_sessions_show_in_metrics() {
     let upstream = WsUpstream::start(accept_all, echo).await;
     let gateway = Gateway::start(&manifest(&upstream.base_url(), "")).await;
-    let scrape = || async {
-        common::client()
-            .get(gateway.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
+    let scrape = || common::scrape(gateway.url("/metrics"));
     let (mut ws, _) = connect(gateway.addr, &[("authorization", bearer())])
         .await
         .unwrap();

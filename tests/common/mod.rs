@@ -343,6 +343,17 @@ pub async fn get_with_key(url: impl reqwest::IntoUrl) -> reqwest::Response {
         .unwrap()
 }
 
+/// The exposition at `url` (a gateway's `/metrics`), checked to be a 200 in OpenMetrics text.
+pub async fn scrape(url: impl reqwest::IntoUrl) -> String {
+    let response = client().get(url).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/openmetrics-text"));
+    response.text().await.unwrap()
+}
+
 pub const KEY: &str = "sk-test-0123456789abcdefSECRET";
 
 pub fn bearer() -> String {
