@@ -54,41 +54,42 @@ pub fn parse_hash_line(text: &str) -> Option<[u8; 32]> {
 }
 
 /// The keys a request presents: the bearer token, `api-key`, and a WebSocket key subprotocol.
-fn presented_keys(headers: &HeaderMap) -> Vec<&str> {
-    let mut keys = Vec::new();
-    if let Some(value) = headers
+/// An iterator, not a `Vec`: every forwarded request asks, and most present one key.
+fn presented_keys(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-    {
-        let value = value.trim();
-        // `Bearer` with no token, as SDKs send for an empty key, presents nothing.
-        let token = match value.get(..7) {
-            Some(scheme) if scheme.eq_ignore_ascii_case("bearer ") => value[7..].trim(),
-            _ if value.eq_ignore_ascii_case("bearer") => "",
-            _ => value,
-        };
-        keys.push(token);
-    }
-    if let Some(value) = headers.get(headers::API_KEY).and_then(|v| v.to_str().ok()) {
-        keys.push(value.trim());
-    }
-    keys.extend(
-        headers::list_items(headers, &header::SEC_WEBSOCKET_PROTOCOL)
-            .filter_map(|protocol| protocol.strip_prefix(KEY_SUBPROTOCOL)),
-    );
-    keys.retain(|key| !key.is_empty());
-    keys
+        .map(|value| {
+            let value = value.trim();
+            // `Bearer` with no token, as SDKs send for an empty key, presents nothing.
+            match value.get(..7) {
+                Some(scheme) if scheme.eq_ignore_ascii_case("bearer ") => value[7..].trim(),
+                _ if value.eq_ignore_ascii_case("bearer") => "",
+                _ => value,
+            }
+        });
+    let api_key = headers
+        .get(headers::API_KEY)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim);
+    let subprotocols = headers::list_items(headers, &header::SEC_WEBSOCKET_PROTOCOL)
+        .filter_map(|protocol| protocol.strip_prefix(KEY_SUBPROTOCOL));
+    bearer
+        .into_iter()
+        .chain(api_key)
+        .chain(subprotocols)
+        .filter(|key| !key.is_empty())
 }
 
 /// Whether the request carries a credential: an `Authorization` or `api-key` with something
 /// in it, or (WebSockets) a key subprotocol.
 pub fn has_credential(headers: &HeaderMap) -> bool {
-    !presented_keys(headers).is_empty()
+    presented_keys(headers).next().is_some()
 }
 
 /// The first key the request presents, for per-key limits.
 pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
-    presented_keys(headers).into_iter().next()
+    presented_keys(headers).next()
 }
 
 /// Who made a request, as far as logs and metrics may say: the SHA-256 of its key, shown as
@@ -137,9 +138,9 @@ impl AccessConfig {
         if self.allowed_key_hashes.is_empty() {
             return Ok(());
         }
-        let keys = presented_keys(headers);
-        let allowed = !keys.is_empty()
-            && keys.iter().all(|key| {
+        let mut keys = presented_keys(headers).peekable();
+        let allowed = keys.peek().is_some()
+            && keys.all(|key| {
                 let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
                 self.allowed_key_hashes.contains(&digest)
             });

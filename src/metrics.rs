@@ -452,24 +452,36 @@ impl RouteMetrics {
 
     /// Adds the token counts of one answer.
     pub fn count_tokens(&self, usage: &Usage, key_prefix: Option<&str>) {
-        let model = self.all.model_label(usage.model.as_deref());
         let by_key = self.all.tokens_by_key.load(Ordering::Relaxed);
         let key: Option<Arc<str>> = key_prefix.filter(|_| by_key).map(Arc::from);
-        // A route mostly sees one model, so its counters are kept rather than looked up by
-        // their labels per answer. A series is created on its first non-zero count.
+        // A route mostly sees one model, so its label and counters are kept rather than
+        // looked up (in the map all workers share) per answer. A series is created on its
+        // first non-zero count.
         let mut cache = self.tokens.lock().ok();
-        if let Some(cache) = cache.as_deref_mut() {
-            if !cache
-                .model
-                .as_ref()
-                .is_some_and(|seen| Arc::ptr_eq(seen, &model))
-            {
-                *cache = ModelCounters {
-                    model: Some(Arc::clone(&model)),
-                    by_kind: Default::default(),
-                };
+        let cached = cache
+            .as_deref()
+            .and_then(|cache| cache.model.as_ref())
+            .filter(|seen| usage.model.as_deref() == Some(&***seen))
+            .cloned();
+        let model = match cached {
+            Some(model) => model,
+            None => {
+                let model = self.all.model_label(usage.model.as_deref());
+                if let Some(cache) = cache.as_deref_mut() {
+                    if !cache
+                        .model
+                        .as_ref()
+                        .is_some_and(|seen| Arc::ptr_eq(seen, &model))
+                    {
+                        *cache = ModelCounters {
+                            model: Some(Arc::clone(&model)),
+                            by_kind: Default::default(),
+                        };
+                    }
+                }
+                model
             }
-        }
+        };
         for (index, count) in usage.counts() {
             let kind = TOKEN_KINDS[index];
             let create = || {
@@ -524,6 +536,36 @@ mod tests {
         assert_eq!(&*metrics.model_label(Some("c")), "other");
         assert_eq!(&*metrics.model_label(None), "other");
         assert_eq!(&*metrics.model_label(Some(&"x".repeat(200))), "other");
+    }
+
+    #[test]
+    fn tokens_are_counted_under_each_answers_model_as_models_change() {
+        let metrics = Arc::new(Metrics::new(&config(2)));
+        let route = metrics.route(&Arc::from("/v1/chat/completions"), &Method::POST);
+        let answer = |model: Option<&str>, input| Usage {
+            model: model.map(str::to_owned),
+            input,
+            ..Usage::default()
+        };
+        for (model, input) in [
+            (Some("a"), 1),
+            (Some("a"), 2),
+            (Some("b"), 10),
+            (Some("a"), 4),
+            (Some("c"), 100),
+            (None, 1000),
+            (Some("b"), 20),
+        ] {
+            route.count_tokens(&answer(model, input), None);
+        }
+        let text = metrics.encode().unwrap();
+        for (model, total) in [("a", 7), ("b", 30), ("other", 1100)] {
+            let line = format!(
+                "oa_bypass_tokens_total{{model=\"{model}\",route=\"/v1/chat/completions\",kind=\"input\"}} {total}"
+            );
+            assert!(text.contains(&line), "{line} in\n{text}");
+        }
+        assert!(!text.contains("model=\"c\""), "{text}");
     }
 
     #[test]

@@ -251,17 +251,25 @@ impl BodyKind {
     /// The kind a request's `Content-Type` declares (parameters such as `charset` ignored);
     /// anything not JSON, multipart or SDP is binary.
     pub fn of_content_type(content_type: &str) -> BodyKind {
-        let essence = content_type
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase();
-        if essence == "application/json" || essence.ends_with("+json") {
+        let essence = content_type.split(';').next().unwrap_or("").trim();
+        // Compared in place, case-insensitively: no lowercase copy per request.
+        let is = |name: &str| essence.eq_ignore_ascii_case(name);
+        let ends_with = |suffix: &str| {
+            essence.len() >= suffix.len()
+                && essence.as_bytes()[essence.len() - suffix.len()..]
+                    .eq_ignore_ascii_case(suffix.as_bytes())
+        };
+        let starts_with = |prefix: &str| {
+            essence
+                .as_bytes()
+                .get(..prefix.len())
+                .is_some_and(|head| head.eq_ignore_ascii_case(prefix.as_bytes()))
+        };
+        if is("application/json") || ends_with("+json") {
             BodyKind::Json
-        } else if essence.starts_with("multipart/") {
+        } else if starts_with("multipart/") {
             BodyKind::Multipart
-        } else if essence == "application/sdp" {
+        } else if is("application/sdp") {
             BodyKind::Sdp
         } else {
             BodyKind::Binary
@@ -595,8 +603,20 @@ mod tests {
             BodyKind::of_content_type("multipart/form-data; boundary=x"),
             BodyKind::Multipart
         );
+        assert_eq!(
+            BodyKind::of_content_type("Multipart/Form-Data; boundary=x"),
+            BodyKind::Multipart
+        );
+        assert_eq!(
+            BodyKind::of_content_type(" application/VND.API+JSON "),
+            BodyKind::Json
+        );
         assert_eq!(BodyKind::of_content_type("application/sdp"), BodyKind::Sdp);
+        assert_eq!(BodyKind::of_content_type("APPLICATION/SDP"), BodyKind::Sdp);
         assert_eq!(BodyKind::of_content_type("text/plain"), BodyKind::Binary);
+        assert_eq!(BodyKind::of_content_type("json"), BodyKind::Binary);
+        assert_eq!(BodyKind::of_content_type("multipart"), BodyKind::Binary);
+        assert_eq!(BodyKind::of_content_type(""), BodyKind::Binary);
         let mut route = spec(0, Method::POST, "/v1/x");
         route.body = vec![BodyKind::Json];
         assert!(route.refuses_content_type("text/plain"));

@@ -185,10 +185,36 @@ impl Capture {
     }
 }
 
+/// The last bytes of what the tap has seen, up to a key's length, kept in place.
+#[derive(Debug, Clone, Copy, Default)]
+struct Tail {
+    bytes: [u8; KEY_LEN],
+    len: usize,
+}
+
+impl Tail {
+    fn as_slice(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+
+    /// Appends `chunk`, keeping only the last [`KEY_LEN`] bytes.
+    fn push(&mut self, chunk: &[u8]) {
+        if let Some(last) = chunk.last_chunk::<KEY_LEN>() {
+            self.bytes = *last;
+            self.len = KEY_LEN;
+        } else {
+            let kept = (KEY_LEN - chunk.len()).min(self.len);
+            self.bytes.copy_within(self.len - kept..self.len, 0);
+            self.bytes[kept..kept + chunk.len()].copy_from_slice(chunk);
+            self.len = kept + chunk.len();
+        }
+    }
+}
+
 /// Watches one answer go by. Feed it every chunk in order, then call [`UsageTap::finish`].
 pub struct UsageTap {
     /// The previous chunk's last bytes, to find a key split across two chunks.
-    tail: Vec<u8>,
+    tail: Tail,
     usage: Option<Capture>,
     model: Option<Capture>,
     best: Option<Usage>,
@@ -211,7 +237,7 @@ impl Default for UsageTap {
 impl UsageTap {
     pub fn new() -> UsageTap {
         UsageTap {
-            tail: Vec::with_capacity(KEY_LEN),
+            tail: Tail::default(),
             usage: None,
             model: None,
             best: None,
@@ -226,7 +252,7 @@ impl UsageTap {
             capture.push(chunk);
         }
         self.find_split_keys(chunk);
-        let before = self.tail.last().copied();
+        let before = self.tail.as_slice().last().copied();
         for start in key_starts(&USAGE_FINDER, chunk, before) {
             self.start_usage(&chunk[start + KEY_LEN..]);
         }
@@ -237,27 +263,22 @@ impl UsageTap {
         }
         // Keep the last bytes for the next chunk: enough for a key minus one byte, plus the
         // byte before it (to tell an escaped quote).
-        let keep = KEY_LEN.min(chunk.len());
-        if keep == KEY_LEN {
-            self.tail.clear();
-        } else {
-            let overflow = (self.tail.len() + keep).saturating_sub(KEY_LEN);
-            self.tail.drain(..overflow);
-        }
-        self.tail.extend_from_slice(&chunk[chunk.len() - keep..]);
+        self.tail.push(chunk);
     }
 
     /// A key that began in the previous chunk and ends in this one.
     fn find_split_keys(&mut self, chunk: &[u8]) {
-        if self.tail.is_empty() {
+        let tail = self.tail;
+        let tail = tail.as_slice();
+        if tail.is_empty() {
             return;
         }
         // The tail and the chunk's first bytes, on the stack: this runs for every chunk.
         let head = &chunk[..chunk.len().min(KEY_LEN - 1)];
         let mut joint = [0u8; 2 * KEY_LEN - 1];
-        let joint_len = self.tail.len() + head.len();
-        joint[..self.tail.len()].copy_from_slice(&self.tail);
-        joint[self.tail.len()..joint_len].copy_from_slice(head);
+        let joint_len = tail.len() + head.len();
+        joint[..tail.len()].copy_from_slice(tail);
+        joint[tail.len()..joint_len].copy_from_slice(head);
         let joint = &joint[..joint_len];
         for (finder, is_usage) in [(&*USAGE_FINDER, true), (&*MODEL_FINDER, false)] {
             let Some(start) = finder.find(joint) else {
@@ -266,13 +287,13 @@ impl UsageTap {
             let end = start + KEY_LEN;
             // Only a key that straddles the boundary: one wholly in the tail was already
             // seen, one wholly in the chunk is found by the chunk's own search.
-            if start >= self.tail.len() || end <= self.tail.len() {
+            if start >= tail.len() || end <= tail.len() {
                 continue;
             }
             if start > 0 && joint[start - 1] == b'\\' {
                 continue;
             }
-            let rest = &chunk[end - self.tail.len()..];
+            let rest = &chunk[end - tail.len()..];
             if is_usage {
                 self.start_usage(rest);
             } else if self.model.is_none() {

@@ -420,6 +420,21 @@ async fn absolute_form_request_goes_only_to_the_configured_upstream() {
 }
 
 #[tokio::test]
+async fn a_base_url_path_prefixes_the_clients_path_and_query() {
+    let upstream = Upstream::echo().await;
+    let manifest = common::test_manifest(&format!("{}/proxy/openai/", upstream.base_url()), "");
+    let gateway = Gateway::start(&manifest).await;
+    let response = common::get_with_key(gateway.url("/v1/files/file-1?limit=2&after=a%2Fb")).await;
+    assert_eq!(response.status(), 200);
+    let rec = upstream.last();
+    assert_eq!(
+        rec.path_and_query,
+        "/proxy/openai/v1/files/file-1?limit=2&after=a%2Fb"
+    );
+    assert_eq!(rec.header("host"), Some(upstream.addr.to_string().as_str()));
+}
+
+#[tokio::test]
 async fn health_answers_like_the_original() {
     let upstream = Upstream::echo().await;
     let gateway = Gateway::in_front_of(&upstream).await;

@@ -46,7 +46,15 @@ pub fn list_items<'a>(headers: &'a HeaderMap, name: &HeaderName) -> impl Iterato
 /// Removes hop-by-hop headers: those RFC 9110 §7.6.1 lists and every header the
 /// `Connection` field names, which apply to one connection only and must not be forwarded.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // `Connection: keep-alive` or `close` is on most answers and names nothing beyond the
+    // fixed list, so the usual case collects nothing and allocates nothing.
     let named: Vec<HeaderName> = list_items(headers, &header::CONNECTION)
+        .filter(|item| {
+            !item.eq_ignore_ascii_case("close")
+                && !HOP_BY_HOP
+                    .iter()
+                    .any(|name| item.eq_ignore_ascii_case(name.as_str()))
+        })
         .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
         .collect();
     for name in named.iter().chain(HOP_BY_HOP.iter()) {
@@ -108,6 +116,7 @@ mod tests {
         let mut headers = map(&[
             ("connection", "keep-alive, x-secret-hop"),
             ("connection", "Foo"),
+            ("connection", "Close"),
             ("x-secret-hop", "1"),
             ("foo", "2"),
             ("keep-alive", "timeout=5"),

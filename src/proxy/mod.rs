@@ -78,11 +78,66 @@ enum Transport {
     Proxied(reqwest::Client),
 }
 
+/// `upstream.base_url` taken apart once, so that each request's URL is put together from
+/// shared pieces instead of formatted and parsed again.
+struct UpstreamBase {
+    scheme: http::uri::Scheme,
+    /// Host and, when not the scheme's default, port; the base URL's user info is not sent.
+    authority: http::uri::Authority,
+    /// The base URL's path without its trailing slash: usually empty.
+    path: String,
+    /// `Host` for a plain `http://` upstream, which speaks HTTP/1. Left to the client for
+    /// `https://`: there HTTP/2 may be negotiated, which carries the authority otherwise.
+    host: Option<http::HeaderValue>,
+}
+
+impl UpstreamBase {
+    fn new(url: &url::Url) -> Result<UpstreamBase, ConfigError> {
+        let invalid = |err: &dyn std::fmt::Display| {
+            ConfigError::Invalid(vec![format!("upstream.base_url: not usable: {err}")])
+        };
+        let host = url.host_str().unwrap_or_default();
+        let authority = match url.port() {
+            Some(port) => format!("{host}:{port}"),
+            None => host.to_owned(),
+        };
+        let authority = http::uri::Authority::try_from(authority).map_err(|err| invalid(&err))?;
+        let secure = url.scheme() == "https";
+        Ok(UpstreamBase {
+            scheme: if secure {
+                http::uri::Scheme::HTTPS
+            } else {
+                http::uri::Scheme::HTTP
+            },
+            host: if secure {
+                None
+            } else {
+                Some(http::HeaderValue::from_str(authority.as_str()).map_err(|err| invalid(&err))?)
+            },
+            authority,
+            path: url.path().trim_end_matches('/').to_owned(),
+        })
+    }
+
+    /// The upstream URL for a request: the base followed by the client's path and query.
+    fn join(&self, path_and_query: &http::uri::PathAndQuery) -> Result<http::Uri, http::Error> {
+        let path_and_query = if self.path.is_empty() {
+            path_and_query.clone()
+        } else {
+            http::uri::PathAndQuery::try_from(format!("{}{}", self.path, path_and_query))?
+        };
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(path_and_query);
+        Ok(http::Uri::from_parts(parts)?)
+    }
+}
+
 /// Sends requests upstream. One per worker; its client pools connections.
 pub struct Forwarder {
     transport: Transport,
-    /// `upstream.base_url` without its trailing slash, ready for a path to be appended.
-    base: String,
+    base: UpstreamBase,
     connect_timeout: Duration,
     read_timeout: Duration,
     body_read_timeout: Duration,
@@ -113,7 +168,7 @@ impl Forwarder {
         };
         Ok(Forwarder {
             transport,
-            base: upstream.base_url.as_str().trim_end_matches('/').to_owned(),
+            base: UpstreamBase::new(&upstream.base_url)?,
             connect_timeout: upstream.connect_timeout,
             read_timeout: upstream.read_timeout,
             body_read_timeout: config.server.body_read_timeout,
@@ -127,6 +182,9 @@ impl Forwarder {
     /// any HTTP answer, else why none came. For `/ready`.
     pub async fn probe(&self, url: &str) -> Result<(), String> {
         type NoBody = UploadBody<futures_util::stream::Empty<std::io::Result<bytes::Bytes>>>;
+        let url = url
+            .parse::<http::Uri>()
+            .map_err(|err| format!("cannot build the upstream URL: {err}"))?;
         let sending = self.send(Method::GET, url, HeaderMap::new(), None::<NoBody>);
         let response = match sending {
             Ok(sending) => sending.response().await,
@@ -235,11 +293,11 @@ impl Forwarder {
             }
         }
 
-        let path_and_query = req
-            .uri()
-            .path_and_query()
-            .map_or_else(|| req.uri().path(), |pq| pq.as_str());
-        let target = format!("{}{}", self.base, path_and_query);
+        let root = http::uri::PathAndQuery::from_static("/");
+        let path_and_query = req.uri().path_and_query().unwrap_or(&root);
+        let target = self.base.join(path_and_query).map_err(|err| {
+            GatewayError::Internal(format!("cannot build the upstream URL: {err}"))
+        })?;
         let mut headers = std::mem::take(req.headers_mut());
         headers::prepare_upstream_request(&mut headers);
 
@@ -269,16 +327,16 @@ impl Forwarder {
     fn send<S: ClientStream>(
         &self,
         method: Method,
-        target: &str,
-        headers: HeaderMap,
+        target: http::Uri,
+        mut headers: HeaderMap,
         upload: Option<UploadBody<S>>,
     ) -> Result<Sending, Failure> {
         match &self.transport {
             Transport::Direct(client) => {
                 use http_body_util::BodyExt;
-                let uri: http::Uri = target.parse().map_err(|err: http::uri::InvalidUri| {
-                    Failure::Internal(format!("cannot build the upstream URL: {err}"))
-                })?;
+                if let Some(host) = &self.base.host {
+                    headers.insert(header::HOST, host.clone());
+                }
                 let body: UpstreamBody = match upload {
                     Some(upload) => http_body_util::StreamBody::new(futures_util::StreamExt::map(
                         upload,
@@ -291,12 +349,12 @@ impl Forwarder {
                 };
                 let mut request = http::Request::new(body);
                 *request.method_mut() = method;
-                *request.uri_mut() = uri;
+                *request.uri_mut() = target;
                 *request.headers_mut() = headers;
                 Ok(Sending::Direct(client.request(request)))
             }
             Transport::Proxied(client) => {
-                let url = reqwest::Url::parse(target).map_err(|err| {
+                let url = reqwest::Url::parse(&target.to_string()).map_err(|err| {
                     Failure::Internal(format!("cannot build the upstream URL: {err}"))
                 })?;
                 let mut builder = client.request(method, url).headers(headers);
@@ -347,7 +405,7 @@ pub struct Exchange<'a, S> {
     forwarder: &'a Forwarder,
     admitted: Admitted<'a>,
     method: Method,
-    target: String,
+    target: http::Uri,
     headers: HeaderMap,
     upload: Option<UploadBody<S>>,
     progress: Arc<UploadProgress>,
@@ -372,7 +430,7 @@ impl<S: ClientStream> Exchange<'_, S> {
         let route_metrics = admitted.metrics;
         let in_flight = route_metrics.all().in_flight();
         let sent = Instant::now();
-        let upstream = match forwarder.send(method.clone(), &target, headers, upload) {
+        let upstream = match forwarder.send(method.clone(), target, headers, upload) {
             Ok(sending) => {
                 forwarder
                     .send_with_idle_timeout(sending.response(), &progress, read_timeout)
