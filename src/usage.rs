@@ -168,11 +168,14 @@ struct Capture {
 }
 
 impl Capture {
-    fn new(cap: usize) -> Capture {
-        Capture {
+    /// Starts copying with `first`, the bytes after the key in the chunk that had it.
+    fn starting_with(first: &[u8], cap: usize) -> Capture {
+        let mut capture = Capture {
             bytes: Vec::new(),
             cap,
-        }
+        };
+        capture.push(first);
+        capture
     }
 
     fn full(&self) -> bool {
@@ -211,12 +214,22 @@ impl Tail {
     }
 }
 
+/// The model the answer names: its first `"model"` key's value.
+#[derive(Debug)]
+enum Model {
+    Unseen,
+    /// The value did not end in the chunk that began it.
+    Copying(Capture),
+    Read(Option<String>),
+}
+
 /// Watches one answer go by. Feed it every chunk in order, then call [`UsageTap::finish`].
 pub struct UsageTap {
     /// The previous chunk's last bytes, to find a key split across two chunks.
     tail: Tail,
+    /// A `usage` value that did not end in the chunk that began it.
     usage: Option<Capture>,
-    model: Option<Capture>,
+    model: Model,
     best: Option<Usage>,
 }
 
@@ -239,7 +252,7 @@ impl UsageTap {
         UsageTap {
             tail: Tail::default(),
             usage: None,
-            model: None,
+            model: Model::Unseen,
             best: None,
         }
     }
@@ -248,15 +261,17 @@ impl UsageTap {
         if let Some(capture) = self.usage.as_mut().filter(|c| !c.full()) {
             capture.push(chunk);
         }
-        if let Some(capture) = self.model.as_mut().filter(|c| !c.full()) {
-            capture.push(chunk);
+        if let Model::Copying(capture) = &mut self.model {
+            if !capture.full() {
+                capture.push(chunk);
+            }
         }
         self.find_split_keys(chunk);
         let before = self.tail.as_slice().last().copied();
         for start in key_starts(&USAGE_FINDER, chunk, before) {
             self.start_usage(&chunk[start + KEY_LEN..]);
         }
-        if self.model.is_none() {
+        if matches!(self.model, Model::Unseen) {
             if let Some(start) = key_starts(&MODEL_FINDER, chunk, before).next() {
                 self.start_model(&chunk[start + KEY_LEN..]);
             }
@@ -296,38 +311,47 @@ impl UsageTap {
             let rest = &chunk[end - tail.len()..];
             if is_usage {
                 self.start_usage(rest);
-            } else if self.model.is_none() {
+            } else if matches!(self.model, Model::Unseen) {
                 self.start_model(rest);
             }
         }
     }
 
-    /// The first `"model"` key: its value is copied from here.
+    /// The first `"model"` key: its value is read from the chunk when it ends there (a
+    /// JSON answer usually arrives whole), else copied from here on.
     fn start_model(&mut self, rest: &[u8]) {
-        let mut capture = Capture::new(MODEL_CAPTURE);
-        capture.push(rest);
-        self.model = Some(capture);
-    }
-
-    /// A new `"usage"` key: the one before it is read now (it may hold the object, while
-    /// the new one may say `null`), then copying starts over.
-    fn start_usage(&mut self, rest: &[u8]) {
-        let mut capture = match self.usage.take() {
-            Some(mut previous) => {
-                self.settle(&previous);
-                previous.bytes.clear();
-                previous
-            }
-            None => Capture::new(USAGE_CAPTURE),
+        self.model = match value_after_colon::<String>(rest) {
+            Read::Value(name) => Model::Read(Some(name)),
+            Read::Incomplete => Model::Copying(Capture::starting_with(rest, MODEL_CAPTURE)),
+            Read::Nothing => Model::Read(None),
         };
-        capture.push(rest);
-        self.usage = Some(capture);
     }
 
+    /// A new `"usage"` key: one still being copied is read now (it may hold the object,
+    /// while the new one may say `null`); the new value is read from the chunk when it ends
+    /// there, else copied from here on.
+    fn start_usage(&mut self, rest: &[u8]) {
+        if let Some(previous) = self.usage.take() {
+            self.settle(&previous);
+        }
+        match value_after_colon::<UsageObject>(rest) {
+            Read::Value(object) => self.record(object),
+            Read::Incomplete => {
+                self.usage = Some(Capture::starting_with(rest, USAGE_CAPTURE));
+            }
+            Read::Nothing => {}
+        }
+    }
+
+    /// Reads a copied value; one cut short by the copy's cap counts as absent.
     fn settle(&mut self, capture: &Capture) {
-        if let Some(usage) =
-            value_after_colon::<UsageObject>(&capture.bytes).and_then(Usage::from_object)
-        {
+        if let Read::Value(object) = value_after_colon::<UsageObject>(&capture.bytes) {
+            self.record(object);
+        }
+    }
+
+    fn record(&mut self, object: UsageObject) {
+        if let Some(usage) = Usage::from_object(object) {
             self.best = Some(usage);
         }
     }
@@ -338,26 +362,52 @@ impl UsageTap {
             self.settle(&capture);
         }
         let mut usage = self.best.take()?;
-        usage.model = self
-            .model
-            .as_ref()
-            .and_then(|capture| value_after_colon::<String>(&capture.bytes));
+        usage.model = match std::mem::replace(&mut self.model, Model::Unseen) {
+            Model::Read(name) => name,
+            Model::Copying(capture) => match value_after_colon::<String>(&capture.bytes) {
+                Read::Value(name) => Some(name),
+                Read::Incomplete | Read::Nothing => None,
+            },
+            Model::Unseen => None,
+        };
         Some(usage)
     }
 }
 
+/// What [`value_after_colon`] found.
+enum Read<T> {
+    Value(T),
+    /// The bytes end before the value does: more may follow in the next chunk.
+    Incomplete,
+    /// Something else: `null`, a number, a value of another shape, not JSON.
+    Nothing,
+}
+
 /// Parses the JSON value after `: ` at the start of `bytes`, ignoring what follows it.
-fn value_after_colon<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Option<T> {
-    let rest = bytes.trim_ascii_start().strip_prefix(b":")?;
+fn value_after_colon<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Read<T> {
+    let rest = bytes.trim_ascii_start();
+    let Some(rest) = rest.strip_prefix(b":") else {
+        return if rest.is_empty() {
+            Read::Incomplete
+        } else {
+            Read::Nothing
+        };
+    };
     let rest = rest.trim_ascii_start();
-    // Only self-delimiting values are read: a number cut at the capture's end would parse.
-    if !matches!(rest.first(), Some(b'{' | b'"')) {
-        return None;
+    // Only self-delimiting values are read: a number cut at the chunk's end would parse.
+    match rest.first() {
+        None => return Read::Incomplete,
+        Some(b'{' | b'"') => {}
+        Some(_) => return Read::Nothing,
     }
-    serde_json::Deserializer::from_slice(rest)
+    match serde_json::Deserializer::from_slice(rest)
         .into_iter::<T>()
-        .next()?
-        .ok()
+        .next()
+    {
+        Some(Ok(value)) => Read::Value(value),
+        Some(Err(err)) if err.is_eof() => Read::Incomplete,
+        Some(Err(_)) | None => Read::Nothing,
+    }
 }
 
 #[cfg(test)]

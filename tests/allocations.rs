@@ -18,10 +18,11 @@ use tokio::net::{TcpListener, TcpStream};
 #[global_allocator]
 static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
 
-/// Allocations (new blocks plus reallocations) per forwarded chat request: 27 here when this
-/// test was written, 37 before the cuts that preceded it. Raise it only for an allocation
-/// that buys something, and say so in the commit.
-const BUDGET: f64 = 29.0;
+/// Allocations (new blocks plus reallocations) per forwarded chat request with the usage
+/// tap on: exactly 29 here when this test was written, 42 before the cuts that preceded it
+/// (bare hyper makes about 20). Raise it only for an allocation that buys something, and
+/// say so in the commit.
+const BUDGET: f64 = 30.0;
 
 const ANSWER_BODY: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","model":"gpt-4o-mini-2024-07-18","choices":[{"index":0,"message":{"role":"assistant","content":"Hello."},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":3,"total_tokens":15,"prompt_tokens_details":{"cached_tokens":0}}}"#;
 const REQUEST_BODY: &str =
@@ -89,9 +90,22 @@ async fn raw_upstream() -> SocketAddr {
 #[tokio::test]
 async fn a_forwarded_request_allocates_within_budget() {
     let upstream = raw_upstream().await;
-    let gateway = common::Gateway::start(&common::test_manifest(
-        &format!("http://{upstream}"),
-        "[server]\nworkers = 1",
+    // The chat route as the shipped manifest has it: the usage tap reads every answer.
+    let gateway = common::Gateway::start(&format!(
+        r#"
+[server]
+workers = 1
+
+[upstream]
+base_url = "http://{upstream}"
+
+[[routes]]
+method = "POST"
+path = "/v1/chat/completions"
+body = "json"
+streaming = true
+usage = true
+"#
     ))
     .await;
     let request = format!(
