@@ -5,6 +5,7 @@
 //! absolute-form `GET http://other-host/...`) is ignored. Bodies are never collected.
 
 pub mod body;
+mod connect;
 pub mod headers;
 
 use std::future::Future;
@@ -64,7 +65,7 @@ impl std::fmt::Display for Setting {
 /// The request body as hyper's client takes it.
 type UpstreamBody = http_body_util::combinators::BoxBody<bytes::Bytes, std::io::Error>;
 type DirectClient = hyper_util::client::legacy::Client<
-    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    hyper_rustls::HttpsConnector<connect::PlainConnector>,
     UpstreamBody,
 >;
 
@@ -578,7 +579,7 @@ fn direct_client(connect_timeout: Duration, tls: &rustls::ClientConfig) -> Direc
         .https_or_http()
         .enable_http1()
         .enable_http2()
-        .wrap_connector(http);
+        .wrap_connector(connect::PlainConnector(http));
     hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .pool_max_idle_per_host(POOL_MAX_IDLE)
