@@ -186,8 +186,26 @@ where
 
 /// An upstream failure, whichever HTTP client met it.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-/// The upstream's response body as a stream of chunks.
-pub type BoxedBytes = Pin<Box<dyn Stream<Item = Result<Bytes, BoxError>> + Send>>;
+/// The upstream's response body as a stream of chunks, whichever client brought it.
+pub enum UpstreamChunks {
+    /// hyper's body, read frame by frame: the common transport, held without a box.
+    Direct(http_body_util::BodyDataStream<hyper::body::Incoming>),
+    /// reqwest's, whose stream type has no name.
+    Proxied(Pin<Box<dyn Stream<Item = Result<Bytes, BoxError>> + Send>>),
+}
+
+impl Stream for UpstreamChunks {
+    type Item = Result<Bytes, BoxError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        match self.get_mut() {
+            UpstreamChunks::Direct(body) => Pin::new(body)
+                .poll_next(cx)
+                .map_err(|err| Box::new(err) as BoxError),
+            UpstreamChunks::Proxied(chunks) => chunks.as_mut().poll_next(cx),
+        }
+    }
+}
 
 /// The upstream's response body on its way to the client.
 ///
@@ -196,7 +214,7 @@ pub type BoxedBytes = Pin<Box<dyn Stream<Item = Result<Bytes, BoxError>> + Send>
 /// the client must see that the answer is incomplete. The request's log line is written when
 /// this stream is dropped, with what was actually delivered.
 pub struct DownloadBody {
-    inner: BoxedBytes,
+    inner: UpstreamChunks,
     idle: IdleTimer,
     /// The upstream's Content-Length: the server stops polling once that much is written,
     /// so reaching it is what "complete" means for such a body.
@@ -207,7 +225,7 @@ pub struct DownloadBody {
 
 impl DownloadBody {
     pub fn new(
-        inner: BoxedBytes,
+        inner: UpstreamChunks,
         idle_timeout: Duration,
         expected_len: Option<u64>,
         mut log: RequestLog,
@@ -232,7 +250,7 @@ impl Stream for DownloadBody {
         if self.done {
             return Poll::Ready(None);
         }
-        match self.inner.as_mut().poll_next(cx) {
+        match Pin::new(&mut self.inner).poll_next(cx) {
             Poll::Ready(Some(Ok(chunk))) => {
                 self.log.bytes_out += chunk.len() as u64;
                 if let Some(tap) = self.log.usage.as_mut() {

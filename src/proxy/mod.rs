@@ -26,7 +26,7 @@ use crate::realtime::Relay;
 use crate::routes::{check_path_param, BodyKind, PathTemplate, RouteSpec};
 use crate::telemetry::{self, Outcome, RequestLog};
 use crate::usage::UsageTap;
-use body::{DownloadBody, UploadBody, UploadProgress};
+use body::{DownloadBody, UploadBody, UploadProgress, UpstreamChunks};
 
 const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
@@ -515,14 +515,10 @@ impl Sending {
             Sending::Direct(pending) => {
                 let response = pending.await.map_err(Failure::Direct)?;
                 let (parts, incoming) = response.into_parts();
-                let chunks = futures_util::StreamExt::map(
-                    http_body_util::BodyDataStream::new(incoming),
-                    |chunk| chunk.map_err(|err| Box::new(err) as body::BoxError),
-                );
                 Ok(UpstreamResponse {
                     status: parts.status,
                     headers: parts.headers,
-                    body: Box::pin(chunks),
+                    body: UpstreamChunks::Direct(http_body_util::BodyDataStream::new(incoming)),
                 })
             }
             Sending::Proxied(pending) => {
@@ -535,7 +531,7 @@ impl Sending {
                 Ok(UpstreamResponse {
                     status,
                     headers,
-                    body: Box::pin(chunks),
+                    body: UpstreamChunks::Proxied(Box::pin(chunks)),
                 })
             }
         }
@@ -546,7 +542,7 @@ impl Sending {
 struct UpstreamResponse {
     status: http::StatusCode,
     headers: HeaderMap,
-    body: body::BoxedBytes,
+    body: UpstreamChunks,
 }
 
 /// Why a request got no response headers.
