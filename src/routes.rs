@@ -255,9 +255,11 @@ impl BodyKind {
         // Compared in place, case-insensitively: no lowercase copy per request.
         let is = |name: &str| essence.eq_ignore_ascii_case(name);
         let ends_with = |suffix: &str| {
-            essence.len() >= suffix.len()
-                && essence.as_bytes()[essence.len() - suffix.len()..]
-                    .eq_ignore_ascii_case(suffix.as_bytes())
+            essence
+                .len()
+                .checked_sub(suffix.len())
+                .and_then(|at| essence.as_bytes().get(at..))
+                .is_some_and(|tail| tail.eq_ignore_ascii_case(suffix.as_bytes()))
         };
         let starts_with = |prefix: &str| {
             essence

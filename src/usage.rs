@@ -1,9 +1,10 @@
 //! The token usage tap: reads the `usage` object and the model name out of an answer as it
 //! streams past, without holding back or changing a byte of it.
 //!
-//! The tap sees each chunk after it has been handed on, and keeps only small copies: the
-//! bytes just after a `"model"` key (to read the name) and after each `"usage"` key (to read
-//! the object). It works the same on one JSON document and on a server-sent event stream:
+//! The tap sees each chunk after it has been handed on. It reads the value after the first
+//! `"model"` key (the name) and after each `"usage"` key (the object) straight from the
+//! chunk; only a value the chunk's end cuts is copied, up to a small cap, and read once the
+//! rest has come. It works the same on one JSON document and on a server-sent event stream:
 //! - Chat Completions, Completions, Embeddings, images, audio: the top-level `usage` object.
 //! - Chat streams with `stream_options.include_usage`: every chunk says `"usage":null` except
 //!   the last, which carries the object.
@@ -320,7 +321,7 @@ impl UsageTap {
     /// The first `"model"` key: its value is read from the chunk when it ends there (a
     /// JSON answer usually arrives whole), else copied from here on.
     fn start_model(&mut self, rest: &[u8]) {
-        self.model = match value_after_colon::<String>(rest) {
+        self.model = match value_after_colon::<String>(within(rest, MODEL_CAPTURE)) {
             Read::Value(name) => Model::Read(Some(name)),
             Read::Incomplete => Model::Copying(Capture::starting_with(rest, MODEL_CAPTURE)),
             Read::Nothing => Model::Read(None),
@@ -334,7 +335,7 @@ impl UsageTap {
         if let Some(previous) = self.usage.take() {
             self.settle(&previous);
         }
-        match value_after_colon::<UsageObject>(rest) {
+        match value_after_colon::<UsageObject>(within(rest, USAGE_CAPTURE)) {
             Read::Value(object) => self.record(object),
             Read::Incomplete => {
                 self.usage = Some(Capture::starting_with(rest, USAGE_CAPTURE));
@@ -372,6 +373,12 @@ impl UsageTap {
         };
         Some(usage)
     }
+}
+
+/// The first `cap` bytes of `bytes`: a value read in place is held to the same cap as a
+/// copied one, so a longer one is absent either way.
+fn within(bytes: &[u8], cap: usize) -> &[u8] {
+    &bytes[..bytes.len().min(cap)]
 }
 
 /// What [`value_after_colon`] found.
@@ -508,6 +515,24 @@ mod tests {
         );
         // Cut off mid-object: nothing is guessed.
         assert_eq!(tap_all(&[b"{\"usage\":{\"prompt_tokens\":5,"]), None);
+    }
+
+    #[test]
+    fn a_model_name_over_the_cap_is_absent_whole_or_cut() {
+        let body = |model: &str| {
+            format!(r#"{{"model":"{model}","usage":{{"prompt_tokens":3,"completion_tokens":4}}}}"#)
+        };
+        let long = "m".repeat(MODEL_CAPTURE);
+        let fits = "m".repeat(MODEL_CAPTURE - 10);
+        for (model, expected) in [(&long, None), (&fits, Some(fits.clone()))] {
+            let body = body(model);
+            let whole = tap_all(&[body.as_bytes()]).expect("usage");
+            assert_eq!(whole.model, expected);
+            let (head, rest) = body.as_bytes().split_at(20);
+            let cut = tap_all(&[head, rest]).expect("usage");
+            assert_eq!(cut.model, expected);
+            assert_eq!((whole.input, whole.output), (3, 4));
+        }
     }
 
     #[test]
