@@ -589,36 +589,26 @@ mod tests {
 
     #[test]
     fn content_types_map_to_kinds() {
-        assert_eq!(
-            BodyKind::of_content_type("application/json; charset=utf-8"),
-            BodyKind::Json
-        );
-        assert_eq!(
-            BodyKind::of_content_type("Application/JSON"),
-            BodyKind::Json
-        );
-        assert_eq!(
-            BodyKind::of_content_type("application/merge-patch+json"),
-            BodyKind::Json
-        );
-        assert_eq!(
-            BodyKind::of_content_type("multipart/form-data; boundary=x"),
-            BodyKind::Multipart
-        );
-        assert_eq!(
-            BodyKind::of_content_type("Multipart/Form-Data; boundary=x"),
-            BodyKind::Multipart
-        );
-        assert_eq!(
-            BodyKind::of_content_type(" application/VND.API+JSON "),
-            BodyKind::Json
-        );
-        assert_eq!(BodyKind::of_content_type("application/sdp"), BodyKind::Sdp);
-        assert_eq!(BodyKind::of_content_type("APPLICATION/SDP"), BodyKind::Sdp);
-        assert_eq!(BodyKind::of_content_type("text/plain"), BodyKind::Binary);
-        assert_eq!(BodyKind::of_content_type("json"), BodyKind::Binary);
-        assert_eq!(BodyKind::of_content_type("multipart"), BodyKind::Binary);
-        assert_eq!(BodyKind::of_content_type(""), BodyKind::Binary);
+        for (content_type, kind) in [
+            ("application/json; charset=utf-8", BodyKind::Json),
+            ("Application/JSON", BodyKind::Json),
+            ("application/merge-patch+json", BodyKind::Json),
+            (" application/VND.API+JSON ", BodyKind::Json),
+            ("multipart/form-data; boundary=x", BodyKind::Multipart),
+            ("Multipart/Form-Data; boundary=x", BodyKind::Multipart),
+            ("application/sdp", BodyKind::Sdp),
+            ("APPLICATION/SDP", BodyKind::Sdp),
+            ("text/plain", BodyKind::Binary),
+            ("json", BodyKind::Binary),
+            ("multipart", BodyKind::Binary),
+            ("", BodyKind::Binary),
+        ] {
+            assert_eq!(
+                BodyKind::of_content_type(content_type),
+                kind,
+                "{content_type:?}"
+            );
+        }
         let mut route = spec(0, Method::POST, "/v1/x");
         route.body = vec![BodyKind::Json];
         assert!(route.refuses_content_type("text/plain"));
