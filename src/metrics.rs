@@ -463,25 +463,19 @@ impl RouteMetrics {
             .and_then(|cache| cache.model.as_ref())
             .filter(|seen| usage.model.as_deref() == Some(&***seen))
             .cloned();
-        let model = match cached {
-            Some(model) => model,
-            None => {
-                let model = self.all.model_label(usage.model.as_deref());
-                if let Some(cache) = cache.as_deref_mut() {
-                    if !cache
-                        .model
-                        .as_ref()
-                        .is_some_and(|seen| Arc::ptr_eq(seen, &model))
-                    {
-                        *cache = ModelCounters {
-                            model: Some(Arc::clone(&model)),
-                            by_kind: Default::default(),
-                        };
-                    }
-                }
-                model
+        let model = cached.unwrap_or_else(|| self.all.model_label(usage.model.as_deref()));
+        if let Some(cache) = cache.as_deref_mut() {
+            if !cache
+                .model
+                .as_ref()
+                .is_some_and(|seen| Arc::ptr_eq(seen, &model))
+            {
+                *cache = ModelCounters {
+                    model: Some(Arc::clone(&model)),
+                    by_kind: Default::default(),
+                };
             }
-        };
+        }
         for (index, count) in usage.counts() {
             let kind = TOKEN_KINDS[index];
             let create = || {

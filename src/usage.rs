@@ -179,13 +179,9 @@ impl Capture {
         capture
     }
 
-    fn full(&self) -> bool {
-        self.bytes.len() >= self.cap
-    }
-
     fn push(&mut self, data: &[u8]) {
         let room = self.cap.saturating_sub(self.bytes.len());
-        self.bytes.extend_from_slice(&data[..data.len().min(room)]);
+        self.bytes.extend_from_slice(within(data, room));
     }
 }
 
@@ -259,13 +255,12 @@ impl UsageTap {
     }
 
     pub fn feed(&mut self, chunk: &[u8]) {
-        if let Some(capture) = self.usage.as_mut().filter(|c| !c.full()) {
+        // A copy stops at its cap by itself.
+        if let Some(capture) = self.usage.as_mut() {
             capture.push(chunk);
         }
         if let Model::Copying(capture) = &mut self.model {
-            if !capture.full() {
-                capture.push(chunk);
-            }
+            capture.push(chunk);
         }
         self.find_split_keys(chunk);
         let before = self.tail.as_slice().last().copied();
