@@ -172,7 +172,7 @@ impl AccessConfig {
         client
     }
 
-    fn check_ip(&self, peer: Option<IpAddr>, headers: &HeaderMap) -> Result<(), GatewayError> {
+    pub fn check_ip(&self, peer: Option<IpAddr>, headers: &HeaderMap) -> Result<(), GatewayError> {
         if self.allowed_ips.is_empty() {
             return Ok(());
         }
@@ -182,6 +182,24 @@ impl AccessConfig {
             Some(_) | None => Err(GatewayError::AddressNotAllowed),
         }
     }
+}
+
+/// The answer to a client outside `allowed_ips`, counted and logged.
+pub fn rejected_address(
+    metrics: &crate::metrics::Metrics,
+    method: &http::Method,
+    err: &GatewayError,
+) -> Response {
+    let status = err.status().as_u16();
+    metrics.count_request(&std::sync::Arc::from("(access)"), method, status);
+    crate::telemetry::log_rejected(
+        method,
+        "(access)",
+        status,
+        tokio::time::Instant::now(),
+        "client address not in access.allowed_ips",
+    );
+    err.to_response()
 }
 
 /// Refuses clients outside `allowed_ips` before anything else looks at their request.
@@ -215,19 +233,11 @@ impl<E: Endpoint> Endpoint for IpFilter<E> {
                 let inner = self.inner.call(req);
                 Either::Left(async move { inner.await.map(IntoResponse::into_response) })
             }
-            Err(err) => {
-                let status = err.status().as_u16();
-                self.metrics
-                    .count_request(&std::sync::Arc::from("(access)"), req.method(), status);
-                crate::telemetry::log_rejected(
-                    req.method(),
-                    "(access)",
-                    status,
-                    tokio::time::Instant::now(),
-                    "client address not in access.allowed_ips",
-                );
-                Either::Right(std::future::ready(Ok(err.to_response())))
-            }
+            Err(err) => Either::Right(std::future::ready(Ok(rejected_address(
+                &self.metrics,
+                req.method(),
+                &err,
+            )))),
         }
     }
 }

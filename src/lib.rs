@@ -34,7 +34,8 @@ pub use config::{Config, ConfigError};
 use error::GatewayError;
 use limits::{AdmissionConfig, Limiter};
 use metrics::Metrics;
-use proxy::{Forwarder, TemplateEndpoint};
+use proxy::lane::Lane;
+use proxy::{Forwarder, SharedTemplate, TemplateEndpoint};
 
 /// What `GET /` and `GET /health` answer, as the original gateway did.
 pub const HEALTH_TEXT: &str = "OpenAI API Server is running";
@@ -100,7 +101,7 @@ impl Shared {
 pub struct App {
     /// One endpoint per worker: each worker's requests use its own upstream pool, so a
     /// request's tasks stay on one thread.
-    current: Vec<ArcSwap<BoxEndpoint<'static, Response>>>,
+    current: Vec<ArcSwap<Worker>>,
     /// The `[server]` settings the process started with; they need a restart to change.
     server: config::ServerConfig,
     log: config::LogConfig,
@@ -128,10 +129,26 @@ pub fn app_for_workers(config: &Config, workers: usize) -> Result<Arc<App>, Conf
     }))
 }
 
+/// What one worker serves with, for one manifest.
+pub struct Worker {
+    /// Everything, through poem's router.
+    pub endpoint: BoxEndpoint<'static, Response>,
+    /// The fast lane's routes, when the upstream allows the lane (`proxy::lane`).
+    pub lane: Option<Arc<Lane>>,
+}
+
 impl App {
-    /// The endpoint `worker`'s new requests go to.
-    pub fn endpoint(&self, worker: usize) -> Arc<BoxEndpoint<'static, Response>> {
+    /// What `worker`'s new requests are served with.
+    pub fn worker(&self, worker: usize) -> Arc<Worker> {
         self.current[worker % self.current.len()].load_full()
+    }
+
+    /// The fast lane of the manifest loaded now, for `worker`.
+    pub fn lane(&self, worker: usize) -> Option<Arc<Lane>> {
+        self.current[worker % self.current.len()]
+            .load()
+            .lane
+            .clone()
     }
 
     pub fn workers(&self) -> usize {
@@ -214,12 +231,12 @@ fn docs(config: &Config) -> (Arc<openapi::LazyDocument>, Arc<openapi::LazyDocume
 }
 
 /// Builds the endpoint for one manifest: every route, health and readiness, metrics,
-/// OpenAPI, JSON 404s, CORS.
+/// OpenAPI, JSON 404s, CORS; and the fast lane beside it.
 fn build(
     config: &Config,
     shared: &Arc<Shared>,
     common: &PerManifest,
-) -> Result<BoxEndpoint<'static, Response>, ConfigError> {
+) -> Result<Worker, ConfigError> {
     let limiter = shared.limiter(&config.limits.admission);
     let forwarder = Arc::new(Forwarder::new(config, limiter, &common.tls)?);
     let relay = Arc::new(realtime::Relay::new(
@@ -247,6 +264,7 @@ fn build(
             access::IpFilter::new(MetricsEndpoint(Arc::clone(metrics)), &access, metrics),
         );
     }
+    let mut templates = Vec::new();
     for (template, specs) in config.routes.by_template() {
         let index = specs.first().map_or(0, |spec| spec.index);
         if GATEWAY_PATHS.contains(&template.as_str()) {
@@ -254,17 +272,18 @@ fn build(
                 "routes[{index}].path: {template} is served by the gateway itself"
             )]));
         }
-        let endpoint = TemplateEndpoint::new(
+        let endpoint = Arc::new(TemplateEndpoint::new(
             Arc::clone(&forwarder),
             Arc::clone(&relay),
             metrics,
             template,
             &specs,
-        );
+        ));
+        templates.push(Arc::clone(&endpoint));
         api = api
             .try_at(
                 template.to_poem_path(),
-                access::IpFilter::new(endpoint, &access, metrics),
+                access::IpFilter::new(SharedTemplate(endpoint), &access, metrics),
             )
             .map_err(|err| {
                 ConfigError::Invalid(vec![format!(
@@ -291,7 +310,10 @@ fn build(
         metrics: Arc::clone(metrics),
         route_name: Arc::from("(no route)"),
     };
-    Ok(cors::Cors::new(not_found, config.cors.clone()).boxed())
+    Ok(Worker {
+        endpoint: cors::Cors::new(not_found, config.cors.clone()).boxed(),
+        lane: Lane::new(templates, config, metrics, &forwarder).map(Arc::new),
+    })
 }
 
 /// `GET /` and `GET /health`: liveness, no upstream call.

@@ -133,6 +133,8 @@ pub struct Metrics {
     tokens: Family<TokenLabels, Counter>,
     key_tokens: Family<KeyTokenLabels, Counter>,
     reloads: Family<ResultLabels, Counter>,
+    lane_requests: Counter,
+    lane_handovers: Counter,
     tokens_by_key: AtomicBool,
     max_models: AtomicUsize,
     models: Mutex<HashMap<Box<str>, Arc<str>>>,
@@ -228,6 +230,18 @@ impl Metrics {
             "Manifest reloads on SIGHUP, by result",
             reloads.clone(),
         );
+        let lane_requests = Counter::default();
+        registry.register(
+            "fast_lane_requests",
+            "Requests the fast lane forwarded (server.fast_lane); the rest went through hyper",
+            lane_requests.clone(),
+        );
+        let lane_handovers = Counter::default();
+        registry.register(
+            "fast_lane_handovers",
+            "Connections the fast lane handed to hyper at a request it does not take",
+            lane_handovers.clone(),
+        );
         let info = Family::<InfoLabels, Gauge>::default();
         info.get_or_create(&InfoLabels {
             version: env!("CARGO_PKG_VERSION"),
@@ -251,6 +265,8 @@ impl Metrics {
             tokens,
             key_tokens,
             reloads,
+            lane_requests,
+            lane_handovers,
             tokens_by_key: AtomicBool::new(false),
             max_models: AtomicUsize::new(0),
             models: Mutex::default(),
@@ -303,6 +319,14 @@ impl Metrics {
                 status,
             })
             .inc();
+    }
+
+    pub fn count_lane_request(&self) {
+        self.lane_requests.inc();
+    }
+
+    pub fn count_lane_handover(&self) {
+        self.lane_handovers.inc();
     }
 
     pub fn count_rate_limited(&self, setting: &'static str) {

@@ -22,6 +22,7 @@ use poem::endpoint::DynEndpoint;
 use poem::web::{LocalAddr, RemoteAddr};
 
 use crate::config::ServerConfig;
+use crate::proxy::lane;
 use crate::tls::{Tls, ACME_TLS_ALPN};
 use crate::App;
 use tokio::net::TcpListener;
@@ -116,6 +117,14 @@ pub async fn serve(
         .max_connections
         .map(|n| Arc::new(tokio::sync::Semaphore::new(n.get() as usize)));
     let graceful = GracefulShutdown::new();
+    // Started when the server stops accepting: fast-lane connections close between requests,
+    // as hyper's do under `graceful`.
+    let drain = Arc::new(lane::Drain::default());
+    let lane_settings = Arc::new(lane::Settings {
+        header_read_timeout: settings.header_read_timeout,
+        body_read_timeout: settings.body_read_timeout,
+        max_header_bytes,
+    });
     // Flipped when the grace period is over: connections still open are dropped.
     let (hard_stop, hard_stopped) = watch::channel(false);
     let local = LocalAddr(listener.local.into());
@@ -157,9 +166,11 @@ pub async fn serve(
         };
         match &listener.tls {
             None => {
+                let drain = Arc::clone(&drain);
+                let lane_settings = Arc::clone(&lane_settings);
                 tokio::spawn(async move {
                     let _slot = slot;
-                    connection.serve(stream, http::uri::Scheme::HTTP).await;
+                    connection.serve_plain(stream, &lane_settings, &drain).await;
                 });
             }
             Some(tls) => {
@@ -192,6 +203,7 @@ pub async fn serve(
 
     let worker = listener.worker;
     drop(listener);
+    drain.start();
     sessions.stop_accepting();
     tracing::info!(
         worker,
@@ -228,6 +240,38 @@ struct Connection {
 }
 
 impl Connection {
+    /// Serves a plain TCP connection: in the fast lane while its requests qualify, then, from
+    /// the first that does not, with hyper.
+    async fn serve_plain(
+        self,
+        mut stream: tokio::net::TcpStream,
+        settings: &lane::Settings,
+        drain: &lane::Drain,
+    ) {
+        if self.app.lane(self.worker).is_none() {
+            return self.serve(stream, http::uri::Scheme::HTTP).await;
+        }
+        let (app, worker) = (Arc::clone(&self.app), self.worker);
+        let mut hard_stopped = self.hard_stopped.clone();
+        // The graceful-shutdown watcher stays with the connection meanwhile, so shutdown
+        // waits for the lane's request in flight as for hyper's.
+        let ended = tokio::select! {
+            ended = lane::serve(&mut stream, self.remote, settings, drain, || app.lane(worker)) => ended,
+            _ = hard_stopped.wait_for(|stop| *stop) => return,
+        };
+        match ended {
+            lane::Ended::Handover(read) => {
+                self.app.shared.metrics.count_lane_handover();
+                self.serve(Rewind::new(read, stream), http::uri::Scheme::HTTP)
+                    .await;
+            }
+            // A FIN after the last answer, not a reset that could overtake it.
+            lane::Ended::Closed => {
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
+            }
+        }
+    }
+
     async fn serve<I>(self, io: I, scheme: http::uri::Scheme)
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -244,7 +288,7 @@ impl Connection {
         let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
             // The endpoint of the manifest loaded now: a reload between two requests on one
             // connection serves the second with the new routes.
-            let endpoint = app.endpoint(worker);
+            let worker = app.worker(worker);
             let request: poem::Request = (
                 req,
                 local.clone(),
@@ -256,7 +300,7 @@ impl Connection {
                 // Straight to the boxed endpoint: poem's `get_response` and its `Arc`/`Box`
                 // forwarding impls would each keep a copy of the request in this future, which
                 // hyper holds for the connection's lifetime.
-                let response = match DynEndpoint::call(&**endpoint, request).await {
+                let response = match DynEndpoint::call(&*worker.endpoint, request).await {
                     Ok(response) => response,
                     Err(err) => err.into_response(),
                 };
@@ -299,5 +343,69 @@ pub async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => tracing::info!("SIGINT received; shutting down"),
         () = terminate => tracing::info!("SIGTERM received; shutting down"),
+    }
+}
+
+/// A connection with bytes already read from it in front: what the fast lane read of the
+/// request it hands to hyper.
+struct Rewind<S> {
+    read: bytes::BytesMut,
+    inner: S,
+}
+
+impl<S> Rewind<S> {
+    fn new(read: bytes::BytesMut, inner: S) -> Rewind<S> {
+        Rewind { read, inner }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Rewind<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        if !self.read.is_empty() {
+            let n = self.read.len().min(buf.remaining());
+            buf.put_slice(&self.read.split_to(n));
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Rewind<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

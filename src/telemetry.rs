@@ -94,6 +94,16 @@ pub struct RequestLog {
     pub gauges: (GaugeGuard, Option<GaugeGuard>),
 }
 
+impl RequestLog {
+    /// Counts a chunk of the answer on its way to the client, and lets the usage tap read it.
+    pub fn saw(&mut self, chunk: &[u8]) {
+        self.bytes_out += chunk.len() as u64;
+        if let Some(tap) = self.usage.as_mut() {
+            tap.feed(chunk);
+        }
+    }
+}
+
 impl Drop for RequestLog {
     fn drop(&mut self) {
         let elapsed = self.start.elapsed();

@@ -159,6 +159,9 @@ pub struct ServerConfig {
     /// Worker threads, each with its own event loop, listener and upstream pool; `None`:
     /// one per CPU core.
     pub workers: Option<NonZeroU32>,
+    /// Plain HTTP/1.1 requests to routes without parameters skip poem and hyper when the
+    /// upstream is `http://` and reached directly (`proxy::lane`).
+    pub fast_lane: bool,
     pub tls: Option<TlsConfig>,
     pub acme: Option<AcmeConfig>,
 }
@@ -280,6 +283,7 @@ impl Config {
                     |n| n.to_string(),
                 ),
             ),
+            ("server.fast_lane", self.server.fast_lane.to_string()),
             (
                 "server.tls",
                 self.server.tls.as_ref().map_or("(off)".to_owned(), |tls| {
@@ -603,6 +607,7 @@ fn validate(raw: RawConfig, source: ManifestSource) -> Result<Config, ConfigErro
             max_header_bytes: raw.server.max_header_bytes.0,
             max_connections: NonZeroU32::new(raw.server.max_connections),
             workers: NonZeroU32::new(raw.server.workers),
+            fast_lane: raw.server.fast_lane,
             tls,
             acme,
         },
@@ -953,7 +958,7 @@ mod tests {
         let err = error_of(&format!("[server]\nprot = 80\n{ONE_ROUTE}"));
         assert_eq!(
             err,
-            "server.prot: unknown key; allowed here: host, port, shutdown_grace, header_read_timeout, body_read_timeout, max_header_bytes, max_connections, workers, tls, acme (in inline manifest)"
+            "server.prot: unknown key; allowed here: host, port, shutdown_grace, header_read_timeout, body_read_timeout, max_header_bytes, max_connections, workers, fast_lane, tls, acme (in inline manifest)"
         );
         let err =
             error_of("[[routes]]\nmethod = \"GET\"\npath = \"/v1/models\"\nbodee = \"json\"\n");

@@ -45,6 +45,7 @@ pub struct RawServer {
     pub max_header_bytes: ByteSize,
     pub max_connections: u32,
     pub workers: u32,
+    pub fast_lane: bool,
     pub tls: Option<RawTls>,
     pub acme: Option<RawAcme>,
 }
@@ -118,6 +119,7 @@ impl Default for RawServer {
             max_header_bytes: ByteSize(64 << 10),
             max_connections: 10_000,
             workers: 0,
+            fast_lane: true,
             tls: None,
             acme: None,
         }

@@ -67,14 +67,25 @@ pub struct UploadProgress {
 
 impl UploadProgress {
     pub fn new() -> Arc<UploadProgress> {
+        UploadProgress::starting_at(Instant::now())
+    }
+
+    /// Progress of a request that began at `start`.
+    pub fn starting_at(start: Instant) -> Arc<UploadProgress> {
         Arc::new(UploadProgress {
-            start: Instant::now(),
+            start,
             last_chunk_ms: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             over_limit: AtomicBool::new(false),
             client_failed: AtomicBool::new(false),
             client_stalled: AtomicBool::new(false),
         })
+    }
+
+    /// Records a body that arrived whole before the request went upstream (its last
+    /// activity stays the start: nothing waits on it afterwards).
+    pub fn record_whole(&self, bytes: u64) {
+        self.bytes.store(bytes, Ordering::Relaxed);
     }
 
     /// When the request last showed any life: its start or its latest uploaded chunk.
@@ -252,10 +263,7 @@ impl Stream for DownloadBody {
         }
         match Pin::new(&mut self.inner).poll_next(cx) {
             Poll::Ready(Some(Ok(chunk))) => {
-                self.log.bytes_out += chunk.len() as u64;
-                if let Some(tap) = self.log.usage.as_mut() {
-                    tap.feed(&chunk);
-                }
+                self.log.saw(&chunk);
                 if Some(self.log.bytes_out) == self.expected_len {
                     self.log.outcome = Outcome::Complete;
                 }

@@ -43,6 +43,20 @@ pub fn list_items<'a>(headers: &'a HeaderMap, name: &HeaderName) -> impl Iterato
         .filter(|item| !item.is_empty())
 }
 
+/// Whether `Connection` is absent or one plain `keep-alive` or `close`, as on nearly every
+/// message: then it names no header beyond the fixed list, and no list needs parsing.
+pub fn only_keep_alive_or_close(headers: &HeaderMap) -> bool {
+    let mut values = headers.get_all(header::CONNECTION).iter();
+    match (values.next(), values.next()) {
+        (None, _) => true,
+        (Some(value), None) => {
+            let value = value.as_bytes();
+            value.eq_ignore_ascii_case(b"keep-alive") || value.eq_ignore_ascii_case(b"close")
+        }
+        (Some(_), Some(_)) => false,
+    }
+}
+
 /// Removes hop-by-hop headers: those RFC 9110 §7.6.1 lists and every header the
 /// `Connection` field names, which apply to one connection only and must not be forwarded.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -59,6 +73,43 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .collect();
     for name in named.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);
+    }
+}
+
+/// Whether a request header goes upstream: the fast lane's [`prepare_upstream_request`],
+/// decided per header as the head is written instead of by removing from a map. The lane
+/// takes only requests whose `Connection` names nothing beyond `close` and `keep-alive`.
+pub fn goes_upstream(name: &HeaderName) -> bool {
+    !HOP_BY_HOP.contains(name) && !CLIENT_ADDRESS.contains(name) && name != header::HOST
+}
+
+/// Which response headers go to the client: the fast lane's [`strip_hop_by_hop`], decided
+/// per header as the head is written.
+pub struct Downstream<'a> {
+    /// The answer's `Connection` names headers beyond the fixed list (rare).
+    connection: Option<&'a HeaderMap>,
+}
+
+impl<'a> Downstream<'a> {
+    pub fn of(headers: &'a HeaderMap) -> Downstream<'a> {
+        let names_others = !only_keep_alive_or_close(headers)
+            && list_items(headers, &header::CONNECTION).any(|item| {
+                !item.eq_ignore_ascii_case("close")
+                    && !HOP_BY_HOP
+                        .iter()
+                        .any(|name| item.eq_ignore_ascii_case(name.as_str()))
+            });
+        Downstream {
+            connection: names_others.then_some(headers),
+        }
+    }
+
+    pub fn allows(&self, name: &HeaderName) -> bool {
+        !HOP_BY_HOP.contains(name)
+            && !self.connection.is_some_and(|headers| {
+                list_items(headers, &header::CONNECTION)
+                    .any(|item| item.eq_ignore_ascii_case(name.as_str()))
+            })
     }
 }
 
@@ -110,6 +161,68 @@ pub(crate) fn test_map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
 mod tests {
     use super::test_map as map;
     use super::*;
+
+    /// The fast lane filters as it writes; hyper's path removes from the map. Both must let
+    /// the same headers through.
+    #[test]
+    fn the_lanes_filters_agree_with_the_map_rules() {
+        let request = map(&[
+            ("authorization", "Bearer k"),
+            ("host", "gw"),
+            ("connection", "keep-alive"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("x-forwarded-for", "203.0.113.9"),
+            ("forwarded", "for=x"),
+            ("true-client-ip", "x"),
+            ("proxy-authorization", "Basic x"),
+            ("openai-beta", "assistants=v2"),
+            ("content-type", "application/json"),
+            ("content-length", "2"),
+        ]);
+        // Removing from a map reorders it; the order of different names carries no meaning.
+        fn sorted(names: Vec<&HeaderName>) -> Vec<&str> {
+            let mut names: Vec<_> = names.into_iter().map(HeaderName::as_str).collect();
+            names.sort_unstable();
+            names
+        }
+        let mut removed = request.clone();
+        prepare_upstream_request(&mut removed);
+        let filtered = request.keys().filter(|name| goes_upstream(name)).collect();
+        assert_eq!(sorted(filtered), sorted(removed.keys().collect()));
+
+        for response in [
+            map(&[
+                ("connection", "keep-alive"),
+                ("keep-alive", "x"),
+                ("x-a", "1"),
+            ]),
+            map(&[
+                ("connection", "close, X-Hop"),
+                ("x-hop", "1"),
+                ("x-a", "1"),
+                ("trailer", "x"),
+            ]),
+            map(&[
+                ("x-a", "1"),
+                ("transfer-encoding", "chunked"),
+                ("upgrade", "h2c"),
+            ]),
+        ] {
+            let mut removed = response.clone();
+            strip_hop_by_hop(&mut removed);
+            let downstream = Downstream::of(&response);
+            let filtered = response
+                .keys()
+                .filter(|name| downstream.allows(name))
+                .collect();
+            assert_eq!(
+                sorted(filtered),
+                sorted(removed.keys().collect()),
+                "{response:?}"
+            );
+        }
+    }
 
     #[test]
     fn hop_by_hop_and_connection_named_headers_go() {

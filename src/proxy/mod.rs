@@ -7,6 +7,7 @@
 pub mod body;
 mod connect;
 pub mod headers;
+pub mod lane;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -145,6 +146,8 @@ pub struct Forwarder {
     limits: LimitsConfig,
     access: AccessConfig,
     limiter: Arc<Limiter>,
+    /// The fast lane's connections, for a plain `http://` upstream reached directly.
+    lane: Option<lane::LaneUpstream>,
 }
 
 impl Forwarder {
@@ -167,9 +170,26 @@ impl Forwarder {
         } else {
             Transport::Direct(Box::new(direct_client(upstream.connect_timeout, tls)))
         };
+        let base = UpstreamBase::new(&upstream.base_url)?;
+        let lane = match (&transport, &base.host) {
+            (Transport::Direct(_), Some(host)) if config.server.fast_lane => {
+                let port = upstream.base_url.port_or_known_default().unwrap_or(80);
+                Some(lane::LaneUpstream {
+                    pool: lane::pool::Pool::new(
+                        format!("{}:{port}", base.authority.host()),
+                        upstream.connect_timeout,
+                    ),
+                    host: host.clone(),
+                    path: base.path.clone(),
+                    connect_timeout: upstream.connect_timeout,
+                })
+            }
+            _ => None,
+        };
         Ok(Forwarder {
             transport,
-            base: UpstreamBase::new(&upstream.base_url)?,
+            base,
+            lane,
             connect_timeout: upstream.connect_timeout,
             read_timeout: upstream.read_timeout,
             body_read_timeout: config.server.body_read_timeout,
@@ -248,19 +268,16 @@ impl Forwarder {
         }
     }
 
-    /// Takes from the client's request everything the upstream request needs, refusing what
-    /// cannot be sent (a declared body over the limit, a content type the route does not
-    /// take). Synchronous on purpose: the future that then waits for the upstream holds only
-    /// the [`Exchange`], not the whole client request.
-    pub fn prepare<'a>(
-        &'a self,
-        admitted: Admitted<'a>,
-        mut req: Request,
-    ) -> Result<Exchange<'a, impl ClientStream>, GatewayError> {
-        let route = admitted.route;
-        let limit = self.body_limit(route, req.headers());
-        let declared_length = req
-            .headers()
+    /// Refuses a body that cannot be sent: declared over the limit, or of a content type the
+    /// route does not take. Returns the limit the body is held to as it streams.
+    fn check_body(
+        &self,
+        route: &RouteSpec,
+        headers: &HeaderMap,
+        has_body: bool,
+    ) -> Result<Bound<u64>, GatewayError> {
+        let limit = self.body_limit(route, headers);
+        let declared_length = headers
             .get(header::CONTENT_LENGTH)
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.parse::<u64>().ok());
@@ -271,13 +288,8 @@ impl Forwarder {
                 declared: Some(declared),
             });
         }
-        // The body's own size hint knows what headers cannot: an HTTP/2 request may carry a
-        // body with neither Content-Length nor Transfer-Encoding.
-        let client_body = req.take_body();
-        let has_body = !client_body.is_empty();
         if has_body {
-            let declared = req
-                .headers()
+            let declared = headers
                 .get(header::CONTENT_TYPE)
                 .and_then(|value| value.to_str().ok());
             if let Some(content_type) = declared.filter(|ct| route.refuses_content_type(ct)) {
@@ -293,6 +305,24 @@ impl Forwarder {
                 });
             }
         }
+        Ok(limit)
+    }
+
+    /// Takes from the client's request everything the upstream request needs, refusing what
+    /// cannot be sent (a declared body over the limit, a content type the route does not
+    /// take). Synchronous on purpose: the future that then waits for the upstream holds only
+    /// the [`Exchange`], not the whole client request.
+    pub fn prepare<'a>(
+        &'a self,
+        admitted: Admitted<'a>,
+        mut req: Request,
+    ) -> Result<Exchange<'a, impl ClientStream>, GatewayError> {
+        let route = admitted.route;
+        // The body's own size hint knows what headers cannot: an HTTP/2 request may carry a
+        // body with neither Content-Length nor Transfer-Encoding.
+        let client_body = req.take_body();
+        let has_body = !client_body.is_empty();
+        let limit = self.check_body(route, req.headers(), has_body)?;
 
         let root = http::uri::PathAndQuery::from_static("/");
         let path_and_query = req.uri().path_and_query().unwrap_or(&root);
@@ -463,36 +493,15 @@ impl<S: ClientStream> Exchange<'_, S> {
             body: upstream_body,
         } = upstream;
         headers::strip_hop_by_hop(&mut response_headers);
-        let content_type = response_headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|value| value.to_str().ok())
-            .map(|ct| ct.split(';').next().unwrap_or("").trim());
-        let is_event_stream =
-            content_type.is_some_and(|ct| ct.eq_ignore_ascii_case("text/event-stream"));
-        let is_json = content_type.is_some_and(|ct| ct.eq_ignore_ascii_case("application/json"));
-        let usage = (route.usage && status.is_success() && (is_json || is_event_stream))
-            .then(UsageTap::new);
-        let stream_gauge = is_event_stream.then(|| route_metrics.all().open_stream());
-        let log = RequestLog {
+        let (log, expected_len) = open_log(
+            admitted,
             method,
-            route: Arc::clone(admitted.route_name),
-            status: status.as_u16(),
-            start: admitted.start,
+            status,
+            &response_headers,
             upstream_ttfb,
-            upstream_request_id: response_headers.get(X_REQUEST_ID).cloned(),
-            key: admitted.key,
-            upload: progress,
-            bytes_out: 0,
-            outcome: Outcome::ClientAborted,
-            usage,
-            metrics: Arc::clone(route_metrics),
-            admission: admitted.admission,
-            gauges: (in_flight, stream_gauge),
-        };
-        let expected_len = response_headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.parse::<u64>().ok());
+            progress,
+            in_flight,
+        );
         let body = DownloadBody::new(upstream_body, read_timeout.value, expected_len, log);
         let mut response = Response::builder()
             .status(status)
@@ -500,6 +509,52 @@ impl<S: ClientStream> Exchange<'_, S> {
         *response.headers_mut() = response_headers;
         Ok(response)
     }
+}
+
+/// What either path does with the upstream's response head: decides whether the usage tap
+/// reads the answer, and opens the request's log line, which is written when the body is
+/// done. Also returns the answer's declared length. Hop-by-hop headers are the caller's:
+/// hyper's path removes them first, the lane leaves them out as it writes.
+fn open_log(
+    admitted: Admitted<'_>,
+    method: Method,
+    status: http::StatusCode,
+    response_headers: &HeaderMap,
+    upstream_ttfb: Duration,
+    upload: Arc<UploadProgress>,
+    in_flight: crate::metrics::GaugeGuard,
+) -> (RequestLog, Option<u64>) {
+    let content_type = response_headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .map(|ct| ct.split(';').next().unwrap_or("").trim());
+    let is_event_stream =
+        content_type.is_some_and(|ct| ct.eq_ignore_ascii_case("text/event-stream"));
+    let is_json = content_type.is_some_and(|ct| ct.eq_ignore_ascii_case("application/json"));
+    let usage = (admitted.route.usage && status.is_success() && (is_json || is_event_stream))
+        .then(UsageTap::new);
+    let stream_gauge = is_event_stream.then(|| admitted.metrics.all().open_stream());
+    let log = RequestLog {
+        method,
+        route: Arc::clone(admitted.route_name),
+        status: status.as_u16(),
+        start: admitted.start,
+        upstream_ttfb,
+        upstream_request_id: response_headers.get(X_REQUEST_ID).cloned(),
+        key: admitted.key,
+        upload,
+        bytes_out: 0,
+        outcome: Outcome::ClientAborted,
+        usage,
+        metrics: Arc::clone(admitted.metrics),
+        admission: admitted.admission,
+        gauges: (in_flight, stream_gauge),
+    };
+    let expected_len = response_headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    (log, expected_len)
 }
 
 /// A request sent upstream, waiting for its response headers.
@@ -772,15 +827,8 @@ impl TemplateEndpoint {
         start: Instant,
     ) -> Result<Begun<'a, impl ClientStream>, GatewayError> {
         check_path_params(&route.spec, &req)?;
-        let (admission, key) = self.admit(&req)?;
-        let admitted = Admitted {
-            route: &route.spec,
-            route_name: &self.template,
-            metrics: &route.metrics,
-            key,
-            start,
-            admission,
-        };
+        let peer = req.remote_addr().as_socket_addr().copied();
+        let admitted = self.admit_route(route, req.headers(), peer, start)?;
         if route.spec.accepts(BodyKind::WebSocket) {
             Ok(Begun::Realtime(Box::pin(
                 self.realtime.handle(admitted, req),
@@ -790,19 +838,37 @@ impl TemplateEndpoint {
         }
     }
 
-    /// Credential, allowed keys, then rate and concurrency limits: all before any upstream
-    /// connection is made.
-    fn admit(&self, req: &Request) -> Result<(Admission, Option<KeyId>), GatewayError> {
-        let headers = req.headers();
+    /// Admits a request to `route`: credential, allowed keys, then rate and concurrency
+    /// limits, all before any upstream connection is made. Both paths start here.
+    fn admit_route<'a>(
+        &'a self,
+        route: &'a MethodRoute,
+        headers: &HeaderMap,
+        peer: Option<std::net::SocketAddr>,
+        start: Instant,
+    ) -> Result<Admitted<'a>, GatewayError> {
+        let (admission, key) = self.admit(headers, peer)?;
+        Ok(Admitted {
+            route: &route.spec,
+            route_name: &self.template,
+            metrics: &route.metrics,
+            key,
+            start,
+            admission,
+        })
+    }
+
+    fn admit(
+        &self,
+        headers: &HeaderMap,
+        peer: Option<std::net::SocketAddr>,
+    ) -> Result<(Admission, Option<KeyId>), GatewayError> {
         if !access::has_credential(headers) {
             return Err(GatewayError::MissingCredential);
         }
         let forwarder = &self.forwarder;
         forwarder.access.check_key(headers)?;
-        let ip = req
-            .remote_addr()
-            .as_socket_addr()
-            .map(|peer| forwarder.access.client_ip(peer.ip(), headers));
+        let ip = peer.map(|peer| forwarder.access.client_ip(peer.ip(), headers));
         let key = access::presented_key(headers).map(KeyId::of);
         let admission = forwarder
             .limiter
@@ -817,12 +883,44 @@ impl TemplateEndpoint {
         Ok((admission, key))
     }
 
+    /// The path template, as the manifest writes it.
+    pub fn template(&self) -> &str {
+        &self.template
+    }
+
+    /// Whether the template has path parameters (which the fast lane leaves to poem's router).
+    pub fn has_params(&self) -> bool {
+        self.methods
+            .first()
+            .is_some_and(|route| route.spec.template.params().next().is_some())
+    }
+
+    /// Where `method`'s route is among this template's, for a route the fast lane can take:
+    /// any but WebSocket ones.
+    fn method_index(&self, method: &Method) -> Option<usize> {
+        self.methods.iter().position(|route| {
+            route.spec.method == method && !route.spec.accepts(BodyKind::WebSocket)
+        })
+    }
+
     fn reject(&self, method: &Method, start: Instant, err: &GatewayError) -> Response {
         let response = err.to_response();
         let status = response.status().as_u16();
         self.metrics.count_request(&self.template, method, status);
         telemetry::log_rejected(method, &self.template, status, start, &err.to_string());
         response
+    }
+}
+
+/// A template's endpoint shared between poem's router and the fast lane. Calls go straight
+/// through (poem's own `Arc` impl would wrap each call in one more future holding the request).
+pub struct SharedTemplate(pub Arc<TemplateEndpoint>);
+
+impl Endpoint for SharedTemplate {
+    type Output = Response;
+
+    fn call(&self, req: Request) -> impl Future<Output = poem::Result<Response>> + Send {
+        self.0.call(req)
     }
 }
 
