@@ -20,6 +20,7 @@ pub mod wire;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
@@ -152,16 +153,14 @@ pub async fn serve(
         upstream_buf: BytesMut::with_capacity(BUFFER),
         spans: Vec::new(),
     };
-    let timer = tokio::time::sleep(Duration::ZERO);
-    tokio::pin!(timer);
+    let sleep = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(sleep);
+    let mut timer = Timer { sleep, armed: None };
     loop {
         if drain.started() && conn.buf.is_empty() {
             return Ended::Closed;
         }
-        let head = match conn
-            .read_head(settings, drained.as_mut(), timer.as_mut())
-            .await
-        {
+        let head = match conn.read_head(settings, drained.as_mut(), &mut timer).await {
             Ok(head) => head,
             Err(ended) => return ended,
         };
@@ -174,9 +173,7 @@ pub async fn serve(
             return Ended::Handover(conn.unread(head));
         };
         let close = head.close || drain.started();
-        let keep = conn
-            .exchange(&lane, route, head, close, timer.as_mut())
-            .await;
+        let keep = conn.exchange(&lane, route, head, close, &mut timer).await;
         if !keep || close {
             return Ended::Closed;
         }
@@ -225,9 +222,9 @@ impl Conn<'_> {
         &mut self,
         settings: &Settings,
         mut drained: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>,
-        mut timer: std::pin::Pin<&mut Sleep>,
+        timer: &mut Timer<'_>,
     ) -> Result<wire::RequestHead, Ended> {
-        let mut armed = false;
+        let mut deadline = None;
         loop {
             match wire::parse_request(&mut self.buf, &mut self.spans) {
                 Parse::Complete(parsed) => return Ok(parsed),
@@ -241,13 +238,9 @@ impl Conn<'_> {
                 }
                 Parse::Partial => {}
             }
-            if !armed {
-                // From the moment the lane waits for a head, as hyper's header_read_timeout.
-                timer
-                    .as_mut()
-                    .reset(Instant::now() + settings.header_read_timeout);
-                armed = true;
-            }
+            // From the moment the lane waits for a head, as hyper's header_read_timeout.
+            let deadline =
+                *deadline.get_or_insert_with(|| Instant::now() + settings.header_read_timeout);
             let idle = self.buf.is_empty();
             tokio::select! {
                 biased;
@@ -255,7 +248,7 @@ impl Conn<'_> {
                     Ok(0) | Err(_) => return Err(Ended::Closed),
                     Ok(_) => {}
                 },
-                () = timer.as_mut() => return Err(Ended::Closed),
+                () = timer.expired(deadline) => return Err(Ended::Closed),
                 // A draining server closes connections between requests.
                 () = drained.as_mut(), if idle => return Err(Ended::Closed),
             }
@@ -287,7 +280,7 @@ impl Conn<'_> {
         (template, method_index): (&TemplateEndpoint, usize),
         head: wire::RequestHead,
         close: bool,
-        mut timer: std::pin::Pin<&mut Sleep>,
+        timer: &mut Timer<'_>,
     ) -> bool {
         let start = Instant::now();
         lane.metrics.count_lane_request();
@@ -324,7 +317,7 @@ impl Conn<'_> {
         let progress = super::body::UploadProgress::starting_at(start);
         // The whole body, before anything goes upstream.
         if let Err(failed) = self
-            .read_body(body_len, forwarder.body_read_timeout, timer.as_mut())
+            .read_body(body_len, forwarder.body_read_timeout, timer)
             .await
         {
             return match failed {
@@ -360,9 +353,7 @@ impl Conn<'_> {
         let in_flight = route_metrics.all().in_flight();
         let read_timeout = forwarder.read_timeout(admitted.route);
         let sent = Instant::now();
-        let answer = self
-            .send(upstream, read_timeout, sent, timer.as_mut())
-            .await;
+        let answer = self.send(upstream, read_timeout, sent, timer).await;
         let (mut upstream_conn, response) = match answer {
             Ok(answer) => answer,
             Err(Failed::ClientGone) => return false,
@@ -411,13 +402,7 @@ impl Conn<'_> {
         );
         drop(response_headers);
         let relayed = self
-            .relay_body(
-                &mut upstream_conn,
-                framing,
-                log,
-                read_timeout.value,
-                timer.as_mut(),
-            )
+            .relay_body(&mut upstream_conn, framing, log, read_timeout.value, timer)
             .await;
         match relayed {
             Relayed::Complete => {
@@ -440,19 +425,19 @@ impl Conn<'_> {
         &mut self,
         len: u64,
         idle: Duration,
-        mut timer: std::pin::Pin<&mut Sleep>,
+        timer: &mut Timer<'_>,
     ) -> Result<(), Failed> {
         let len = usize::try_from(len).unwrap_or(usize::MAX);
         while self.buf.len() < len {
             self.buf.reserve(len - self.buf.len());
-            timer.as_mut().reset(Instant::now() + idle);
+            let deadline = Instant::now() + idle;
             tokio::select! {
                 biased;
                 read = self.client.read_buf(&mut self.buf) => match read {
                     Ok(0) | Err(_) => return Err(Failed::ClientGone),
                     Ok(_) => {}
                 },
-                () = timer.as_mut() => {
+                () = timer.expired(deadline) => {
                     return Err(Failed::Answer(GatewayError::ClientBodyTimeout { timeout: idle }));
                 }
             }
@@ -467,7 +452,7 @@ impl Conn<'_> {
         upstream: &LaneUpstream,
         read_timeout: super::Bound<Duration>,
         sent: Instant,
-        mut timer: std::pin::Pin<&mut Sleep>,
+        timer: &mut Timer<'_>,
     ) -> Result<(TcpStream, wire::ResponseHead), Failed> {
         let mut stream = match upstream.pool.checkout(sent) {
             Some(stream) => match stream_write(&stream, &self.out).await {
@@ -503,7 +488,7 @@ impl Conn<'_> {
             return Err(Failed::ClientGone);
         };
         self.upstream_buf.clear();
-        timer.as_mut().reset(sent + read_timeout.value);
+        let deadline = sent + read_timeout.value;
         loop {
             match wire::parse_response(&mut self.upstream_buf, &mut self.spans) {
                 Ok(Some(head)) if head.status.is_informational() => continue,
@@ -523,7 +508,7 @@ impl Conn<'_> {
                 biased;
                 read = stream.read_buf(&mut self.upstream_buf) => read,
                 () = client_gone(self.client, &mut self.buf) => return Err(Failed::ClientGone),
-                () = timer.as_mut() => {
+                () = timer.expired(deadline) => {
                     return Err(Failed::Answer(GatewayError::UpstreamTimeout {
                         setting: read_timeout.setting.to_string(),
                         timeout: read_timeout.value,
@@ -551,7 +536,7 @@ impl Conn<'_> {
         framing: Framing,
         mut log: RequestLog,
         idle: Duration,
-        mut timer: std::pin::Pin<&mut Sleep>,
+        timer: &mut Timer<'_>,
     ) -> Relayed {
         let mut remaining = match framing {
             Framing::Length(len) => len,
@@ -625,12 +610,12 @@ impl Conn<'_> {
                 log.outcome = Outcome::UpstreamBodyError;
                 return Relayed::Aborted;
             }
-            timer.as_mut().reset(Instant::now() + idle);
+            let deadline = Instant::now() + idle;
             let read = tokio::select! {
                 biased;
                 read = upstream.read_buf(&mut self.upstream_buf) => read,
                 () = client_gone(self.client, &mut self.buf) => return Relayed::Aborted,
-                () = timer.as_mut() => {
+                () = timer.expired(deadline) => {
                     log.outcome = Outcome::UpstreamBodyTimeout;
                     return Relayed::Aborted;
                 }
@@ -712,18 +697,53 @@ async fn stream_write(stream: &TcpStream, data: &[u8]) -> std::io::Result<()> {
 }
 
 /// Resolves when the client closes its side or fails; what it sends meanwhile (a pipelined
-/// request) is kept in `buf`, up to [`MAX_AHEAD`].
+/// request) is kept in `buf`, up to [`MAX_AHEAD`]. Waits in the socket's own reader slot
+/// rather than in a readiness future registered and removed per wait.
 async fn client_gone(client: &TcpStream, buf: &mut BytesMut) {
-    loop {
-        if buf.len() >= MAX_AHEAD || client.readable().await.is_err() {
-            return std::future::pending().await;
+    std::future::poll_fn(|cx| loop {
+        if buf.len() >= MAX_AHEAD {
+            return Poll::Pending;
+        }
+        match client.poll_read_ready(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(_)) => return Poll::Ready(()),
+            Poll::Ready(Ok(())) => {}
         }
         buf.reserve(BUFFER);
         match client.try_read_buf(buf) {
-            Ok(0) => return,
+            Ok(0) => return Poll::Ready(()),
+            // Data, or readiness that was stale: look again (which registers the waker).
             Ok(_) => {}
             Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(_) => return,
+            Err(_) => return Poll::Ready(()),
+        }
+    })
+    .await;
+}
+
+/// One timer per connection for the deadline of whatever it waits for, moved as rarely as
+/// possible: a wait whose deadline is later than the one armed leaves it be (requests come
+/// far faster than any timeout runs out), and a firing before the wait's own deadline
+/// re-arms it there. So a busy connection does not touch the timer wheel per request.
+struct Timer<'s> {
+    sleep: std::pin::Pin<&'s mut Sleep>,
+    /// When `sleep` fires; `None` once it has.
+    armed: Option<Instant>,
+}
+
+impl Timer<'_> {
+    /// Resolves once `deadline` has passed.
+    async fn expired(&mut self, deadline: Instant) {
+        loop {
+            if self.armed.is_none_or(|armed| armed > deadline) {
+                self.sleep.as_mut().reset(deadline);
+                self.armed = Some(deadline);
+            }
+            self.sleep.as_mut().await;
+            self.armed = None;
+            if Instant::now() >= deadline {
+                return;
+            }
         }
     }
 }

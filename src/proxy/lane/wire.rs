@@ -117,10 +117,6 @@ pub fn parse_request(buf: &mut BytesMut, spans: &mut Vec<Span>) -> Parse<Request
             value: offset(buf, value),
         });
     }
-    // The target must make a URI; checked on the borrowed bytes so a refusal leaves `buf`.
-    if http::uri::PathAndQuery::try_from(path).is_err() {
-        return Parse::Refer;
-    }
 
     let head = buf.split_to(head_len).freeze();
     let mut headers = HeaderMap::with_capacity(spans.len());
@@ -135,6 +131,8 @@ pub fn parse_request(buf: &mut BytesMut, spans: &mut Vec<Span>) -> Parse<Request
             _ => return unsplit(buf, &head),
         }
     }
+    // A target `http` refuses (httparse lets some bytes through that it does not) goes to
+    // hyper, which answers 400.
     let Ok(target) = http::uri::PathAndQuery::from_maybe_shared(slice(&head, target)) else {
         return unsplit(buf, &head);
     };
