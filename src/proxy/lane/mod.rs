@@ -345,8 +345,12 @@ impl Conn<'_> {
             &headers,
         );
         drop(headers);
+        // `read_body` made sure the whole body is here.
         let body_len = usize::try_from(body_len).unwrap_or(usize::MAX);
-        self.out.extend_from_slice(&self.buf[..body_len]);
+        let Some(body) = self.buf.get(..body_len) else {
+            return false;
+        };
+        self.out.extend_from_slice(body);
         self.buf.advance(body_len);
 
         let route_metrics = admitted.metrics;
