@@ -522,3 +522,59 @@ async fn an_upstream_that_answers_garbage_is_a_502() {
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["error"]["type"], "gateway_error", "{body}");
 }
+
+#[tokio::test]
+async fn large_answers_and_bodies_near_the_lanes_limit_pass_whole() {
+    const ANSWER: u64 = 5 << 20;
+    let upstream = Upstream::start(|rec| {
+        let body = poem::Body::from_bytes_stream(common::pattern_stream(ANSWER, 16 * 1024));
+        let response = poem::Response::builder().header("content-type", "application/octet-stream");
+        if rec.path_and_query.contains("length") {
+            response
+                .header("content-length", ANSWER.to_string())
+                .body(body)
+        } else {
+            response.body(body)
+        }
+    })
+    .await;
+    let gateway = Gateway::in_front_of(&upstream).await;
+    for query in ["?length", "?chunked"] {
+        let response = common::client()
+            .post(gateway.url(&format!("/v1/chat/completions{query}")))
+            .header("authorization", bearer())
+            .header("content-type", "application/json")
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let body = response.bytes().await.unwrap();
+        assert_eq!(body.len() as u64, ANSWER, "{query}");
+        assert_eq!(
+            common::sha256(&body),
+            common::pattern_sha256(ANSWER, 16 * 1024),
+            "{query}"
+        );
+    }
+
+    // A body just under the lane's limit, sent in pieces with pauses.
+    let body: Vec<u8> = (0..60 * 1024).map(|i| b'a' + (i % 26) as u8).collect();
+    let key = bearer();
+    let mut stream = TcpStream::connect(gateway.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/embeddings HTTP/1.1\r\nHost: gw\r\nAuthorization: {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    for piece in body.chunks(7 * 1024) {
+        stream.write_all(piece).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let answer = read_answer(&mut stream, &mut Vec::new()).await;
+    assert_eq!(answer.status, 200);
+    let received = upstream.last();
+    assert_eq!(received.body_sha256, common::sha256(&body));
+    assert_eq!(counter(&gateway, LANE_REQUESTS).await, 3);
+}

@@ -41,8 +41,12 @@ use wire::{ClientFraming, Framing, Parse, Step};
 pub const MAX_BODY: u64 = 64 * 1024;
 /// Largest upstream response head.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
-/// Read buffers start at this size.
+/// The upstream read buffer starts at this size, and reads from a client are made with at
+/// least this much room.
 const BUFFER: usize = 8 * 1024;
+/// The client's read buffer and the write buffer start this small and grow when a message
+/// needs it: most requests and answer heads fit, and an open stream keeps less memory.
+const SMALL_BUFFER: usize = 2 * 1024;
 /// A buffer grown past this is replaced once empty, so one large request does not pin
 /// memory for the connection's life.
 const KEEP_BUFFER: usize = 64 * 1024;
@@ -148,8 +152,8 @@ pub async fn serve(
     let mut conn = Conn {
         client,
         remote,
-        buf: BytesMut::with_capacity(BUFFER),
-        out: BytesMut::with_capacity(BUFFER),
+        buf: BytesMut::with_capacity(SMALL_BUFFER),
+        out: BytesMut::with_capacity(SMALL_BUFFER),
         upstream_buf: BytesMut::with_capacity(BUFFER),
         spans: Vec::new(),
     };
@@ -267,7 +271,7 @@ impl Conn<'_> {
     fn trim(&mut self) {
         for buf in [&mut self.buf, &mut self.out, &mut self.upstream_buf] {
             if buf.is_empty() && buf.capacity() > KEEP_BUFFER {
-                *buf = BytesMut::with_capacity(BUFFER);
+                *buf = BytesMut::with_capacity(SMALL_BUFFER);
             }
         }
     }
