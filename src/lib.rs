@@ -99,8 +99,8 @@ impl Shared {
 /// whole on reload; requests in flight keep the one they started with) and the state that
 /// outlives it.
 pub struct App {
-    /// One endpoint per worker: each worker's requests use its own upstream pool, so a
-    /// request's tasks stay on one thread.
+    /// What each worker serves with (its endpoint and fast lane): each worker's requests use
+    /// its own upstream pools, so a request's tasks stay on one thread.
     current: Vec<ArcSwap<Worker>>,
     /// The `[server]` settings the process started with; they need a restart to change.
     server: config::ServerConfig,
