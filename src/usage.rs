@@ -121,16 +121,15 @@ struct UsageObject {
     output_tokens_details: Lenient<Details>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default)]
 struct Details {
-    #[serde(default)]
     cached_tokens: Lenient<u64>,
-    #[serde(default)]
     reasoning_tokens: Lenient<u64>,
 }
 
 /// A field that may hold something else (null, a string, a float): then it counts as absent
-/// instead of failing the whole object.
+/// instead of failing the whole object. Read by a visitor rather than serde's untagged
+/// enums, which buffer every value (allocating for objects) before trying each shape.
 #[derive(Debug)]
 struct Lenient<T>(Option<T>);
 
@@ -146,18 +145,98 @@ impl Lenient<u64> {
     }
 }
 
-impl<'de, T: Deserialize<'de>> Deserialize<'de> for Lenient<T> {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+/// What a lenient field accepts: a token count takes non-negative integers, the details
+/// take objects; every other shape is skipped.
+trait LenientValue: Sized {
+    fn from_u64(_: u64) -> Option<Self> {
+        None
+    }
+
+    fn from_map<'de, A: serde::de::MapAccess<'de>>(mut map: A) -> Result<Option<Self>, A::Error> {
+        while map
+            .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+            .is_some()
+        {}
+        Ok(None)
+    }
+}
+
+impl LenientValue for u64 {
+    fn from_u64(value: u64) -> Option<u64> {
+        Some(value)
+    }
+}
+
+impl LenientValue for Details {
+    fn from_map<'de, A: serde::de::MapAccess<'de>>(mut map: A) -> Result<Option<Self>, A::Error> {
         #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Either<T> {
-            Wanted(T),
-            Other(serde::de::IgnoredAny),
+        #[serde(field_identifier, rename_all = "snake_case")]
+        enum Field {
+            CachedTokens,
+            ReasoningTokens,
+            #[serde(other)]
+            Other,
         }
-        Ok(match Either::deserialize(deserializer)? {
-            Either::Wanted(value) => Lenient(Some(value)),
-            Either::Other(_) => Lenient(None),
-        })
+        let mut details = Details::default();
+        while let Some(field) = map.next_key::<Field>()? {
+            match field {
+                Field::CachedTokens => details.cached_tokens = map.next_value()?,
+                Field::ReasoningTokens => details.reasoning_tokens = map.next_value()?,
+                Field::Other => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(Some(details))
+    }
+}
+
+struct LenientVisitor<T>(std::marker::PhantomData<T>);
+
+impl<'de, T: LenientValue> serde::de::Visitor<'de> for LenientVisitor<T> {
+    type Value = Lenient<T>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(Lenient(None))
+    }
+
+    fn visit_i64<E>(self, value: i64) -> Result<Self::Value, E> {
+        Ok(Lenient(u64::try_from(value).ok().and_then(T::from_u64)))
+    }
+
+    fn visit_u64<E>(self, value: u64) -> Result<Self::Value, E> {
+        Ok(Lenient(T::from_u64(value)))
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(Lenient(None))
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(Lenient(None))
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(Lenient(None))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(Lenient(None))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        T::from_map(map).map(Lenient)
+    }
+}
+
+impl<'de, T: LenientValue> Deserialize<'de> for Lenient<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(LenientVisitor(std::marker::PhantomData))
     }
 }
 
@@ -537,5 +616,47 @@ mod tests {
         assert_eq!((usage.input, usage.output), (8, 0));
         assert_eq!(usage.counts().collect::<Vec<_>>(), vec![(0, 8)]);
         assert_eq!(usage.model.as_deref(), Some("text-embedding-3-small"));
+    }
+
+    /// Fields of another shape count as absent, never failing the object or the fields
+    /// beside them.
+    #[test]
+    fn fields_of_other_shapes_count_as_absent() {
+        /// Input, output, cached input, reasoning.
+        type Counts = (u64, u64, u64, u64);
+        let cases: [(&str, Option<Counts>); 8] = [
+            (
+                r#"{"prompt_tokens":5,"completion_tokens":"7"}"#,
+                Some((5, 0, 0, 0)),
+            ),
+            (
+                r#"{"prompt_tokens":-1,"completion_tokens":2.5,"output_tokens":3}"#,
+                Some((0, 3, 0, 0)),
+            ),
+            (
+                r#"{"prompt_tokens":{"a":[1,{"b":null}]},"completion_tokens":4}"#,
+                Some((0, 4, 0, 0)),
+            ),
+            (
+                r#"{"input_tokens":9,"output_tokens":[1,2],"input_tokens_details":null}"#,
+                Some((9, 0, 0, 0)),
+            ),
+            (
+                r#"{"prompt_tokens":9,"completion_tokens":1,"prompt_tokens_details":{"cached_tokens":4,"audio_tokens":2,"cached_tokens":6},"completion_tokens_details":{"reasoning_tokens":"x","extra":{"deep":[true]}}}"#,
+                Some((9, 1, 6, 0)),
+            ),
+            (
+                r#"{"input_tokens":2,"output_tokens":3,"input_tokens_details":"none","output_tokens_details":{"reasoning_tokens":1}}"#,
+                Some((2, 3, 0, 1)),
+            ),
+            (r#"{"total_tokens":5,"prompt_tokens":true}"#, None),
+            (r#"{"prompt_tokens":null,"completion_tokens":null}"#, None),
+        ];
+        for (object, expected) in cases {
+            let body = format!(r#"{{"model":"m","usage":{object}}}"#);
+            let usage = tap_all(&[body.as_bytes()]);
+            let counts = usage.map(|u| (u.input, u.output, u.cached_input, u.reasoning));
+            assert_eq!(counts, expected, "{object}");
+        }
     }
 }
