@@ -231,6 +231,11 @@ impl Conn<'_> {
         let mut deadline = None;
         loop {
             match wire::parse_request(&mut self.buf, &mut self.spans) {
+                // A head over the limit that arrived whole: hyper answers it 431, as it
+                // would one that arrives in pieces.
+                Parse::Complete(parsed) if parsed.raw.len() > settings.max_header_bytes => {
+                    return Err(Ended::Handover(self.unread(parsed)));
+                }
                 Parse::Complete(parsed) => return Ok(parsed),
                 Parse::Refer => {
                     tracing::trace!("fast lane: a head for hyper's parser; handing over");
