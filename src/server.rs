@@ -122,7 +122,6 @@ pub async fn serve(
     let drain = Arc::new(lane::Drain::default());
     let lane_settings = Arc::new(lane::Settings {
         header_read_timeout: settings.header_read_timeout,
-        body_read_timeout: settings.body_read_timeout,
         max_header_bytes,
     });
     // Flipped when the grace period is over: connections still open are dropped.

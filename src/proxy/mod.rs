@@ -181,7 +181,6 @@ impl Forwarder {
                     ),
                     host: host.clone(),
                     path: base.path.clone(),
-                    connect_timeout: upstream.connect_timeout,
                 })
             }
             _ => None,
@@ -895,12 +894,12 @@ impl TemplateEndpoint {
             .is_some_and(|route| route.spec.template.params().next().is_some())
     }
 
-    /// Where `method`'s route is among this template's, for a route the fast lane can take:
-    /// any but WebSocket ones.
-    fn method_index(&self, method: &Method) -> Option<usize> {
-        self.methods.iter().position(|route| {
-            route.spec.method == method && !route.spec.accepts(BodyKind::WebSocket)
-        })
+    /// `method`'s route of this template, when the fast lane can take it: any but WebSocket
+    /// ones.
+    fn lane_route(&self, method: &Method) -> Option<&MethodRoute> {
+        self.methods
+            .iter()
+            .find(|route| route.spec.method == method && !route.spec.accepts(BodyKind::WebSocket))
     }
 
     fn reject(&self, method: &Method, start: Instant, err: &GatewayError) -> Response {

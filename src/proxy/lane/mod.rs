@@ -29,8 +29,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
-use super::{Forwarder, TemplateEndpoint};
-use crate::access::AccessConfig;
+use super::{Forwarder, MethodRoute, TemplateEndpoint};
 use crate::error::GatewayError;
 use crate::metrics::Metrics;
 use crate::telemetry::{Outcome, RequestLog};
@@ -61,7 +60,6 @@ pub struct Lane {
     routes: HashMap<String, Arc<TemplateEndpoint>>,
     /// Length of `/{path_secret}`, taken off the path before it goes upstream.
     secret_len: usize,
-    access: Arc<AccessConfig>,
     metrics: Arc<Metrics>,
     forwarder: Arc<Forwarder>,
     /// CORS is on: requests with an `Origin` go to hyper's path, which adds its headers.
@@ -92,7 +90,6 @@ impl Lane {
         Some(Lane {
             routes,
             secret_len: prefix.len(),
-            access: Arc::new(config.access.clone()),
             metrics: Arc::clone(metrics),
             forwarder: Arc::clone(forwarder),
             cors: !config.cors.allow_origins.is_empty(),
@@ -131,7 +128,6 @@ impl Drain {
 /// What a lane connection needs from the server.
 pub struct Settings {
     pub header_read_timeout: Duration,
-    pub body_read_timeout: Duration,
     pub max_header_bytes: usize,
 }
 
@@ -187,15 +183,15 @@ pub async fn serve(
 
 impl Lane {
     /// The route this request takes in the lane, if it does.
-    fn take(&self, request: &wire::RequestHead) -> Option<(&TemplateEndpoint, usize)> {
+    fn take(&self, request: &wire::RequestHead) -> Option<(&TemplateEndpoint, &MethodRoute)> {
         if request.body_len > MAX_BODY
             || (self.cors && request.headers.contains_key(header::ORIGIN))
         {
             return None;
         }
         let template = self.routes.get(request.target.path())?;
-        let method = template.method_index(&request.method)?;
-        Some((template, method))
+        let route = template.lane_route(&request.method)?;
+        Some((template, route))
     }
 }
 
@@ -266,17 +262,18 @@ impl Conn<'_> {
 
     /// Gives a head back for hyper: its bytes, then whatever followed.
     fn unread(&mut self, head: wire::RequestHead) -> BytesMut {
-        let mut all = BytesMut::with_capacity(head.raw.len() + self.buf.len());
-        all.extend_from_slice(&head.raw);
-        all.extend_from_slice(&self.buf);
-        all
+        wire::rejoin(&head.raw, &self.buf)
     }
 
     /// Lets go of buffers one large message grew.
     fn trim(&mut self) {
-        for buf in [&mut self.buf, &mut self.out, &mut self.upstream_buf] {
+        for (buf, size) in [
+            (&mut self.buf, SMALL_BUFFER),
+            (&mut self.out, SMALL_BUFFER),
+            (&mut self.upstream_buf, BUFFER),
+        ] {
             if buf.is_empty() && buf.capacity() > KEEP_BUFFER {
-                *buf = BytesMut::with_capacity(SMALL_BUFFER);
+                *buf = BytesMut::with_capacity(size);
             }
         }
     }
@@ -286,7 +283,7 @@ impl Conn<'_> {
     async fn exchange(
         &mut self,
         lane: &Lane,
-        (template, method_index): (&TemplateEndpoint, usize),
+        (template, route): (&TemplateEndpoint, &MethodRoute),
         head: wire::RequestHead,
         close: bool,
         timer: &mut Timer<'_>,
@@ -300,12 +297,10 @@ impl Conn<'_> {
             body_len,
             ..
         } = head;
-        let Some(route) = template.methods.get(method_index) else {
-            return false;
-        };
 
         // The same checks, in the same order, as the hyper path.
-        if let Err(err) = lane.access.check_ip(Some(self.remote.ip()), &headers) {
+        let forwarder = &lane.forwarder;
+        if let Err(err) = forwarder.access.check_ip(Some(self.remote.ip()), &headers) {
             let response = crate::access::rejected_address(&lane.metrics, &method, &err);
             return self.answer_error(response, body_len, close).await;
         }
@@ -316,7 +311,6 @@ impl Conn<'_> {
                 return self.answer_error(response, body_len, close).await;
             }
         };
-        let forwarder = &lane.forwarder;
         // The declared length is the body's, so holding it to the limit here is the whole
         // check (hyper's path also counts the bytes as they stream).
         if let Err(err) = forwarder.check_body(&route.spec, &headers, body_len > 0) {
@@ -483,9 +477,9 @@ impl Conn<'_> {
         if stream.is_none() {
             let fresh = upstream.pool.connect().await.map_err(|err| {
                 Failed::Answer(match err {
-                    pool::ConnectError::TimedOut => GatewayError::UpstreamConnectTimeout {
-                        timeout: upstream.connect_timeout,
-                    },
+                    pool::ConnectError::TimedOut(timeout) => {
+                        GatewayError::UpstreamConnectTimeout { timeout }
+                    }
                     pool::ConnectError::Failed(err) => {
                         GatewayError::UpstreamUnreachable(Box::new(err))
                     }
@@ -769,5 +763,4 @@ pub struct LaneUpstream {
     pub host: HeaderValue,
     /// The base URL's path, put before the client's.
     pub path: String,
-    pub connect_timeout: Duration,
 }

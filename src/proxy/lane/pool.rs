@@ -31,7 +31,8 @@ struct Idle {
 /// Why no connection could be had.
 #[derive(Debug)]
 pub enum ConnectError {
-    TimedOut,
+    /// Not connected within this long (`upstream.connect_timeout`).
+    TimedOut(Duration),
     Failed(io::Error),
 }
 
@@ -93,7 +94,7 @@ impl Pool {
         match tokio::time::timeout(self.connect_timeout, connecting).await {
             Ok(Ok(stream)) => Ok(stream),
             Ok(Err(err)) => Err(ConnectError::Failed(err)),
-            Err(_) => Err(ConnectError::TimedOut),
+            Err(_) => Err(ConnectError::TimedOut(self.connect_timeout)),
         }
     }
 }

@@ -148,11 +148,17 @@ pub fn parse_request(buf: &mut BytesMut, spans: &mut Vec<Span>) -> Parse<Request
 
 /// Puts a head taken off the buffer back in front of it, for hyper.
 fn unsplit<T>(buf: &mut BytesMut, head: &Bytes) -> Parse<T> {
-    let mut whole = BytesMut::with_capacity(head.len() + buf.len());
-    whole.extend_from_slice(head);
-    whole.extend_from_slice(buf);
-    *buf = whole;
+    *buf = rejoin(head, buf);
     Parse::Refer
+}
+
+/// A head's bytes followed by what came after it: what hyper must read when the lane hands
+/// a request over.
+pub fn rejoin(head: &[u8], rest: &[u8]) -> BytesMut {
+    let mut whole = BytesMut::with_capacity(head.len() + rest.len());
+    whole.extend_from_slice(head);
+    whole.extend_from_slice(rest);
+    whole
 }
 
 fn slice(head: &Bytes, (start, len): (usize, usize)) -> Bytes {
