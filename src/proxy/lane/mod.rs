@@ -18,6 +18,7 @@ pub mod pool;
 pub mod wire;
 
 use std::collections::HashMap;
+use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::Poll;
@@ -247,6 +248,7 @@ impl Conn<'_> {
             let deadline =
                 *deadline.get_or_insert_with(|| Instant::now() + settings.header_read_timeout);
             let idle = self.buf.is_empty();
+            make_room(&mut self.buf, SMALL_BUFFER / 2);
             tokio::select! {
                 biased;
                 read = self.client.read_buf(&mut self.buf) => match read {
@@ -511,6 +513,7 @@ impl Conn<'_> {
                 Ok(None) => {}
                 Err(err) => return Err(upstream_failed(err)),
             }
+            make_room(&mut self.upstream_buf, BUFFER / 2);
             let read = tokio::select! {
                 biased;
                 read = stream.read_buf(&mut self.upstream_buf) => read,
@@ -565,7 +568,12 @@ impl Conn<'_> {
                         .min(self.upstream_buf.len());
                     let data = &self.upstream_buf[..take];
                     log.saw(data);
-                    self.out.extend_from_slice(data);
+                    // The head (the first time) and the data in one `writev`, as they are.
+                    let written = write_two(self.client, &self.out, data).await;
+                    self.out.clear();
+                    if written.is_err() {
+                        return Relayed::Aborted;
+                    }
                     self.upstream_buf.advance(take);
                     remaining -= take as u64;
                     done = remaining == 0;
@@ -618,6 +626,7 @@ impl Conn<'_> {
                 return Relayed::Aborted;
             }
             let deadline = Instant::now() + idle;
+            make_room(&mut self.upstream_buf, BUFFER / 2);
             let read = tokio::select! {
                 biased;
                 read = upstream.read_buf(&mut self.upstream_buf) => read,
@@ -688,14 +697,41 @@ fn upstream_failed(err: impl std::error::Error + Send + Sync + 'static) -> Faile
     Failed::Answer(GatewayError::UpstreamFailed(Box::new(err)))
 }
 
+/// Makes `buf` ready to read at least `room` more bytes. A buffer consumed from the front
+/// keeps only its tail free: read into as it is, a message straddling the end takes two
+/// reads (one more syscall every few requests). While nothing else holds the storage,
+/// `reserve` moves what is left to the front instead of allocating.
+fn make_room(buf: &mut BytesMut, room: usize) {
+    if buf.capacity() - buf.len() < room {
+        buf.reserve(room);
+    }
+}
+
 /// Writes all of `data` on a connection taken from the pool or just made.
 async fn stream_write(stream: &TcpStream, data: &[u8]) -> std::io::Result<()> {
-    let mut written = 0;
-    while written < data.len() {
+    write_two(stream, data, &[]).await
+}
+
+/// Writes all of `first`, then all of `second`: in one `writev` as a rule, with no copy of
+/// `second` behind `first`.
+async fn write_two(stream: &TcpStream, first: &[u8], second: &[u8]) -> std::io::Result<()> {
+    let (mut first, mut second) = (first, second);
+    while !first.is_empty() || !second.is_empty() {
         stream.writable().await?;
-        match stream.try_write(&data[written..]) {
+        let written = if first.is_empty() {
+            stream.try_write(second)
+        } else if second.is_empty() {
+            stream.try_write(first)
+        } else {
+            stream.try_write_vectored(&[IoSlice::new(first), IoSlice::new(second)])
+        };
+        match written {
             Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => written += n,
+            Ok(n) => {
+                let from_first = n.min(first.len());
+                first = &first[from_first..];
+                second = &second[n - from_first..];
+            }
             Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(err) => return Err(err),
         }
