@@ -81,13 +81,8 @@ fn presented_keys(headers: &HeaderMap) -> impl Iterator<Item = &str> {
         .filter(|key| !key.is_empty())
 }
 
-/// Whether the request carries a credential: an `Authorization` or `api-key` with something
-/// in it, or (WebSockets) a key subprotocol.
-pub fn has_credential(headers: &HeaderMap) -> bool {
-    presented_keys(headers).next().is_some()
-}
-
-/// The first key the request presents, for per-key limits.
+/// The first key the request presents: the bearer token, else `api-key`, else (WebSockets)
+/// a key subprotocol. `None`: the request carries no credential.
 pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
     presented_keys(headers).next()
 }
@@ -267,6 +262,7 @@ mod tests {
 
     #[test]
     fn credential_is_a_key_in_authorization_api_key_or_a_subprotocol() {
+        let has_credential = |headers: &HeaderMap| presented_key(headers).is_some();
         assert!(has_credential(&map(&[("authorization", "Bearer sk-1")])));
         assert!(has_credential(&map(&[("api-key", "k")])));
         assert!(has_credential(&map(&[("authorization", "Basic abc")])));

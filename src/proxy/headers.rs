@@ -4,7 +4,7 @@
 //! belongs to one connection or names the client's address does not. These functions never
 //! read or log header values beyond the names they match.
 
-use http::header::{self, HeaderMap, HeaderName};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// Hop-by-hop headers of RFC 9110 §7.6.1, plus the legacy ones proxies still meet.
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -34,26 +34,29 @@ pub const API_KEY: HeaderName = HeaderName::from_static("api-key");
 /// The items of a comma-separated list header (RFC 9110 §5.6.1), across all its lines,
 /// trimmed; values that are not text are skipped.
 pub fn list_items<'a>(headers: &'a HeaderMap, name: &HeaderName) -> impl Iterator<Item = &'a str> {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .map(str::trim)
+    list_items_of(headers.get_all(name).iter().map(HeaderValue::as_bytes))
+        .filter_map(|item| std::str::from_utf8(item).ok())
+}
+
+/// [`list_items`] of values given as bytes (a head the fast lane reads in place).
+pub fn list_items_of<'a>(values: impl Iterator<Item = &'a [u8]>) -> impl Iterator<Item = &'a [u8]> {
+    values
+        .filter(|value| text(value).is_some())
+        .flat_map(|value| value.split(|byte| *byte == b','))
+        .map(<[u8]>::trim_ascii)
         .filter(|item| !item.is_empty())
 }
 
-/// Whether `Connection` is absent or one plain `keep-alive` or `close`, as on nearly every
-/// message: then it names no header beyond the fixed list, and no list needs parsing.
-pub fn only_keep_alive_or_close(headers: &HeaderMap) -> bool {
-    let mut values = headers.get_all(header::CONNECTION).iter();
-    match (values.next(), values.next()) {
-        (None, _) => true,
-        (Some(value), None) => {
-            let value = value.as_bytes();
-            value.eq_ignore_ascii_case(b"keep-alive") || value.eq_ignore_ascii_case(b"close")
-        }
-        (Some(_), Some(_)) => false,
+/// A value as text, by [`HeaderValue::to_str`]'s rule (visible ASCII, space and tab), for
+/// values the fast lane reads as bytes.
+pub fn text(value: &[u8]) -> Option<&str> {
+    if value
+        .iter()
+        .all(|&byte| byte == b'\t' || (0x20..0x7f).contains(&byte))
+    {
+        std::str::from_utf8(value).ok()
+    } else {
+        None
     }
 }
 
@@ -83,34 +86,36 @@ pub fn goes_upstream(name: &HeaderName) -> bool {
     !HOP_BY_HOP.contains(name) && !CLIENT_ADDRESS.contains(name) && name != header::HOST
 }
 
-/// Which response headers go to the client: the fast lane's [`strip_hop_by_hop`], decided
-/// per header as the head is written.
+/// Which response headers go to the client: [`strip_hop_by_hop`], decided per header as the
+/// fast lane writes a head it keeps as it arrived (names and values as bytes).
 pub struct Downstream<'a> {
-    /// The answer's `Connection` names headers beyond the fixed list (rare).
-    connection: Option<&'a HeaderMap>,
+    /// Headers the answer's `Connection` names beyond the fixed list (rare: usually empty,
+    /// which allocates nothing).
+    named: Vec<&'a [u8]>,
 }
 
 impl<'a> Downstream<'a> {
-    pub fn of(headers: &'a HeaderMap) -> Downstream<'a> {
-        let names_others = !only_keep_alive_or_close(headers)
-            && list_items(headers, &header::CONNECTION).any(|item| {
-                !item.eq_ignore_ascii_case("close")
-                    && !HOP_BY_HOP
-                        .iter()
-                        .any(|name| item.eq_ignore_ascii_case(name.as_str()))
-            });
-        Downstream {
-            connection: names_others.then_some(headers),
-        }
+    /// From the answer's `Connection` values.
+    pub fn of(connection: impl Iterator<Item = &'a [u8]>) -> Downstream<'a> {
+        let named = list_items_of(connection)
+            .filter(|item| !item.eq_ignore_ascii_case(b"close") && !is_hop_by_hop(item))
+            .collect();
+        Downstream { named }
     }
 
-    pub fn allows(&self, name: &HeaderName) -> bool {
-        !HOP_BY_HOP.contains(name)
-            && !self.connection.is_some_and(|headers| {
-                list_items(headers, &header::CONNECTION)
-                    .any(|item| item.eq_ignore_ascii_case(name.as_str()))
-            })
+    pub fn allows(&self, name: &[u8]) -> bool {
+        !is_hop_by_hop(name)
+            && !self
+                .named
+                .iter()
+                .any(|item| item.eq_ignore_ascii_case(name))
     }
+}
+
+fn is_hop_by_hop(name: &[u8]) -> bool {
+    HOP_BY_HOP
+        .iter()
+        .any(|hop| name.eq_ignore_ascii_case(hop.as_str().as_bytes()))
 }
 
 /// Removes headers naming the client's address, so the upstream never learns it (privacy
@@ -211,10 +216,15 @@ mod tests {
         ] {
             let mut removed = response.clone();
             strip_hop_by_hop(&mut removed);
-            let downstream = Downstream::of(&response);
+            let downstream = Downstream::of(
+                response
+                    .get_all(header::CONNECTION)
+                    .iter()
+                    .map(HeaderValue::as_bytes),
+            );
             let filtered = response
                 .keys()
-                .filter(|name| downstream.allows(name))
+                .filter(|name| downstream.allows(name.as_str().as_bytes()))
                 .collect();
             assert_eq!(
                 sorted(filtered),

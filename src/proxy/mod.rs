@@ -492,15 +492,19 @@ impl<S: ClientStream> Exchange<'_, S> {
             body: upstream_body,
         } = upstream;
         headers::strip_hop_by_hop(&mut response_headers);
-        let (log, expected_len) = open_log(
+        let log = open_log(
             admitted,
             method,
             status,
-            &response_headers,
+            AnswerHead::of(&response_headers),
             upstream_ttfb,
             progress,
             in_flight,
         );
+        let expected_len = response_headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.parse::<u64>().ok());
         let body = DownloadBody::new(upstream_body, read_timeout.value, expected_len, log);
         let mut response = Response::builder()
             .status(status)
@@ -510,36 +514,64 @@ impl<S: ClientStream> Exchange<'_, S> {
     }
 }
 
+/// What the log line and the usage tap read from an answer's head, from either path's
+/// form of it: hyper's header map or the lane's head as it arrived.
+pub(crate) struct AnswerHead<'h> {
+    /// The media type: `Content-Type` up to its parameters, trimmed.
+    content_type: Option<&'h str>,
+    request_id: Option<http::HeaderValue>,
+}
+
+impl<'h> AnswerHead<'h> {
+    pub(crate) fn new(
+        content_type: Option<&'h [u8]>,
+        request_id: Option<http::HeaderValue>,
+    ) -> Self {
+        let content_type = content_type
+            .and_then(headers::text)
+            .map(|ct| ct.split(';').next().unwrap_or("").trim());
+        AnswerHead {
+            content_type,
+            request_id,
+        }
+    }
+
+    fn of(headers: &'h HeaderMap) -> Self {
+        AnswerHead::new(
+            headers
+                .get(header::CONTENT_TYPE)
+                .map(http::HeaderValue::as_bytes),
+            headers.get(X_REQUEST_ID).cloned(),
+        )
+    }
+}
+
 /// What either path does with the upstream's response head: decides whether the usage tap
 /// reads the answer, and opens the request's log line, which is written when the body is
-/// done. Also returns the answer's declared length. Hop-by-hop headers are the caller's:
-/// hyper's path removes them first, the lane leaves them out as it writes.
+/// done.
 fn open_log(
     admitted: Admitted<'_>,
     method: Method,
     status: http::StatusCode,
-    response_headers: &HeaderMap,
+    answer: AnswerHead<'_>,
     upstream_ttfb: Duration,
     upload: Arc<UploadProgress>,
     in_flight: crate::metrics::GaugeGuard,
-) -> (RequestLog, Option<u64>) {
-    let content_type = response_headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|value| value.to_str().ok())
-        .map(|ct| ct.split(';').next().unwrap_or("").trim());
+) -> RequestLog {
+    let content_type = answer.content_type;
     let is_event_stream =
         content_type.is_some_and(|ct| ct.eq_ignore_ascii_case("text/event-stream"));
     let is_json = content_type.is_some_and(|ct| ct.eq_ignore_ascii_case("application/json"));
     let usage = (admitted.route.usage && status.is_success() && (is_json || is_event_stream))
         .then(UsageTap::new);
     let stream_gauge = is_event_stream.then(|| admitted.metrics.all().open_stream());
-    let log = RequestLog {
+    RequestLog {
         method,
         route: Arc::clone(admitted.route_name),
         status: status.as_u16(),
         start: admitted.start,
         upstream_ttfb,
-        upstream_request_id: response_headers.get(X_REQUEST_ID).cloned(),
+        upstream_request_id: answer.request_id,
         key: admitted.key,
         upload,
         bytes_out: 0,
@@ -548,12 +580,7 @@ fn open_log(
         metrics: Arc::clone(admitted.metrics),
         admission: admitted.admission,
         gauges: (in_flight, stream_gauge),
-    };
-    let expected_len = response_headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.parse::<u64>().ok());
-    (log, expected_len)
+    }
 }
 
 /// A request sent upstream, waiting for its response headers.
@@ -862,13 +889,14 @@ impl TemplateEndpoint {
         headers: &HeaderMap,
         peer: Option<std::net::SocketAddr>,
     ) -> Result<(Admission, Option<KeyId>), GatewayError> {
-        if !access::has_credential(headers) {
+        // The first key presented; none at all is refused before anything else.
+        let Some(key) = access::presented_key(headers) else {
             return Err(GatewayError::MissingCredential);
-        }
+        };
         let forwarder = &self.forwarder;
         forwarder.access.check_key(headers)?;
         let ip = peer.map(|peer| forwarder.access.client_ip(peer.ip(), headers));
-        let key = access::presented_key(headers).map(KeyId::of);
+        let key = Some(KeyId::of(key));
         let admission = forwarder
             .limiter
             .admit(ip, key.as_ref().map(|key| &key.hash))

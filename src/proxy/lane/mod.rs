@@ -380,15 +380,19 @@ impl Conn<'_> {
 
         let wire::ResponseHead {
             status,
-            headers: response_headers,
+            fields,
             framing,
             reusable,
         } = response;
-        let (log, _) = super::open_log(
+        let answer = super::AnswerHead::new(
+            fields.get(&header::CONTENT_TYPE),
+            fields.value(&super::X_REQUEST_ID),
+        );
+        let log = super::open_log(
             admitted,
             method,
             status,
-            &response_headers,
+            answer,
             upstream_ttfb,
             progress,
             in_flight,
@@ -402,14 +406,8 @@ impl Conn<'_> {
             Framing::Chunked | Framing::UntilClose => ClientFraming::Chunked,
         };
         self.out.clear();
-        wire::write_response_head(
-            &mut self.out,
-            status,
-            &response_headers,
-            client_framing,
-            close,
-        );
-        drop(response_headers);
+        wire::write_response_head(&mut self.out, status, fields.iter(), client_framing, close);
+        self.spans = fields.into_spans();
         let relayed = self
             .relay_body(&mut upstream_conn, framing, log, read_timeout.value, timer)
             .await;
@@ -678,7 +676,7 @@ impl Conn<'_> {
         wire::write_response_head(
             &mut self.out,
             parts.status,
-            &parts.headers,
+            wire::map_fields(&parts.headers).iter().copied(),
             ClientFraming::Length(body.len() as u64),
             close,
         );

@@ -10,8 +10,10 @@
 use std::mem::MaybeUninit;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
+
+use crate::proxy::headers::{list_items_of, Downstream};
 
 /// Headers in one head, as hyper allows.
 pub const MAX_HEADERS: usize = 100;
@@ -167,10 +169,14 @@ fn slice(head: &Bytes, (start, len): (usize, usize)) -> Bytes {
 
 /// A `Content-Length` value: digits only (RFC 9110 §8.6), no sign, no list.
 fn parse_length(value: &[u8]) -> Option<u64> {
-    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
+    if value.is_empty() || value.len() > 19 {
         return None;
     }
-    std::str::from_utf8(value).ok()?.parse().ok()
+    // 19 digits always fit in a u64.
+    value.iter().try_fold(0u64, |len, &byte| {
+        byte.is_ascii_digit()
+            .then(|| len * 10 + u64::from(byte - b'0'))
+    })
 }
 
 /// A request's `Connection` value the lane understands: `Some(true)` for `close`,
@@ -203,10 +209,51 @@ pub enum Framing {
 #[derive(Debug)]
 pub struct ResponseHead {
     pub status: StatusCode,
-    pub headers: HeaderMap,
+    pub fields: Fields,
     pub framing: Framing,
     /// The connection can carry another request afterwards.
     pub reusable: bool,
+}
+
+/// A head's header fields as they arrived: read, filtered and written in place, with no
+/// header map built in between.
+#[derive(Debug)]
+pub struct Fields {
+    raw: Bytes,
+    spans: Vec<Span>,
+}
+
+impl Fields {
+    /// Every field, name and value, in the order received.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> + Clone {
+        self.spans
+            .iter()
+            .map(|span| (part(&self.raw, span.name), part(&self.raw, span.value)))
+    }
+
+    /// The first value of the header `name`.
+    pub fn get(&self, name: &HeaderName) -> Option<&[u8]> {
+        self.iter()
+            .find(|(field, _)| field.eq_ignore_ascii_case(name.as_str().as_bytes()))
+            .map(|(_, value)| value)
+    }
+
+    /// The first value of the header `name`, sharing the head's storage.
+    pub fn value(&self, name: &HeaderName) -> Option<HeaderValue> {
+        let span = self.spans.iter().find(|span| {
+            part(&self.raw, span.name).eq_ignore_ascii_case(name.as_str().as_bytes())
+        })?;
+        HeaderValue::from_maybe_shared(slice(&self.raw, span.value)).ok()
+    }
+
+    /// Gives the parser's scratch list back, for the next head.
+    pub fn into_spans(self) -> Vec<Span> {
+        self.spans
+    }
+}
+
+fn part(raw: &[u8], (start, len): (usize, usize)) -> &[u8] {
+    &raw[start..start + len]
 }
 
 /// Why an upstream's answer cannot be read.
@@ -242,63 +289,70 @@ pub fn parse_response(
         .code
         .and_then(|code| StatusCode::from_u16(code).ok())
         .ok_or(BadResponse::Invalid("status code"))?;
+    // One pass over the fields for what frames the body and whether the connection stays.
     spans.clear();
-    spans.extend(response.headers.iter().map(|header| Span {
-        name: offset(buf, header.name.as_bytes()),
-        value: offset(buf, header.value),
-    }));
-    let head = buf.split_to(head_len).freeze();
-    let mut headers = HeaderMap::with_capacity(spans.len());
-    for span in spans.iter() {
-        let name = HeaderName::from_bytes(&head[span.name.0..span.name.0 + span.name.1])
-            .map_err(|_| BadResponse::Invalid("header name"))?;
-        let value = HeaderValue::from_maybe_shared(slice(&head, span.value))
-            .map_err(|_| BadResponse::Invalid("header value"))?;
-        headers.append(name, value);
-    }
-
     let mut reusable = http11;
-    if headers.contains_key(header::CONNECTION) {
-        for item in crate::proxy::headers::list_items(&headers, &header::CONNECTION) {
-            if item.eq_ignore_ascii_case("close") {
-                reusable = false;
-            } else if item.eq_ignore_ascii_case("keep-alive") && !http11 {
-                reusable = true;
+    let mut transfer_coded = false;
+    let mut last_coding: Option<&[u8]> = None;
+    // The first Content-Length, parsed, and whether any later one differs from it.
+    let mut length: Option<(&[u8], Option<u64>)> = None;
+    let mut lengths_differ = false;
+    for field in response.headers.iter() {
+        let (name, value) = (field.name.as_bytes(), field.value);
+        if !valid_value(value) {
+            return Err(BadResponse::Invalid("header value"));
+        }
+        if name.eq_ignore_ascii_case(b"connection") {
+            for item in list_items_of(std::iter::once(value)) {
+                if item.eq_ignore_ascii_case(b"close") {
+                    reusable = false;
+                } else if item.eq_ignore_ascii_case(b"keep-alive") && !http11 {
+                    reusable = true;
+                }
+            }
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            transfer_coded = true;
+            last_coding = list_items_of(std::iter::once(value)).last().or(last_coding);
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            match length {
+                None => length = Some((value, parse_length(value))),
+                Some((first, _)) => lengths_differ |= first != value,
             }
         }
+        spans.push(Span {
+            name: offset(buf, name),
+            value: offset(buf, value),
+        });
     }
     let framing = if status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
     {
         Framing::Empty
-    } else if headers.contains_key(header::TRANSFER_ENCODING) {
-        let last = crate::proxy::headers::list_items(&headers, &header::TRANSFER_ENCODING).last();
-        if last.is_some_and(|coding| coding.eq_ignore_ascii_case("chunked")) {
+    } else if transfer_coded {
+        if last_coding.is_some_and(|coding| coding.eq_ignore_ascii_case(b"chunked")) {
             Framing::Chunked
         } else {
             Framing::UntilClose
         }
     } else {
-        let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
-        match lengths.next() {
+        // Repeated lengths must agree (RFC 9112 §6.3).
+        match length {
             None => Framing::UntilClose,
-            Some(first) => {
-                let len =
-                    parse_length(first.as_bytes()).ok_or(BadResponse::Invalid("Content-Length"))?;
-                if lengths.any(|other| other != first) {
-                    return Err(BadResponse::Invalid("Content-Length"));
-                }
-                Framing::Length(len)
-            }
+            Some((_, Some(len))) if !lengths_differ => Framing::Length(len),
+            Some(_) => return Err(BadResponse::Invalid("Content-Length")),
         }
+    };
+    let fields = Fields {
+        raw: buf.split_to(head_len).freeze(),
+        spans: std::mem::take(spans),
     };
     if framing == Framing::UntilClose {
         reusable = false;
     }
     Ok(Some(ResponseHead {
         status,
-        headers,
+        fields,
         framing,
         reusable,
     }))
@@ -343,10 +397,10 @@ pub enum ClientFraming {
 /// Writes a response head: the status line, the headers but hop-by-hop ones, `Date` when the
 /// upstream sent none, then the framing and `Connection: close` when this is the
 /// connection's last answer.
-pub fn write_response_head(
+pub fn write_response_head<'h>(
     out: &mut BytesMut,
     status: StatusCode,
-    headers: &HeaderMap,
+    fields: impl Iterator<Item = (&'h [u8], &'h [u8])> + Clone,
     framing: ClientFraming,
     close: bool,
 ) {
@@ -355,8 +409,28 @@ pub fn write_response_head(
     out.put_u8(b' ');
     out.put_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.put_slice(b"\r\n");
-    write_fields(out, headers);
-    if !headers.contains_key(header::DATE) {
+    // Hop-by-hop headers are left out (hyper's path strips them), and the framing headers,
+    // which are the writer's.
+    let downstream = Downstream::of(
+        fields
+            .clone()
+            .filter(|(name, _)| name.eq_ignore_ascii_case(b"connection"))
+            .map(|(_, value)| value),
+    );
+    let mut dated = false;
+    for (name, value) in fields {
+        dated |= name.eq_ignore_ascii_case(b"date");
+        if !name.eq_ignore_ascii_case(b"content-length") && downstream.allows(name) {
+            // Lowercase, as hyper's path writes names from its map.
+            let start = out.len();
+            out.put_slice(name);
+            out[start..].make_ascii_lowercase();
+            out.put_slice(b": ");
+            out.put_slice(value);
+            out.put_slice(b"\r\n");
+        }
+    }
+    if !dated {
         out.put_slice(b"date: ");
         date::put(out);
         out.put_slice(b"\r\n");
@@ -376,15 +450,12 @@ pub fn write_response_head(
     out.put_slice(b"\r\n");
 }
 
-/// Writes every header but hop-by-hop ones (which hyper's path strips) and the framing
-/// ones, which the writer decides.
-fn write_fields(out: &mut BytesMut, headers: &HeaderMap) {
-    let downstream = crate::proxy::headers::Downstream::of(headers);
-    for (name, value) in headers {
-        if name != header::CONTENT_LENGTH && downstream.allows(name) {
-            put_field(out, name, value);
-        }
-    }
+/// A header map's fields as [`write_response_head`] takes them (`.iter().copied()`).
+pub fn map_fields(headers: &HeaderMap) -> Vec<(&[u8], &[u8])> {
+    headers
+        .iter()
+        .map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes()))
+        .collect()
 }
 
 fn put_field(out: &mut BytesMut, name: &HeaderName, value: &HeaderValue) {
@@ -808,7 +879,7 @@ mod tests {
         write_response_head(
             &mut out,
             StatusCode::OK,
-            &headers,
+            map_fields(&headers).iter().copied(),
             ClientFraming::Length(2),
             false,
         );
@@ -827,7 +898,7 @@ mod tests {
         write_response_head(
             &mut out,
             StatusCode::BAD_GATEWAY,
-            &headers,
+            map_fields(&headers).iter().copied(),
             ClientFraming::Chunked,
             true,
         );
