@@ -1,5 +1,7 @@
-//! HTTP/1.1 on the wire for the fast lane: heads parsed in place into `http` types (values
-//! share the read buffer instead of being copied), heads written, chunked bodies decoded.
+//! HTTP/1.1 on the wire for the fast lane: request heads parsed in place into `http` types
+//! (values share the read buffer instead of being copied) for the policy code that reads
+//! them; response heads kept as they arrived ([`Fields`]) and written from there; chunked
+//! bodies decoded.
 //!
 //! The request parser is deliberately narrow. Anything it does not recognise as a plain
 //! HTTP/1.1 request with at most a `Content-Length` body is [`Parse::Refer`]red to hyper,
