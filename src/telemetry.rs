@@ -81,7 +81,7 @@ pub struct RequestLog {
     pub upstream_ttfb: Duration,
     /// The upstream's `x-request-id`, which OpenAI support asks for.
     pub upstream_request_id: Option<HeaderValue>,
-    pub key: Option<KeyId>,
+    pub key: KeyId,
     pub upload: Arc<UploadProgress>,
     pub bytes_out: u64,
     pub outcome: Outcome,
@@ -118,10 +118,10 @@ impl Drop for RequestLog {
                 .count_upstream_error(UpstreamErrorKind::Timeout),
             Outcome::Complete | Outcome::ClientAborted => {}
         }
-        let key = self.key.map(|key| key.prefix());
+        let key = self.key.prefix();
         let usage = self.usage.take().and_then(UsageTap::finish);
         if let Some(usage) = &usage {
-            self.metrics.count_tokens(usage, key.as_deref());
+            self.metrics.count_tokens(usage, Some(&key));
         }
         let model = usage.as_ref().and_then(|usage| usage.model.as_deref());
         let request_id = self
@@ -139,7 +139,7 @@ impl Drop for RequestLog {
             bytes_out = self.bytes_out,
             outcome = self.outcome.as_str(),
             upstream_request_id = request_id,
-            key_hash = key.as_deref(),
+            key_hash = &*key,
             model,
             input_tokens = usage.as_ref().map(|usage| usage.input),
             output_tokens = usage.as_ref().map(|usage| usage.output),

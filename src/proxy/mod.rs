@@ -36,7 +36,8 @@ pub struct Admitted<'a> {
     pub route: &'a RouteSpec,
     pub route_name: &'a Arc<str>,
     pub metrics: &'a Arc<RouteMetrics>,
-    pub key: Option<KeyId>,
+    /// Every admitted request presents a key.
+    pub key: KeyId,
     pub start: Instant,
     pub admission: Admission,
 }
@@ -888,7 +889,7 @@ impl TemplateEndpoint {
         &self,
         headers: &HeaderMap,
         peer: Option<std::net::SocketAddr>,
-    ) -> Result<(Admission, Option<KeyId>), GatewayError> {
+    ) -> Result<(Admission, KeyId), GatewayError> {
         // The first key presented; none at all is refused before anything else.
         let Some(key) = access::presented_key(headers) else {
             return Err(GatewayError::MissingCredential);
@@ -896,10 +897,10 @@ impl TemplateEndpoint {
         let forwarder = &self.forwarder;
         forwarder.access.check_key(headers)?;
         let ip = peer.map(|peer| forwarder.access.client_ip(peer.ip(), headers));
-        let key = Some(KeyId::of(key));
+        let key = KeyId::of(key);
         let admission = forwarder
             .limiter
-            .admit(ip, key.as_ref().map(|key| &key.hash))
+            .admit(ip, Some(&key.hash))
             .inspect_err(|err| {
                 if let GatewayError::RateLimited { setting, .. }
                 | GatewayError::TooBusy { setting, .. } = err

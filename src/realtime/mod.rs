@@ -166,7 +166,7 @@ impl Relay {
 
         let route = Arc::clone(admitted.route_name);
         let metrics = Arc::clone(admitted.metrics);
-        let key = admitted.key.map(|key| key.prefix());
+        let key = admitted.key.prefix();
         let admission = admitted.admission;
         let idle_timeout = self.idle_timeout;
         let ws_config = self.ws_config;
@@ -204,7 +204,7 @@ impl Relay {
                 bytes_in = summary.bytes_from_client,
                 bytes_out = summary.bytes_from_upstream,
                 outcome = summary.ending.as_str(),
-                key_hash = key.as_deref(),
+                key_hash = &*key,
                 "request"
             );
         });

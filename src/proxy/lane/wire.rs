@@ -235,17 +235,18 @@ impl Fields {
 
     /// The first value of the header `name`.
     pub fn get(&self, name: &HeaderName) -> Option<&[u8]> {
-        self.iter()
-            .find(|(field, _)| field.eq_ignore_ascii_case(name.as_str().as_bytes()))
-            .map(|(_, value)| value)
+        Some(part(&self.raw, self.find(name)?.value))
     }
 
     /// The first value of the header `name`, sharing the head's storage.
     pub fn value(&self, name: &HeaderName) -> Option<HeaderValue> {
-        let span = self.spans.iter().find(|span| {
-            part(&self.raw, span.name).eq_ignore_ascii_case(name.as_str().as_bytes())
-        })?;
-        HeaderValue::from_maybe_shared(slice(&self.raw, span.value)).ok()
+        HeaderValue::from_maybe_shared(slice(&self.raw, self.find(name)?.value)).ok()
+    }
+
+    fn find(&self, name: &HeaderName) -> Option<&Span> {
+        self.spans
+            .iter()
+            .find(|span| part(&self.raw, span.name).eq_ignore_ascii_case(name.as_str().as_bytes()))
     }
 
     /// Gives the parser's scratch list back, for the next head.
