@@ -8,6 +8,7 @@
 //!   benchkit blob-upstream ADDR                 -> POST: reads the whole body; GET: streams
 //!                                                  ?bytes=N bytes
 //!   benchkit hyper-proxy ADDR UPSTREAM_URL      -> a bare reverse proxy on hyper alone
+//!   benchkit tcp-relay ADDR UPSTREAM_ADDR       -> a bare byte relay: the floor of one more hop
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::convert::Infallible;
@@ -335,6 +336,34 @@ async fn hyper_forward(
     }
 }
 
+/// The floor of one more hop: a byte relay with a blocked thread each way, no parsing, no
+/// event loop. What it adds to an SSE event's lag is what the machine charges for waking one
+/// more sleeping thread and one more loopback write; no proxy can add less.
+fn tcp_relay(addr: String, upstream: String) {
+    let listener = std::net::TcpListener::bind(&addr).unwrap();
+    println!("listening {}", listener.local_addr().unwrap());
+    for client in listener.incoming() {
+        let client = client.unwrap();
+        let server = std::net::TcpStream::connect(&upstream).unwrap();
+        client.set_nodelay(true).unwrap();
+        server.set_nodelay(true).unwrap();
+        let (client_back, server_back) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+        std::thread::spawn(move || pump(client, server));
+        std::thread::spawn(move || pump(server_back, client_back));
+    }
+}
+
+fn pump(mut from: std::net::TcpStream, mut to: std::net::TcpStream) {
+    use std::io::{Read, Write};
+    let mut buf = vec![0u8; 64 * 1024];
+    while let Ok(n @ 1..) = from.read(&mut buf) {
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Write);
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -359,6 +388,12 @@ async fn main() {
         Some("hyper-proxy") => {
             let (addr, upstream) = (arg(1), arg(2));
             tokio::task::spawn_blocking(move || hyper_proxy(addr, upstream))
+                .await
+                .unwrap()
+        }
+        Some("tcp-relay") => {
+            let (addr, upstream) = (arg(1), arg(2));
+            tokio::task::spawn_blocking(move || tcp_relay(addr, upstream))
                 .await
                 .unwrap()
         }
