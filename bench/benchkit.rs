@@ -338,7 +338,8 @@ async fn hyper_forward(
 
 /// The floor of one more hop: a byte relay with a blocked thread each way, no parsing, no
 /// event loop. What it adds to an SSE event's lag is what the machine charges for waking one
-/// more sleeping thread and one more loopback write; no proxy can add less.
+/// more sleeping thread and one more loopback write: about the least a proxy in user space
+/// that sleeps when idle can add.
 fn tcp_relay(addr: String, upstream: String) {
     let listener = std::net::TcpListener::bind(&addr).unwrap();
     println!("listening {}", listener.local_addr().unwrap());
