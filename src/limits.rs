@@ -89,13 +89,8 @@ impl Limiter {
         }
     }
 
-    /// Admits a request from `ip` presenting the key hashed as `key_hash` (if any), or says
-    /// why not.
-    pub fn admit(
-        &self,
-        ip: Option<IpAddr>,
-        key_hash: Option<&KeyHash>,
-    ) -> Result<Admission, GatewayError> {
+    /// Admits a request from `ip` presenting the key hashed as `key_hash`, or says why not.
+    pub fn admit(&self, ip: Option<IpAddr>, key_hash: &KeyHash) -> Result<Admission, GatewayError> {
         let count = self
             .admitted
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -111,8 +106,8 @@ impl Limiter {
                 )
             })?;
         }
-        if let (Some(limiter), Some(hash)) = (&self.per_key_rate, key_hash) {
-            limiter.check_key(hash).map_err(|not_until| {
+        if let Some(limiter) = &self.per_key_rate {
+            limiter.check_key(key_hash).map_err(|not_until| {
                 rate_limited(
                     "limits.requests_per_minute_per_key",
                     self.config.requests_per_minute_per_key,
@@ -132,13 +127,13 @@ impl Limiter {
             })?),
             None => None,
         };
-        let per_key = match (self.config.max_concurrent_per_key, key_hash) {
-            (Some(cap), Some(&hash)) => {
+        let per_key = match self.config.max_concurrent_per_key {
+            Some(cap) => {
                 let mut counts = self
                     .per_key_counts
                     .lock()
                     .map_err(|_| GatewayError::Internal("admission state poisoned".into()))?;
-                let count = counts.entry(hash).or_insert(0);
+                let count = counts.entry(*key_hash).or_insert(0);
                 if *count >= cap.get() {
                     return Err(GatewayError::TooBusy {
                         setting: "limits.max_concurrent_per_key",
@@ -147,11 +142,11 @@ impl Limiter {
                 }
                 *count += 1;
                 Some(KeySlot {
-                    key: hash,
+                    key: *key_hash,
                     counts: Arc::clone(&self.per_key_counts),
                 })
             }
-            _ => None,
+            None => None,
         };
         Ok(Admission {
             _global: global,
@@ -198,16 +193,16 @@ mod tests {
             burst: n(2),
             ..AdmissionConfig::default()
         });
-        assert!(limiter.admit(None, Some(&key("k1"))).is_ok());
-        assert!(limiter.admit(None, Some(&key("k1"))).is_ok());
-        match limiter.admit(None, Some(&key("k1"))) {
+        assert!(limiter.admit(None, &key("k1")).is_ok());
+        assert!(limiter.admit(None, &key("k1")).is_ok());
+        match limiter.admit(None, &key("k1")) {
             Err(GatewayError::RateLimited { retry_after, .. }) => {
                 assert!(retry_after <= Duration::from_secs(1), "{retry_after:?}")
             }
             other => panic!("expected a rate limit, got {other:?}"),
         }
         // Another key has its own bucket.
-        assert!(limiter.admit(None, Some(&key("k2"))).is_ok());
+        assert!(limiter.admit(None, &key("k2")).is_ok());
     }
 
     #[test]
@@ -217,17 +212,17 @@ mod tests {
             max_concurrent_requests: n(2),
             ..AdmissionConfig::default()
         });
-        let first = limiter.admit(None, Some(&key("k1"))).unwrap();
+        let first = limiter.admit(None, &key("k1")).unwrap();
         assert!(matches!(
-            limiter.admit(None, Some(&key("k1"))),
+            limiter.admit(None, &key("k1")),
             Err(GatewayError::TooBusy {
                 setting: "limits.max_concurrent_per_key",
                 ..
             })
         ));
-        let second = limiter.admit(None, Some(&key("k2"))).unwrap();
+        let second = limiter.admit(None, &key("k2")).unwrap();
         assert!(matches!(
-            limiter.admit(None, Some(&key("k3"))),
+            limiter.admit(None, &key("k3")),
             Err(GatewayError::TooBusy {
                 setting: "limits.max_concurrent_requests",
                 ..
@@ -235,7 +230,7 @@ mod tests {
         ));
         drop(first);
         drop(second);
-        assert!(limiter.admit(None, Some(&key("k1"))).is_ok());
+        assert!(limiter.admit(None, &key("k1")).is_ok());
         assert!(limiter.per_key_counts.lock().unwrap().is_empty());
     }
 }

@@ -475,9 +475,9 @@ impl RouteMetrics {
     }
 
     /// Adds the token counts of one answer.
-    pub fn count_tokens(&self, usage: &Usage, key_prefix: Option<&str>) {
+    pub fn count_tokens(&self, usage: &Usage, key_prefix: &str) {
         let by_key = self.all.tokens_by_key.load(Ordering::Relaxed);
-        let key: Option<Arc<str>> = key_prefix.filter(|_| by_key).map(Arc::from);
+        let key: Option<Arc<str>> = by_key.then(|| Arc::from(key_prefix));
         // A route mostly sees one model, so its label and counters are kept rather than
         // looked up (in the map all workers share) per answer. A series is created on its
         // first non-zero count.
@@ -574,7 +574,7 @@ mod tests {
             (None, 1000),
             (Some("b"), 20),
         ] {
-            route.count_tokens(&answer(model, input), None);
+            route.count_tokens(&answer(model, input), "0a1b2c3d");
         }
         let text = metrics.encode().unwrap();
         for (model, total) in [("a", 7), ("b", 30), ("other", 1100)] {

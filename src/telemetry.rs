@@ -121,7 +121,7 @@ impl Drop for RequestLog {
         let key = self.key.prefix();
         let usage = self.usage.take().and_then(UsageTap::finish);
         if let Some(usage) = &usage {
-            self.metrics.count_tokens(usage, Some(&key));
+            self.metrics.count_tokens(usage, &key);
         }
         let model = usage.as_ref().and_then(|usage| usage.model.as_deref());
         let request_id = self

@@ -391,15 +391,10 @@ async fn the_key_never_reaches_the_logs_even_at_trace() {
             logs.contains("oa_bypass::request"),
             "no request logs at all:\n{logs}"
         );
-        // hyper's client and server trace every exchange; the lane only a few events each.
+        // Trace lines themselves, not just many lines: debug alone would make those.
         let traced = logs.lines().filter(|line| line.contains(" TRACE ")).count();
-        let enough = if fast_lane == "true" {
-            traced >= 6
-        } else {
-            logs.lines().count() > 20
-        };
         assert!(
-            enough,
+            traced >= 6,
             "trace logging was not on (fast_lane = {fast_lane}):\n{logs}"
         );
         assert!(!logs.contains(KEY), "the key reached the logs");

@@ -47,6 +47,18 @@ pub fn list_items_of<'a>(values: impl Iterator<Item = &'a [u8]>) -> impl Iterato
         .filter(|item| !item.is_empty())
 }
 
+/// A `Content-Length` value: digits only (RFC 9110 §8.6), no sign, no list.
+pub fn content_length(value: &[u8]) -> Option<u64> {
+    if value.is_empty() || value.len() > 19 {
+        return None;
+    }
+    // 19 digits always fit in a u64.
+    value.iter().try_fold(0u64, |len, &byte| {
+        byte.is_ascii_digit()
+            .then(|| len * 10 + u64::from(byte - b'0'))
+    })
+}
+
 /// A value as text, by [`HeaderValue::to_str`]'s rule (visible ASCII, space and tab), for
 /// values the fast lane reads as bytes.
 pub fn text(value: &[u8]) -> Option<&str> {

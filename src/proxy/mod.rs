@@ -279,8 +279,7 @@ impl Forwarder {
         let limit = self.body_limit(route, headers);
         let declared_length = headers
             .get(header::CONTENT_LENGTH)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.parse::<u64>().ok());
+            .and_then(|value| headers::content_length(value.as_bytes()));
         if let Some(declared) = declared_length.filter(|len| *len > limit.value) {
             return Err(GatewayError::BodyTooLarge {
                 limit: limit.value,
@@ -504,8 +503,7 @@ impl<S: ClientStream> Exchange<'_, S> {
         );
         let expected_len = response_headers
             .get(header::CONTENT_LENGTH)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.parse::<u64>().ok());
+            .and_then(|value| headers::content_length(value.as_bytes()));
         let body = DownloadBody::new(upstream_body, read_timeout.value, expected_len, log);
         let mut response = Response::builder()
             .status(status)
@@ -898,16 +896,13 @@ impl TemplateEndpoint {
         forwarder.access.check_key(headers)?;
         let ip = peer.map(|peer| forwarder.access.client_ip(peer.ip(), headers));
         let key = KeyId::of(key);
-        let admission = forwarder
-            .limiter
-            .admit(ip, Some(&key.hash))
-            .inspect_err(|err| {
-                if let GatewayError::RateLimited { setting, .. }
-                | GatewayError::TooBusy { setting, .. } = err
-                {
-                    self.metrics.count_rate_limited(setting);
-                }
-            })?;
+        let admission = forwarder.limiter.admit(ip, &key.hash).inspect_err(|err| {
+            if let GatewayError::RateLimited { setting, .. }
+            | GatewayError::TooBusy { setting, .. } = err
+            {
+                self.metrics.count_rate_limited(setting);
+            }
+        })?;
         Ok((admission, key))
     }
 

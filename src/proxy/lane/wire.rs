@@ -15,7 +15,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
 
-use crate::proxy::headers::{list_items_of, Downstream};
+use crate::proxy::headers::{content_length, list_items_of, Downstream};
 
 /// Headers in one head, as hyper allows.
 pub const MAX_HEADERS: usize = 100;
@@ -105,7 +105,7 @@ pub fn parse_request(buf: &mut BytesMut, spans: &mut Vec<Span>) -> Parse<Request
             return Parse::Refer;
         }
         if name.eq_ignore_ascii_case(b"content-length") {
-            match (body_len, parse_length(value)) {
+            match (body_len, content_length(value)) {
                 (None, Some(len)) => body_len = Some(len),
                 _ => return Parse::Refer,
             }
@@ -167,18 +167,6 @@ pub fn rejoin(head: &[u8], rest: &[u8]) -> BytesMut {
 
 fn slice(head: &Bytes, (start, len): (usize, usize)) -> Bytes {
     head.slice(start..start + len)
-}
-
-/// A `Content-Length` value: digits only (RFC 9110 §8.6), no sign, no list.
-fn parse_length(value: &[u8]) -> Option<u64> {
-    if value.is_empty() || value.len() > 19 {
-        return None;
-    }
-    // 19 digits always fit in a u64.
-    value.iter().try_fold(0u64, |len, &byte| {
-        byte.is_ascii_digit()
-            .then(|| len * 10 + u64::from(byte - b'0'))
-    })
 }
 
 /// A request's `Connection` value the lane understands: `Some(true)` for `close`,
@@ -318,7 +306,7 @@ pub fn parse_response(
             last_coding = list_items_of(std::iter::once(value)).last().or(last_coding);
         } else if name.eq_ignore_ascii_case(b"content-length") {
             match length {
-                None => length = Some((value, parse_length(value))),
+                None => length = Some((value, content_length(value))),
                 Some((first, _)) => lengths_differ |= first != value,
             }
         }
