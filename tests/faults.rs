@@ -224,8 +224,13 @@ async fn many_requests_and_streams_leave_no_leak() {
             ("OA_BYPASS_SERVER__WORKERS", "1"),
             // 1,000 streams open 1,000 upstream connections at once, faster than this
             // process's upstream accepts them: the kernel drops SYNs past its accept queue and
-            // the retry comes 1 s, then 3 s later. This test is about leaks, not that race.
+            // the retry comes 1 s, then 3 s later. Past a full queue it also drops the
+            // handshake's last ACK, so a connection the gateway sees as open may carry its
+            // request only after the server's SYN-ACK is resent, 1 s and 3 s later: then the
+            // wait for the answer's head runs into the test manifest's 2 s read timeout (1
+            // run in 10 here). This test is about leaks, not that race.
             ("OA_BYPASS_UPSTREAM__CONNECT_TIMEOUT", "10s"),
+            ("OA_BYPASS_UPSTREAM__READ_TIMEOUT", "10s"),
         ],
     );
     let pid = gateway.pid();
