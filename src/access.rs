@@ -9,49 +9,16 @@ use std::net::IpAddr;
 
 use futures_util::future::Either;
 use http::header::{self, HeaderMap, HeaderName};
-use ipnet::IpNet;
 use poem::{Endpoint, IntoResponse, Request, Response};
 use sha2::{Digest, Sha256};
 
+use crate::config::AccessConfig;
 use crate::error::GatewayError;
-use crate::proxy::headers;
+use crate::headers;
 
 /// Subprotocol prefix browsers use to carry the API key on WebSockets.
 pub const KEY_SUBPROTOCOL: &str = "openai-insecure-api-key.";
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-
-/// The `[access]` settings, validated.
-#[derive(Debug, Clone, Default)]
-pub struct AccessConfig {
-    /// SHA-256 digests of the keys that may be forwarded; empty: any key.
-    pub allowed_key_hashes: Vec<[u8; 32]>,
-    /// Client networks that may use the API; empty: any.
-    pub allowed_ips: Vec<IpNet>,
-    /// Peers whose `X-Forwarded-For` is believed.
-    pub trusted_proxies: Vec<IpNet>,
-    /// When set, the API lives under `/<secret>` only.
-    pub path_secret: Option<String>,
-}
-
-/// `sha256:<hex>` of a key, as `oa-bypass hash-key` prints it and routes.toml lists it.
-pub fn hash_line(key: &str) -> String {
-    let digest = Sha256::digest(key.as_bytes());
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    format!("sha256:{hex}")
-}
-
-/// Parses `sha256:<64 hex digits>`.
-pub fn parse_hash_line(text: &str) -> Option<[u8; 32]> {
-    let hex = text.strip_prefix("sha256:")?;
-    if hex.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(hex.get(i * 2..i * 2 + 2)?, 16).ok()?;
-    }
-    Some(out)
-}
 
 /// The keys a request presents: the bearer token, `api-key`, and a WebSocket key subprotocol.
 /// An iterator, not a `Vec`: every forwarded request asks, and most present one key.
@@ -181,13 +148,13 @@ impl AccessConfig {
 
 /// The answer to a client outside `allowed_ips`, counted and logged.
 pub fn rejected_address(
-    metrics: &crate::metrics::Metrics,
+    metrics: &crate::observe::metrics::Metrics,
     method: &http::Method,
     err: &GatewayError,
 ) -> Response {
     let status = err.status().as_u16();
     metrics.count_request(&std::sync::Arc::from("(access)"), method, status);
-    crate::telemetry::log_rejected(
+    crate::observe::log::rejected(
         method,
         "(access)",
         status,
@@ -201,14 +168,14 @@ pub fn rejected_address(
 pub struct IpFilter<E> {
     inner: E,
     access: std::sync::Arc<AccessConfig>,
-    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    metrics: std::sync::Arc<crate::observe::metrics::Metrics>,
 }
 
 impl<E> IpFilter<E> {
     pub fn new(
         inner: E,
         access: &std::sync::Arc<AccessConfig>,
-        metrics: &std::sync::Arc<crate::metrics::Metrics>,
+        metrics: &std::sync::Arc<crate::observe::metrics::Metrics>,
     ) -> Self {
         IpFilter {
             inner,
@@ -240,7 +207,8 @@ impl<E: Endpoint> Endpoint for IpFilter<E> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::headers::test_map as map;
+    use crate::config::{hash_line, parse_hash_line};
+    use crate::headers::test_map as map;
 
     #[test]
     fn key_id_prefix_is_the_first_eight_hex_digits_of_the_hash() {
@@ -249,15 +217,6 @@ mod tests {
             &*KeyId::of("sk-test").prefix(),
             &line["sha256:".len()..][..8]
         );
-    }
-
-    #[test]
-    fn hash_lines_round_trip() {
-        let line = hash_line("sk-test");
-        assert!(line.starts_with("sha256:") && line.len() == 71, "{line}");
-        assert!(parse_hash_line(&line).is_some());
-        assert!(parse_hash_line("sha256:zz").is_none());
-        assert!(parse_hash_line("md5:00").is_none());
     }
 
     #[test]

@@ -8,16 +8,15 @@ pub mod access;
 pub mod config;
 pub mod cors;
 pub mod error;
+pub mod headers;
 pub mod limits;
-pub mod metrics;
+pub mod observe;
 pub mod openapi;
 pub mod proxy;
 pub mod realtime;
 pub mod routes;
 pub mod server;
-pub mod telemetry;
 pub mod tls;
-pub mod usage;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,10 +29,11 @@ use poem::endpoint::BoxEndpoint;
 use poem::error::NotFoundError;
 use poem::{Endpoint, EndpointExt, IntoResponse, Request, Response, Route};
 
+use config::AdmissionConfig;
 pub use config::{Config, ConfigError};
 use error::GatewayError;
-use limits::{AdmissionConfig, Limiter};
-use metrics::Metrics;
+use limits::Limiter;
+use observe::metrics::{self, Metrics};
 use proxy::lane::Lane;
 use proxy::{Forwarder, SharedTemplate, TemplateEndpoint};
 
@@ -353,7 +353,7 @@ impl<E: Endpoint> Endpoint for JsonNotFound<E> {
                 Ok(output) => Ok(output.into_response()),
                 Err(err) if err.is::<NotFoundError>() => {
                     self.metrics.count_request(&self.route_name, &method, 404);
-                    telemetry::log_rejected(
+                    crate::observe::log::rejected(
                         &method,
                         "(no route)",
                         404,

@@ -14,18 +14,8 @@ use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::config::AdmissionConfig;
 use crate::error::GatewayError;
-
-/// The `[limits]` admission settings, validated (`None`: off).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct AdmissionConfig {
-    pub requests_per_minute_per_key: Option<NonZeroU32>,
-    pub requests_per_minute_per_ip: Option<NonZeroU32>,
-    /// Requests allowed at once above the steady rate; defaults to the per-minute rate.
-    pub burst: Option<NonZeroU32>,
-    pub max_concurrent_requests: Option<NonZeroU32>,
-    pub max_concurrent_per_key: Option<NonZeroU32>,
-}
 
 /// The SHA-256 of a key.
 pub type KeyHash = [u8; 32];

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use oa_bypass::tls::Tls;
-use oa_bypass::{app, app_for_workers, config::Config, server, telemetry, App};
+use oa_bypass::{app, app_for_workers, config::Config, observe, server, App};
 
 const USAGE: &str = "\
 oa-bypass: a self-hosted passthrough gateway for the OpenAI API
@@ -125,7 +125,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Healthcheck => runtime().and_then(|rt| rt.block_on(healthcheck(&config))),
         _ => {
-            telemetry::init(&config.log);
+            observe::log::init(&config.log);
             serve(config, cli.config)
         }
     };
@@ -302,7 +302,7 @@ fn hash_key() -> ExitCode {
         );
         return ExitCode::FAILURE;
     }
-    println!("{}", oa_bypass::access::hash_line(key));
+    println!("{}", oa_bypass::config::hash_line(key));
     ExitCode::SUCCESS
 }
 

@@ -25,7 +25,7 @@ async fn get_models(gateway: &Gateway, headers: &[(&str, String)]) -> reqwest::R
 #[tokio::test]
 async fn only_listed_key_hashes_are_forwarded() {
     let upstream = Upstream::echo().await;
-    let allowed = oa_bypass::access::hash_line(KEY);
+    let allowed = oa_bypass::config::hash_line(KEY);
     let gateway = Gateway::start(&manifest(
         &upstream,
         &format!("allowed_key_hashes = [\"{allowed}\"]"),

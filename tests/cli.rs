@@ -149,7 +149,7 @@ fn check_prints_settings_and_routes_and_masks_secrets() {
              [upstream]\nproxy = \"http://user:hunter2@127.0.0.1:3128\"\n{ROUTE}\
              [[routes]]\nmethod = \"POST\"\npath = \"/v1/chat/completions\"\nbody = \"json\"\n\
              streaming = true\nread_timeout = \"30s\"\n",
-            oa_bypass::access::hash_line(KEY)
+            oa_bypass::config::hash_line(KEY)
         ),
         &[("OA_BYPASS_SERVER__PORT", "9000")],
     );
@@ -162,7 +162,7 @@ fn check_prints_settings_and_routes_and_masks_secrets() {
     assert!(!stdout.contains("hunter2"));
     assert_eq!(shown(&stdout, "access.path_secret"), "(set)");
     assert_eq!(shown(&stdout, "access.allowed_key_hashes"), "1 listed");
-    assert!(!stdout.contains(&oa_bypass::access::hash_line(KEY)));
+    assert!(!stdout.contains(&oa_bypass::config::hash_line(KEY)));
     assert_eq!(shown(&stdout, "realtime.max_message"), "16MiB");
     assert_eq!(shown(&stdout, "openapi.enabled"), "true");
     assert!(stdout.contains("routes (2):"));
@@ -402,7 +402,7 @@ async fn the_key_never_reaches_the_logs_even_at_trace() {
     }
 
     // Access-control refusals, at trace too.
-    let other = oa_bypass::access::hash_line("sk-someone-else");
+    let other = oa_bypass::config::hash_line("sk-someone-else");
     let guarded = Binary::spawn(
         &format!(
             "[access]\nallowed_key_hashes = [\"{other}\"]\n{}",

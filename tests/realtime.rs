@@ -635,7 +635,7 @@ async fn a_silent_upstream_handshake_is_504_within_connect_timeout() {
 #[tokio::test]
 async fn allowed_key_hashes_apply_to_websocket_keys_too() {
     let upstream = WsUpstream::start(choose_realtime, echo).await;
-    let allowed = oa_bypass::access::hash_line(KEY);
+    let allowed = oa_bypass::config::hash_line(KEY);
     let gateway = Gateway::start(&format!(
         "[access]\nallowed_key_hashes = [\"{allowed}\"]\n{}",
         manifest(&upstream.base_url(), "")

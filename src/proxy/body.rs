@@ -13,7 +13,7 @@ use bytes::Bytes;
 use futures_util::Stream;
 use tokio::time::{Instant, Sleep};
 
-use crate::telemetry::{Outcome, RequestLog};
+use crate::proxy::log::{Outcome, RequestLog};
 
 /// A silence timer that costs nothing while data keeps coming: it is armed the first time
 /// the stream has to wait, and re-armed from that moment after each chunk. A body that

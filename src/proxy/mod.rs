@@ -6,8 +6,8 @@
 
 pub mod body;
 mod connect;
-pub mod headers;
 pub mod lane;
+pub mod log;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -18,16 +18,18 @@ use http::{header, HeaderMap, Method};
 use poem::{Body, Endpoint, Request, Response};
 use tokio::time::Instant;
 
-use crate::access::{self, AccessConfig, KeyId};
+use crate::access::{self, KeyId};
+use crate::config::AccessConfig;
 use crate::config::{Config, ConfigError, LimitsConfig};
 use crate::error::GatewayError;
+use crate::headers;
 use crate::limits::{Admission, Limiter};
-use crate::metrics::{Metrics, RouteMetrics, UpstreamErrorKind};
+use crate::observe::metrics::{Metrics, RouteMetrics, UpstreamErrorKind};
+use crate::observe::usage::UsageTap;
 use crate::realtime::Relay;
 use crate::routes::{check_path_param, BodyKind, PathTemplate, RouteSpec};
-use crate::telemetry::{self, Outcome, RequestLog};
-use crate::usage::UsageTap;
 use body::{DownloadBody, UploadBody, UploadProgress, UpstreamChunks};
+use log::{Outcome, RequestLog};
 
 const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
@@ -555,7 +557,7 @@ fn open_log(
     answer: AnswerHead<'_>,
     upstream_ttfb: Duration,
     upload: Arc<UploadProgress>,
-    in_flight: crate::metrics::GaugeGuard,
+    in_flight: crate::observe::metrics::GaugeGuard,
 ) -> RequestLog {
     let content_type = answer.content_type;
     let is_event_stream =
@@ -930,7 +932,7 @@ impl TemplateEndpoint {
         let response = err.to_response();
         let status = response.status().as_u16();
         self.metrics.count_request(&self.template, method, status);
-        telemetry::log_rejected(method, &self.template, status, start, &err.to_string());
+        crate::observe::log::rejected(method, &self.template, status, start, &err.to_string());
         response
     }
 }

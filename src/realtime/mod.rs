@@ -26,7 +26,7 @@ use url::Url;
 
 use crate::config::{Config, ConfigError};
 use crate::error::GatewayError;
-use crate::proxy::headers;
+use crate::headers;
 use tunnel::Route as TunnelRoute;
 
 /// Handshake headers that belong to one hop of a WebSocket connection (RFC 6455 §4).
@@ -192,21 +192,16 @@ impl Relay {
                 summary.bytes_from_client,
                 summary.bytes_from_upstream,
             );
-            let duration_ms = (elapsed.as_secs_f64() * 1_000_000.0).round() / 1000.0;
-            tracing::info!(
-                target: "oa_bypass::request",
-                method = "GET",
-                route = %route,
-                status = 101,
-                duration_ms,
-                messages_in = summary.from_client,
-                messages_out = summary.from_upstream,
-                bytes_in = summary.bytes_from_client,
-                bytes_out = summary.bytes_from_upstream,
-                outcome = summary.ending.as_str(),
-                key_hash = &*key,
-                "request"
-            );
+            crate::observe::log::session(&crate::observe::log::SessionLine {
+                route: &route,
+                elapsed,
+                messages_in: summary.from_client,
+                messages_out: summary.from_upstream,
+                bytes_in: summary.bytes_from_client,
+                bytes_out: summary.bytes_from_upstream,
+                outcome: summary.ending.as_str(),
+                key_hash: &key,
+            });
         });
         Ok(response)
     }
@@ -369,7 +364,7 @@ pub fn client_tls_config() -> Result<rustls::ClientConfig, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::headers::test_map as map;
+    use crate::headers::test_map as map;
 
     #[test]
     fn upgrade_request_needs_upgrade_connection_version_and_key() {

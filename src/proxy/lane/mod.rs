@@ -32,8 +32,8 @@ use tokio::time::{Instant, Sleep};
 
 use super::{Forwarder, MethodRoute, TemplateEndpoint};
 use crate::error::GatewayError;
-use crate::metrics::Metrics;
-use crate::telemetry::{Outcome, RequestLog};
+use crate::observe::metrics::Metrics;
+use crate::proxy::log::{Outcome, RequestLog};
 use wire::{ClientFraming, Framing, Parse, Step};
 
 /// Largest request body the lane takes. It reads the body whole before sending, so one

@@ -15,7 +15,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
 
-use crate::proxy::headers::{content_length, list_items_of, Downstream};
+use crate::headers::{content_length, list_items_of, Downstream};
 
 /// Headers in one head, as hyper allows.
 pub const MAX_HEADERS: usize = 100;
@@ -350,7 +350,7 @@ pub fn parse_response(
 }
 
 /// Writes a request head: `target` is the path and query as the upstream should see them;
-/// of `headers`, what [`crate::proxy::headers::goes_upstream`] lets through.
+/// of `headers`, what [`crate::headers::goes_upstream`] lets through.
 pub fn write_request_head(
     out: &mut BytesMut,
     method: &Method,
@@ -369,7 +369,7 @@ pub fn write_request_head(
     // What hyper's path removes is left out here; the client's own Content-Length goes too
     // (the parser took at most one, all digits).
     for (name, value) in headers {
-        if crate::proxy::headers::goes_upstream(name) {
+        if crate::headers::goes_upstream(name) {
             put_field(out, name, value);
         }
     }

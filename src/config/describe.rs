@@ -1,0 +1,208 @@
+//! `--check`: the effective settings and the route table, as text, with secrets masked.
+
+use std::num::NonZeroU32;
+
+use url::Url;
+
+use super::units::{format_duration, format_size};
+use super::{Config, LogFormat};
+
+impl Config {
+    /// The effective settings and route table, with secrets masked, for `--check`.
+    pub fn describe(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let _ = writeln!(out, "manifest: {}", self.source);
+        let _ = writeln!(out, "\nsettings:");
+        let settings = [
+            ("server.host", self.server.host.to_string()),
+            ("server.port", self.server.port.to_string()),
+            (
+                "server.shutdown_grace",
+                format_duration(self.server.shutdown_grace),
+            ),
+            (
+                "server.header_read_timeout",
+                format_duration(self.server.header_read_timeout),
+            ),
+            (
+                "server.body_read_timeout",
+                format_duration(self.server.body_read_timeout),
+            ),
+            (
+                "server.max_header_bytes",
+                format_size(self.server.max_header_bytes),
+            ),
+            (
+                "server.max_connections",
+                show_limit(self.server.max_connections),
+            ),
+            (
+                "server.workers",
+                self.server.workers.map_or_else(
+                    || format!("auto ({})", self.server.worker_count()),
+                    |n| n.to_string(),
+                ),
+            ),
+            ("server.fast_lane", self.server.fast_lane.to_string()),
+            (
+                "server.tls",
+                self.server.tls.as_ref().map_or("(off)".to_owned(), |tls| {
+                    format!("cert={} key={}", tls.cert.display(), tls.key.display())
+                }),
+            ),
+            (
+                "server.acme",
+                self.server
+                    .acme
+                    .as_ref()
+                    .map_or("(off)".to_owned(), |acme| {
+                        format!(
+                            "domains={:?} cache_dir={} directory={}",
+                            acme.domains,
+                            acme.cache_dir.display(),
+                            acme.directory
+                        )
+                    }),
+            ),
+            ("upstream.base_url", mask_url(&self.upstream.base_url)),
+            (
+                "upstream.connect_timeout",
+                format_duration(self.upstream.connect_timeout),
+            ),
+            (
+                "upstream.read_timeout",
+                format_duration(self.upstream.read_timeout),
+            ),
+            (
+                "upstream.proxy",
+                self.upstream.proxy.as_ref().map_or(
+                    "(none: HTTPS_PROXY/ALL_PROXY/NO_PROXY apply)".into(),
+                    mask_url,
+                ),
+            ),
+            (
+                "upstream.ready_check",
+                self.upstream.ready_check.to_string(),
+            ),
+            (
+                "limits.max_json_body",
+                format_size(self.limits.max_json_body),
+            ),
+            (
+                "limits.max_upload_body",
+                format_size(self.limits.max_upload_body),
+            ),
+            (
+                "limits.requests_per_minute_per_key",
+                show_limit(self.limits.admission.requests_per_minute_per_key),
+            ),
+            (
+                "limits.requests_per_minute_per_ip",
+                show_limit(self.limits.admission.requests_per_minute_per_ip),
+            ),
+            ("limits.burst", show_limit(self.limits.admission.burst)),
+            (
+                "limits.max_concurrent_requests",
+                show_limit(self.limits.admission.max_concurrent_requests),
+            ),
+            (
+                "limits.max_concurrent_per_key",
+                show_limit(self.limits.admission.max_concurrent_per_key),
+            ),
+            (
+                "cors.allow_origins",
+                format!("{:?}", self.cors.allow_origins),
+            ),
+            (
+                "realtime.max_message",
+                format_size(self.realtime.max_message),
+            ),
+            (
+                "realtime.idle_timeout",
+                format_duration(self.realtime.idle_timeout),
+            ),
+            (
+                "access.allowed_key_hashes",
+                format!("{} listed", self.access.allowed_key_hashes.len()),
+            ),
+            (
+                "access.allowed_ips",
+                format!("{:?}", self.access.allowed_ips),
+            ),
+            (
+                "access.trusted_proxies",
+                format!("{:?}", self.access.trusted_proxies),
+            ),
+            (
+                "access.path_secret",
+                if self.access.path_secret.is_some() {
+                    "(set)"
+                } else {
+                    "(none)"
+                }
+                .to_owned(),
+            ),
+            ("openapi.enabled", self.openapi.enabled.to_string()),
+            ("openapi.title", format!("{:?}", self.openapi.title)),
+            ("openapi.version", format!("{:?}", self.openapi.version)),
+            (
+                "log.format",
+                match self.log.format {
+                    LogFormat::Text => "text",
+                    LogFormat::Json => "json",
+                }
+                .to_owned(),
+            ),
+            ("log.level", format!("{:?}", self.log.level)),
+            ("metrics.enabled", self.metrics.enabled.to_string()),
+            (
+                "metrics.tokens_by_key",
+                self.metrics.tokens_by_key.to_string(),
+            ),
+            ("metrics.max_models", self.metrics.max_models.to_string()),
+        ];
+        for (key, value) in settings {
+            let _ = writeln!(out, "  {key:<34} {value}");
+        }
+        let _ = writeln!(out, "\nroutes ({}):", self.routes.len());
+        for route in self.routes.routes() {
+            let kinds: Vec<&str> = route.body.iter().map(|kind| kind.as_str()).collect();
+            let mut extras = Vec::new();
+            if route.streaming {
+                extras.push("streaming".to_owned());
+            }
+            if let Some(timeout) = route.read_timeout {
+                extras.push(format!("read_timeout={}", format_duration(timeout)));
+            }
+            if let Some(max) = route.max_body {
+                extras.push(format!("max_body={}", format_size(max)));
+            }
+            if route.usage {
+                extras.push("usage".to_owned());
+            }
+            let line = format!(
+                "  {:<6} {:<80} {:<16} {}",
+                route.method.as_str(),
+                route.template.as_str(),
+                kinds.join("|"),
+                extras.join(" ")
+            );
+            let _ = writeln!(out, "{}", line.trim_end());
+        }
+        out
+    }
+}
+
+fn show_limit(limit: Option<NonZeroU32>) -> String {
+    limit.map_or_else(|| "off".to_owned(), |n| n.to_string())
+}
+
+/// A URL with any password replaced, so `--check` output can be pasted into an issue.
+fn mask_url(url: &Url) -> String {
+    let mut masked = url.clone();
+    if masked.password().is_some() {
+        let _ = masked.set_password(Some("****"));
+    }
+    masked.to_string()
+}

@@ -1,0 +1,126 @@
+//! Logging: the tracing subscriber, and the one line written per request.
+//!
+//! A request line carries method, route template, status, durations, byte counts, the
+//! upstream's request ID, the key's hash prefix and the model when the usage tap read it. It
+//! must never carry a key, another header value, a body, or the raw path (which could hold an
+//! ID the operator does not want in logs): the route template is logged instead.
+
+use std::time::Duration;
+
+use http::Method;
+use tokio::time::Instant;
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{LogConfig, LogFormat};
+
+/// Installs the global subscriber: `RUST_LOG` if set, else `log.level`; text or JSON lines
+/// as `log.format` says.
+pub fn init(config: &LogConfig) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::builder().parse(&config.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(true);
+    let _ = match config.format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+            .try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .try_init(),
+    };
+}
+
+/// Milliseconds with microsecond precision, as a number in JSON logs.
+pub fn millis(duration: Duration) -> f64 {
+    (duration.as_secs_f64() * 1_000_000.0).round() / 1000.0
+}
+
+/// What one forwarded request's line says, gathered when its answer is finished.
+pub struct RequestLine<'a> {
+    pub method: &'a Method,
+    pub route: &'a str,
+    pub status: u16,
+    pub elapsed: Duration,
+    /// From sending the request upstream to the upstream's response headers.
+    pub upstream_ttfb: Duration,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub outcome: &'static str,
+    /// The upstream's `x-request-id`, which OpenAI support asks for.
+    pub upstream_request_id: Option<&'a str>,
+    /// The first 8 hex digits of the key's SHA-256.
+    pub key_hash: &'a str,
+    pub model: Option<&'a str>,
+    pub input_tokens: Option<u64>,
+    pub output_tokens: Option<u64>,
+}
+
+/// Writes a forwarded request's line.
+pub fn request(line: &RequestLine<'_>) {
+    tracing::info!(
+        target: "oa_bypass::request",
+        method = %line.method,
+        route = %line.route,
+        status = line.status,
+        duration_ms = millis(line.elapsed),
+        upstream_ttfb_ms = millis(line.upstream_ttfb),
+        bytes_in = line.bytes_in,
+        bytes_out = line.bytes_out,
+        outcome = line.outcome,
+        upstream_request_id = line.upstream_request_id,
+        key_hash = line.key_hash,
+        model = line.model,
+        input_tokens = line.input_tokens,
+        output_tokens = line.output_tokens,
+        "request"
+    );
+}
+
+/// Logs a request the gateway answered itself, with the reason (never a key or a body).
+pub fn rejected(method: &Method, route: &str, status: u16, start: Instant, reason: &str) {
+    tracing::info!(
+        target: "oa_bypass::request",
+        method = %method,
+        route = %route,
+        status,
+        duration_ms = millis(start.elapsed()),
+        outcome = "gateway_error",
+        reason,
+        "request"
+    );
+}
+
+/// What a realtime (WebSocket) session's line says, written when the session ends.
+pub struct SessionLine<'a> {
+    pub route: &'a str,
+    pub elapsed: Duration,
+    pub messages_in: u64,
+    pub messages_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub outcome: &'static str,
+    pub key_hash: &'a str,
+}
+
+/// Writes a realtime session's line.
+pub fn session(line: &SessionLine<'_>) {
+    tracing::info!(
+        target: "oa_bypass::request",
+        method = "GET",
+        route = %line.route,
+        status = 101,
+        duration_ms = millis(line.elapsed),
+        messages_in = line.messages_in,
+        messages_out = line.messages_out,
+        bytes_in = line.bytes_in,
+        bytes_out = line.bytes_out,
+        outcome = line.outcome,
+        key_hash = line.key_hash,
+        "request"
+    );
+}
