@@ -1,8 +1,11 @@
-//! Pure header rules for both directions of the passthrough.
+//! Pure header rules for both directions of the passthrough, and the value parsers they
+//! rest on (RFC 9110).
 //!
 //! Everything end-to-end passes (OpenAI-*, X-Stainless-*, Idempotency-Key, Accept, …); what
-//! belongs to one connection or names the client's address does not. These functions never
-//! read or log header values beyond the names they match.
+//! belongs to one connection or names the client's address does not. Each rule has one form,
+//! a test on a header's name ([`HopByHop::contains`], [`leaves_for_upstream`]), applied to
+//! whichever container holds the head: a header map, or the fields of a head kept as it
+//! arrived. These functions never read or log header values beyond the names they match.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
@@ -38,7 +41,7 @@ pub fn list_items<'a>(headers: &'a HeaderMap, name: &HeaderName) -> impl Iterato
         .filter_map(|item| std::str::from_utf8(item).ok())
 }
 
-/// [`list_items`] of values given as bytes (a head the fast lane reads in place).
+/// [`list_items`] of values given as bytes (a head read in place).
 pub fn list_items_of<'a>(values: impl Iterator<Item = &'a [u8]>) -> impl Iterator<Item = &'a [u8]> {
     values
         .filter(|value| text(value).is_some())
@@ -60,7 +63,7 @@ pub fn content_length(value: &[u8]) -> Option<u64> {
 }
 
 /// A value as text, by [`HeaderValue::to_str`]'s rule (visible ASCII, space and tab), for
-/// values the fast lane reads as bytes.
+/// values read as bytes.
 pub fn text(value: &[u8]) -> Option<&str> {
     if value
         .iter()
@@ -72,80 +75,94 @@ pub fn text(value: &[u8]) -> Option<&str> {
     }
 }
 
-/// Removes hop-by-hop headers: those RFC 9110 §7.6.1 lists and every header the
-/// `Connection` field names, which apply to one connection only and must not be forwarded.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // `Connection: keep-alive` or `close` is on most answers and names nothing beyond the
-    // fixed list, so the usual case collects nothing and allocates nothing.
-    let named: Vec<HeaderName> = list_items(headers, &header::CONNECTION)
-        .filter(|item| {
-            !item.eq_ignore_ascii_case("close")
-                && !HOP_BY_HOP
-                    .iter()
-                    .any(|name| item.eq_ignore_ascii_case(name.as_str()))
-        })
-        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(name);
-    }
+/// The headers of one message that belong to one connection and must not be forwarded: those
+/// RFC 9110 §7.6.1 lists, and every header its `Connection` field names.
+pub struct HopByHop {
+    /// Headers `Connection` names beyond the fixed list (rare: usually empty, which
+    /// allocates nothing).
+    named: Vec<HeaderName>,
 }
 
-/// Whether a request header goes upstream: the fast lane's [`prepare_upstream_request`],
-/// decided per header as the head is written instead of by removing from a map. The lane
-/// takes only requests whose `Connection` names nothing beyond `close` and `keep-alive`.
-pub fn goes_upstream(name: &HeaderName) -> bool {
-    !HOP_BY_HOP.contains(name) && !CLIENT_ADDRESS.contains(name) && name != header::HOST
-}
-
-/// Which response headers go to the client: [`strip_hop_by_hop`], decided per header as the
-/// fast lane writes a head it keeps as it arrived (names and values as bytes).
-pub struct Downstream<'a> {
-    /// Headers the answer's `Connection` names beyond the fixed list (rare: usually empty,
-    /// which allocates nothing).
-    named: Vec<&'a [u8]>,
-}
-
-impl<'a> Downstream<'a> {
-    /// From the answer's `Connection` values.
-    pub fn of(connection: impl Iterator<Item = &'a [u8]>) -> Downstream<'a> {
+impl HopByHop {
+    /// The rule for a message whose `Connection` values are `connection`.
+    pub fn of<'a>(connection: impl Iterator<Item = &'a [u8]>) -> HopByHop {
         let named = list_items_of(connection)
-            .filter(|item| !item.eq_ignore_ascii_case(b"close") && !is_hop_by_hop(item))
+            .filter(|item| !item.eq_ignore_ascii_case(b"close") && !in_fixed_list(item))
+            .filter_map(|item| HeaderName::from_bytes(item).ok())
             .collect();
-        Downstream { named }
+        HopByHop { named }
     }
 
-    pub fn allows(&self, name: &[u8]) -> bool {
-        !is_hop_by_hop(name)
-            && !self
+    /// The rule for a header map's message.
+    pub fn of_map(headers: &HeaderMap) -> HopByHop {
+        HopByHop::of(
+            headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .map(HeaderValue::as_bytes),
+        )
+    }
+
+    /// Whether the header `name` (any case) belongs to the connection.
+    pub fn contains(&self, name: &[u8]) -> bool {
+        in_fixed_list(name)
+            || self
                 .named
                 .iter()
-                .any(|item| item.eq_ignore_ascii_case(name))
+                .any(|named| name.eq_ignore_ascii_case(named.as_str().as_bytes()))
     }
 }
 
-fn is_hop_by_hop(name: &[u8]) -> bool {
+fn in_fixed_list(name: &[u8]) -> bool {
     HOP_BY_HOP
         .iter()
         .any(|hop| name.eq_ignore_ascii_case(hop.as_str().as_bytes()))
 }
 
-/// Removes headers naming the client's address, so the upstream never learns it (privacy
-/// by default; nothing is added in their place).
-pub fn strip_client_address(headers: &mut HeaderMap) {
-    for name in &CLIENT_ADDRESS {
-        headers.remove(name);
-    }
+/// Whether a client's request header stays behind: hop-by-hop ones, those naming the
+/// client's address (the upstream never learns it; nothing is added in their place), and
+/// `Host` (the upstream's is set from its URL, RFC 9110 §7.2).
+pub fn leaves_for_upstream(hop_by_hop: &HopByHop, name: &HeaderName) -> bool {
+    name == header::HOST
+        || CLIENT_ADDRESS.contains(name)
+        || hop_by_hop.contains(name.as_str().as_bytes())
 }
 
-/// Turns the client's request headers into the upstream's: hop-by-hop and client-address
-/// headers go, `Host` goes (the client sets the upstream's from the URL, RFC 9110 §7.2), and
-/// credentials are marked sensitive so HTTP/2 never indexes them and `Debug` hides them.
+/// Removes hop-by-hop headers from an answer's map ([`HopByHop`]).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let rule = HopByHop::of_map(headers);
+    remove_where(headers, |name| rule.contains(name.as_str().as_bytes()));
+}
+
+/// Turns the client's request headers into the upstream's ([`leaves_for_upstream`]), and
+/// marks credentials sensitive so HTTP/2 never indexes them and `Debug` hides them.
 pub fn prepare_upstream_request(headers: &mut HeaderMap) {
-    strip_hop_by_hop(headers);
-    strip_client_address(headers);
-    headers.remove(header::HOST);
+    let rule = HopByHop::of_map(headers);
+    remove_where(headers, |name| leaves_for_upstream(&rule, name));
     mark_credentials_sensitive(headers);
+}
+
+/// Removes every header whose name `going` picks.
+fn remove_where(headers: &mut HeaderMap, mut going: impl FnMut(&HeaderName) -> bool) {
+    // Why: a message carries one or two such headers, so their names are noted on the stack
+    // and removed, instead of looking up every name a rule could pick.
+    let mut found: [Option<HeaderName>; 8] = Default::default();
+    let mut more = false;
+    for (slot, name) in headers.keys().filter(|name| going(name)).enumerate() {
+        match found.get_mut(slot) {
+            Some(found) => *found = Some(name.clone()),
+            None => more = true,
+        }
+    }
+    for name in found.iter().flatten() {
+        headers.remove(name);
+    }
+    if more {
+        let rest: Vec<HeaderName> = headers.keys().filter(|name| going(name)).cloned().collect();
+        for name in rest {
+            headers.remove(name);
+        }
+    }
 }
 
 /// Marks the values of headers that can carry a key sensitive: `Authorization`, `api-key`,
@@ -179,35 +196,18 @@ mod tests {
     use super::test_map as map;
     use super::*;
 
-    /// The fast lane filters as it writes; hyper's path removes from the map. Both must let
-    /// the same headers through.
-    #[test]
-    fn the_lanes_filters_agree_with_the_map_rules() {
-        let request = map(&[
-            ("authorization", "Bearer k"),
-            ("host", "gw"),
-            ("connection", "keep-alive"),
-            ("keep-alive", "timeout=5"),
-            ("te", "trailers"),
-            ("x-forwarded-for", "203.0.113.9"),
-            ("forwarded", "for=x"),
-            ("true-client-ip", "x"),
-            ("proxy-authorization", "Basic x"),
-            ("openai-beta", "assistants=v2"),
-            ("content-type", "application/json"),
-            ("content-length", "2"),
-        ]);
-        // Removing from a map reorders it; the order of different names carries no meaning.
-        fn sorted(names: Vec<&HeaderName>) -> Vec<&str> {
-            let mut names: Vec<_> = names.into_iter().map(HeaderName::as_str).collect();
-            names.sort_unstable();
-            names
-        }
-        let mut removed = request.clone();
-        prepare_upstream_request(&mut removed);
-        let filtered = request.keys().filter(|name| goes_upstream(name)).collect();
-        assert_eq!(sorted(filtered), sorted(removed.keys().collect()));
+    fn sorted<'a>(names: impl Iterator<Item = &'a [u8]>) -> Vec<String> {
+        let mut names: Vec<_> = names
+            .map(|name| String::from_utf8_lossy(name).to_ascii_lowercase())
+            .collect();
+        names.sort_unstable();
+        names
+    }
 
+    /// A head kept as it arrived is filtered field by field; a header map by removal. Both
+    /// must let the same headers through.
+    #[test]
+    fn the_hop_by_hop_rule_keeps_the_same_fields_of_a_map_and_of_a_head_as_it_arrived() {
         for response in [
             map(&[
                 ("connection", "keep-alive"),
@@ -228,19 +228,14 @@ mod tests {
         ] {
             let mut removed = response.clone();
             strip_hop_by_hop(&mut removed);
-            let downstream = Downstream::of(
-                response
-                    .get_all(header::CONNECTION)
-                    .iter()
-                    .map(HeaderValue::as_bytes),
-            );
-            let filtered = response
+            let rule = HopByHop::of_map(&response);
+            let kept = response
                 .keys()
-                .filter(|name| downstream.allows(name.as_str().as_bytes()))
-                .collect();
+                .map(|name| name.as_str().as_bytes())
+                .filter(|name| !rule.contains(name));
             assert_eq!(
-                sorted(filtered),
-                sorted(removed.keys().collect()),
+                sorted(kept),
+                sorted(removed.keys().map(|name| name.as_str().as_bytes())),
                 "{response:?}"
             );
         }
@@ -290,5 +285,24 @@ mod tests {
         assert!(headers[API_KEY].is_sensitive());
         assert_eq!(headers[header::AUTHORIZATION], "Bearer sk-test");
         assert!(!format!("{headers:?}").contains("sk-test"));
+    }
+
+    #[test]
+    fn more_leaving_headers_than_the_stack_holds_all_go() {
+        let mut headers = map(&[
+            ("connection", "a, b, c, d, e, f"),
+            ("a", "1"),
+            ("b", "1"),
+            ("c", "1"),
+            ("d", "1"),
+            ("e", "1"),
+            ("f", "1"),
+            ("keep-alive", "1"),
+            ("te", "1"),
+            ("x-forwarded-for", "1"),
+            ("stays", "1"),
+        ]);
+        prepare_upstream_request(&mut headers);
+        assert_eq!(headers.keys().collect::<Vec<_>>(), ["stays"]);
     }
 }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use std::sync::Arc;
 
-use oa_bypass::tls::Tls;
+use oa_bypass::engine::tls::Tls;
 use oa_bypass::{app, app_for_workers, config::Config, observe, server, App};
 
 const USAGE: &str = "\
@@ -187,7 +187,7 @@ fn serve(config: Config, explicit: Option<PathBuf>) -> Result<(), String> {
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut threads = Vec::with_capacity(workers);
     for (worker, (rt, listener)) in bound.into_iter().enumerate() {
-        let app = Arc::clone(&app);
+        let serving = Arc::clone(&app.serving);
         let settings = settings.clone();
         let mut stopped = stopped.clone();
         let thread = std::thread::Builder::new()
@@ -196,7 +196,7 @@ fn serve(config: Config, explicit: Option<PathBuf>) -> Result<(), String> {
                 let shutdown = async move {
                     let _ = stopped.wait_for(|stop| *stop).await;
                 };
-                rt.block_on(server::serve(listener, app, shutdown, settings))
+                rt.block_on(server::serve(listener, serving, shutdown, settings))
             })
             .map_err(|err| format!("cannot start worker thread {worker}: {err}"))?;
         threads.push(thread);
@@ -269,11 +269,11 @@ async fn reload_on_sighup(app: Arc<App>, tls: Option<Arc<Tls>>, explicit: Option
         tracing::info!("SIGHUP received; reloading the manifest");
         // A manifest that does not parse is counted here; App::reload counts the rest.
         let loaded = Config::load(explicit.as_deref())
-            .inspect_err(|_| app.shared.metrics.count_reload(false))
+            .inspect_err(|_| app.metrics().count_reload(false))
             .and_then(|config| app.reload(&config));
         if let Err(err) = loaded {
             tracing::error!(
-                generation = app.shared.generation(),
+                generation = app.generation(),
                 "manifest reload refused; still serving the previous one:\n{err}"
             );
         }
@@ -310,37 +310,110 @@ fn hash_key() -> ExitCode {
 /// HTTPS when the gateway serves TLS; the certificate is not checked, since it names the
 /// public domain, not loopback, and this only asks our own process whether it is alive.
 async fn healthcheck(config: &Config) -> Result<(), String> {
-    let host = if config.server.host.is_unspecified() {
-        match config.server.host {
-            std::net::IpAddr::V4(_) => "127.0.0.1".to_owned(),
-            std::net::IpAddr::V6(_) => "[::1]".to_owned(),
-        }
-    } else {
-        match config.server.host {
-            std::net::IpAddr::V4(ip) => ip.to_string(),
-            std::net::IpAddr::V6(ip) => format!("[{ip}]"),
-        }
+    let ip = match config.server.host {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        host => host,
     };
+    let addr = SocketAddr::new(ip, config.server.port);
     let tls = config.server.tls.is_some() || config.server.acme.is_some();
-    let scheme = if tls { "https" } else { "http" };
-    let url = format!("{scheme}://{host}:{}/health", config.server.port);
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .use_rustls_tls()
-        .danger_accept_invalid_certs(tls)
-        .timeout(std::time::Duration::from_secs(3))
-        .build()
-        .map_err(|err| format!("healthcheck: {err}"))?;
-    let response = client
-        .get(&url)
-        .send()
-        .await
-        .map_err(|err| format!("healthcheck: {url} did not answer: {err}"))?;
-    if response.status().is_success() {
-        Ok(())
-    } else {
-        Err(format!("healthcheck: {url} answered {}", response.status()))
+    let url = format!("{}://{addr}/health", if tls { "https" } else { "http" });
+    let asking = async {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        if !tls {
+            return health_status(stream).await;
+        }
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(any_certificate()?));
+        let name = rustls::pki_types::ServerName::IpAddress(ip.into());
+        health_status(connector.connect(name, stream).await?).await
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(3), asking).await {
+        Ok(Ok(status)) if status.is_success() => Ok(()),
+        Ok(Ok(status)) => Err(format!("healthcheck: {url} answered {status}")),
+        Ok(Err(err)) => Err(format!("healthcheck: {url} did not answer: {err}")),
+        Err(_) => Err(format!("healthcheck: {url} did not answer within 3s")),
     }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// One `GET /health` over `io`.
+async fn health_status<S>(io: S) -> Result<http::StatusCode, BoxError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let io = hyper_util::rt::TokioIo::new(io);
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await?;
+    tokio::spawn(connection);
+    let request = http::Request::get("/health")
+        .header(http::header::HOST, "localhost")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+    Ok(sender.send_request(request).await?.status())
+}
+
+/// TLS settings that take any certificate: for asking our own process on loopback only.
+fn any_certificate() -> Result<rustls::ClientConfig, BoxError> {
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use rustls::{DigitallySignedStruct, SignatureScheme};
+
+    #[derive(Debug)]
+    struct AnyCertificate(Arc<CryptoProvider>);
+
+    impl ServerCertVerifier for AnyCertificate {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(
+        rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+            .with_no_client_auth(),
+    )
 }
 
 #[cfg(test)]

@@ -5,17 +5,14 @@
 //! time only; here the document is plain JSON built from the manifest, and poem-openapi
 //! contributes its embedded Swagger UI (no CDN) pointed at `/openapi.json`.
 
-use http::header;
-use poem::{Endpoint, Request, Response};
 use serde_json::{json, Map, Value};
 
 use crate::config::Config;
-use crate::error::GatewayError;
 use crate::routes::{BodyKind, RouteSpec};
-use crate::HEALTH_TEXT;
+pub use crate::routes::{DOCS_PATH, DOCUMENT_PATH};
 
-pub const DOCUMENT_PATH: &str = "/openapi.json";
-pub const DOCS_PATH: &str = "/docs";
+/// What `GET /` and `GET /health` answer, as the original gateway did.
+pub const HEALTH_TEXT: &str = "OpenAI API Server is running";
 const GATEWAY_TAG: &str = "Gateway";
 const JSON: &str = "application/json";
 const SSE: &str = "text/event-stream";
@@ -281,58 +278,6 @@ fn html_escape(text: &str) -> String {
     text.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
-}
-
-/// The body of a lazily built document.
-type Build = Box<dyn Fn() -> Result<bytes::Bytes, String> + Send + Sync>;
-
-/// Serves a document built on its first request (the OpenAPI document and the Swagger UI page
-/// take megabytes to build, which an idle gateway should not hold), on GET and HEAD; 405
-/// otherwise.
-pub struct LazyDocument {
-    build: Build,
-    body: std::sync::OnceLock<bytes::Bytes>,
-    content_type: &'static str,
-}
-
-impl LazyDocument {
-    pub fn new(
-        content_type: &'static str,
-        build: impl Fn() -> Result<bytes::Bytes, String> + Send + Sync + 'static,
-    ) -> Self {
-        LazyDocument {
-            build: Box::new(build),
-            body: std::sync::OnceLock::new(),
-            content_type,
-        }
-    }
-
-    fn body(&self) -> Result<bytes::Bytes, String> {
-        if let Some(body) = self.body.get() {
-            return Ok(body.clone());
-        }
-        let body = (self.build)()?;
-        Ok(self.body.get_or_init(|| body).clone())
-    }
-}
-
-impl Endpoint for LazyDocument {
-    type Output = Response;
-
-    async fn call(&self, req: Request) -> poem::Result<Response> {
-        if let Err(err) = crate::error::only_reads(&req) {
-            return Ok(err.to_response());
-        }
-        match self.body() {
-            Ok(body) => Ok(Response::builder()
-                .header(header::CONTENT_TYPE, self.content_type)
-                .body(body)),
-            Err(message) => {
-                tracing::error!(error = %message, "cannot build {}", req.uri().path());
-                Ok(GatewayError::Internal(message).to_response())
-            }
-        }
-    }
 }
 
 #[cfg(test)]

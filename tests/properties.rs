@@ -124,4 +124,38 @@ proptest! {
         prop_assert_eq!(response.status(), http::StatusCode::OK);
         let _ = check_path_param(Some(&value));
     }
+
+    /// The pipeline reads a route's parameters from the raw path itself, so that no engine's
+    /// router has to hand them over: it must read each one as poem's router decodes it.
+    #[test]
+    fn the_pipeline_reads_each_parameter_as_the_router_does(
+        template in template(),
+        values in prop::collection::vec("([A-Za-z0-9._~:-]|%[0-9A-Fa-f]{2}|%[0-9A-Fa-f]){1,8}", 6),
+    ) {
+        let Ok(parsed) = PathTemplate::parse(&template) else { return Ok(()) };
+        let mut path = String::new();
+        let mut values = values.into_iter();
+        for segment in parsed.segments() {
+            path.push('/');
+            match segment {
+                oa_bypass::routes::Segment::Static(s) => path.push_str(s),
+                oa_bypass::routes::Segment::Param(_) => path.push_str(&values.next().unwrap()),
+            }
+        }
+        let ours: Vec<(String, Option<String>)> = parsed
+            .params_in(&path)
+            .map(|(name, value)| (name.to_owned(), value.map(|v| v.into_owned())))
+            .collect();
+        let endpoint = poem::endpoint::make_sync(move |req| {
+            for (name, value) in &ours {
+                assert_eq!(req.raw_path_param(name), value.as_deref(), "{name}");
+            }
+            "matched"
+        });
+        let route = poem::Route::new().at(parsed.to_poem_path(), endpoint);
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let uri: http::Uri = match path.parse() { Ok(uri) => uri, Err(_) => return Ok(()) };
+        let response = runtime.block_on(poem::Endpoint::get_response(&route, poem::Request::builder().uri(uri).finish()));
+        prop_assert_eq!(response.status(), http::StatusCode::OK, "{} did not match {}", path, template);
+    }
 }

@@ -6,28 +6,35 @@
 //! chose, and frames are relayed both ways unchanged (see `relay`). Browsers authenticate with
 //! a subprotocol (`openai-insecure-api-key.<key>`): it is forwarded, counted as a credential,
 //! and never logged.
+//!
+//! The pipeline decides whether a session may open and prepares its headers; this module
+//! speaks the WebSocket handshake and relays frames, over a connection the upstream layer
+//! makes (the same connector, proxy and TLS as HTTP requests).
 
 mod relay;
-pub mod tunnel;
 
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::StatusCode;
-use poem::{Body, Request, Response};
+use http::uri::PathAndQuery;
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use url::Url;
 
-use crate::config::{Config, ConfigError};
-use crate::error::GatewayError;
+use crate::config::RealtimeConfig;
 use crate::headers;
-use tunnel::Route as TunnelRoute;
+use crate::observe::log::{self, SessionLine};
+use crate::observe::metrics::RouteMetrics;
+use crate::upstream::{BoxError, Io, Upstream};
 
 /// Handshake headers that belong to one hop of a WebSocket connection (RFC 6455 §4).
 const HANDSHAKE_HEADERS: [HeaderName; 4] = [
@@ -36,6 +43,10 @@ const HANDSHAKE_HEADERS: [HeaderName; 4] = [
     header::SEC_WEBSOCKET_EXTENSIONS,
     header::SEC_WEBSOCKET_ACCEPT,
 ];
+
+/// The client's side of a WebSocket once the engine has switched protocols: resolves to
+/// the raw connection. Made by the engine that owns the client's connection.
+pub type ClientUpgrade = Pin<Box<dyn Future<Output = io::Result<Box<dyn Io>>> + Send>>;
 
 /// Open realtime sessions, so shutdown can wait for them and then close them with 1001.
 #[derive(Clone, Default)]
@@ -64,119 +75,112 @@ impl Sessions {
     }
 }
 
+/// What a session's log line and metrics need, and what it holds while it lives.
+pub struct Session<G> {
+    pub route: Arc<str>,
+    pub metrics: Arc<RouteMetrics>,
+    /// The first 8 hex digits of the key's SHA-256.
+    pub key_hash: String,
+    pub start: Instant,
+    /// Held for the session's life (its place under the concurrency limits).
+    pub held: G,
+}
+
+/// How a handshake ended when it did not fail.
+pub enum Opened {
+    /// The upstream accepted: switch the client's protocols with these headers; the session
+    /// runs once the client's upgrade completes.
+    Switching(HeaderMap),
+    /// The upstream said no over HTTP: the client hears exactly that.
+    Refused(http::Response<Bytes>),
+}
+
+/// Why no session opened.
+pub enum Failed {
+    /// No handshake within `upstream.connect_timeout`.
+    TimedOut(Duration),
+    /// The upstream could not be reached, or did not speak WebSocket.
+    Unreachable(BoxError),
+}
+
 /// Connects realtime clients to the upstream and relays their sessions.
-pub struct Relay {
-    /// `upstream.base_url` with a ws:// or wss:// scheme, without a trailing slash.
-    base: Url,
-    proxy: Option<Url>,
-    connect_timeout: Duration,
+pub struct Realtime {
     idle_timeout: Duration,
     ws_config: WebSocketConfig,
-    tls: tokio_rustls::TlsConnector,
     sessions: Sessions,
 }
 
-impl Relay {
-    pub fn new(
-        config: &Config,
-        sessions: Sessions,
-        tls: Arc<rustls::ClientConfig>,
-    ) -> Result<Relay, ConfigError> {
-        let mut base = config.upstream.base_url.clone();
-        let scheme = if base.scheme() == "https" {
-            "wss"
-        } else {
-            "ws"
-        };
-        base.set_scheme(scheme).map_err(|()| {
-            ConfigError::Invalid(vec![format!(
-                "upstream.base_url: cannot derive a {scheme}:// URL from it"
-            )])
-        })?;
-        let max = usize::try_from(config.realtime.max_message).unwrap_or(usize::MAX);
+impl Realtime {
+    pub fn new(config: &RealtimeConfig, sessions: Sessions) -> Realtime {
+        let max = usize::try_from(config.max_message).unwrap_or(usize::MAX);
         let ws_config = WebSocketConfig::default()
             .max_message_size(Some(max))
             .max_frame_size(Some(max))
             // Backpressure: a slow reader holds at most about one message per direction.
             .max_write_buffer_size(max.saturating_add(1 << 20));
-        Ok(Relay {
-            base,
-            proxy: config.upstream.proxy.clone(),
-            connect_timeout: config.upstream.connect_timeout,
-            idle_timeout: config.realtime.idle_timeout,
+        Realtime {
+            idle_timeout: config.idle_timeout,
             ws_config,
-            tls: tokio_rustls::TlsConnector::from(tls),
             sessions,
-        })
+        }
     }
 
-    /// Answers one upgrade request for a `websocket` route.
-    pub async fn handle(
+    /// Opens the upstream side of a session to `joined` with `headers` (the client's, as the
+    /// pipeline prepared them for the upstream), then, once the client's `upgrade` completes,
+    /// relays frames until either side ends. `client_key` is the client's
+    /// `Sec-WebSocket-Key` ([`client_key`]).
+    pub async fn open<G: Send + 'static>(
         &self,
-        admitted: crate::proxy::Admitted<'_>,
-        req: Request,
-    ) -> Result<Response, GatewayError> {
-        let start = admitted.start;
-        let client_key = check_upgrade_request(req.headers())?;
-        let on_upgrade = req
-            .take_upgrade()
-            .map_err(|err| GatewayError::Internal(format!("connection cannot upgrade: {err}")))?;
-
-        let upstream_url = self.upstream_url(&req)?;
-        let (upstream, upstream_response) = match tokio::time::timeout(
-            self.connect_timeout,
-            self.connect_upstream(&upstream_url, req.headers()),
-        )
-        .await
-        {
-            Err(_) => {
-                return Err(GatewayError::UpstreamConnectTimeout {
-                    timeout: self.connect_timeout,
-                })
+        upstream: &Upstream,
+        joined: PathAndQuery,
+        headers: HeaderMap,
+        client_key: &str,
+        upgrade: ClientUpgrade,
+        session: Session<G>,
+    ) -> Result<Opened, Failed> {
+        let timeout = upstream.connect_timeout();
+        let connecting = tokio::time::timeout(timeout, self.connect(upstream, joined, headers));
+        let (upstream, answer) = match connecting.await {
+            Err(_) => return Err(Failed::TimedOut(timeout)),
+            Ok(Err(Handshake::Refused(response))) => {
+                return Ok(Opened::Refused(refusal(*response)))
             }
-            Ok(Err(UpstreamHandshake::Refused(response))) => {
-                // The upstream said no over HTTP: the client hears exactly that.
-                return Ok(relay_refusal(*response));
-            }
-            Ok(Err(UpstreamHandshake::Failed(err))) => {
-                return Err(GatewayError::UpstreamUnreachable(err))
-            }
+            Ok(Err(Handshake::Failed(err))) => return Err(Failed::Unreachable(err)),
             Ok(Ok(connected)) => connected,
         };
 
-        let mut response = Response::builder()
-            .status(StatusCode::SWITCHING_PROTOCOLS)
-            .header(header::CONNECTION, "upgrade")
-            .header(header::UPGRADE, "websocket")
-            .header(
-                header::SEC_WEBSOCKET_ACCEPT,
-                derive_accept_key(client_key.as_bytes()),
-            )
-            .finish();
-        for (name, value) in upstream_response.headers() {
+        let mut switching = HeaderMap::new();
+        switching.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        switching.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(client_key.as_bytes())) {
+            switching.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+        }
+        for (name, value) in answer.headers() {
             let skip = HANDSHAKE_HEADERS.contains(name)
                 || name == header::CONNECTION
                 || name == header::UPGRADE
                 || name == header::CONTENT_LENGTH
                 || name == header::TRANSFER_ENCODING;
             if !skip {
-                response.headers_mut().append(name.clone(), value.clone());
+                switching.append(name.clone(), value.clone());
             }
         }
 
-        let route = Arc::clone(admitted.route_name);
-        let metrics = Arc::clone(admitted.metrics);
-        let key = admitted.key.prefix();
-        let admission = admitted.admission;
         let idle_timeout = self.idle_timeout;
         let ws_config = self.ws_config;
         let closing = self.sessions.closing.clone();
         self.sessions.tracker.spawn(async move {
-            // Held for the session's life: a WebSocket counts against the concurrency limits.
-            let _admission = admission;
+            let Session {
+                route,
+                metrics,
+                key_hash,
+                start,
+                held,
+            } = session;
+            let _held = held;
             let _open = metrics.all().realtime_session();
-            let upgraded = match on_upgrade.await {
-                Ok(upgraded) => upgraded,
+            let client = match upgrade.await {
+                Ok(client) => client,
                 Err(err) => {
                     tracing::info!(target: "oa_bypass::request", route = %route, error = %err,
                         outcome = "client_upgrade_failed", "realtime session not started");
@@ -184,7 +188,7 @@ impl Relay {
                 }
             };
             let client =
-                WebSocketStream::from_raw_socket(upgraded, Role::Server, Some(ws_config)).await;
+                WebSocketStream::from_raw_socket(client, Role::Server, Some(ws_config)).await;
             let summary = relay::run(client, upstream, idle_timeout, closing).await;
             let elapsed = start.elapsed();
             metrics.finish(
@@ -192,7 +196,7 @@ impl Relay {
                 summary.bytes_from_client,
                 summary.bytes_from_upstream,
             );
-            crate::observe::log::session(&crate::observe::log::SessionLine {
+            log::session(&SessionLine {
                 route: &route,
                 elapsed,
                 messages_in: summary.from_client,
@@ -200,165 +204,101 @@ impl Relay {
                 bytes_in: summary.bytes_from_client,
                 bytes_out: summary.bytes_from_upstream,
                 outcome: summary.ending.as_str(),
-                key_hash: &key,
+                key_hash: &key_hash,
             });
         });
-        Ok(response)
+        Ok(Opened::Switching(switching))
     }
 
-    /// `base_url` (as ws/wss) followed by the client's raw path and query.
-    fn upstream_url(&self, req: &Request) -> Result<Url, GatewayError> {
-        let path_and_query = req
-            .uri()
-            .path_and_query()
-            .map_or_else(|| req.uri().path(), |pq| pq.as_str());
-        let base = self.base.as_str().trim_end_matches('/');
-        Url::parse(&format!("{base}{path_and_query}"))
-            .map_err(|err| GatewayError::Internal(format!("cannot build upstream URL: {err}")))
-    }
-
-    async fn connect_upstream(
+    async fn connect(
         &self,
-        url: &Url,
-        client_headers: &HeaderMap,
+        upstream: &Upstream,
+        joined: PathAndQuery,
+        headers: HeaderMap,
     ) -> Result<
         (
             WebSocketStream<relay::UpstreamIo>,
             http::Response<Option<Vec<u8>>>,
         ),
-        UpstreamHandshake,
+        Handshake,
     > {
-        let failed = |err: std::io::Error| UpstreamHandshake::Failed(Box::new(err));
-        let host = url
-            .host_str()
-            .ok_or_else(|| failed(std::io::Error::other("the upstream URL has no host")))?
-            .to_owned();
-        let port = url.port_or_known_default().unwrap_or(443);
-        let secure = url.scheme() == "wss";
-        let route = match &self.proxy {
-            Some(proxy) => TunnelRoute::Proxy(proxy.clone()),
-            None => tunnel::route_from_env(secure, &host),
-        };
-        let tcp = tunnel::connect(&route, &host, port).await.map_err(failed)?;
-        let io = if secure {
-            let name =
-                rustls::pki_types::ServerName::try_from(host.trim_matches(['[', ']']).to_owned())
-                    .map_err(|err| failed(std::io::Error::other(err)))?;
-            let tls = self.tls.connect(name, tcp).await.map_err(failed)?;
-            relay::UpstreamIo::Right(Box::new(tls))
-        } else {
-            relay::UpstreamIo::Left(tcp)
-        };
-
-        let request = upstream_request(url, &host, port, client_headers)
-            .map_err(|err| failed(std::io::Error::other(err)))?;
+        let (io, uri) = upstream
+            .websocket(joined)
+            .await
+            .map_err(Handshake::Failed)?;
+        let request =
+            handshake_request(&uri, headers).map_err(|err| Handshake::Failed(Box::new(err)))?;
         match tokio_tungstenite::client_async_with_config(request, io, Some(self.ws_config)).await {
-            Ok((stream, response)) => Ok((stream, response)),
+            Ok(connected) => Ok(connected),
             Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-                Err(UpstreamHandshake::Refused(response))
+                Err(Handshake::Refused(response))
             }
-            Err(err) => Err(UpstreamHandshake::Failed(Box::new(err))),
+            Err(err) => Err(Handshake::Failed(Box::new(err))),
         }
     }
 }
 
-enum UpstreamHandshake {
+enum Handshake {
     Refused(Box<http::Response<Option<Vec<u8>>>>),
-    Failed(Box<dyn std::error::Error + Send + Sync>),
+    Failed(BoxError),
 }
 
 /// The upstream's handshake request: the client's end-to-end headers (credentials,
 /// `OpenAI-*`, the subprotocol list) with this hop's handshake headers made afresh.
-fn upstream_request(
-    url: &Url,
-    host: &str,
-    port: u16,
-    client_headers: &HeaderMap,
+fn handshake_request(
+    uri: &http::Uri,
+    mut headers: HeaderMap,
 ) -> Result<http::Request<()>, http::Error> {
-    let mut headers = client_headers.clone();
-    headers::prepare_upstream_request(&mut headers);
     for name in &HANDSHAKE_HEADERS {
         headers.remove(name);
     }
     headers.remove(header::CONTENT_LENGTH);
-    let default_port = if url.scheme() == "wss" { 443 } else { 80 };
-    let authority = if port == default_port {
-        host.to_owned()
-    } else {
-        format!("{host}:{port}")
-    };
+    let authority = uri.authority().map_or("", |authority| authority.as_str());
     let mut request = http::Request::builder()
         .method("GET")
-        .uri(url.as_str())
+        .uri(uri)
         .header(header::HOST, authority)
         .header(header::CONNECTION, "Upgrade")
         .header(header::UPGRADE, "websocket")
         .header(header::SEC_WEBSOCKET_VERSION, "13")
         .header(header::SEC_WEBSOCKET_KEY, generate_key())
         .body(())?;
-    // `prepare_upstream_request` marked the key-carrying values sensitive.
+    // The pipeline marked the key-carrying values sensitive.
     request.headers_mut().extend(headers);
     Ok(request)
 }
 
-/// Checks the client asked for a WebSocket (RFC 6455 §4.2.1) and returns its key.
-fn check_upgrade_request(headers: &HeaderMap) -> Result<String, GatewayError> {
+/// Checks the client asked for a WebSocket (RFC 6455 §4.2.1) and returns its key; `Err`
+/// says what is missing.
+pub fn client_key(headers: &HeaderMap) -> Result<String, &'static str> {
     let has_token = |name: HeaderName, token: &str| {
         headers::list_items(headers, &name).any(|item| item.eq_ignore_ascii_case(token))
     };
     if !has_token(header::UPGRADE, "websocket") || !has_token(header::CONNECTION, "upgrade") {
-        return Err(GatewayError::NotAWebSocket(
+        return Err(
             "this route is a WebSocket; connect with a WebSocket client (Upgrade: websocket)",
-        ));
+        );
     }
     if headers
         .get(header::SEC_WEBSOCKET_VERSION)
         .map(HeaderValue::as_bytes)
         != Some(b"13")
     {
-        return Err(GatewayError::NotAWebSocket(
-            "only WebSocket version 13 is supported (Sec-WebSocket-Version: 13)",
-        ));
+        return Err("only WebSocket version 13 is supported (Sec-WebSocket-Version: 13)");
     }
     headers
         .get(header::SEC_WEBSOCKET_KEY)
         .and_then(|value| value.to_str().ok())
         .map(str::to_owned)
-        .ok_or(GatewayError::NotAWebSocket(
-            "the WebSocket handshake has no Sec-WebSocket-Key",
-        ))
+        .ok_or("the WebSocket handshake has no Sec-WebSocket-Key")
 }
 
-/// The upstream's refusal as the client's answer: status, end-to-end headers, body.
-fn relay_refusal(refusal: http::Response<Option<Vec<u8>>>) -> Response {
-    let (parts, body) = refusal.into_parts();
-    let mut response_headers = parts.headers;
-    headers::strip_hop_by_hop(&mut response_headers);
-    response_headers.remove(header::CONTENT_LENGTH);
-    let mut response = Response::builder()
-        .status(parts.status)
-        .body(Body::from(body.unwrap_or_default()));
-    response.headers_mut().extend(response_headers);
-    response
-}
-
-/// The TLS client settings for upstream connections: Mozilla's roots (webpki-roots) and the
-/// system's, with ring.
-pub fn client_tls_config() -> Result<rustls::ClientConfig, ConfigError> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    // The system's store too, so a private CA installed on the host is honoured, as reqwest
-    // honours it for plain requests. Unreadable certificates are skipped.
-    for cert in rustls_native_certs::load_native_certs().certs {
-        let _ = roots.add(cert);
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|err| ConfigError::Invalid(vec![format!("TLS setup failed: {err}")]))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(config)
+/// The upstream's refusal as read: status, headers and body. Its `Content-Length` goes:
+/// the body is sent as it was read.
+fn refusal(refusal: http::Response<Option<Vec<u8>>>) -> http::Response<Bytes> {
+    let (mut parts, body) = refusal.into_parts();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    http::Response::from_parts(parts, Bytes::from(body.unwrap_or_default()))
 }
 
 #[cfg(test)]
@@ -374,16 +314,13 @@ mod tests {
             ("sec-websocket-version", "13"),
             ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
         ]);
-        assert_eq!(
-            check_upgrade_request(&good).unwrap(),
-            "dGhlIHNhbXBsZSBub25jZQ=="
-        );
-        assert!(check_upgrade_request(&map(&[("connection", "upgrade")])).is_err());
+        assert_eq!(client_key(&good).unwrap(), "dGhlIHNhbXBsZSBub25jZQ==");
+        assert!(client_key(&map(&[("connection", "upgrade")])).is_err());
     }
 
     #[test]
     fn upstream_request_keeps_end_to_end_headers_and_renews_handshake_ones() {
-        let client = map(&[
+        let mut client = map(&[
             ("host", "gateway"),
             ("authorization", "Bearer sk-1"),
             ("openai-beta", "realtime=v1"),
@@ -395,8 +332,10 @@ mod tests {
             ("sec-websocket-extensions", "permessage-deflate"),
             ("x-forwarded-for", "203.0.113.1"),
         ]);
-        let url = Url::parse("wss://api.openai.com/v1/realtime?model=m").unwrap();
-        let request = upstream_request(&url, "api.openai.com", 443, &client).unwrap();
+        // What the pipeline does with every request's headers before they go upstream.
+        headers::prepare_upstream_request(&mut client);
+        let uri: http::Uri = "wss://api.openai.com/v1/realtime?model=m".parse().unwrap();
+        let request = handshake_request(&uri, client).unwrap();
         let headers = request.headers();
         assert_eq!(headers["host"], "api.openai.com");
         assert_eq!(headers["authorization"], "Bearer sk-1");

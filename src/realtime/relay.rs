@@ -12,17 +12,15 @@ use std::time::Duration;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
-use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 
-/// The upstream connection: plain TCP for ws://, TLS for wss://.
-pub type UpstreamIo = Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
+/// The upstream connection: plain TCP for ws://, TLS for wss://, perhaps through a proxy.
+pub type UpstreamIo = Box<dyn crate::upstream::Io>;
 
 /// How long a closing side may take to answer a close frame before it is dropped.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);

@@ -13,6 +13,25 @@ use http::Method;
 
 pub use template::{check_path_param, ParamProblem, PathTemplate, Segment, TemplateError};
 
+/// Readiness: 200 once the manifest is loaded (and, with `upstream.ready_check`, the
+/// upstream answers).
+pub const READY_PATH: &str = "/ready";
+/// Prometheus metrics (under the path secret, when one is set).
+pub const METRICS_PATH: &str = "/metrics";
+/// The OpenAPI document of what the gateway serves.
+pub const DOCUMENT_PATH: &str = "/openapi.json";
+/// Swagger UI over that document.
+pub const DOCS_PATH: &str = "/docs";
+/// Paths the gateway serves itself, which no route may take.
+pub const GATEWAY_PATHS: [&str; 6] = [
+    "/",
+    "/health",
+    READY_PATH,
+    METRICS_PATH,
+    DOCUMENT_PATH,
+    DOCS_PATH,
+];
+
 /// What a route accepts as a request body, as the manifest spells it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BodyKind {
@@ -180,6 +199,8 @@ pub struct RouteTable {
 /// A route-table conflict, reported with the manifest indexes involved.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TableError {
+    #[error("routes[{index}].path: {path} is served by the gateway itself")]
+    Reserved { index: usize, path: String },
     #[error("routes[{second}]: {method} {path} is already declared by routes[{first}]")]
     Duplicate {
         first: usize,
@@ -211,6 +232,12 @@ impl RouteTable {
         let mut by_method: HashMap<(Method, String), usize> = HashMap::new();
         let mut by_operation: HashMap<String, usize> = HashMap::new();
         for (pos, route) in routes.iter().enumerate() {
+            if GATEWAY_PATHS.contains(&route.template.as_str()) {
+                return Err(TableError::Reserved {
+                    index: route.index,
+                    path: route.template.to_string(),
+                });
+            }
             if let Some(&first) = by_shape.get(&route.template.shape()) {
                 let other = &routes[first];
                 if other.template != route.template {

@@ -299,7 +299,7 @@ impl Gateway {
         let (stop, stopped) = oneshot::channel::<()>();
         let handle = tokio::spawn(oa_bypass::server::serve(
             acceptor,
-            app,
+            std::sync::Arc::clone(&app.serving),
             async {
                 let _ = stopped.await;
             },

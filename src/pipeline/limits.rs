@@ -14,8 +14,8 @@ use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::error::GatewayError;
 use crate::config::AdmissionConfig;
-use crate::error::GatewayError;
 
 /// The SHA-256 of a key.
 pub type KeyHash = [u8; 32];

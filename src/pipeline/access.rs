@@ -1,19 +1,17 @@
-//! Who may use the gateway: allowed key hashes, allowed client addresses (with trusted
-//! reverse proxies), and the path secret. All off by default, so the open passthrough works.
+//! Phases 1 and 3 of a request, as far as `[access]` goes: the client's address and whether
+//! it may use the gateway, and the credential it presents and whether that key is allowed.
+//! All off by default, so the open passthrough works.
 //!
 //! Keys are compared by their SHA-256, so routes.toml never holds a key. Nothing here logs a
 //! key or a hash of one.
 
-use std::future::Future;
 use std::net::IpAddr;
 
-use futures_util::future::Either;
 use http::header::{self, HeaderMap, HeaderName};
-use poem::{Endpoint, IntoResponse, Request, Response};
 use sha2::{Digest, Sha256};
 
+use super::error::GatewayError;
 use crate::config::AccessConfig;
-use crate::error::GatewayError;
 use crate::headers;
 
 /// Subprotocol prefix browsers use to carry the API key on WebSockets.
@@ -142,64 +140,6 @@ impl AccessConfig {
         match client {
             Some(ip) if self.allowed_ips.iter().any(|net| net.contains(&ip)) => Ok(()),
             Some(_) | None => Err(GatewayError::AddressNotAllowed),
-        }
-    }
-}
-
-/// The answer to a client outside `allowed_ips`, counted and logged.
-pub fn rejected_address(
-    metrics: &crate::observe::metrics::Metrics,
-    method: &http::Method,
-    err: &GatewayError,
-) -> Response {
-    let status = err.status().as_u16();
-    metrics.count_request(&std::sync::Arc::from("(access)"), method, status);
-    crate::observe::log::rejected(
-        method,
-        "(access)",
-        status,
-        tokio::time::Instant::now(),
-        "client address not in access.allowed_ips",
-    );
-    err.to_response()
-}
-
-/// Refuses clients outside `allowed_ips` before anything else looks at their request.
-pub struct IpFilter<E> {
-    inner: E,
-    access: std::sync::Arc<AccessConfig>,
-    metrics: std::sync::Arc<crate::observe::metrics::Metrics>,
-}
-
-impl<E> IpFilter<E> {
-    pub fn new(
-        inner: E,
-        access: &std::sync::Arc<AccessConfig>,
-        metrics: &std::sync::Arc<crate::observe::metrics::Metrics>,
-    ) -> Self {
-        IpFilter {
-            inner,
-            access: std::sync::Arc::clone(access),
-            metrics: std::sync::Arc::clone(metrics),
-        }
-    }
-}
-
-impl<E: Endpoint> Endpoint for IpFilter<E> {
-    type Output = Response;
-
-    fn call(&self, req: Request) -> impl Future<Output = poem::Result<Response>> + Send {
-        let peer = req.remote_addr().as_socket_addr().map(|addr| addr.ip());
-        match self.access.check_ip(peer, req.headers()) {
-            Ok(()) => {
-                let inner = self.inner.call(req);
-                Either::Left(async move { inner.await.map(IntoResponse::into_response) })
-            }
-            Err(err) => Either::Right(std::future::ready(Ok(rejected_address(
-                &self.metrics,
-                req.method(),
-                &err,
-            )))),
         }
     }
 }

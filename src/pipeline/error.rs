@@ -1,4 +1,5 @@
-//! Errors the gateway itself answers with, in OpenAI's JSON shape.
+//! Errors the gateway itself answers with, in OpenAI's JSON shape: the status, the body and
+//! the headers of each, which [`super::Answer::error`] puts together once for every engine.
 //!
 //! Statuses say who failed: the client (4xx), the upstream (502/504) or us (500). Upstream
 //! 4xx/5xx answers are not errors here: they pass through untouched. Messages never carry the
@@ -6,11 +7,12 @@
 
 use std::time::Duration;
 
-use http::{header, HeaderValue, Method, StatusCode};
-use poem::{Body, Response};
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use serde::Serialize;
 
 use crate::config::units::{format_duration, format_size};
+use crate::upstream::chain;
 
 /// Something went wrong with one request, before or while it was forwarded.
 #[derive(Debug, thiserror::Error)]
@@ -102,36 +104,6 @@ pub enum GatewayError {
 
     #[error("Internal gateway error: {0}")]
     Internal(String),
-}
-
-/// An error and its causes on one line: reqwest's own message ("error sending request") says
-/// little until its source ("Connection refused") is shown beside it.
-/// The gateway's own endpoints (health, readiness, metrics, docs) only read: anything but
-/// GET or HEAD is 405 with `Allow: GET, HEAD`.
-pub fn only_reads(req: &poem::Request) -> Result<(), GatewayError> {
-    if req.method() == Method::GET || req.method() == Method::HEAD {
-        return Ok(());
-    }
-    Err(GatewayError::MethodNotAllowed {
-        method: req.method().clone(),
-        template: req.uri().path().to_owned(),
-        allowed: vec![Method::GET, Method::HEAD],
-    })
-}
-
-/// An error and its causes on one line, each said once.
-pub(crate) fn chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = cause.source();
-    }
-    out
 }
 
 /// Whole seconds to wait, rounded up, at least one (RFC 9110 §10.2.3 takes integers).
@@ -248,8 +220,8 @@ impl GatewayError {
         }
     }
 
-    /// The OpenAI-shaped JSON response for this error.
-    pub fn to_response(&self) -> Response {
+    /// The OpenAI-shaped JSON body of this error.
+    pub fn json(&self) -> Bytes {
         let (kind, code) = self.kind_and_code();
         let body = ErrorBody {
             error: ErrorFields {
@@ -263,60 +235,42 @@ impl GatewayError {
             br#"{"error":{"message":"error","type":"server_error","param":null,"code":null}}"#
                 .to_vec()
         });
-        let mut response = Response::builder()
-            .status(self.status())
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Body::from(json));
+        Bytes::from(json)
+    }
+
+    /// The headers of this error's answer: its content type, and what the status asks for
+    /// (`Allow`, `Retry-After`, `Upgrade`).
+    pub fn headers(&self) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         if let GatewayError::MethodNotAllowed { allowed, .. } = self {
             if let Ok(value) = HeaderValue::from_str(&join_methods(allowed)) {
-                response.headers_mut().insert(header::ALLOW, value);
+                headers.insert(header::ALLOW, value);
             }
         }
         if let GatewayError::RateLimited { retry_after, .. } = self {
-            response.headers_mut().insert(
+            headers.insert(
                 header::RETRY_AFTER,
                 HeaderValue::from(retry_after_secs(*retry_after)),
             );
         }
         if let GatewayError::TooBusy { .. } = self {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if let GatewayError::NotAWebSocket(_) = self {
             // RFC 9110 §15.5.22: a 426 names the protocol to switch to.
-            response
-                .headers_mut()
-                .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         }
-        response
+        headers
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[tokio::test]
-    async fn method_not_allowed_lists_allow_header_and_openai_shape() {
-        let err = GatewayError::MethodNotAllowed {
-            method: Method::DELETE,
-            template: "/v1/embeddings".into(),
-            allowed: vec![Method::POST],
-        };
-        let response = err.to_response();
-        assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
-        assert_eq!(response.headers()[header::ALLOW], "POST");
-        let body: serde_json::Value =
-            serde_json::from_slice(&response.into_body().into_vec().await.unwrap()).unwrap();
-        assert_eq!(
-            body["error"]["message"],
-            "Method DELETE is not allowed on /v1/embeddings; allowed: POST"
-        );
-        assert_eq!(body["error"]["type"], "invalid_request_error");
-        assert!(body["error"]["param"].is_null());
-        assert_eq!(body["error"]["code"], "method_not_allowed");
-    }
 
     #[test]
     fn retry_after_rounds_up_to_whole_seconds() {

@@ -1,7 +1,9 @@
-//! Accepting connections, serving them with hyper, and stopping gracefully.
+//! Accepting connections, deciding which engine serves each, and stopping gracefully.
 //!
-//! The gateway's endpoints are poem's; the connection loop is ours, because a proxy needs two
-//! things poem's built-in server does not give: a body error must abort the client's
+//! A plain connection starts in the fast engine and goes to hyper at the first request the
+//! fast engine does not take; a TLS connection goes to hyper. The connection loop is ours
+//! rather than poem's built-in server, because a proxy needs two things that one does not
+//! give: a body error must abort the client's
 //! connection (poem re-polls a finished connection, which then ends the chunked body cleanly,
 //! hiding an upstream failure), and a client that goes away must drop its response at once,
 //! so the upstream request is cancelled.
@@ -21,10 +23,10 @@ use hyper_util::server::graceful::GracefulShutdown;
 use poem::endpoint::DynEndpoint;
 use poem::web::{LocalAddr, RemoteAddr};
 
+use super::fast;
+use super::tls::{Tls, ACME_TLS_ALPN};
+use super::Serving;
 use crate::config::ServerConfig;
-use crate::proxy::lane;
-use crate::tls::{Tls, ACME_TLS_ALPN};
-use crate::App;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -92,12 +94,12 @@ impl Listener {
 /// and streams finish for up to `grace` before dropping them.
 pub async fn serve(
     listener: Listener,
-    app: Arc<App>,
+    app: Arc<Serving>,
     shutdown: impl Future<Output = ()>,
     settings: ServerConfig,
 ) -> io::Result<()> {
     let grace = settings.shutdown_grace;
-    let sessions = app.shared.sessions.clone();
+    let sessions = app.sessions.clone();
     let max_header_bytes = usize::try_from(settings.max_header_bytes).unwrap_or(usize::MAX);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // A client gets header_read_timeout to send its request head (slowloris), and a head may
@@ -117,10 +119,10 @@ pub async fn serve(
         .max_connections
         .map(|n| Arc::new(tokio::sync::Semaphore::new(n.get() as usize)));
     let graceful = GracefulShutdown::new();
-    // Started when the server stops accepting: fast-lane connections close between requests,
+    // Started when the server stops accepting: fast-engine connections close between requests,
     // as hyper's do under `graceful`.
-    let drain = Arc::new(lane::Drain::default());
-    let lane_settings = Arc::new(lane::Settings {
+    let drain = Arc::new(fast::Drain::default());
+    let fast_settings = Arc::new(fast::Settings {
         header_read_timeout: settings.header_read_timeout,
         max_header_bytes,
     });
@@ -166,10 +168,10 @@ pub async fn serve(
         match &listener.tls {
             None => {
                 let drain = Arc::clone(&drain);
-                let lane_settings = Arc::clone(&lane_settings);
+                let fast_settings = Arc::clone(&fast_settings);
                 tokio::spawn(async move {
                     let _slot = slot;
-                    connection.serve_plain(stream, &lane_settings, &drain).await;
+                    connection.serve_plain(stream, &fast_settings, &drain).await;
                 });
             }
             Some(tls) => {
@@ -229,7 +231,7 @@ pub async fn serve(
 
 /// Everything one accepted connection needs to be served.
 struct Connection {
-    app: Arc<App>,
+    app: Arc<Serving>,
     worker: usize,
     builder: auto::Builder<TokioExecutor>,
     local: LocalAddr,
@@ -239,33 +241,33 @@ struct Connection {
 }
 
 impl Connection {
-    /// Serves a plain TCP connection: in the fast lane while its requests qualify, then, from
+    /// Serves a plain TCP connection: in the fast engine while its requests qualify, then, from
     /// the first that does not, with hyper.
     async fn serve_plain(
         self,
         mut stream: tokio::net::TcpStream,
-        settings: &lane::Settings,
-        drain: &lane::Drain,
+        settings: &fast::Settings,
+        drain: &fast::Drain,
     ) {
-        if self.app.lane(self.worker).is_none() {
+        if self.app.fast(self.worker).is_none() {
             return self.serve(stream, http::uri::Scheme::HTTP).await;
         }
         let (app, worker) = (Arc::clone(&self.app), self.worker);
         let mut hard_stopped = self.hard_stopped.clone();
         // The graceful-shutdown watcher stays with the connection meanwhile, so shutdown
-        // waits for the lane's request in flight as for hyper's.
+        // waits for the fast engine's request in flight as for hyper's.
         let ended = tokio::select! {
-            ended = lane::serve(&mut stream, self.remote, settings, drain, || app.lane(worker)) => ended,
+            ended = fast::serve(&mut stream, self.remote, settings, drain, || app.fast(worker)) => ended,
             _ = hard_stopped.wait_for(|stop| *stop) => return,
         };
         match ended {
-            lane::Ended::Handover(read) => {
-                self.app.shared.metrics.count_lane_handover();
+            fast::Ended::Handover(read) => {
+                self.app.metrics.count_lane_handover();
                 self.serve(Rewind::new(read, stream), http::uri::Scheme::HTTP)
                     .await;
             }
             // A FIN after the last answer, not a reset that could overtake it.
-            lane::Ended::Closed => {
+            fast::Ended::Closed => {
                 let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
             }
         }
@@ -345,7 +347,7 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// A connection with bytes already read from it in front: what the fast lane read of the
+/// A connection with bytes already read from it in front: what the fast engine read of the
 /// request it hands to hyper.
 struct Rewind<S> {
     read: bytes::BytesMut,

@@ -1,5 +1,7 @@
-//! Body streams of the passthrough: the client's upload on its way up, the upstream's answer
-//! on its way down. Both move chunk by chunk; neither ever collects a body.
+//! Phase 4, the body policy: the size limit that applies to a request's body and the content
+//! types its route takes, decided from the head before any of the body is read; and the
+//! client's upload as it streams up, counted, cut at the limit, and abandoned when the client
+//! goes silent. Nothing here ever collects a body.
 
 use std::future::Future;
 use std::io;
@@ -11,15 +13,133 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::Stream;
+use http::{header, HeaderMap};
 use tokio::time::{Instant, Sleep};
 
-use crate::proxy::log::{Outcome, RequestLog};
+use super::error::GatewayError;
+use crate::config::{LimitsConfig, ServerConfig};
+use crate::headers;
+use crate::routes::{BodyKind, RouteSpec};
+
+/// A limit in force for one request, with the setting that controls it for messages.
+#[derive(Debug, Clone, Copy)]
+pub struct Bound<T> {
+    pub value: T,
+    pub setting: Setting,
+}
+
+/// Where a limit comes from: a global setting, or one route's own.
+#[derive(Debug, Clone, Copy)]
+pub enum Setting {
+    Global(&'static str),
+    Route { index: usize, key: &'static str },
+}
+
+impl std::fmt::Display for Setting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Setting::Global(name) => f.write_str(name),
+            Setting::Route { index, key } => write!(f, "routes[{index}].{key}"),
+        }
+    }
+}
+
+/// The `[limits]` body sizes and `server.body_read_timeout`.
+#[derive(Debug, Clone)]
+pub struct BodyRules {
+    max_json_body: u64,
+    max_upload_body: u64,
+    /// The longest silence allowed inside a request body.
+    pub idle: Duration,
+}
+
+impl BodyRules {
+    pub fn new(limits: &LimitsConfig, server: &ServerConfig) -> BodyRules {
+        BodyRules {
+            max_json_body: limits.max_json_body,
+            max_upload_body: limits.max_upload_body,
+            idle: server.body_read_timeout,
+        }
+    }
+
+    /// The body limit for a request: the route's own, else the upload limit when the route
+    /// takes uploads and the client is not sending JSON, else the JSON limit.
+    fn limit(&self, route: &RouteSpec, headers: &HeaderMap) -> Bound<u64> {
+        if let Some(value) = route.max_body {
+            return Bound {
+                value,
+                setting: Setting::Route {
+                    index: route.index,
+                    key: "max_body",
+                },
+            };
+        }
+        let sends_json = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .is_some_and(|ct| {
+                let essence = ct.split(';').next().unwrap_or("").trim();
+                essence.eq_ignore_ascii_case("application/json")
+            });
+        let takes_uploads = route.body.iter().any(|kind| kind.is_upload());
+        if takes_uploads && !sends_json {
+            Bound {
+                value: self.max_upload_body,
+                setting: Setting::Global("limits.max_upload_body"),
+            }
+        } else {
+            Bound {
+                value: self.max_json_body,
+                setting: Setting::Global("limits.max_json_body"),
+            }
+        }
+    }
+
+    /// Refuses a body that cannot be sent: declared over the limit, or of a content type the
+    /// route does not take. Returns the limit the body is held to as it streams.
+    pub fn check(
+        &self,
+        route: &RouteSpec,
+        headers: &HeaderMap,
+        has_body: bool,
+    ) -> Result<Bound<u64>, GatewayError> {
+        let limit = self.limit(route, headers);
+        let declared_length = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|value| headers::content_length(value.as_bytes()));
+        if let Some(declared) = declared_length.filter(|len| *len > limit.value) {
+            return Err(GatewayError::BodyTooLarge {
+                limit: limit.value,
+                setting: limit.setting.to_string(),
+                declared: Some(declared),
+            });
+        }
+        if has_body {
+            let declared = headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|value| value.to_str().ok());
+            if let Some(content_type) = declared.filter(|ct| route.refuses_content_type(ct)) {
+                return Err(GatewayError::UnsupportedMediaType {
+                    declared: content_type.chars().take(100).collect(),
+                    accepted: route
+                        .body
+                        .iter()
+                        .filter(|kind| **kind != BodyKind::None)
+                        .map(|kind| kind.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                });
+            }
+        }
+        Ok(limit)
+    }
+}
 
 /// A silence timer that costs nothing while data keeps coming: it is armed the first time
 /// the stream has to wait, and re-armed from that moment after each chunk. A body that
 /// arrives whole (most JSON answers and requests) never touches the timer wheel.
 #[derive(Debug)]
-struct IdleTimer {
+pub(super) struct IdleTimer {
     timeout: Duration,
     sleep: Option<Pin<Box<Sleep>>>,
     /// A chunk went by since the timer was last armed.
@@ -27,7 +147,7 @@ struct IdleTimer {
 }
 
 impl IdleTimer {
-    fn new(timeout: Duration) -> IdleTimer {
+    pub(super) fn new(timeout: Duration) -> IdleTimer {
         IdleTimer {
             timeout,
             sleep: None,
@@ -35,12 +155,12 @@ impl IdleTimer {
         }
     }
 
-    fn saw_chunk(&mut self) {
+    pub(super) fn saw_chunk(&mut self) {
         self.stale = true;
     }
 
     /// Called when the stream has nothing to give: ready once it has been silent too long.
-    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+    pub(super) fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         let timeout = self.timeout;
         let sleep = self
             .sleep
@@ -187,106 +307,6 @@ where
                     Poll::Ready(Some(Err(io::Error::new(
                         io::ErrorKind::TimedOut,
                         "the client stopped sending its request body",
-                    ))))
-                }
-                Poll::Pending => Poll::Pending,
-            },
-        }
-    }
-}
-
-/// An upstream failure, whichever HTTP client met it.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-/// The upstream's response body as a stream of chunks, whichever client brought it.
-pub enum UpstreamChunks {
-    /// hyper's body, read frame by frame: the common transport, held without a box.
-    Direct(http_body_util::BodyDataStream<hyper::body::Incoming>),
-    /// reqwest's, whose stream type has no name.
-    Proxied(Pin<Box<dyn Stream<Item = Result<Bytes, BoxError>> + Send>>),
-}
-
-impl Stream for UpstreamChunks {
-    type Item = Result<Bytes, BoxError>;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        match self.get_mut() {
-            UpstreamChunks::Direct(body) => Pin::new(body)
-                .poll_next(cx)
-                .map_err(|err| Box::new(err) as BoxError),
-            UpstreamChunks::Proxied(chunks) => chunks.as_mut().poll_next(cx),
-        }
-    }
-}
-
-/// The upstream's response body on its way to the client.
-///
-/// A gap longer than `idle_timeout` between two chunks, or an upstream error, ends the stream
-/// with an error, so the server aborts the connection instead of finishing the body cleanly:
-/// the client must see that the answer is incomplete. The request's log line is written when
-/// this stream is dropped, with what was actually delivered.
-pub struct DownloadBody {
-    inner: UpstreamChunks,
-    idle: IdleTimer,
-    /// The upstream's Content-Length: the server stops polling once that much is written,
-    /// so reaching it is what "complete" means for such a body.
-    expected_len: Option<u64>,
-    done: bool,
-    log: RequestLog,
-}
-
-impl DownloadBody {
-    pub fn new(
-        inner: UpstreamChunks,
-        idle_timeout: Duration,
-        expected_len: Option<u64>,
-        mut log: RequestLog,
-    ) -> Self {
-        if expected_len == Some(0) {
-            log.outcome = Outcome::Complete;
-        }
-        DownloadBody {
-            inner,
-            idle: IdleTimer::new(idle_timeout),
-            expected_len,
-            done: false,
-            log,
-        }
-    }
-}
-
-impl Stream for DownloadBody {
-    type Item = io::Result<Bytes>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if self.done {
-            return Poll::Ready(None);
-        }
-        match Pin::new(&mut self.inner).poll_next(cx) {
-            Poll::Ready(Some(Ok(chunk))) => {
-                self.log.saw(&chunk);
-                if Some(self.log.bytes_out) == self.expected_len {
-                    self.log.outcome = Outcome::Complete;
-                }
-                self.idle.saw_chunk();
-                Poll::Ready(Some(Ok(chunk)))
-            }
-            Poll::Ready(Some(Err(err))) => {
-                self.done = true;
-                self.log.outcome = Outcome::UpstreamBodyError;
-                Poll::Ready(Some(Err(io::Error::other(err))))
-            }
-            Poll::Ready(None) => {
-                self.done = true;
-                self.log.outcome = Outcome::Complete;
-                Poll::Ready(None)
-            }
-            Poll::Pending => match self.idle.poll_expired(cx) {
-                Poll::Ready(()) => {
-                    self.done = true;
-                    self.log.outcome = Outcome::UpstreamBodyTimeout;
-                    Poll::Ready(Some(Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "upstream went silent mid-body",
                     ))))
                 }
                 Poll::Pending => Poll::Pending,

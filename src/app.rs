@@ -1,0 +1,155 @@
+//! The gateway assembled from a manifest: for each worker, a pipeline (with its own upstream
+//! connection pools) and the routes of both engines over it; swapped whole on reload; and the
+//! state that outlives a reload (metrics, realtime sessions, the limiter's buckets).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::config::{AdmissionConfig, Config, ConfigError, LogConfig, ServerConfig};
+use crate::engine::gateway::{self, Docs, Status};
+use crate::engine::{fast, Serving, Worker};
+use crate::observe::metrics::Metrics;
+use crate::pipeline::limits::Limiter;
+use crate::pipeline::Pipeline;
+use crate::realtime::Sessions;
+use crate::upstream;
+
+/// The gateway, ready to serve.
+pub struct App {
+    /// What each worker serves with now.
+    pub serving: Arc<Serving>,
+    /// The limiter and the settings it was built for: a reload with the same `[limits]`
+    /// keeps it, so buckets and in-flight counts carry over.
+    limiter: Mutex<Option<(AdmissionConfig, Arc<Limiter>)>>,
+    /// How many manifests have been loaded: 1 at start, one more per successful reload.
+    generation: Arc<AtomicU64>,
+    /// The `[server]` and `[log]` settings the process started with; they need a restart.
+    server: ServerConfig,
+    log: LogConfig,
+}
+
+/// Builds the gateway from `config`, for one worker (tests, or a single runtime).
+pub fn app(config: &Config) -> Result<Arc<App>, ConfigError> {
+    app_for_workers(config, 1)
+}
+
+/// Builds the gateway from `config` with a pipeline per worker: each worker's requests use
+/// its own upstream pools, so a request's tasks stay on one thread.
+pub fn app_for_workers(config: &Config, workers: usize) -> Result<Arc<App>, ConfigError> {
+    let metrics = Arc::new(Metrics::new(&config.metrics));
+    let sessions = Sessions::default();
+    let mut app = App {
+        serving: Arc::new(Serving::new(Vec::new(), sessions, metrics)),
+        limiter: Mutex::new(None),
+        generation: Arc::new(AtomicU64::new(1)),
+        server: config.server.clone(),
+        log: config.log.clone(),
+    };
+    let built = app.build_all(config, workers.max(1))?;
+    let Serving {
+        sessions, metrics, ..
+    } = match Arc::try_unwrap(app.serving) {
+        Ok(serving) => serving,
+        Err(_) => {
+            return Err(ConfigError::Invalid(vec![
+                "the gateway was shared while built".into(),
+            ]))
+        }
+    };
+    app.serving = Arc::new(Serving::new(built, sessions, metrics));
+    Ok(Arc::new(app))
+}
+
+impl App {
+    /// The metrics, which outlive reloads.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.serving.metrics
+    }
+
+    /// How many manifests have been loaded.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
+    /// Serves `config` from now on. Requests and streams already running finish on the
+    /// manifest they started with. On error nothing changes. Settings that only apply at
+    /// start-up (`[server]`, `[log]`) are kept, with a warning when they differ.
+    pub fn reload(&self, config: &Config) -> Result<(), ConfigError> {
+        // Every worker's pipeline is built before any is swapped: all or nothing.
+        let result = self.build_all(config, self.serving.workers());
+        self.metrics().count_reload(result.is_ok());
+        self.serving.swap(result?);
+        self.metrics().configure(&config.metrics);
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        if config.server != self.server {
+            tracing::warn!(
+                "[server] settings changed in the manifest; they apply at the next restart"
+            );
+        }
+        if config.log != self.log {
+            tracing::warn!(
+                "[log] settings changed in the manifest; they apply at the next restart"
+            );
+        }
+        tracing::info!(
+            manifest = %config.source,
+            routes = config.routes.len(),
+            generation,
+            "manifest reloaded"
+        );
+        Ok(())
+    }
+
+    /// What each of `workers` serves `config` with. The upstream TLS settings are read once
+    /// (reading the system's roots costs milliseconds), and `/openapi.json` and `/docs` are
+    /// shared by the workers.
+    fn build_all(&self, config: &Config, workers: usize) -> Result<Vec<Worker>, ConfigError> {
+        let tls = upstream::tls::client_config()?;
+        let docs = config.openapi.enabled.then(|| Docs::new(config));
+        (0..workers)
+            .map(|_| self.build(config, &tls, docs.as_ref()))
+            .collect()
+    }
+
+    fn build(
+        &self,
+        config: &Config,
+        tls: &rustls::ClientConfig,
+        docs: Option<&Docs>,
+    ) -> Result<Worker, ConfigError> {
+        let metrics = &self.serving.metrics;
+        let pipeline = Arc::new(Pipeline::new(
+            config,
+            self.limiter(&config.limits.admission),
+            Arc::clone(metrics),
+            self.serving.sessions.clone(),
+            tls,
+        )?);
+        let endpoints = pipeline.endpoints(config);
+        let status = Status {
+            generation: Arc::clone(&self.generation),
+            sessions: self.serving.sessions.clone(),
+        };
+        Ok(Worker {
+            endpoint: gateway::router(config, &pipeline, &endpoints, docs, metrics, status)?,
+            fast: config
+                .server
+                .fast_lane
+                .then(|| Arc::new(fast::Routes::new(&endpoints, config, metrics))),
+        })
+    }
+
+    fn limiter(&self, config: &AdmissionConfig) -> Arc<Limiter> {
+        let Ok(mut slot) = self.limiter.lock() else {
+            return Arc::new(Limiter::new(config));
+        };
+        match &*slot {
+            Some((built_for, limiter)) if built_for == config => Arc::clone(limiter),
+            _ => {
+                let limiter = Arc::new(Limiter::new(config));
+                *slot = Some((config.clone(), Arc::clone(&limiter)));
+                limiter
+            }
+        }
+    }
+}

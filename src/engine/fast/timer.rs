@@ -1,0 +1,37 @@
+//! One timer per connection for the deadline of whatever it waits for (a head, a body).
+//!
+//! Why: a wait only moves it when its deadline comes sooner than the one armed (requests come
+//! far faster than any timeout runs out), and a firing before the wait's own deadline re-arms
+//! it there, so a busy connection does not touch the timer wheel per request.
+
+use std::pin::Pin;
+
+use tokio::time::{Instant, Sleep};
+
+/// One sleep, re-armed for whatever its owner waits for next.
+pub struct Timer<'s> {
+    sleep: Pin<&'s mut Sleep>,
+    /// When `sleep` fires; `None` once it has.
+    armed: Option<Instant>,
+}
+
+impl<'s> Timer<'s> {
+    pub fn new(sleep: Pin<&'s mut Sleep>) -> Timer<'s> {
+        Timer { sleep, armed: None }
+    }
+
+    /// Resolves once `deadline` has passed.
+    pub async fn expired(&mut self, deadline: Instant) {
+        loop {
+            if self.armed.is_none_or(|armed| armed > deadline) {
+                self.sleep.as_mut().reset(deadline);
+                self.armed = Some(deadline);
+            }
+            self.sleep.as_mut().await;
+            self.armed = None;
+            if Instant::now() >= deadline {
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! Phase 7: the rules for the answer's head, and who failed when there is no answer.
+//!
+//! [`Answer`] is what the pipeline gives back to an engine for every request: the upstream's
+//! answer on its way through, or one the gateway made itself. Engines only write it.
+
+use bytes::Bytes;
+use http::header;
+use http::StatusCode;
+
+use super::body::{Bound, UploadProgress};
+use super::error::GatewayError;
+use super::relay::Relay;
+use crate::headers::{strip_hop_by_hop, HopByHop};
+use crate::observe::metrics::UpstreamErrorKind;
+use crate::upstream::{BodySize, Head, SendError, Stage};
+
+/// A request's answer, for an engine to write.
+pub struct Answer {
+    pub status: StatusCode,
+    pub head: Head,
+    pub body: AnswerBody,
+}
+
+/// An answer's body.
+// Why not boxed: the relay is every forwarded answer's, and a box would cost each an
+// allocation; an error's body is the one that wastes the room.
+#[allow(clippy::large_enum_variant)]
+pub enum AnswerBody {
+    /// Made by the gateway (an error, a refusal the upstream sent whole, a 101).
+    Full(Bytes),
+    /// The upstream's, as it arrives.
+    Relay(Relay),
+}
+
+impl Answer {
+    /// The gateway's own answer for `err`, in OpenAI's shape.
+    pub fn error(err: &GatewayError) -> Answer {
+        Answer {
+            status: err.status(),
+            head: Head::Map(err.headers()),
+            body: AnswerBody::Full(err.json()),
+        }
+    }
+}
+
+impl AnswerBody {
+    /// How much body there is, as the engine frames it.
+    pub fn size(&self) -> BodySize {
+        match self {
+            AnswerBody::Full(body) => BodySize::Known(body.len() as u64),
+            AnswerBody::Relay(relay) => relay.size(),
+        }
+    }
+}
+
+/// Removes the headers of the upstream's answer that belonged to its connection only
+/// ([`HopByHop`]), whichever form the head is in.
+pub fn strip_connection_headers(head: &mut Head) {
+    match head {
+        Head::Map(map) => strip_hop_by_hop(map),
+        Head::Wire(fields) => {
+            let rule = HopByHop::of(fields.get_all(&header::CONNECTION));
+            fields.retain(|name| !rule.contains(name));
+        }
+    }
+}
+
+/// Says who failed when the request could not be sent or its head never came back: the
+/// client (its upload over the limit, stalled, or broken), else the upstream.
+pub fn classify(
+    err: SendError,
+    upload: &UploadProgress,
+    limit: Bound<u64>,
+    timeouts: &Timeouts,
+) -> GatewayError {
+    if upload.over_limit() {
+        GatewayError::BodyTooLarge {
+            limit: limit.value,
+            setting: limit.setting.to_string(),
+            declared: None,
+        }
+    } else if upload.client_stalled() {
+        GatewayError::ClientBodyTimeout {
+            timeout: timeouts.body_idle,
+        }
+    } else if upload.client_failed() {
+        GatewayError::ClientBody(std::io::Error::other(err.source))
+    } else {
+        match err.stage {
+            Stage::Connect if err.timed_out() => GatewayError::UpstreamConnectTimeout {
+                timeout: timeouts.connect,
+            },
+            Stage::Connect => GatewayError::UpstreamUnreachable(err.source),
+            Stage::Exchange => GatewayError::UpstreamFailed(err.source),
+        }
+    }
+}
+
+/// The timeouts a classified failure names.
+pub struct Timeouts {
+    /// `upstream.connect_timeout`.
+    pub connect: std::time::Duration,
+    /// `server.body_read_timeout`.
+    pub body_idle: std::time::Duration,
+}
+
+/// The upstream's share of a failure, for `oa_bypass_upstream_errors_total`; `None` when the
+/// client or the gateway's own limits were the cause.
+pub fn upstream_error_kind(err: &GatewayError) -> Option<UpstreamErrorKind> {
+    match err {
+        GatewayError::UpstreamUnreachable(_) => Some(UpstreamErrorKind::Connect),
+        GatewayError::UpstreamConnectTimeout { .. } | GatewayError::UpstreamTimeout { .. } => {
+            Some(UpstreamErrorKind::Timeout)
+        }
+        GatewayError::UpstreamFailed(_) => Some(UpstreamErrorKind::Reset),
+        GatewayError::MissingCredential
+        | GatewayError::KeyNotAllowed
+        | GatewayError::AddressNotAllowed
+        | GatewayError::RateLimited { .. }
+        | GatewayError::TooBusy { .. }
+        | GatewayError::UnknownRoute { .. }
+        | GatewayError::MethodNotAllowed { .. }
+        | GatewayError::InvalidPathParam { .. }
+        | GatewayError::BodyTooLarge { .. }
+        | GatewayError::ClientBodyTimeout { .. }
+        | GatewayError::UnsupportedMediaType { .. }
+        | GatewayError::ClientBody(_)
+        | GatewayError::NotAWebSocket(_)
+        | GatewayError::Internal(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Method;
+
+    #[test]
+    fn method_not_allowed_lists_allow_header_and_openai_shape() {
+        let err = GatewayError::MethodNotAllowed {
+            method: Method::DELETE,
+            template: "/v1/embeddings".into(),
+            allowed: vec![Method::POST],
+        };
+        let answer = Answer::error(&err);
+        assert_eq!(answer.status, StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(answer.head.get(&header::ALLOW), Some(&b"POST"[..]));
+        let AnswerBody::Full(body) = answer.body else {
+            panic!("an error's body is whole")
+        };
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            body["error"]["message"],
+            "Method DELETE is not allowed on /v1/embeddings; allowed: POST"
+        );
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        assert!(body["error"]["param"].is_null());
+        assert_eq!(body["error"]["code"], "method_not_allowed");
+    }
+}

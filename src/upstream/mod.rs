@@ -1,0 +1,382 @@
+//! The upstream: where a request goes and how it gets there.
+//!
+//! [`Upstream::send`] takes a request the pipeline has finished with and brings back the
+//! answer's head and a body to stream. Which transport carries it is decided there and
+//! nowhere else:
+//! - the raw HTTP/1 transport ([`raw`]) for a plain `http://` upstream reached without a
+//!   proxy, when the body is already whole (the fast engine reads bodies it takes whole);
+//! - hyper-util's pooled client ([`client`]) for everything else: HTTPS with HTTP/2 where
+//!   offered, proxies, bodies that stream.
+//!
+//! Both, and the Realtime WebSocket's connections, are made by one [`Connector`]: TCP, the
+//! outbound proxy, TLS.
+
+mod client;
+pub mod connect;
+mod raw;
+mod target;
+pub mod tls;
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::Stream;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
+use http::{Method, StatusCode};
+use http_body_util::BodyExt;
+
+use crate::config::{ConfigError, UpstreamConfig};
+use crate::http1::{Fields, Framing};
+pub use client::ClientBody;
+pub use connect::{BoxError, Connector, Io, Purpose};
+use raw::{Raw, RawBody};
+pub use target::Target;
+
+/// Pooled connections per worker: enough warm ones for bursts, while a spike of thousands of
+/// streams does not leave thousands of idle sockets behind.
+const POOL_MAX_IDLE: usize = 256;
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// A request ready for the upstream: every rule of the pipeline has been applied to it.
+pub struct Outbound {
+    pub method: Method,
+    /// Path and query as the upstream sees them ([`Target::join`]).
+    pub target: PathAndQuery,
+    pub headers: HeaderMap,
+    pub body: OutboundBody,
+}
+
+/// A request body on its way up.
+pub enum OutboundBody {
+    /// All of it, already read (possibly empty).
+    Whole(Bytes),
+    /// Chunks as the client sends them.
+    Stream(ClientBody),
+}
+
+/// The upstream's answer up to its head, with its body to come.
+pub struct Response {
+    pub status: StatusCode,
+    pub head: Head,
+    pub body: Body,
+}
+
+/// An answer's header fields: a map, or the head as it arrived on a raw connection (read,
+/// filtered and written in place by the fast engine, with no map built in between).
+pub enum Head {
+    Map(HeaderMap),
+    Wire(Fields),
+}
+
+impl Head {
+    /// The first value of `name`.
+    pub fn get(&self, name: &HeaderName) -> Option<&[u8]> {
+        match self {
+            Head::Map(map) => map.get(name).map(HeaderValue::as_bytes),
+            Head::Wire(fields) => fields.get(name),
+        }
+    }
+
+    /// The first value of `name`, sharing the head's storage.
+    pub fn value(&self, name: &HeaderName) -> Option<HeaderValue> {
+        match self {
+            Head::Map(map) => map.get(name).cloned(),
+            Head::Wire(fields) => fields.value(name),
+        }
+    }
+
+    /// Every field, name and value.
+    pub fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        let (map, wire) = match self {
+            Head::Map(map) => (Some(map), None),
+            Head::Wire(fields) => (None, Some(fields)),
+        };
+        let map = map.into_iter().flat_map(|map| {
+            map.iter()
+                .map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes()))
+        });
+        map.chain(wire.into_iter().flat_map(Fields::iter))
+    }
+
+    /// Keeps the fields whose name `keep` accepts.
+    pub fn retain(&mut self, mut keep: impl FnMut(&[u8]) -> bool) {
+        match self {
+            Head::Map(map) => {
+                let going: Vec<HeaderName> = map
+                    .keys()
+                    .filter(|name| !keep(name.as_str().as_bytes()))
+                    .cloned()
+                    .collect();
+                for name in going {
+                    map.remove(name);
+                }
+            }
+            Head::Wire(fields) => fields.retain(keep),
+        }
+    }
+
+    /// The fields as a header map, for an engine that needs one.
+    pub fn into_map(self) -> HeaderMap {
+        match self {
+            Head::Map(map) => map,
+            Head::Wire(fields) => fields.to_header_map(),
+        }
+    }
+}
+
+/// How much body an answer has, as its framing says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodySize {
+    /// None at all (204, 304): no length is sent either.
+    None,
+    Known(u64),
+    /// Until the upstream says it is over (chunked, or until it closes).
+    Unknown,
+}
+
+/// An answer's body as it arrives, whichever transport brought it.
+pub enum Body {
+    Raw(RawBody),
+    Client {
+        body: http_body_util::BodyDataStream<hyper::body::Incoming>,
+        size: BodySize,
+    },
+}
+
+impl Body {
+    pub fn size(&self) -> BodySize {
+        match self {
+            Body::Raw(raw) => match raw.framing() {
+                Framing::Empty => BodySize::None,
+                Framing::Length(len) => BodySize::Known(len),
+                Framing::Chunked | Framing::UntilClose => BodySize::Unknown,
+            },
+            Body::Client { size, .. } => *size,
+        }
+    }
+}
+
+impl Stream for Body {
+    type Item = Result<Bytes, BoxError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        match self.get_mut() {
+            Body::Raw(raw) => Pin::new(raw).poll_next(cx),
+            Body::Client { body, .. } => Pin::new(body)
+                .poll_next(cx)
+                .map_err(|err| Box::new(err) as BoxError),
+        }
+    }
+}
+
+/// How far a request got before it failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// No connection could be made (refused, DNS, TLS, the proxy, the connect timeout).
+    Connect,
+    /// The connection broke or the upstream answered what is not HTTP.
+    Exchange,
+}
+
+/// Why a request got no answer head.
+#[derive(Debug)]
+pub struct SendError {
+    pub stage: Stage,
+    pub source: BoxError,
+}
+
+impl SendError {
+    pub fn new(stage: Stage, source: BoxError) -> SendError {
+        SendError { stage, source }
+    }
+
+    /// Whether the cause, or one of its causes, is an I/O timeout (the connect timeout).
+    pub fn timed_out(&self) -> bool {
+        let mut current: Option<&(dyn std::error::Error + 'static)> = Some(self.source.as_ref());
+        while let Some(cause) = current {
+            if cause
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+            {
+                return true;
+            }
+            current = cause.source();
+        }
+        false
+    }
+}
+
+/// An error and its causes on one line, each said once: hyper's own message ("client error
+/// (Connect)") says little until its source ("Connection refused") is shown beside it.
+pub fn chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
+}
+
+/// One upstream, for one worker: its transports keep that worker's connections.
+pub struct Upstream {
+    target: Target,
+    connect_timeout: Duration,
+    connector: Connector,
+    client: client::Client,
+    /// The raw transport, for a plain upstream that no proxy stands in front of.
+    raw: Option<Raw>,
+    /// `Proxy-Authorization` for plain-HTTP requests an HTTP proxy forwards in absolute
+    /// form (a tunnel carries its own).
+    forward_auth: Option<HeaderValue>,
+}
+
+impl Upstream {
+    /// The upstream of `config`, with the root certificates of `tls`.
+    pub fn new(
+        config: &UpstreamConfig,
+        tls: &rustls::ClientConfig,
+    ) -> Result<Upstream, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid(vec![message]);
+        let target = Target::new(&config.base_url).map_err(invalid)?;
+        let base = target
+            .base()
+            .map_err(|err| invalid(format!("upstream.base_url: not usable: {err}")))?;
+        let connector = Connector::new(config.connect_timeout, config.proxy.as_ref(), tls);
+        let proxy = connector.proxy_for(&base);
+        let raw = (target.is_plain() && proxy.is_none())
+            .then(|| Raw::new(base.clone(), connector.clone()));
+        let forward_auth = proxy
+            .filter(|proxy| {
+                target.is_plain() && matches!(proxy.uri().scheme_str(), Some("http" | "https"))
+            })
+            .and_then(|proxy| proxy.basic_auth().cloned())
+            .map(|mut auth| {
+                auth.set_sensitive(true);
+                auth
+            });
+        Ok(Upstream {
+            target,
+            connect_timeout: config.connect_timeout,
+            client: client::Client::new(connector.clone()),
+            connector,
+            raw,
+            forward_auth,
+        })
+    }
+
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// `upstream.connect_timeout`, for the messages that name it.
+    pub fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+
+    /// Sends `request` and waits for the answer's head.
+    pub async fn send(&self, request: Outbound) -> Result<Response, SendError> {
+        if let (Some(raw), OutboundBody::Whole(body)) = (&self.raw, &request.body) {
+            let (head, body) = raw
+                .send(
+                    &request.method,
+                    request.target.as_str(),
+                    &request.headers,
+                    body,
+                )
+                .await?;
+            return Ok(Response {
+                status: head.status,
+                head: Head::Wire(head.fields),
+                body: Body::Raw(body),
+            });
+        }
+        let response = self.send_by_client(request)?.response().await?;
+        let (parts, incoming) = response.into_parts();
+        let size = if matches!(
+            parts.status,
+            StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED
+        ) {
+            BodySize::None
+        } else {
+            parts
+                .headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|value| crate::headers::content_length(value.as_bytes()))
+                .map_or(BodySize::Unknown, BodySize::Known)
+        };
+        Ok(Response {
+            status: parts.status,
+            head: Head::Map(parts.headers),
+            body: Body::Client {
+                body: http_body_util::BodyDataStream::new(incoming),
+                size,
+            },
+        })
+    }
+
+    /// Starts `request` on the pooled client.
+    fn send_by_client(&self, request: Outbound) -> Result<client::Sending, SendError> {
+        let Outbound {
+            method,
+            target,
+            mut headers,
+            body,
+        } = request;
+        let body = match body {
+            OutboundBody::Whole(body) => http_body_util::Full::new(body)
+                .map_err(|never| match never {})
+                .boxed(),
+            OutboundBody::Stream(body) => body,
+        };
+        let uri = self
+            .target
+            .uri(target)
+            .map_err(|err| SendError::new(Stage::Exchange, Box::new(err)))?;
+        if let Some(auth) = &self.forward_auth {
+            headers.insert(header::PROXY_AUTHORIZATION, auth.clone());
+        }
+        Ok(self.client.send(method, uri, headers, body))
+    }
+
+    /// GETs the base URL the way forwarded requests go (same transport, proxy and TLS):
+    /// `Ok` for any HTTP answer, else why none came. For `/ready`.
+    pub async fn probe(&self) -> Result<(), String> {
+        let base = self.target.base().map_err(|err| err.to_string())?;
+        let mut headers = HeaderMap::new();
+        if let Some(host) = self.target.host() {
+            headers.insert(header::HOST, host.clone());
+        }
+        let request = Outbound {
+            method: Method::GET,
+            target: base
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+            headers,
+            body: OutboundBody::Whole(Bytes::new()),
+        };
+        match self.send(request).await {
+            Ok(_) => Ok(()),
+            Err(err) => Err(chain(err.source.as_ref())),
+        }
+    }
+
+    /// A connection for a WebSocket session to `joined` ([`Target::join`]), through the
+    /// proxy when one applies, TLS for `wss://`; and the session's URL.
+    pub async fn websocket(
+        &self,
+        joined: PathAndQuery,
+    ) -> Result<(Box<dyn Io>, http::Uri), BoxError> {
+        let uri = self.target.websocket_uri(joined)?;
+        let conn = self.connector.connect(&uri, Purpose::WebSocket).await?;
+        Ok((conn.into_io(), uri))
+    }
+}
