@@ -3,33 +3,91 @@
 //!
 //! Everything end-to-end passes (OpenAI-*, X-Stainless-*, Idempotency-Key, Accept, …); what
 //! belongs to one connection or names the client's address does not. Each rule has one form,
-//! a test on a header's name ([`HopByHop::contains`], [`leaves_for_upstream`]), applied to
+//! a test on a header's name ([`HopByHop::contains`], [`stays_behind`]), applied to
 //! whichever container holds the head: a header map, or the fields of a head kept as it
 //! arrived. These functions never read or log header values beyond the names they match.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-/// Hop-by-hop headers of RFC 9110 §7.6.1, plus the legacy ones proxies still meet.
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
+/// What a listed header name is to the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Listed {
+    /// Belongs to one connection (RFC 9110 §7.6.1, plus the legacy ones proxies still meet).
+    HopByHop,
+    /// Reveals the client's address (RFC 7239 `Forwarded` and its de-facto kin).
+    ClientAddress,
+    /// Can carry a key: `Authorization`, `api-key`, and `Sec-WebSocket-Protocol` (browsers
+    /// pass the key there for WebSockets).
+    Credential,
+}
+
+/// Every header name the rules know, lowercase, shortest first (see [`BY_LENGTH`]).
+const LISTED: [(&str, Listed); 17] = [
+    ("te", Listed::HopByHop),
+    ("api-key", Listed::Credential),
+    ("trailer", Listed::HopByHop),
+    ("upgrade", Listed::HopByHop),
+    ("forwarded", Listed::ClientAddress),
+    ("x-real-ip", Listed::ClientAddress),
+    ("connection", Listed::HopByHop),
+    ("keep-alive", Listed::HopByHop),
+    ("x-client-ip", Listed::ClientAddress),
+    ("authorization", Listed::Credential),
+    ("true-client-ip", Listed::ClientAddress),
+    ("x-forwarded-for", Listed::ClientAddress),
+    ("cf-connecting-ip", Listed::ClientAddress),
+    ("proxy-connection", Listed::HopByHop),
+    ("transfer-encoding", Listed::HopByHop),
+    ("proxy-authorization", Listed::HopByHop),
+    ("sec-websocket-protocol", Listed::Credential),
 ];
 
-/// Headers that reveal the client's address (RFC 7239 `Forwarded` and its de-facto kin).
-const CLIENT_ADDRESS: [HeaderName; 6] = [
-    header::FORWARDED,
-    HeaderName::from_static("x-forwarded-for"),
-    HeaderName::from_static("x-real-ip"),
-    HeaderName::from_static("true-client-ip"),
-    HeaderName::from_static("cf-connecting-ip"),
-    HeaderName::from_static("x-client-ip"),
-];
+const LONGEST: usize = LISTED[LISTED.len() - 1].0.len();
+
+/// Where the names of each length start in [`LISTED`] (those of length `n` are
+/// `BY_LENGTH[n]..BY_LENGTH[n + 1]`). Why: every header of every message is looked up, and
+/// nearly none is listed; a name is compared only with the listed names as long as it.
+const BY_LENGTH: [usize; LONGEST + 2] = {
+    let mut starts = [0; LONGEST + 2];
+    let mut i = 1;
+    while i < LISTED.len() {
+        assert!(
+            LISTED[i - 1].0.len() <= LISTED[i].0.len(),
+            "LISTED is shortest first"
+        );
+        i += 1;
+    }
+    let mut len = 0;
+    while len < starts.len() {
+        let mut shorter = 0;
+        while shorter < LISTED.len() && LISTED[shorter].0.len() < len {
+            shorter += 1;
+        }
+        starts[len] = shorter;
+        len += 1;
+    }
+    starts
+};
+
+/// What the header `name` (any case) is to the rules, if they list it.
+fn listed(name: &[u8]) -> Option<Listed> {
+    let (start, end) = (*BY_LENGTH.get(name.len())?, *BY_LENGTH.get(name.len() + 1)?);
+    LISTED[start..end]
+        .iter()
+        .find(|(listed, _)| is_named(name, listed.as_bytes()))
+        .map(|(_, kind)| *kind)
+}
+
+/// Whether a header's name as it arrived (any case) is `lowercase`. Why not
+/// `eq_ignore_ascii_case`: names that differ mostly differ in their first bytes, and this
+/// stops there rather than comparing them whole.
+pub fn is_named(name: &[u8], lowercase: &[u8]) -> bool {
+    name.len() == lowercase.len()
+        && name
+            .iter()
+            .zip(lowercase)
+            .all(|(byte, low)| byte.to_ascii_lowercase() == *low)
+}
 
 /// Azure-style key header, which OpenAI-compatible upstreams also accept.
 pub const API_KEY: HeaderName = HeaderName::from_static("api-key");
@@ -44,7 +102,7 @@ pub fn list_items<'a>(headers: &'a HeaderMap, name: &HeaderName) -> impl Iterato
 /// [`list_items`] of values given as bytes (a head read in place).
 pub fn list_items_of<'a>(values: impl Iterator<Item = &'a [u8]>) -> impl Iterator<Item = &'a [u8]> {
     values
-        .filter(|value| text(value).is_some())
+        .filter(|value| is_text(value))
         .flat_map(|value| value.split(|byte| *byte == b','))
         .map(<[u8]>::trim_ascii)
         .filter(|item| !item.is_empty())
@@ -65,117 +123,168 @@ pub fn content_length(value: &[u8]) -> Option<u64> {
 /// A value as text, by [`HeaderValue::to_str`]'s rule (visible ASCII, space and tab), for
 /// values read as bytes.
 pub fn text(value: &[u8]) -> Option<&str> {
-    if value
-        .iter()
-        .all(|&byte| byte == b'\t' || (0x20..0x7f).contains(&byte))
-    {
+    if is_text(value) {
         std::str::from_utf8(value).ok()
     } else {
         None
     }
 }
 
+/// Whether [`text`] takes `value`: visible ASCII, space and tab (so UTF-8 too). Why a fold
+/// and not `all`: with no early exit the loop is vectorised, and keys are long values.
+fn is_text(value: &[u8]) -> bool {
+    value.iter().fold(true, |text, &byte| {
+        text & ((byte == b'\t') | (byte.wrapping_sub(0x20) < 0x5f))
+    })
+}
+
 /// The headers of one message that belong to one connection and must not be forwarded: those
 /// RFC 9110 §7.6.1 lists, and every header its `Connection` field names.
 pub struct HopByHop {
     /// Headers `Connection` names beyond the fixed list (rare: usually empty, which
-    /// allocates nothing).
-    named: Vec<HeaderName>,
+    /// allocates nothing), lowercase.
+    named: Vec<Box<str>>,
 }
 
 impl HopByHop {
     /// The rule for a message whose `Connection` values are `connection`.
     pub fn of<'a>(connection: impl Iterator<Item = &'a [u8]>) -> HopByHop {
-        let named = list_items_of(connection)
-            .filter(|item| !item.eq_ignore_ascii_case(b"close") && !in_fixed_list(item))
-            .filter_map(|item| HeaderName::from_bytes(item).ok())
-            .collect();
+        let mut named = Vec::new();
+        for item in list_items_of(connection) {
+            if is_named(item, b"close") || listed(item) == Some(Listed::HopByHop) {
+                continue;
+            }
+            // Text already (`list_items_of`), so UTF-8.
+            if let Ok(item) = std::str::from_utf8(item) {
+                named.push(item.to_ascii_lowercase().into());
+            }
+        }
         HopByHop { named }
     }
 
-    /// The rule for a header map's message.
-    pub fn of_map(headers: &HeaderMap) -> HopByHop {
-        HopByHop::of(
-            headers
-                .get_all(header::CONNECTION)
-                .iter()
-                .map(HeaderValue::as_bytes),
-        )
-    }
-
-    /// Whether the header `name` (any case) belongs to the connection.
+    /// Whether the header `name` (any case, as a head read in place spells it) belongs to
+    /// the connection.
     pub fn contains(&self, name: &[u8]) -> bool {
-        in_fixed_list(name)
-            || self
-                .named
-                .iter()
-                .any(|named| name.eq_ignore_ascii_case(named.as_str().as_bytes()))
+        listed(name) == Some(Listed::HopByHop) || self.names(name)
     }
-}
 
-fn in_fixed_list(name: &[u8]) -> bool {
-    HOP_BY_HOP
-        .iter()
-        .any(|hop| name.eq_ignore_ascii_case(hop.as_str().as_bytes()))
-}
-
-/// Whether a client's request header stays behind: hop-by-hop ones, those naming the
-/// client's address (the upstream never learns it; nothing is added in their place), and
-/// `Host` (the upstream's is set from its URL, RFC 9110 §7.2).
-pub fn leaves_for_upstream(hop_by_hop: &HopByHop, name: &HeaderName) -> bool {
-    name == header::HOST
-        || CLIENT_ADDRESS.contains(name)
-        || hop_by_hop.contains(name.as_str().as_bytes())
+    /// Whether `Connection` named `name`.
+    fn names(&self, name: &[u8]) -> bool {
+        self.named
+            .iter()
+            .any(|named| is_named(name, named.as_bytes()))
+    }
 }
 
 /// Removes hop-by-hop headers from an answer's map ([`HopByHop`]).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let rule = HopByHop::of_map(headers);
-    remove_where(headers, |name| rule.contains(name.as_str().as_bytes()));
+    let rule = HopByHop::of(connection_values(headers));
+    let leaves = |name: &HeaderName| rule.contains(name.as_str().as_bytes());
+    let going = Going::noted(headers.iter_mut(), |name, _| leaves(name));
+    going.remove_from(headers, leaves);
 }
 
-/// Turns the client's request headers into the upstream's ([`leaves_for_upstream`]), and
-/// marks credentials sensitive so HTTP/2 never indexes them and `Debug` hides them.
-pub fn prepare_upstream_request(headers: &mut HeaderMap) {
-    let rule = HopByHop::of_map(headers);
-    remove_where(headers, |name| leaves_for_upstream(&rule, name));
-    mark_credentials_sensitive(headers);
-}
-
-/// Removes every header whose name `going` picks.
-fn remove_where(headers: &mut HeaderMap, mut going: impl FnMut(&HeaderName) -> bool) {
-    // Why: a message carries one or two such headers, so their names are noted on the stack
-    // and removed, instead of looking up every name a rule could pick.
-    let mut found: [Option<HeaderName>; 8] = Default::default();
-    let mut more = false;
-    for (slot, name) in headers.keys().filter(|name| going(name)).enumerate() {
-        match found.get_mut(slot) {
-            Some(found) => *found = Some(name.clone()),
-            None => more = true,
+/// Turns the client's request headers into the upstream's: hop-by-hop ones and those naming
+/// the client's address stay behind (the upstream never learns it; nothing is added in their
+/// place). `Host` is the upstream's (RFC 9110 §7.2): `host` where the client's stood, or,
+/// without one, none (the client that sends the request sets it from its URL).
+/// Credentials are marked sensitive, so HTTP/2 never indexes them and `Debug` hides them.
+pub fn prepare_upstream_request(headers: &mut HeaderMap, host: Option<&HeaderValue>) {
+    let rule = HopByHop::of(connection_values(headers));
+    let mut hosts = 0;
+    // One pass over what is there: most requests carry a credential and one or two
+    // headers that stay behind (`Connection`, client addresses), and a lookup per listed
+    // name would cost more than looking at each header once.
+    let going = Going::noted(headers.iter_mut(), |name, value| {
+        if name == header::HOST {
+            hosts += 1;
+            // Why in place: a lookup to remove it and another to insert cost more.
+            return match host {
+                Some(host) if hosts == 1 => {
+                    value.clone_from(host);
+                    false
+                }
+                _ => true,
+            };
         }
+        let name = name.as_str().as_bytes();
+        let kind = listed(name);
+        if kind == Some(Listed::Credential) {
+            value.set_sensitive(true);
+        }
+        stays_behind(&rule, name, kind)
+    });
+    let replaced = host.is_some() && hosts == 1;
+    going.remove_from(headers, |name| {
+        let bytes = name.as_str().as_bytes();
+        !(replaced && name == header::HOST) && stays_behind(&rule, bytes, listed(bytes))
+    });
+    if let (Some(host), false) = (host, replaced) {
+        headers.insert(header::HOST, host.clone());
     }
-    for name in found.iter().flatten() {
-        headers.remove(name);
+}
+
+/// Whether a client's request header named `name` (of the `kind` the rules list it as)
+/// stays behind ([`prepare_upstream_request`]).
+fn stays_behind(rule: &HopByHop, name: &[u8], kind: Option<Listed>) -> bool {
+    match kind {
+        Some(Listed::HopByHop | Listed::ClientAddress) => true,
+        Some(Listed::Credential) => false,
+        None => name == b"host" || rule.names(name),
     }
-    if more {
-        let rest: Vec<HeaderName> = headers.keys().filter(|name| going(name)).cloned().collect();
-        for name in rest {
+}
+
+fn connection_values(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .map(HeaderValue::as_bytes)
+}
+
+/// The names a pass over a map picked to remove.
+struct Going {
+    // Why on the stack: a message has one or two such headers.
+    found: [Option<HeaderName>; 4],
+    /// More were picked than `found` holds.
+    more: bool,
+}
+
+impl Going {
+    /// Visits every field once, noting the names `pick` picks.
+    fn noted<'a>(
+        fields: impl Iterator<Item = (&'a HeaderName, &'a mut HeaderValue)>,
+        mut pick: impl FnMut(&HeaderName, &mut HeaderValue) -> bool,
+    ) -> Going {
+        let mut going = Going {
+            found: Default::default(),
+            more: false,
+        };
+        let mut count = 0;
+        let mut last: Option<&HeaderName> = None;
+        for (name, value) in fields {
+            // A name with several values comes once per value.
+            if pick(name, value) && last != Some(name) {
+                match going.found.get_mut(count) {
+                    Some(slot) => *slot = Some(name.clone()),
+                    None => going.more = true,
+                }
+                count += 1;
+                last = Some(name);
+            }
+        }
+        going
+    }
+
+    /// Removes the noted names from `headers`; when more were picked than noted, `pick`
+    /// finds the rest.
+    fn remove_from(self, headers: &mut HeaderMap, pick: impl Fn(&HeaderName) -> bool) {
+        for name in self.found.iter().flatten() {
             headers.remove(name);
         }
-    }
-}
-
-/// Marks the values of headers that can carry a key sensitive: `Authorization`, `api-key`,
-/// and `Sec-WebSocket-Protocol` (browsers pass the key there for WebSockets).
-pub fn mark_credentials_sensitive(headers: &mut HeaderMap) {
-    for name in [
-        header::AUTHORIZATION,
-        API_KEY,
-        header::SEC_WEBSOCKET_PROTOCOL,
-    ] {
-        if let header::Entry::Occupied(mut entry) = headers.entry(name) {
-            for value in entry.iter_mut() {
-                value.set_sensitive(true);
+        if self.more {
+            let rest: Vec<HeaderName> = headers.keys().filter(|name| pick(name)).cloned().collect();
+            for name in rest {
+                headers.remove(name);
             }
         }
     }
@@ -228,7 +337,7 @@ mod tests {
         ] {
             let mut removed = response.clone();
             strip_hop_by_hop(&mut removed);
-            let rule = HopByHop::of_map(&response);
+            let rule = HopByHop::of(connection_values(&response));
             let kept = response
                 .keys()
                 .map(|name| name.as_str().as_bytes())
@@ -239,6 +348,28 @@ mod tests {
                 "{response:?}"
             );
         }
+    }
+
+    #[test]
+    fn every_listed_name_is_found_in_any_case_and_no_other() {
+        for (name, kind) in LISTED {
+            assert_eq!(listed(name.as_bytes()), Some(kind), "{name}");
+            let upper = name.to_ascii_uppercase();
+            assert_eq!(listed(upper.as_bytes()), Some(kind), "{upper}");
+        }
+        // As long as listed names, and not them.
+        for name in [
+            "",
+            "t",
+            "ab",
+            "accept",
+            "content-length",
+            "x-stainless-lang",
+            "te-x",
+        ] {
+            assert_eq!(listed(name.as_bytes()), None, "{name}");
+        }
+        assert_eq!(listed(&[b'x'; 300]), None);
     }
 
     #[test]
@@ -277,7 +408,7 @@ mod tests {
             ("api-key", "azure-key"),
             ("openai-organization", "org-1"),
         ]);
-        prepare_upstream_request(&mut headers);
+        prepare_upstream_request(&mut headers, None);
         let mut left: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
         left.sort_unstable();
         assert_eq!(left, ["api-key", "authorization", "openai-organization"]);
@@ -302,7 +433,41 @@ mod tests {
             ("x-forwarded-for", "1"),
             ("stays", "1"),
         ]);
-        prepare_upstream_request(&mut headers);
+        prepare_upstream_request(&mut headers, None);
         assert_eq!(headers.keys().collect::<Vec<_>>(), ["stays"]);
+
+        // The same with the upstream's `Host` to set: it is all that is added.
+        let mut headers = map(&[
+            ("connection", "a, b, c, d, e, f"),
+            ("a", "1"),
+            ("b", "1"),
+            ("c", "1"),
+            ("d", "1"),
+            ("e", "1"),
+            ("host", "gateway.example"),
+            ("x-forwarded-for", "1"),
+            ("stays", "1"),
+        ]);
+        prepare_upstream_request(&mut headers, Some(&HeaderValue::from_static("up:1")));
+        let mut left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["host", "stays"]);
+        assert_eq!(headers["host"], "up:1");
+    }
+
+    #[test]
+    fn a_plain_upstreams_host_takes_the_place_of_the_clients() {
+        let up = HeaderValue::from_static("127.0.0.1:9000");
+        for clients in [&[][..], &["gateway.example"], &["a.example", "b.example"]] {
+            let mut headers = map(&[("content-type", "application/json")]);
+            for host in clients {
+                headers.append(header::HOST, HeaderValue::from_static(host));
+            }
+            prepare_upstream_request(&mut headers, Some(&up));
+            let hosts: Vec<_> = headers.get_all(header::HOST).iter().collect();
+            assert_eq!(hosts, [&up], "client sent {clients:?}");
+            assert_eq!(headers["content-type"], "application/json");
+            assert_eq!(headers.len(), 2);
+        }
     }
 }

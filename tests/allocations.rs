@@ -1,7 +1,7 @@
 //! A forwarded request allocates a bounded number of times.
 //!
-//! Allocations are most of what the gateway adds to hyper's own work per request (see the
-//! README's Performance section), and one added on the hot path is easy to miss in review.
+//! Allocations are most of what the gateway adds to hyper's own work per request (see
+//! docs/performance.md), and one added on the hot path is easy to miss in review.
 //! This binary counts every allocation of the process, so the client and the upstream here
 //! are raw sockets reading into fixed buffers: what is counted is the gateway's.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]

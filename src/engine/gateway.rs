@@ -72,7 +72,6 @@ pub fn router(
         routes: config.routes.len(),
         status,
         check: config.upstream.ready_check.then(|| UpstreamCheck {
-            timeout: config.upstream.connect_timeout,
             last: tokio::sync::Mutex::new(None),
         }),
     };
@@ -217,9 +216,9 @@ struct Ready {
 }
 
 /// A GET of `upstream.base_url` the way forwarded requests go (so its proxy and TLS settings
-/// apply). Any HTTP answer, even 401 or 404, means reachable.
+/// apply), within `upstream.connect_timeout`. Any HTTP answer, even 401 or 404, means
+/// reachable.
 struct UpstreamCheck {
-    timeout: Duration,
     last: tokio::sync::Mutex<Option<(Instant, Result<(), String>)>>,
 }
 
@@ -231,12 +230,13 @@ impl UpstreamCheck {
                 return result.clone();
             }
         }
-        let result = tokio::time::timeout(self.timeout, pipeline.upstream().probe())
+        let timeout = pipeline.upstream().connect_timeout();
+        let result = tokio::time::timeout(timeout, pipeline.upstream().probe())
             .await
             .unwrap_or_else(|_| {
                 Err(format!(
                     "no answer within {}",
-                    humantime::format_duration(self.timeout)
+                    humantime::format_duration(timeout)
                 ))
             });
         *last = Some((Instant::now(), result.clone()));

@@ -48,7 +48,7 @@ impl Endpoint for TemplateRoute {
         // Admitted here, so the future holds what the pipeline needs rather than the whole
         // request.
         let answer = match self.0.admit(request) {
-            Ok(admitted) => Either::Left(admitted.forward(body, upgrade)),
+            Ok(admitted) => Either::Left(admitted.forward(body, upgrade, None)),
             Err(refusal) => Either::Right(std::future::ready(refusal)),
         };
         answer.map(|answer| Ok(into_response(answer)))

@@ -30,6 +30,9 @@ impl RequestHead {
     /// The target without its first `skip` bytes (a path prefix the router took), sharing the
     /// head's storage; `None` when what is left is not a path.
     pub fn target_after(&self, skip: usize) -> Option<http::uri::PathAndQuery> {
+        if skip == 0 {
+            return Some(self.target.clone());
+        }
         let (start, len) = self.target_span;
         let rest = self.raw.slice(start + skip.min(len)..start + len);
         http::uri::PathAndQuery::from_maybe_shared(rest).ok()
@@ -171,13 +174,15 @@ pub fn write_request_head(
     out.put_u8(b' ');
     out.put_slice(target.as_bytes());
     out.put_slice(b" HTTP/1.1\r\n");
+    let mut declared = false;
     for (name, value) in headers {
+        declared |= name == http::header::CONTENT_LENGTH;
         out.put_slice(name.as_str().as_bytes());
         out.put_slice(b": ");
         out.put_slice(value.as_bytes());
         out.put_slice(b"\r\n");
     }
-    if body_len > 0 && !headers.contains_key(http::header::CONTENT_LENGTH) {
+    if body_len > 0 && !declared {
         out.put_slice(b"content-length: ");
         out.put_slice(itoa::Buffer::new().format(body_len).as_bytes());
         out.put_slice(b"\r\n");

@@ -8,7 +8,7 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::StatusCode;
 
 use super::{offset, part, valid_value, Span, MAX_HEADERS};
-use crate::headers::{content_length, list_items_of};
+use crate::headers::{content_length, is_named, list_items_of};
 
 fn slice(head: &Bytes, (start, len): (usize, usize)) -> Bytes {
     head.slice(start..start + len)
@@ -47,6 +47,7 @@ impl Fields {
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         self.spans
             .iter()
+            .filter(|span| span.name.1 > 0)
             .map(|span| (part(&self.raw, span.name), part(&self.raw, span.value)))
     }
 
@@ -57,8 +58,9 @@ impl Fields {
 
     /// Every value of the header `name`, in order.
     pub fn get_all<'a>(&'a self, name: &'a HeaderName) -> impl Iterator<Item = &'a [u8]> + 'a {
+        let name = name.as_str().as_bytes();
         self.iter()
-            .filter(|(field, _)| field.eq_ignore_ascii_case(name.as_str().as_bytes()))
+            .filter(move |(field, _)| is_named(field, name))
             .map(|(_, value)| value)
     }
 
@@ -68,22 +70,28 @@ impl Fields {
     }
 
     fn find(&self, name: &HeaderName) -> Option<&Span> {
+        let name = name.as_str().as_bytes();
         self.spans
             .iter()
-            .find(|span| part(&self.raw, span.name).eq_ignore_ascii_case(name.as_str().as_bytes()))
+            .find(|span| is_named(part(&self.raw, span.name), name))
     }
 
-    /// Keeps the fields whose name `keep` accepts, in order.
+    /// Keeps the fields whose name `keep` accepts, in order. Why a field is blanked rather
+    /// than taken out: nothing behind it has to move.
     pub fn retain(&mut self, mut keep: impl FnMut(&[u8]) -> bool) {
         let raw = &self.raw;
-        self.spans.retain(|span| keep(part(raw, span.name)));
+        for span in &mut self.spans {
+            if span.name.1 > 0 && !keep(part(raw, span.name)) {
+                span.name = (0, 0);
+            }
+        }
     }
 
     /// The fields as a header map (values share the head's storage), for an engine that
     /// needs one.
     pub fn to_header_map(&self) -> HeaderMap {
         let mut map = HeaderMap::with_capacity(self.spans.len());
-        for span in &self.spans {
+        for span in self.spans.iter().filter(|span| span.name.1 > 0) {
             let name = HeaderName::from_bytes(part(&self.raw, span.name));
             let value = HeaderValue::from_maybe_shared(slice(&self.raw, span.value));
             // The parser let through only fields `http` takes.

@@ -22,14 +22,12 @@ pub struct Answer {
 }
 
 /// An answer's body.
-// Why not boxed: the relay is every forwarded answer's, and a box would cost each an
-// allocation; an error's body is the one that wastes the room.
-#[allow(clippy::large_enum_variant)]
 pub enum AnswerBody {
     /// Made by the gateway (an error, a refusal the upstream sent whole, a 101).
     Full(Bytes),
-    /// The upstream's, as it arrives.
-    Relay(Relay),
+    /// The upstream's, as it arrives. Boxed: an answer moves through several hands on its way
+    /// to an engine, and the relay is most of its size.
+    Relay(Box<Relay>),
 }
 
 impl Answer {
@@ -69,21 +67,22 @@ pub fn strip_connection_headers(head: &mut Head) {
 /// client (its upload over the limit, stalled, or broken), else the upstream.
 pub fn classify(
     err: SendError,
-    upload: &UploadProgress,
+    upload: Option<&UploadProgress>,
     limit: Bound<u64>,
     timeouts: &Timeouts,
 ) -> GatewayError {
-    if upload.over_limit() {
+    let upload = |went_wrong: fn(&UploadProgress) -> bool| upload.is_some_and(went_wrong);
+    if upload(UploadProgress::over_limit) {
         GatewayError::BodyTooLarge {
             limit: limit.value,
             setting: limit.setting.to_string(),
             declared: None,
         }
-    } else if upload.client_stalled() {
+    } else if upload(UploadProgress::client_stalled) {
         GatewayError::ClientBodyTimeout {
             timeout: timeouts.body_idle,
         }
-    } else if upload.client_failed() {
+    } else if upload(UploadProgress::client_failed) {
         GatewayError::ClientBody(std::io::Error::other(err.source))
     } else {
         match err.stage {

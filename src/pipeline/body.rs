@@ -172,6 +172,41 @@ impl IdleTimer {
     }
 }
 
+/// A request's body on its way up, as far as the phases after the body policy need it.
+#[derive(Debug)]
+pub enum Upload {
+    /// Read whole before sending, this many bytes: nothing is left to wait on or count.
+    Whole(u64),
+    /// Streamed as it arrives: counted, and watched by the wait for the answer's head.
+    Streaming(Arc<UploadProgress>),
+}
+
+impl Upload {
+    /// When the request last showed any life: its start, or its latest uploaded chunk.
+    pub fn last_activity(&self, start: Instant) -> Instant {
+        match self {
+            Upload::Whole(_) => start,
+            Upload::Streaming(progress) => progress.last_activity(),
+        }
+    }
+
+    /// The body's bytes that went up.
+    pub fn bytes(&self) -> u64 {
+        match self {
+            Upload::Whole(bytes) => *bytes,
+            Upload::Streaming(progress) => progress.bytes(),
+        }
+    }
+
+    /// How a streaming upload has gone, for telling who failed.
+    pub fn progress(&self) -> Option<&UploadProgress> {
+        match self {
+            Upload::Whole(_) => None,
+            Upload::Streaming(progress) => Some(progress),
+        }
+    }
+}
+
 /// What the upload has done so far, shared between the upload stream and the task waiting
 /// for the upstream's response headers.
 #[derive(Debug)]
@@ -200,12 +235,6 @@ impl UploadProgress {
             client_failed: AtomicBool::new(false),
             client_stalled: AtomicBool::new(false),
         })
-    }
-
-    /// Records a body that arrived whole before the request went upstream (its last
-    /// activity stays the start: nothing waits on it afterwards).
-    pub fn record_whole(&self, bytes: u64) {
-        self.bytes.store(bytes, Ordering::Relaxed);
     }
 
     /// When the request last showed any life: its start or its latest uploaded chunk.

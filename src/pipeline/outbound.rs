@@ -3,17 +3,19 @@
 //! an absolute-form request line's authority is ignored); its headers are the client's, by
 //! the header rules of [`crate::headers`].
 
-use http::header::{self, HeaderMap};
+use http::header::HeaderMap;
 use http::uri::PathAndQuery;
+use http::HeaderValue;
 use http::Method;
 
 use super::error::GatewayError;
 use crate::headers::prepare_upstream_request;
 use crate::upstream::{Outbound, OutboundBody, Target};
 
-/// The client's headers as the upstream gets them, for a request or a WebSocket handshake.
-pub fn headers(mut headers: HeaderMap) -> HeaderMap {
-    prepare_upstream_request(&mut headers);
+/// The client's headers as the upstream gets them, for a request or a WebSocket handshake;
+/// with `Host` when the upstream is plain HTTP/1 (otherwise what sends it sets it).
+pub fn headers(mut headers: HeaderMap, host: Option<&HeaderValue>) -> HeaderMap {
+    prepare_upstream_request(&mut headers, host);
     headers
 }
 
@@ -32,14 +34,10 @@ pub fn request(
     client_headers: HeaderMap,
     body: OutboundBody,
 ) -> Result<Outbound, GatewayError> {
-    let mut headers = headers(client_headers);
-    if let Some(host) = target.host() {
-        headers.insert(header::HOST, host.clone());
-    }
     Ok(Outbound {
         method,
         target: path(target, path_and_query)?,
-        headers,
+        headers: headers(client_headers, target.host()),
         body,
     })
 }

@@ -17,7 +17,7 @@ use http::{HeaderValue, Method, StatusCode};
 use tokio::time::Instant;
 
 use super::access::KeyId;
-use super::body::{IdleTimer, UploadProgress};
+use super::body::{IdleTimer, Upload};
 use super::limits::Admission;
 use crate::headers;
 use crate::observe::log::{self, RequestLine};
@@ -63,7 +63,7 @@ pub struct RequestLog {
     /// The upstream's `x-request-id`, which OpenAI support asks for.
     pub upstream_request_id: Option<HeaderValue>,
     pub key: KeyId,
-    pub upload: Arc<UploadProgress>,
+    pub upload: Upload,
     pub bytes_out: u64,
     pub outcome: Outcome,
     /// Reads token usage from the answer on routes with `usage = true`.
@@ -83,7 +83,7 @@ pub struct Opening {
     pub key: KeyId,
     pub start: Instant,
     pub admission: Admission,
-    pub upload: Arc<UploadProgress>,
+    pub upload: Upload,
     pub upstream_ttfb: Duration,
     pub in_flight: GaugeGuard,
     /// The route counts token usage (`usage = true`).

@@ -333,7 +333,7 @@ mod tests {
             ("x-forwarded-for", "203.0.113.1"),
         ]);
         // What the pipeline does with every request's headers before they go upstream.
-        headers::prepare_upstream_request(&mut client);
+        headers::prepare_upstream_request(&mut client, None);
         let uri: http::Uri = "wss://api.openai.com/v1/realtime?model=m".parse().unwrap();
         let request = handshake_request(&uri, client).unwrap();
         let headers = request.headers();

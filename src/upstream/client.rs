@@ -15,6 +15,15 @@ use super::{SendError, Stage, POOL_IDLE_TIMEOUT, POOL_MAX_IDLE};
 /// A request body as the pooled client takes it.
 pub type ClientBody = BoxBody<Bytes, io::Error>;
 
+/// A body of chunks as they come, for the pooled client.
+pub fn streaming<S>(chunks: S) -> ClientBody
+where
+    S: futures_util::Stream<Item = io::Result<Bytes>> + Send + Sync + 'static,
+{
+    let frames = futures_util::StreamExt::map(chunks, |chunk| chunk.map(hyper::body::Frame::data));
+    http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(frames))
+}
+
 pub struct Client {
     inner: legacy::Client<Connector, ClientBody>,
 }

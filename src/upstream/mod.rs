@@ -17,12 +17,14 @@ mod raw;
 mod target;
 pub mod tls;
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::Stream;
+use futures_util::future::Either;
+use futures_util::{Stream, TryFutureExt};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Method, StatusCode};
@@ -30,7 +32,7 @@ use http_body_util::BodyExt;
 
 use crate::config::{ConfigError, UpstreamConfig};
 use crate::http1::{Fields, Framing};
-pub use client::ClientBody;
+pub use client::{streaming, ClientBody};
 pub use connect::{BoxError, Connector, Io, Purpose};
 use raw::{Raw, RawBody};
 pub use target::Target;
@@ -228,7 +230,6 @@ pub fn chain(err: &dyn std::error::Error) -> String {
 /// One upstream, for one worker: its transports keep that worker's connections.
 pub struct Upstream {
     target: Target,
-    connect_timeout: Duration,
     connector: Connector,
     client: client::Client,
     /// The raw transport, for a plain upstream that no proxy stands in front of.
@@ -264,7 +265,6 @@ impl Upstream {
             });
         Ok(Upstream {
             target,
-            connect_timeout: config.connect_timeout,
             client: client::Client::new(connector.clone()),
             connector,
             raw,
@@ -278,27 +278,30 @@ impl Upstream {
 
     /// `upstream.connect_timeout`, for the messages that name it.
     pub fn connect_timeout(&self) -> Duration {
-        self.connect_timeout
+        self.connector.connect_timeout()
     }
 
-    /// Sends `request` and waits for the answer's head.
-    pub async fn send(&self, request: Outbound) -> Result<Response, SendError> {
-        if let (Some(raw), OutboundBody::Whole(body)) = (&self.raw, &request.body) {
-            let (head, body) = raw
-                .send(
-                    &request.method,
-                    request.target.as_str(),
-                    &request.headers,
-                    body,
-                )
-                .await?;
-            return Ok(Response {
-                status: head.status,
-                head: Head::Wire(head.fields),
-                body: Body::Raw(body),
-            });
+    /// Sends `request` and waits for the answer's head. The transport is picked here, before
+    /// the wait: the future holds the one chosen.
+    pub fn send(
+        &self,
+        request: Outbound,
+    ) -> impl Future<Output = Result<Response, SendError>> + Send + '_ {
+        match (&self.raw, &request.body) {
+            (Some(raw), OutboundBody::Whole(_)) => {
+                Either::Left(raw.send(request).map_ok(|(head, body)| Response {
+                    status: head.status,
+                    head: Head::Wire(head.fields),
+                    body: Body::Raw(body),
+                }))
+            }
+            _ => Either::Right(self.send_by_client(request)),
         }
-        let response = self.send_by_client(request)?.response().await?;
+    }
+
+    /// Sends `request` on the pooled client.
+    async fn send_by_client(&self, request: Outbound) -> Result<Response, SendError> {
+        let response = self.start_on_client(request)?.response().await?;
         let (parts, incoming) = response.into_parts();
         let size = if matches!(
             parts.status,
@@ -322,8 +325,8 @@ impl Upstream {
         })
     }
 
-    /// Starts `request` on the pooled client.
-    fn send_by_client(&self, request: Outbound) -> Result<client::Sending, SendError> {
+    /// Starts `request` on the pooled client, synchronously up to the wait.
+    fn start_on_client(&self, request: Outbound) -> Result<client::Sending, SendError> {
         let Outbound {
             method,
             target,

@@ -1,19 +1,21 @@
 //! One request in the fast engine: its head to the pipeline, its body read whole, its answer
 //! written back as it arrives, while the client is watched for leaving.
 
+use std::future::Future;
 use std::task::Poll;
 
 use bytes::{Buf, Bytes};
+use futures_util::future::Either;
 use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::timer::Timer;
-use super::{Conn, Routes, MAX_AHEAD};
-use crate::http1::{self, write_two, ClientFraming, RequestHead};
-use crate::pipeline::{Answer, AnswerBody, ClientBody, Endpoint, Request};
-use crate::upstream::BodySize;
+use super::{Conn, Routes, MAX_AHEAD, SMALL_BUFFER};
+use crate::http1::{self, make_room, write_two, ClientFraming, RequestHead};
+use crate::pipeline::relay::Relay;
+use crate::pipeline::{Admitted, Answer, AnswerBody, ClientBody, Endpoint, Request, Timer};
+use crate::upstream::{BodySize, Head};
 
 /// Why the body could not be read.
 enum Unread {
@@ -23,56 +25,112 @@ enum Unread {
     ClientGone,
 }
 
-impl Conn<'_> {
-    /// One request, from its head to the last byte of its answer. Returns whether the
+impl<'c> Conn<'c> {
+    /// One request, from its head to the last byte of its answer: the pipeline admits it
+    /// or answers it here, before anything waits. The future returned tells whether the
     /// connection can carry another request.
-    pub(super) async fn exchange(
-        &mut self,
+    ///
+    /// Why `fn`s returning `async move` blocks, one picked here: an `async fn` keeps each
+    /// argument twice (as given, and moved into its body), and a `match` that awaits in its
+    /// arms keeps what it matched on; every connection's task would hold those copies.
+    pub(super) fn exchange<'f, 's>(
+        &'f mut self,
         routes: &Routes,
-        endpoint: &Endpoint,
+        endpoint: &'f Endpoint,
         head: RequestHead,
         close: bool,
-        timer: &mut Timer<'_>,
-    ) -> bool {
-        routes.metrics.count_lane_request();
+        timer: &'f mut Timer<'s>,
+    ) -> impl Future<Output = bool> + use<'f, 'c, 's> {
+        let body_len = head.body_len;
         let Some(target) = head.target_after(routes.secret_len) else {
-            return false;
+            return Either::Left(Either::Left(std::future::ready(false)));
         };
-        let RequestHead {
-            method,
-            headers,
-            body_len,
-            ..
-        } = head;
         let request = Request {
-            method,
+            method: head.method,
             target,
-            headers,
+            headers: head.headers,
             peer: Some(self.remote),
             has_body: body_len > 0,
         };
-        let admitted = match endpoint.admit(request) {
-            Ok(admitted) => admitted,
-            Err(refusal) => return self.answer_unread(refusal, body_len, close).await,
-        };
-        // The whole body, before anything goes upstream: one write then carries the request.
-        let body = match self.read_body(body_len, admitted.body_idle(), timer).await {
-            Ok(body) => body,
-            Err(Unread::Stalled) => {
-                return self
-                    .answer_unread(admitted.body_stalled(), body_len, true)
-                    .await
+        match endpoint.admit(request) {
+            Err(refusal) => {
+                let close = close || self.skip_unread(body_len);
+                Either::Left(Either::Right(self.write_answer(refusal, close)))
             }
-            Err(Unread::ClientGone) => return false,
+            Ok(admitted) => Either::Right(self.forward(admitted, body_len, close, timer)),
+        }
+    }
+
+    /// An admitted request: its body read whole (one write then carries it upstream), the
+    /// pipeline's forwarding of it while the client is watched, and the answer written.
+    #[allow(clippy::manual_async_fn)] // See `exchange`: an `async fn` holds its arguments twice.
+    fn forward<'f, 's>(
+        &'f mut self,
+        admitted: Admitted<'f>,
+        body_len: u64,
+        close: bool,
+        timer: &'f mut Timer<'s>,
+    ) -> impl Future<Output = bool> + use<'f, 'c, 's> {
+        async move {
+            let body = match self.read_body(body_len, admitted.body_idle(), timer).await {
+                Ok(body) => body,
+                Err(Unread::ClientGone) => return false,
+                Err(Unread::Stalled) => {
+                    self.skip_unread(body_len);
+                    return self.write_answer(admitted.body_stalled(), true).await;
+                }
+            };
+            // A client that leaves cancels the upstream request: the future is dropped.
+            // (Pinned where it is made: moved into the `select!`, it would be copied.)
+            let answer = {
+                let mut forwarding =
+                    std::pin::pin!(admitted.forward(ClientBody::Whole(body), None, Some(timer)));
+                tokio::select! {
+                    biased;
+                    answer = forwarding.as_mut() => answer,
+                    () = client_gone(self.client, &mut self.buf) => return false,
+                }
+            };
+            self.write_answer(answer, close).await
+        }
+    }
+
+    /// Writes an answer: its head, then its body as it arrives, framed for the client. The
+    /// future tells whether the connection can carry another request.
+    fn write_answer(
+        &mut self,
+        mut answer: Answer,
+        close: bool,
+    ) -> impl Future<Output = bool> + use<'_, 'c> {
+        let framing = match answer.body.size() {
+            BodySize::None => ClientFraming::Empty,
+            BodySize::Known(len) => ClientFraming::Length(len),
+            BodySize::Unknown => ClientFraming::Chunked,
         };
-        let forwarding = admitted.forward(ClientBody::Whole(body), None);
-        // A client that leaves cancels the upstream request: the future is dropped.
-        let answer = tokio::select! {
-            biased;
-            answer = forwarding => answer,
-            () = client_gone(self.client, &mut self.buf) => return false,
-        };
-        self.write_answer(answer, close).await
+        self.out.clear();
+        http1::write_response_head(
+            &mut self.out,
+            answer.status,
+            answer.head.fields(),
+            framing,
+            close,
+        );
+        // Written: let the head go now. Kept as it arrived, it shares the upstream
+        // connection's read buffer, which could then not be reused in place for the whole
+        // stream.
+        answer.head = Head::Map(http::HeaderMap::new());
+        async move {
+            let complete = match answer.body {
+                // The head and the body in one `writev`.
+                AnswerBody::Full(body) => {
+                    let written = write_two(self.client, &self.out, &body).await;
+                    self.out.clear();
+                    written.is_ok()
+                }
+                AnswerBody::Relay(mut relay) => self.relay(&mut relay, framing).await,
+            };
+            complete && !close
+        }
     }
 
     /// Reads the rest of a `len`-byte body into the buffer, allowing the client `idle` of
@@ -99,49 +157,22 @@ impl Conn<'_> {
         Ok(self.buf.split_to(len).freeze())
     }
 
-    /// Answers a request whose body has not been read. The connection stays open when the
-    /// body is all here already (it is then dropped); otherwise it closes.
-    async fn answer_unread(&mut self, answer: Answer, unread_body: u64, close: bool) -> bool {
+    /// Before answering a request whose body has not been read: the body is dropped when it
+    /// is all here already, and the connection can stay open; otherwise it must close.
+    /// Returns whether it must.
+    fn skip_unread(&mut self, unread_body: u64) -> bool {
         let unread = usize::try_from(unread_body).unwrap_or(usize::MAX);
-        let close = close || self.buf.len() < unread;
-        if !close {
-            self.buf.advance(unread);
+        if self.buf.len() < unread {
+            return true;
         }
-        self.write_answer(answer, close).await
-    }
-
-    /// Writes an answer: its head, then its body as it arrives, framed for the client.
-    /// Returns whether the connection can carry another request.
-    async fn write_answer(&mut self, answer: Answer, close: bool) -> bool {
-        let framing = match answer.body.size() {
-            BodySize::None => ClientFraming::Empty,
-            BodySize::Known(len) => ClientFraming::Length(len),
-            BodySize::Unknown => ClientFraming::Chunked,
-        };
-        let Answer { status, head, body } = answer;
-        self.out.clear();
-        http1::write_response_head(&mut self.out, status, head.fields(), framing, close);
-        drop(head);
-        let complete = match body {
-            // The head and the body in one `writev`.
-            AnswerBody::Full(body) => {
-                let written = write_two(self.client, &self.out, &body).await;
-                self.out.clear();
-                written.is_ok()
-            }
-            AnswerBody::Relay(relay) => self.relay(relay, framing).await,
-        };
-        complete && !close
+        self.buf.advance(unread);
+        false
     }
 
     /// Streams the upstream's answer to the client after the head waiting in `out`, chunk by
     /// chunk as it arrives. `false` when it could not be delivered whole: the connection is
     /// then closed without the body's end, so the client sees it incomplete.
-    async fn relay(
-        &mut self,
-        mut relay: crate::pipeline::relay::Relay,
-        framing: ClientFraming,
-    ) -> bool {
+    async fn relay(&mut self, relay: &mut Relay, framing: ClientFraming) -> bool {
         loop {
             let ready = std::future::poll_fn(|cx| Poll::Ready(relay.poll_next_unpin(cx))).await;
             let next = match ready {
@@ -213,7 +244,9 @@ async fn client_gone(client: &TcpStream, buf: &mut bytes::BytesMut) {
             Poll::Ready(Err(_)) => return Poll::Ready(()),
             Poll::Ready(Ok(())) => {}
         }
-        buf.reserve(8 * 1024);
+        // Room for what a client sends while its answer streams (usually nothing, or the
+        // close): every open stream's connection holds this buffer.
+        make_room(buf, SMALL_BUFFER / 2);
         match client.try_read_buf(buf) {
             Ok(0) => return Poll::Ready(()),
             // Data, or readiness that was stale: look again (which registers the waker).

@@ -13,7 +13,6 @@
 //! over [`MAX_BODY`], or a browser's request when CORS is on.
 
 mod exchange;
-mod timer;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -29,9 +28,8 @@ use tokio::time::Instant;
 use crate::config::Config;
 use crate::http1::{self, make_room, Parse, RequestHead, Span};
 use crate::observe::metrics::Metrics;
-use crate::pipeline::Endpoint;
+use crate::pipeline::{Endpoint, Timer};
 use crate::routes::PathTemplate;
-use timer::Timer;
 
 /// Largest request body the engine takes. It reads the body whole before sending, so one
 /// write carries the request; larger ones (uploads) stream through hyper.
@@ -142,8 +140,7 @@ pub async fn serve(
 ) -> Ended {
     // Registered once for the connection's life: waiting on it costs no registration per
     // request.
-    let drained = drain.notify.notified();
-    tokio::pin!(drained);
+    let mut drained = std::pin::pin!(drain.notify.notified());
     drained.as_mut().enable();
     let mut conn = Conn {
         client,
@@ -152,8 +149,7 @@ pub async fn serve(
         out: BytesMut::with_capacity(SMALL_BUFFER),
         spans: Vec::new(),
     };
-    let sleep = tokio::time::sleep(Duration::ZERO);
-    tokio::pin!(sleep);
+    let sleep = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
     let mut timer = Timer::new(sleep);
     loop {
         if drain.started() && conn.buf.is_empty() {
@@ -174,6 +170,7 @@ pub async fn serve(
             return Ended::Handover(conn.unread(head));
         };
         let close = head.close || drain.started();
+        routes.metrics.count_lane_request();
         let keep = conn
             .exchange(&routes, endpoint, head, close, &mut timer)
             .await;

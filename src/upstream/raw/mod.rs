@@ -1,5 +1,5 @@
 //! The raw HTTP/1 transport: for a plain `http://` upstream reached without a proxy, a request
-//! whose body is already whole goes out in one `writev` on a pooled connection, and its answer
+//! whose body is already whole goes out in one write on a pooled connection, and its answer
 //! is read in place, the head kept as it arrived and the body handed on chunk by chunk.
 //!
 //! Why: hyper's pooled client spends as much user time on a request as all of nginx does
@@ -11,12 +11,13 @@ mod pool;
 
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, Method, Uri};
+use bytes::BytesMut;
+use http::Uri;
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::connect::{BoxError, Connector};
-use super::{SendError, Stage};
+use super::{Outbound, OutboundBody, SendError, Stage};
 use crate::http1::{self, make_room, write_two, BadResponse, ResponseHead};
 pub use body::RawBody;
 use pool::{Connection, Pool};
@@ -25,6 +26,9 @@ use pool::{Connection, Pool};
 const BUFFER: usize = 8 * 1024;
 /// Largest upstream response head.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// A body up to this size is copied behind the head and the two go in one `write`: for the
+/// small JSON bodies most requests carry, the copy costs less than `writev`'s vector.
+const COPY_BODY_UP_TO: usize = 16 * 1024;
 
 /// Requests to one plain-HTTP upstream on this worker's pooled connections.
 pub struct Raw {
@@ -43,15 +47,56 @@ impl Raw {
         }
     }
 
-    /// Writes the request and reads the answer's head; the body follows in [`RawBody`].
-    pub async fn send(
-        &self,
-        method: &Method,
-        target: &str,
-        headers: &HeaderMap,
-        body: &Bytes,
-    ) -> Result<(ResponseHead, RawBody), SendError> {
-        let mut connection = self.write_request(method, target, headers, body).await?;
+    /// Writes the request and reads the answer's head; the body follows in [`RawBody`]. A
+    /// pooled connection that turns out closed when written to is replaced once: the
+    /// upstream saw nothing.
+    pub async fn send(&self, request: Outbound) -> Result<(ResponseHead, RawBody), SendError> {
+        let Outbound {
+            method,
+            target,
+            headers,
+            body,
+        } = request;
+        let OutboundBody::Whole(body) = body else {
+            let refused = "the raw transport takes only whole bodies";
+            return Err(SendError::new(Stage::Exchange, refused.into()));
+        };
+        let mut pooled = self.pool.checkout(Instant::now());
+        let mut buf = match pooled.as_mut() {
+            Some(connection) => std::mem::take(&mut connection.buf),
+            None => BytesMut::with_capacity(BUFFER),
+        };
+        buf.clear();
+        http1::write_request_head(&mut buf, &method, target.as_str(), &headers, body.len());
+        // Why before any wait: many requests waiting at once (for a connection, then for
+        // their answers) would each hold a header map, and the holes they leave behind stay
+        // in the process's memory.
+        drop(headers);
+        let rest = if body.len() <= COPY_BODY_UP_TO {
+            buf.extend_from_slice(&body);
+            &[][..]
+        } else {
+            &body[..]
+        };
+        let stream = loop {
+            let (stream, was_pooled) = match pooled.take() {
+                Some(connection) => (connection.stream, true),
+                None => (self.connect().await?, false),
+            };
+            match write_two(&stream, &buf, rest).await {
+                Ok(()) => {
+                    tracing::trace!(pooled = was_pooled, "raw transport: request sent");
+                    break stream;
+                }
+                Err(err) if was_pooled => {
+                    tracing::trace!(error = %err, "raw transport: pooled connection closed; connecting");
+                }
+                Err(err) => return Err(SendError::new(Stage::Exchange, Box::new(err))),
+            }
+        };
+        drop(body);
+        buf.clear();
+        let mut connection = Connection { stream, buf };
         let head = read_head(&mut connection)
             .await
             .map_err(|source| SendError::new(Stage::Exchange, source))?;
@@ -60,57 +105,13 @@ impl Raw {
         Ok((head, body))
     }
 
-    /// Writes the request on a pooled connection, or a new one. A pooled connection that
-    /// turns out closed when written to is replaced once: the upstream saw nothing.
-    async fn write_request(
-        &self,
-        method: &Method,
-        target: &str,
-        headers: &HeaderMap,
-        body: &Bytes,
-    ) -> Result<Connection, SendError> {
-        if let Some(mut pooled) = self.pool.checkout(Instant::now()) {
-            put_head(&mut pooled, method, target, headers, body);
-            let written = write_two(&pooled.stream, &pooled.buf, body).await;
-            pooled.buf.clear();
-            match written {
-                Ok(()) => {
-                    tracing::trace!("raw transport: request sent on a pooled connection");
-                    return Ok(pooled);
-                }
-                Err(err) => {
-                    tracing::trace!(error = %err, "raw transport: pooled connection closed; connecting");
-                }
-            }
-        }
-        let stream = self
-            .connector
+    /// A new connection to the upstream.
+    async fn connect(&self) -> Result<TcpStream, SendError> {
+        self.connector
             .tcp(&self.dst)
             .await
-            .map_err(|source| SendError::new(Stage::Connect, source))?;
-        let mut fresh = Connection {
-            stream,
-            buf: BytesMut::with_capacity(BUFFER),
-        };
-        put_head(&mut fresh, method, target, headers, body);
-        let written = write_two(&fresh.stream, &fresh.buf, body).await;
-        fresh.buf.clear();
-        written.map_err(|err| SendError::new(Stage::Exchange, Box::new(err)))?;
-        tracing::trace!("raw transport: request sent on a new connection");
-        Ok(fresh)
+            .map_err(|source| SendError::new(Stage::Connect, source))
     }
-}
-
-/// Puts the request head in the connection's buffer, which is empty between exchanges.
-fn put_head(
-    connection: &mut Connection,
-    method: &Method,
-    target: &str,
-    headers: &HeaderMap,
-    body: &Bytes,
-) {
-    connection.buf.clear();
-    http1::write_request_head(&mut connection.buf, method, target, headers, body.len());
 }
 
 /// Reads the answer's head off the connection, skipping interim (1xx) answers.

@@ -1,0 +1,261 @@
+//! Phases 5–8: an admitted request goes upstream and its answer comes back through the log
+//! line, metrics and usage tap; or, on a WebSocket route, a session opens.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use http_body_util::combinators::BoxBody;
+use tokio::time::Instant;
+
+use super::admit::{Admitted, Endpoint, MethodRoute};
+use super::body::{Upload, UploadBody, UploadProgress};
+use super::relay::{Opening, Relay, RequestLog};
+use super::timer::{self, Timer};
+use super::{answer, outbound, Answer, AnswerBody, GatewayError};
+use crate::realtime::{self, ClientUpgrade, Session};
+use crate::routes::BodyKind;
+use crate::upstream::{self, Head, OutboundBody};
+
+/// Why a request got no answer head.
+enum Unanswered {
+    /// The upstream was silent past the read timeout.
+    Silent,
+    Failed(upstream::SendError),
+}
+
+/// The client's body, in the form its engine reads it.
+pub enum ClientBody {
+    /// All of it, read before sending (possibly empty).
+    Whole(Bytes),
+    /// As it arrives.
+    Stream(BoxBody<Bytes, std::io::Error>),
+}
+
+impl<'a> Admitted<'a> {
+    /// The most of the body that may be read.
+    pub fn body_limit(&self) -> u64 {
+        self.limit.value
+    }
+
+    /// The longest silence allowed inside the body (`server.body_read_timeout`).
+    pub fn body_idle(&self) -> Duration {
+        self.endpoint.pipeline.bodies.idle
+    }
+
+    /// The answer when the client stalled mid-body while its engine read it whole.
+    pub fn body_stalled(self) -> Answer {
+        let err = GatewayError::ClientBodyTimeout {
+            timeout: self.body_idle(),
+        };
+        self.endpoint.reject(&self.method, self.start, &err)
+    }
+
+    /// Phases 5–8: the upstream request, sending it, the answer's head, and the body on its
+    /// way back through the log line, metrics and usage tap. `upgrade` is the client's side
+    /// of a WebSocket, when its engine can switch protocols.
+    ///
+    /// One future from here to the answer, with `self` taken apart in place: each nested
+    /// `async fn` would keep its own copy of what it was given for as long as the request
+    /// waits.
+    #[allow(clippy::manual_async_fn)] // An `async fn` holds its arguments twice; see below.
+    pub fn forward<'t, 's>(
+        mut self,
+        body: ClientBody,
+        upgrade: Option<ClientUpgrade>,
+        mut timer: Option<&'t mut Timer<'s>>,
+    ) -> impl Future<Output = Answer> + Send + use<'a, 't, 's> {
+        // A block rather than an `async fn`: one of those keeps each argument twice (as given,
+        // and moved into its body), and this future waits for every forwarded request.
+        async move {
+            let (endpoint, route, start) = (self.endpoint, self.route, self.start);
+            if route.spec.accepts(BodyKind::WebSocket) {
+                let method = self.method.clone();
+                // Why boxed: a handshake's future is far larger than a forwarded request's, and
+                // would size every one.
+                return match Box::pin(self.open_session(upgrade)).await {
+                    Ok(answer) => {
+                        endpoint.answered(route, start, &answer);
+                        answer
+                    }
+                    Err(err) => endpoint.failed(route, &method, start, &err),
+                };
+            }
+            let pipeline = &*endpoint.pipeline;
+            let (body, upload) = match body {
+                ClientBody::Whole(body) => {
+                    let bytes = body.len() as u64;
+                    (OutboundBody::Whole(body), Upload::Whole(bytes))
+                }
+                ClientBody::Stream(body) => {
+                    let progress = UploadProgress::starting_at(start);
+                    let chunks = http_body_util::BodyDataStream::new(body);
+                    let counted = UploadBody::new(
+                        chunks,
+                        self.limit.value,
+                        pipeline.bodies.idle,
+                        Arc::clone(&progress),
+                    );
+                    let body = OutboundBody::Stream(upstream::streaming(counted));
+                    (body, Upload::Streaming(progress))
+                }
+            };
+            // 5. The upstream request.
+            let headers = std::mem::take(&mut self.headers);
+            let target = pipeline.upstream.target();
+            let request =
+                match outbound::request(target, self.method.clone(), &self.target, headers, body) {
+                    Ok(request) => request,
+                    Err(err) => return endpoint.failed(route, &self.method, start, &err),
+                };
+            // 6. Send, and wait for the answer's head while the request shows life: the wait
+            // restarts with every uploaded chunk, so a long upload is never cut, only silence is.
+            let read_timeout = pipeline.read_timeout(&route.spec);
+            let in_flight = route.metrics.all().in_flight();
+            let sent = Instant::now();
+            // Pinned where they are made (`std::pin::pin!`): `tokio::pin!` would move each into a
+            // second local, and this future would hold both.
+            let mut sending = std::pin::pin!(pipeline.upstream.send(request));
+            let mut own = std::pin::pin!(None::<tokio::time::Sleep>);
+            let response = loop {
+                let deadline = upload.last_activity(start) + read_timeout.value;
+                tokio::select! {
+                    biased;
+                    result = sending.as_mut() => break result.map_err(Unanswered::Failed),
+                    () = timer::until(&mut timer, own.as_mut(), deadline) => {
+                        if upload.last_activity(start) + read_timeout.value <= Instant::now() {
+                            break Err(Unanswered::Silent);
+                        }
+                    }
+                }
+            };
+            // 7. The answer's head, or who failed.
+            let mut response = match response {
+                Ok(response) => response,
+                Err(unanswered) => {
+                    let err = match unanswered {
+                        Unanswered::Silent => GatewayError::UpstreamTimeout {
+                            setting: read_timeout.setting.to_string(),
+                            timeout: read_timeout.value,
+                        },
+                        Unanswered::Failed(err) => {
+                            let timeouts = answer::Timeouts {
+                                connect: pipeline.upstream.connect_timeout(),
+                                body_idle: pipeline.bodies.idle,
+                            };
+                            answer::classify(err, upload.progress(), self.limit, &timeouts)
+                        }
+                    };
+                    return endpoint.failed(route, &self.method, start, &err);
+                }
+            };
+            let upstream_ttfb = sent.elapsed();
+            route.metrics.observe_upstream_ttfb(upstream_ttfb);
+            answer::strip_connection_headers(&mut response.head);
+            // 8. The log line, metrics and usage tap, as the body streams back.
+            let opening = Opening {
+                method: self.method,
+                route: Arc::clone(&endpoint.template),
+                metrics: Arc::clone(&route.metrics),
+                key: self.key,
+                start,
+                admission: self.admission,
+                upload,
+                upstream_ttfb,
+                in_flight,
+                usage: route.spec.usage,
+            };
+            let log = RequestLog::open(opening, response.status, &response.head);
+            let answer = Answer {
+                status: response.status,
+                head: response.head,
+                body: AnswerBody::Relay(Box::new(Relay::new(
+                    response.body,
+                    read_timeout.value,
+                    log,
+                ))),
+            };
+            endpoint.answered(route, start, &answer);
+            answer
+        }
+    }
+
+    /// Phases 5–8 for a WebSocket route: the session opens upstream first, so a refusal
+    /// reaches the client as the upstream's own answer.
+    async fn open_session(self, upgrade: Option<ClientUpgrade>) -> Result<Answer, GatewayError> {
+        let client_key =
+            realtime::client_key(&self.headers).map_err(GatewayError::NotAWebSocket)?;
+        let upgrade = upgrade.ok_or_else(|| {
+            GatewayError::Internal(
+                "this connection cannot switch to a WebSocket (it needs HTTP/1.1)".to_owned(),
+            )
+        })?;
+        let pipeline = &*self.endpoint.pipeline;
+        let joined = outbound::path(pipeline.upstream.target(), &self.target)?;
+        let session = Session {
+            route: Arc::clone(&self.endpoint.template),
+            metrics: Arc::clone(&self.route.metrics),
+            key_hash: (*self.key.prefix()).to_owned(),
+            start: self.start,
+            held: self.admission,
+        };
+        let headers = outbound::headers(self.headers, None);
+        let opened = pipeline
+            .realtime
+            .open(
+                &pipeline.upstream,
+                joined,
+                headers,
+                &client_key,
+                upgrade,
+                session,
+            )
+            .await;
+        match opened {
+            Ok(realtime::Opened::Switching(headers)) => Ok(Answer {
+                status: StatusCode::SWITCHING_PROTOCOLS,
+                head: Head::Map(headers),
+                body: AnswerBody::Full(Bytes::new()),
+            }),
+            Ok(realtime::Opened::Refused(refusal)) => {
+                let (parts, body) = refusal.into_parts();
+                let mut head = Head::Map(parts.headers);
+                answer::strip_connection_headers(&mut head);
+                Ok(Answer {
+                    status: parts.status,
+                    head,
+                    body: AnswerBody::Full(body),
+                })
+            }
+            Err(realtime::Failed::TimedOut(timeout)) => {
+                Err(GatewayError::UpstreamConnectTimeout { timeout })
+            }
+            Err(realtime::Failed::Unreachable(err)) => Err(GatewayError::UpstreamUnreachable(err)),
+        }
+    }
+}
+
+impl Endpoint {
+    /// Counts an answer to a request of `route`.
+    fn answered(&self, route: &MethodRoute, start: Instant, answer: &Answer) {
+        route.metrics.count_status(answer.status.as_u16());
+        route.metrics.observe_response_headers(start.elapsed());
+    }
+
+    /// The answer to a request of `route` that failed after admission, counted as the
+    /// upstream's failure when it was one.
+    fn failed(
+        &self,
+        route: &MethodRoute,
+        method: &Method,
+        start: Instant,
+        err: &GatewayError,
+    ) -> Answer {
+        if let Some(kind) = answer::upstream_error_kind(err) {
+            route.metrics.count_upstream_error(kind);
+        }
+        self.reject(method, start, err)
+    }
+}
