@@ -108,6 +108,31 @@ pub fn list_items_of<'a>(values: impl Iterator<Item = &'a [u8]>) -> impl Iterato
         .filter(|item| !item.is_empty())
 }
 
+/// What an answer's `Content-Type` says about how the gateway relays it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Media {
+    /// `text/event-stream`: server-sent events.
+    EventStream,
+    /// `application/json`.
+    Json,
+    /// Anything else, or none.
+    Other,
+}
+
+impl Media {
+    /// The media type of a `Content-Type` value, parameters aside, in any case.
+    pub fn of(content_type: Option<&[u8]>) -> Media {
+        let media = content_type
+            .and_then(text)
+            .map(|ct| ct.split(';').next().unwrap_or("").trim());
+        match media {
+            Some(media) if media.eq_ignore_ascii_case("text/event-stream") => Media::EventStream,
+            Some(media) if media.eq_ignore_ascii_case("application/json") => Media::Json,
+            _ => Media::Other,
+        }
+    }
+}
+
 /// A `Content-Length` value: digits only (RFC 9110 §8.6), no sign, no list.
 pub fn content_length(value: &[u8]) -> Option<u64> {
     if value.is_empty() || value.len() > 19 {

@@ -151,10 +151,14 @@ fn check_prints_settings_and_routes_and_masks_secrets() {
              streaming = true\nread_timeout = \"30s\"\n",
             oa_bypass::config::hash_line(KEY)
         ),
-        &[("OA_BYPASS_SERVER__PORT", "9000")],
+        &[
+            ("OA_BYPASS_SERVER__PORT", "9000"),
+            ("OA_BYPASS_STREAMING__KEEPALIVE", "15s"),
+        ],
     );
     assert_eq!(code, 0, "{stderr}");
     assert!(shown(&stdout, "server.port") == "9000", "{stdout}");
+    assert_eq!(shown(&stdout, "streaming.keepalive"), "15s");
     assert!(
         stdout.contains("http://user:****@127.0.0.1:3128/"),
         "{stdout}"

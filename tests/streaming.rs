@@ -262,3 +262,71 @@ async fn graceful_shutdown_lets_an_open_stream_finish() {
         .expect("the server did not stop after its last stream ended");
     served.unwrap().unwrap();
 }
+
+/// An event stream leaves marked so that a proxy in front of the gateway (nginx, an ingress)
+/// passes it on unbuffered: `X-Accel-Buffering: no` always, replacing the upstream's, and
+/// `Cache-Control: no-cache` unless the upstream set a caching rule of its own. Other answers
+/// are left as they came. Both engines (the fast one serves this route over plain HTTP/1.1).
+#[tokio::test]
+async fn event_streams_tell_the_proxies_in_front_not_to_buffer() {
+    // The test asks for its answer's headers in the request's `x-answer` header.
+    let upstream = Upstream::start(|rec| {
+        let mut answer = poem::Response::builder();
+        let asked = rec.header("x-answer").unwrap_or_default().to_owned();
+        for field in asked.split(';').filter(|field| !field.is_empty()) {
+            let (name, value) = field.split_once('=').unwrap();
+            answer = answer.header(name, value);
+        }
+        answer.body("data: {}\n\n")
+    })
+    .await;
+    let manifest = common::test_manifest(&upstream.base_url(), "");
+    for manifest in [
+        manifest.clone(),
+        format!("[server]\nfast_lane = false\n{manifest}"),
+    ] {
+        let gateway = Gateway::start(&manifest).await;
+        let answer = |asked: &'static str| {
+            let request = client()
+                .post(gateway.url("/v1/chat/completions"))
+                .header("authorization", bearer())
+                .header("content-type", "application/json")
+                .header("x-answer", asked)
+                .body(r#"{"model":"gpt-4o","stream":true,"messages":[]}"#);
+            async move {
+                let response = request.send().await.unwrap();
+                assert_eq!(response.status(), 200);
+                let field = |name: &str| -> Vec<String> {
+                    response
+                        .headers()
+                        .get_all(name)
+                        .iter()
+                        .map(|value| value.to_str().unwrap().to_owned())
+                        .collect()
+                };
+                (field("x-accel-buffering"), field("cache-control"))
+            }
+        };
+        let (no, no_cache) = (vec!["no".to_owned()], vec!["no-cache".to_owned()]);
+        assert_eq!(
+            answer("content-type=text/event-stream").await,
+            (no.clone(), no_cache.clone())
+        );
+        assert_eq!(
+            answer("content-type=Text/Event-Stream; charset=utf-8").await,
+            (no.clone(), no_cache.clone()),
+            "the media type is read in any case, parameters aside"
+        );
+        assert_eq!(
+            answer("content-type=text/event-stream;x-accel-buffering=yes;cache-control=private")
+                .await,
+            (no.clone(), vec!["private".to_owned()]),
+            "the upstream's buffering switch is replaced, its caching rule kept"
+        );
+        assert_eq!(
+            answer("content-type=application/json;x-accel-buffering=yes").await,
+            (vec!["yes".to_owned()], vec![]),
+            "other answers pass as they came"
+        );
+    }
+}

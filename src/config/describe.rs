@@ -86,6 +86,16 @@ impl Config {
                 self.upstream.ready_check.to_string(),
             ),
             (
+                "streaming.keepalive",
+                self.streaming
+                    .keepalive
+                    .map_or("(off)".to_owned(), format_duration),
+            ),
+            (
+                "tracing.server_timing",
+                self.tracing.server_timing.to_string(),
+            ),
+            (
                 "limits.max_json_body",
                 format_size(self.limits.max_json_body),
             ),
@@ -174,6 +184,9 @@ impl Config {
             }
             if let Some(timeout) = route.read_timeout {
                 extras.push(format!("read_timeout={}", format_duration(timeout)));
+            }
+            if let Some(keepalive) = route.keepalive {
+                extras.push(format!("keepalive={}", format_duration(keepalive)));
             }
             if let Some(max) = route.max_body {
                 extras.push(format!("max_body={}", format_size(max)));

@@ -81,6 +81,8 @@ pub struct Config {
     pub cors: CorsConfig,
     pub openapi: OpenApiConfig,
     pub realtime: RealtimeConfig,
+    pub streaming: StreamingConfig,
+    pub tracing: TracingConfig,
     pub access: AccessConfig,
     pub log: LogConfig,
     pub metrics: MetricsConfig,
@@ -136,6 +138,19 @@ pub struct RealtimeConfig {
     pub max_message: u64,
     /// A session with no frame either way for this long is closed with 1001.
     pub idle_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct StreamingConfig {
+    /// After this long without a byte from the upstream, an event stream gets an SSE
+    /// comment (`: keep-alive`) at its next event boundary; `None`: never (the default).
+    pub keepalive: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct TracingConfig {
+    /// A forwarded answer carries `Server-Timing: gateway;dur=…, upstream;dur=…`.
+    pub server_timing: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -365,6 +380,43 @@ mod tests {
         );
         let err = error_of("[[routes]]\nmethod = \"GET\"\n");
         assert!(err.contains("routes[0]: missing field `path`"), "{err}");
+    }
+
+    #[test]
+    fn keepalives_must_fire_before_the_read_timeout() {
+        let streaming = "[[routes]]\nmethod = \"POST\"\npath = \"/v1/chat/completions\"\n\
+                         body = \"json\"\nstreaming = true\n";
+        let with = |settings: &str, route: &str| format!("{settings}\n{streaming}{route}");
+        assert_eq!(
+            error_of(&with("[streaming]\nkeepalive = \"0s\"", "")),
+            "streaming.keepalive: must be more than 0s (leave it out for none)"
+        );
+        assert_eq!(
+            error_of(&with("[streaming]\nkeepalive = \"10m\"", "")),
+            "streaming.keepalive: 10m is not below upstream.read_timeout (10m), which ends a \
+             silent stream first"
+        );
+        assert_eq!(
+            error_of(&with(
+                "[streaming]\nkeepalive = \"15s\"",
+                "read_timeout = \"10s\"\n"
+            )),
+            "streaming.keepalive: 15s is not below routes[0].read_timeout (10s), which ends a \
+             silent stream first"
+        );
+        assert_eq!(
+            error_of(&with("", "keepalive = \"11m\"\n")),
+            "routes[0].keepalive: 11m is not below upstream.read_timeout (10m), which ends a \
+             silent stream first"
+        );
+        let config = Config::from_manifest_str(&with(
+            "[streaming]\nkeepalive = \"15s\"",
+            "keepalive = \"5s\"\n",
+        ))
+        .unwrap();
+        assert_eq!(config.streaming.keepalive, Some(Duration::from_secs(15)));
+        let route = &config.routes.routes()[0];
+        assert_eq!(route.keepalive, Some(Duration::from_secs(5)));
     }
 
     #[test]

@@ -23,6 +23,10 @@ pub struct RawConfig {
     #[serde(default)]
     pub realtime: RawRealtime,
     #[serde(default)]
+    pub streaming: RawStreaming,
+    #[serde(default)]
+    pub tracing: RawTracing,
+    #[serde(default)]
     pub access: RawAccess,
     #[serde(default)]
     pub log: RawLog,
@@ -224,6 +228,20 @@ impl Default for RawRealtime {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct RawStreaming {
+    /// Write an SSE comment to the client after this long without upstream bytes.
+    pub keepalive: Option<HumanDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTracing {
+    /// Answers carry a `Server-Timing` header: the gateway's time and the upstream's.
+    pub server_timing: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct RawAccess {
     pub allowed_key_hashes: Vec<String>,
     pub allowed_ips: Vec<String>,
@@ -244,6 +262,8 @@ pub struct RawRoute {
     #[serde(default)]
     pub streaming: bool,
     pub read_timeout: Option<HumanDuration>,
+    /// Overrides `streaming.keepalive` for this route.
+    pub keepalive: Option<HumanDuration>,
     pub max_body: Option<ByteSize>,
     /// The OpenAPI operationId; derived from method and path when absent.
     pub operation_id: Option<String>,

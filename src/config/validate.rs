@@ -5,15 +5,17 @@
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use http::Method;
 use url::Url;
 
 use super::raw::{self, RawConfig, RawRoute};
+use super::units::format_duration;
 use super::{
     AccessConfig, AcmeConfig, AdmissionConfig, Config, ConfigError, CorsConfig, LimitsConfig,
     LogConfig, LogFormat, ManifestSource, MetricsConfig, OpenApiConfig, RealtimeConfig,
-    ServerConfig, TlsConfig, UpstreamConfig, ENV_PREFIX, METHODS,
+    ServerConfig, StreamingConfig, TlsConfig, TracingConfig, UpstreamConfig, ENV_PREFIX, METHODS,
 };
 use crate::routes::{BodyKind, PathTemplate, RouteSpec, RouteTable};
 
@@ -150,6 +152,15 @@ pub(super) fn validate(raw: RawConfig, source: ManifestSource) -> Result<Config,
             Err(mut route_problems) => problems.append(&mut route_problems),
         }
     }
+    let streaming = StreamingConfig {
+        keepalive: raw.streaming.keepalive.map(|t| t.0),
+    };
+    check_keepalives(
+        &streaming,
+        raw.upstream.read_timeout.0,
+        &specs,
+        &mut problems,
+    );
     if specs.is_empty() && problems.is_empty() {
         problems.push(
             "routes: the manifest declares no [[routes]]; there would be nothing to serve"
@@ -205,6 +216,10 @@ pub(super) fn validate(raw: RawConfig, source: ManifestSource) -> Result<Config,
         },
         cors: CorsConfig { allow_origins },
         access,
+        streaming,
+        tracing: TracingConfig {
+            server_timing: raw.tracing.server_timing,
+        },
         realtime: RealtimeConfig {
             max_message: raw.realtime.max_message.0,
             idle_timeout: raw.realtime.idle_timeout.0,
@@ -223,6 +238,50 @@ pub(super) fn validate(raw: RawConfig, source: ManifestSource) -> Result<Config,
         routes,
         source,
     })
+}
+
+/// A keep-alive must be more than zero and come before the read timeout that applies to the
+/// same route ends the stream: keep-alives do not hold it off, so one that never fires in
+/// time is a mistake.
+fn check_keepalives(
+    streaming: &StreamingConfig,
+    read_timeout: Duration,
+    specs: &[RouteSpec],
+    problems: &mut Vec<String>,
+) {
+    let mut check = |at: String, keepalive: Duration, read_timeout: (Duration, String)| {
+        if keepalive.is_zero() {
+            problems.push(format!(
+                "{at}: must be more than 0s (leave it out for none)"
+            ));
+        } else if keepalive >= read_timeout.0 {
+            problems.push(format!(
+                "{at}: {} is not below {} ({}), which ends a silent stream first",
+                format_duration(keepalive),
+                read_timeout.1,
+                format_duration(read_timeout.0),
+            ));
+        }
+    };
+    let global = (read_timeout, "upstream.read_timeout".to_owned());
+    if let Some(keepalive) = streaming.keepalive {
+        check("streaming.keepalive".to_owned(), keepalive, global.clone());
+    }
+    for spec in specs {
+        let at = format!("routes[{}]", spec.index);
+        let read_timeout = match spec.read_timeout {
+            Some(own) => (own, format!("{at}.read_timeout")),
+            None => global.clone(),
+        };
+        match (spec.keepalive, streaming.keepalive) {
+            (Some(own), _) => check(format!("{at}.keepalive"), own, read_timeout),
+            // The global one, under a streaming route's own read timeout.
+            (None, Some(keepalive)) if spec.streaming && spec.read_timeout.is_some() => {
+                check("streaming.keepalive".to_owned(), keepalive, read_timeout)
+            }
+            _ => {}
+        }
+    }
 }
 
 fn validate_log(raw: raw::RawLog, problems: &mut Vec<String>) -> LogConfig {
@@ -487,6 +546,7 @@ fn validate_route(
             tag: raw.tag,
             streaming: raw.streaming,
             read_timeout: raw.read_timeout.map(|t| t.0),
+            keepalive: raw.keepalive.map(|t| t.0),
             max_body: raw.max_body.map(|s| s.0),
             operation_id: raw.operation_id,
             produces: raw.produces,

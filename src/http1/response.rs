@@ -40,20 +40,37 @@ pub struct ResponseHead {
 pub struct Fields {
     raw: Bytes,
     spans: Vec<Span>,
+    /// Fields the gateway adds (rare: usually empty, which allocates nothing), after the
+    /// ones that arrived.
+    added: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl Fields {
     /// Every field, name and value, in the order received.
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.spans
+        let arrived = self
+            .spans
             .iter()
             .filter(|span| span.name.1 > 0)
-            .map(|span| (part(&self.raw, span.name), part(&self.raw, span.value)))
+            .map(|span| (part(&self.raw, span.name), part(&self.raw, span.value)));
+        let added = self
+            .added
+            .iter()
+            .map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes()));
+        arrived.chain(added)
+    }
+
+    /// Adds a field after the others.
+    pub fn append(&mut self, name: HeaderName, value: HeaderValue) {
+        self.added.push((name, value));
     }
 
     /// The first value of the header `name`.
     pub fn get(&self, name: &HeaderName) -> Option<&[u8]> {
-        Some(part(&self.raw, self.find(name)?.value))
+        match self.find(name) {
+            Some(span) => Some(part(&self.raw, span.value)),
+            None => self.added(name).map(HeaderValue::as_bytes),
+        }
     }
 
     /// Every value of the header `name`, in order.
@@ -66,7 +83,17 @@ impl Fields {
 
     /// The first value of the header `name`, sharing the head's storage.
     pub fn value(&self, name: &HeaderName) -> Option<HeaderValue> {
-        HeaderValue::from_maybe_shared(slice(&self.raw, self.find(name)?.value)).ok()
+        match self.find(name) {
+            Some(span) => HeaderValue::from_maybe_shared(slice(&self.raw, span.value)).ok(),
+            None => self.added(name).cloned(),
+        }
+    }
+
+    fn added(&self, name: &HeaderName) -> Option<&HeaderValue> {
+        self.added
+            .iter()
+            .find(|(added, _)| added == name)
+            .map(|(_, value)| value)
     }
 
     fn find(&self, name: &HeaderName) -> Option<&Span> {
@@ -85,6 +112,8 @@ impl Fields {
                 span.name = (0, 0);
             }
         }
+        self.added
+            .retain(|(name, _)| keep(name.as_str().as_bytes()));
     }
 
     /// The fields as a header map (values share the head's storage), for an engine that
@@ -98,6 +127,9 @@ impl Fields {
             if let (Ok(name), Ok(value)) = (name, value) {
                 map.append(name, value);
             }
+        }
+        for (name, value) in &self.added {
+            map.append(name.clone(), value.clone());
         }
         map
     }
@@ -225,6 +257,7 @@ pub fn parse_response(buf: &mut BytesMut) -> Result<Option<ResponseHead>, BadRes
     let fields = Fields {
         raw: buf.split_to(head_len).freeze(),
         spans,
+        added: Vec::new(),
     };
     if framing == Framing::UntilClose {
         reusable = false;

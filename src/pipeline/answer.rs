@@ -3,14 +3,16 @@
 //! [`Answer`] is what the pipeline gives back to an engine for every request: the upstream's
 //! answer on its way through, or one the gateway made itself. Engines only write it.
 
+use std::time::Duration;
+
 use bytes::Bytes;
-use http::header;
+use http::header::{self, HeaderName, HeaderValue};
 use http::StatusCode;
 
 use super::body::{Bound, UploadProgress};
 use super::error::GatewayError;
 use super::relay::Relay;
-use crate::headers::{strip_hop_by_hop, HopByHop};
+use crate::headers::{is_named, strip_hop_by_hop, HopByHop, Media};
 use crate::observe::metrics::UpstreamErrorKind;
 use crate::upstream::{BodySize, Head, SendError, Stage};
 
@@ -51,8 +53,21 @@ impl AnswerBody {
     }
 }
 
-/// Removes the headers of the upstream's answer that belonged to its connection only
-/// ([`HopByHop`]), whichever form the head is in.
+/// The rules for the upstream's answer head, in order: the headers that belonged to its
+/// connection only go ([`HopByHop`]); an event stream is marked so that a proxy in front of
+/// the gateway (nginx, an ingress) passes it on as it comes ([`unbuffered`]). Returns the
+/// answer's media type, which phase 8 reads too.
+pub fn head_rules(head: &mut Head) -> Media {
+    strip_connection_headers(head);
+    let media = Media::of(head.get(&header::CONTENT_TYPE));
+    if media == Media::EventStream {
+        unbuffered(head);
+    }
+    media
+}
+
+/// Removes the headers of an answer that belonged to its connection only ([`HopByHop`]),
+/// whichever form the head is in.
 pub fn strip_connection_headers(head: &mut Head) {
     match head {
         Head::Map(map) => strip_hop_by_hop(map),
@@ -60,6 +75,31 @@ pub fn strip_connection_headers(head: &mut Head) {
             let rule = HopByHop::of(fields.get_all(&header::CONNECTION));
             fields.retain(|name| !rule.contains(name));
         }
+    }
+}
+
+/// Asks the proxies in front not to buffer an event stream: `X-Accel-Buffering: no` (nginx's
+/// and its ingress's switch, whatever the upstream said), and `Cache-Control: no-cache` when
+/// the upstream gave no caching rule of its own.
+fn unbuffered(head: &mut Head) {
+    const X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
+    head.retain(|name| !is_named(name, X_ACCEL_BUFFERING.as_str().as_bytes()));
+    head.append(X_ACCEL_BUFFERING, HeaderValue::from_static("no"));
+    if head.get(&header::CACHE_CONTROL).is_none() {
+        head.append(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    }
+}
+
+/// `Server-Timing` (`tracing.server_timing`): the gateway's own time until the answer's head
+/// (everything but the upstream's part) and the upstream's time to its head, in
+/// milliseconds, for devtools and curl to show the gateway's overhead.
+pub fn server_timing(head: &mut Head, until_head: Duration, upstream: Duration) {
+    let ms = |duration: Duration| duration.as_secs_f64() * 1000.0;
+    let gateway = ms(until_head.saturating_sub(upstream));
+    let value = format!("gateway;dur={gateway:.3}, upstream;dur={:.3}", ms(upstream));
+    // Digits, letters and punctuation only.
+    if let Ok(value) = HeaderValue::from_str(&value) {
+        head.append(HeaderName::from_static("server-timing"), value);
     }
 }
 

@@ -15,6 +15,7 @@ use super::body::{Upload, UploadBody, UploadProgress};
 use super::relay::{Opening, Relay, RequestLog};
 use super::timer::{self, Timer};
 use super::{answer, outbound, Answer, AnswerBody, GatewayError};
+use crate::headers::Media;
 use crate::realtime::{self, ClientUpgrade, Session};
 use crate::routes::BodyKind;
 use crate::upstream::{self, Head, OutboundBody};
@@ -153,7 +154,10 @@ impl<'a> Admitted<'a> {
             };
             let upstream_ttfb = sent.elapsed();
             route.metrics.observe_upstream_ttfb(upstream_ttfb);
-            answer::strip_connection_headers(&mut response.head);
+            let media = answer::head_rules(&mut response.head);
+            if pipeline.server_timing {
+                answer::server_timing(&mut response.head, start.elapsed(), upstream_ttfb);
+            }
             // 8. The log line, metrics and usage tap, as the body streams back.
             let opening = Opening {
                 method: self.method,
@@ -167,13 +171,16 @@ impl<'a> Admitted<'a> {
                 in_flight,
                 usage: route.spec.usage,
             };
-            let log = RequestLog::open(opening, response.status, &response.head);
+            let log = RequestLog::open(opening, response.status, &response.head, media);
             let answer = Answer {
                 status: response.status,
                 head: response.head,
                 body: AnswerBody::Relay(Box::new(Relay::new(
                     response.body,
                     read_timeout.value,
+                    (media == Media::EventStream)
+                        .then(|| pipeline.keepalive(&route.spec))
+                        .flatten(),
                     log,
                 ))),
             };

@@ -12,10 +12,12 @@
 //! 5. **The upstream request** ([`outbound`]): the URL and the header rules.
 //! 6. **Send** ([`Upstream::send`]): the answer's head is awaited while the upload shows
 //!    life, within the read timeout (504).
-//! 7. **The answer's head and errors** ([`answer`]): headers of the upstream's connection go;
-//!    a failure is classified by who failed (502, 504, 413, 408).
+//! 7. **The answer's head and errors** ([`answer`]): headers of the upstream's connection go,
+//!    an event stream is marked for the proxies in front not to buffer it; a failure is
+//!    classified by who failed (502, 504, 413, 408).
 //! 8. **The log line, metrics and usage tap** ([`relay`]): the answer's body streams through,
-//!    counted and read; the line is written when it ends.
+//!    counted and read (a silent event stream kept alive, when set); the line is written
+//!    when it ends.
 //!
 //! Phases 1–4 run in [`Endpoint::admit`], from the request's head, before any body is read or
 //! the upstream contacted; 5–8 in [`Admitted::forward`], once the engine has the body in the
@@ -67,6 +69,10 @@ pub struct Pipeline {
     limiter: Arc<Limiter>,
     bodies: BodyRules,
     read_timeout: Duration,
+    /// `streaming.keepalive`.
+    keepalive: Option<Duration>,
+    /// `tracing.server_timing`.
+    server_timing: bool,
     upstream: Upstream,
     realtime: Realtime,
     metrics: Arc<Metrics>,
@@ -87,6 +93,8 @@ impl Pipeline {
             limiter,
             bodies: BodyRules::new(&config.limits, &config.server),
             read_timeout: config.upstream.read_timeout,
+            keepalive: config.streaming.keepalive,
+            server_timing: config.tracing.server_timing,
             upstream: Upstream::new(&config.upstream, tls)?,
             realtime: Realtime::new(&config.realtime, sessions),
             metrics,
@@ -166,6 +174,12 @@ impl Pipeline {
             "client address not in access.allowed_ips",
         );
         Answer::error(err)
+    }
+
+    /// How long an event stream's upstream may be silent before the client gets a
+    /// keep-alive: the route's `keepalive`, or `streaming.keepalive`.
+    fn keepalive(&self, route: &RouteSpec) -> Option<Duration> {
+        route.keepalive.or(self.keepalive)
     }
 
     /// `upstream.read_timeout`, or the route's own.

@@ -4,22 +4,23 @@
 //! metrics and the token counts are written when the body is finished or dropped, so they
 //! report what was really delivered.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::Stream;
-use http::header::{self, HeaderName};
+use http::header::HeaderName;
 use http::{HeaderValue, Method, StatusCode};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use super::access::KeyId;
 use super::body::{IdleTimer, Upload};
 use super::limits::Admission;
-use crate::headers;
+use crate::headers::Media;
 use crate::observe::log::{self, RequestLine};
 use crate::observe::metrics::{GaugeGuard, RouteMetrics, UpstreamErrorKind};
 use crate::observe::usage::UsageTap;
@@ -91,18 +92,12 @@ pub struct Opening {
 }
 
 impl RequestLog {
-    /// Opens the line of an answer with `status` and `head`: whether the usage tap reads it,
-    /// and whether it is a stream. It is written when the body is done.
-    pub fn open(opening: Opening, status: StatusCode, head: &Head) -> RequestLog {
-        let content_type = head
-            .get(&header::CONTENT_TYPE)
-            .and_then(headers::text)
-            .map(|ct| ct.split(';').next().unwrap_or("").trim());
-        let is_event_stream =
-            content_type.is_some_and(|ct| ct.eq_ignore_ascii_case("text/event-stream"));
-        let is_json = content_type.is_some_and(|ct| ct.eq_ignore_ascii_case("application/json"));
-        let usage = (opening.usage && status.is_success() && (is_json || is_event_stream))
-            .then(UsageTap::new);
+    /// Opens the line of an answer with `status`, `head` and `media`: whether the usage tap
+    /// reads it, and whether it is a stream. It is written when the body is done.
+    pub fn open(opening: Opening, status: StatusCode, head: &Head, media: Media) -> RequestLog {
+        let is_event_stream = media == Media::EventStream;
+        let usage =
+            (opening.usage && status.is_success() && media != Media::Other).then(UsageTap::new);
         let stream_gauge = is_event_stream.then(|| opening.metrics.all().open_stream());
         RequestLog {
             method: opening.method,
@@ -184,11 +179,20 @@ pub struct Relay {
     /// so reaching it is what "complete" means for such a body.
     expected_len: Option<u64>,
     done: bool,
+    /// For an event stream with a keep-alive set (and no declared length to keep).
+    keepalive: Option<KeepAlive>,
     log: RequestLog,
 }
 
 impl Relay {
-    pub fn new(inner: upstream::Body, idle_timeout: Duration, mut log: RequestLog) -> Relay {
+    /// `keepalive`: how long the upstream of an event stream may be silent before the client
+    /// gets an SSE comment, if at all.
+    pub fn new(
+        inner: upstream::Body,
+        idle_timeout: Duration,
+        keepalive: Option<Duration>,
+        mut log: RequestLog,
+    ) -> Relay {
         let size = inner.size();
         let expected_len = match size {
             BodySize::Known(len) => Some(len),
@@ -201,6 +205,10 @@ impl Relay {
         Relay {
             inner,
             idle: IdleTimer::new(idle_timeout),
+            // A comment would not fit in a body of declared length.
+            keepalive: keepalive
+                .filter(|_| expected_len.is_none())
+                .map(KeepAlive::new),
             expected_len,
             done: false,
             log,
@@ -227,6 +235,9 @@ impl Stream for Relay {
                     self.log.outcome = Outcome::Complete;
                 }
                 self.idle.saw_chunk();
+                if let Some(keepalive) = self.keepalive.as_mut() {
+                    keepalive.saw(&chunk);
+                }
                 Poll::Ready(Some(Ok(chunk)))
             }
             Poll::Ready(Some(Err(err))) => {
@@ -248,8 +259,138 @@ impl Stream for Relay {
                         "upstream went silent mid-body",
                     ))))
                 }
-                Poll::Pending => Poll::Pending,
+                Poll::Pending => match self.keepalive.as_mut().map(|k| k.poll_due(cx)) {
+                    Some(Poll::Ready(())) => {
+                        self.log.bytes_out += KEEP_ALIVE.len() as u64;
+                        Poll::Ready(Some(Ok(Bytes::from_static(KEEP_ALIVE))))
+                    }
+                    _ => Poll::Pending,
+                },
             },
+        }
+    }
+}
+
+/// The SSE comment line a silent event stream gets (clients ignore comments).
+const KEEP_ALIVE: &[u8] = b": keep-alive\n\n";
+
+/// When an event stream's client is owed a keep-alive: after `every` without upstream
+/// bytes, and only between two events, never inside one. Keep-alives do not count as the
+/// upstream's life: the read timeout still ends a stream that stays silent.
+struct KeepAlive {
+    every: Duration,
+    sleep: Pin<Box<Sleep>>,
+    /// Bytes came since the timer was last armed.
+    stale: bool,
+    /// The last bytes relayed (up to four) and how many there are: enough to tell whether
+    /// the stream stands at an event boundary.
+    tail: [u8; 4],
+    tail_len: usize,
+    /// Everything relayed so far is in `tail`.
+    whole: bool,
+}
+
+impl KeepAlive {
+    fn new(every: Duration) -> KeepAlive {
+        KeepAlive {
+            every,
+            sleep: Box::pin(tokio::time::sleep(every)),
+            stale: false,
+            tail: [0; 4],
+            tail_len: 0,
+            whole: true,
+        }
+    }
+
+    fn saw(&mut self, chunk: &[u8]) {
+        self.stale = true;
+        self.whole &= self.tail_len + chunk.len() <= self.tail.len();
+        let mut joined = [0; 8];
+        joined[..self.tail_len].copy_from_slice(&self.tail[..self.tail_len]);
+        let take = chunk.len().min(4);
+        joined[self.tail_len..self.tail_len + take].copy_from_slice(&chunk[chunk.len() - take..]);
+        let end = self.tail_len + take;
+        let start = end.saturating_sub(4);
+        self.tail_len = end - start;
+        self.tail[..self.tail_len].copy_from_slice(&joined[start..end]);
+    }
+
+    /// Ready when a keep-alive is due now; it is then due again `every` later.
+    fn poll_due(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if !at_boundary(&self.tail[..self.tail_len], self.whole) {
+            // The rest of the event is on its way; its bytes wake the relay.
+            return Poll::Pending;
+        }
+        if std::mem::take(&mut self.stale) {
+            self.sleep.as_mut().reset(Instant::now() + self.every);
+        }
+        ready!(self.sleep.as_mut().poll(cx));
+        self.sleep.as_mut().reset(Instant::now() + self.every);
+        Poll::Ready(())
+    }
+}
+
+/// Whether a stream ending in `tail` stands between two events: nothing yet, or a line
+/// ending right after another (an empty line ends an event; lines end in CRLF, LF or CR).
+/// `whole`: `tail` is the stream from its first byte.
+fn at_boundary(tail: &[u8], whole: bool) -> bool {
+    let before = if let Some(rest) = tail.strip_suffix(b"\r\n") {
+        rest
+    } else if let Some(rest) = tail.strip_suffix(b"\n").or(tail.strip_suffix(b"\r")) {
+        rest
+    } else {
+        return tail.is_empty() && whole;
+    };
+    before.ends_with(b"\n") || before.ends_with(b"\r") || (before.is_empty() && whole)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The boundary after feeding `chunks` in turn.
+    fn boundary_after(chunks: &[&[u8]]) -> bool {
+        let mut keepalive = KeepAlive {
+            every: Duration::from_secs(1),
+            sleep: Box::pin(tokio::time::sleep_until(Instant::now())),
+            stale: false,
+            tail: [0; 4],
+            tail_len: 0,
+            whole: true,
+        };
+        for chunk in chunks {
+            keepalive.saw(chunk);
+        }
+        at_boundary(&keepalive.tail[..keepalive.tail_len], keepalive.whole)
+    }
+
+    #[tokio::test]
+    async fn a_keepalive_goes_only_between_events() {
+        let between: &[&[&[u8]]] = &[
+            &[],
+            &[b"data: {}\n\n"],
+            &[b"data: {}\r\n\r\n"],
+            &[b"data: {}\r\r"],
+            &[b"data: {}\n", b"\n"],
+            &[b"data: {}\r\n\r", b"\n"],
+            &[b"data: {}\n", b"", b"\n"],
+            &[b"\n"],
+            &[b"data: {}\n\n", b": ping\n\n"],
+        ];
+        for chunks in between {
+            assert!(boundary_after(chunks), "{chunks:?}");
+        }
+        let inside: &[&[&[u8]]] = &[
+            &[b"data: {"],
+            &[b"data: {}\n"],
+            &[b"data: {}\r\n"],
+            &[b"data: {}\n\ndata: x"],
+            &[b"data: {}\n\n", b"event: done\n"],
+            &[b"data: {}\n\n", b"d"],
+            &[b"xxxx", b"\n"],
+        ];
+        for chunks in inside {
+            assert!(!boundary_after(chunks), "{chunks:?}");
         }
     }
 }

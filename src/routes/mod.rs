@@ -140,6 +140,8 @@ pub struct RouteSpec {
     pub streaming: bool,
     /// `routes[i].read_timeout`, when the manifest overrides `upstream.read_timeout`.
     pub read_timeout: Option<Duration>,
+    /// `routes[i].keepalive`, when the manifest overrides `streaming.keepalive`.
+    pub keepalive: Option<Duration>,
     /// `routes[i].max_body`, when the manifest overrides the `[limits]` body sizes.
     pub max_body: Option<u64>,
     /// The manifest's OpenAPI operationId, if it names one.
@@ -326,6 +328,7 @@ mod tests {
             tag: None,
             streaming: false,
             read_timeout: None,
+            keepalive: None,
             max_body: None,
             operation_id: None,
             produces: None,

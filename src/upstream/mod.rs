@@ -120,6 +120,16 @@ impl Head {
         }
     }
 
+    /// Adds a field after the others.
+    pub fn append(&mut self, name: HeaderName, value: HeaderValue) {
+        match self {
+            Head::Map(map) => {
+                map.append(name, value);
+            }
+            Head::Wire(fields) => fields.append(name, value),
+        }
+    }
+
     /// The fields as a header map, for an engine that needs one.
     pub fn into_map(self) -> HeaderMap {
         match self {
