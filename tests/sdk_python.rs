@@ -119,20 +119,7 @@ async fn official_python_sdk_works_through_the_gateway() {
     ))
     .await;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/openai_flows.py");
-    let output = tokio::process::Command::new(&python)
-        .arg(script)
-        .arg(gateway.url("/v1"))
-        .env_remove("OPENAI_BASE_URL")
-        .env("NO_PROXY", "127.0.0.1")
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "stdout:\n{stdout}\nstderr:\n{stderr}"
-    );
+    let stdout = common::python::run(&python, &[script, &gateway.url("/v1")]).await;
     for flow in [
         "chat ok",
         "streaming chat ok",

@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{bearer, client, Gateway, Upstream};
+use common::{Gateway, Upstream};
 use futures_util::{Stream, StreamExt};
 use poem::Response;
 
@@ -24,14 +24,7 @@ fn with_keepalive(upstream: &Upstream, fast_lane: bool) -> String {
 }
 
 async fn open_stream(gateway: &Gateway) -> impl Stream<Item = reqwest::Result<Bytes>> {
-    let response = client()
-        .post(gateway.url("/v1/chat/completions"))
-        .header("authorization", bearer())
-        .header("content-type", "application/json")
-        .body(r#"{"model":"gpt-4o","stream":true,"messages":[]}"#)
-        .send()
-        .await
-        .unwrap();
+    let response = common::start_chat_stream(gateway).await;
     assert_eq!(response.status(), 200);
     response.bytes_stream()
 }
@@ -164,20 +157,6 @@ stream = client.chat.completions.create(
 )
 print("".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices))
 "#;
-    let output = tokio::process::Command::new(&python)
-        .arg("-c")
-        .arg(script)
-        .arg(gateway.url("/v1"))
-        .env_remove("OPENAI_BASE_URL")
-        .env("NO_PROXY", "127.0.0.1")
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "stdout:\n{stdout}\nstderr:\n{stderr}"
-    );
-    assert_eq!(stdout.trim(), "one two three", "stderr:\n{stderr}");
+    let stdout = common::python::run(&python, &["-c", script, &gateway.url("/v1")]).await;
+    assert_eq!(stdout.trim(), "one two three");
 }

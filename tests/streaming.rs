@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{bearer, client, Gateway, Upstream};
+use common::{bearer, client, start_chat_stream, Gateway, Upstream};
 use futures_util::StreamExt;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -14,17 +14,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// Long enough for any machine to move one small chunk over loopback; a gateway that buffers
 /// would hold the chunk until the next one arrives, which never happens before this expires.
 const DELIVERY: Duration = Duration::from_secs(10);
-
-async fn start_chat_stream(gateway: &Gateway) -> reqwest::Response {
-    client()
-        .post(gateway.url("/v1/chat/completions"))
-        .header("authorization", bearer())
-        .header("content-type", "application/json")
-        .body(r#"{"model":"gpt-4o","stream":true,"messages":[]}"#)
-        .send()
-        .await
-        .unwrap()
-}
 
 #[tokio::test]
 async fn each_sse_event_reaches_the_client_before_the_next_is_sent() {

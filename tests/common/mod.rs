@@ -567,6 +567,18 @@ fn tokio_stream_from(
     futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
+/// Starts a streaming Chat Completions request through `gateway`, with a key.
+pub async fn start_chat_stream(gateway: &Gateway) -> reqwest::Response {
+    client()
+        .post(gateway.url("/v1/chat/completions"))
+        .header("authorization", bearer())
+        .header("content-type", "application/json")
+        .body(r#"{"model":"gpt-4o","stream":true,"messages":[]}"#)
+        .send()
+        .await
+        .unwrap()
+}
+
 /// Sends `request` as raw bytes (no client normalisation of the path) and returns the whole
 /// answer as text. The request should say `Connection: close`.
 pub async fn raw_exchange(addr: SocketAddr, request: &str) -> String {

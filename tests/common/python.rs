@@ -77,3 +77,23 @@ pub fn tool_with(venv: &str, package: &str, command: &str) -> PathBuf {
     }
     tool
 }
+
+/// Runs `python` with `args` against the gateway, as a client on this machine would (no
+/// proxy for loopback, no `OPENAI_BASE_URL` from the environment), and returns its stdout.
+/// Panics with both outputs when it fails.
+pub async fn run(python: &std::path::Path, args: &[&str]) -> String {
+    let output = tokio::process::Command::new(python)
+        .args(args)
+        .env_remove("OPENAI_BASE_URL")
+        .env("NO_PROXY", "127.0.0.1")
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    stdout
+}
