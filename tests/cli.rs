@@ -154,11 +154,13 @@ fn check_prints_settings_and_routes_and_masks_secrets() {
         &[
             ("OA_BYPASS_SERVER__PORT", "9000"),
             ("OA_BYPASS_STREAMING__KEEPALIVE", "15s"),
+            ("OA_BYPASS_USAGE__INJECT_STREAM_USAGE", "true"),
         ],
     );
     assert_eq!(code, 0, "{stderr}");
     assert!(shown(&stdout, "server.port") == "9000", "{stdout}");
     assert_eq!(shown(&stdout, "streaming.keepalive"), "15s");
+    assert_eq!(shown(&stdout, "usage.inject_stream_usage"), "true");
     assert!(
         stdout.contains("http://user:****@127.0.0.1:3128/"),
         "{stdout}"

@@ -96,6 +96,10 @@ impl Config {
                 self.tracing.server_timing.to_string(),
             ),
             (
+                "usage.inject_stream_usage",
+                self.usage.inject_stream_usage.to_string(),
+            ),
+            (
                 "limits.max_json_body",
                 format_size(self.limits.max_json_body),
             ),
@@ -193,6 +197,9 @@ impl Config {
             }
             if route.usage {
                 extras.push("usage".to_owned());
+            }
+            if route.stream_usage_option {
+                extras.push("stream_usage_option".to_owned());
             }
             let line = format!(
                 "  {:<6} {:<80} {:<16} {}",

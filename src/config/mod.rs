@@ -83,6 +83,7 @@ pub struct Config {
     pub realtime: RealtimeConfig,
     pub streaming: StreamingConfig,
     pub tracing: TracingConfig,
+    pub usage: UsageConfig,
     pub access: AccessConfig,
     pub log: LogConfig,
     pub metrics: MetricsConfig,
@@ -151,6 +152,13 @@ pub struct StreamingConfig {
 pub struct TracingConfig {
     /// A forwarded answer carries `Server-Timing: gateway;dur=…, upstream;dur=…`.
     pub server_timing: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct UsageConfig {
+    /// A stream on a route with `stream_usage_option` whose request does not ask for usage
+    /// is asked for it upstream, and the usage-only chunk is kept from the client.
+    pub inject_stream_usage: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -380,6 +388,12 @@ mod tests {
         );
         let err = error_of("[[routes]]\nmethod = \"GET\"\n");
         assert!(err.contains("routes[0]: missing field `path`"), "{err}");
+        let text = "[[routes]]\nmethod = \"POST\"\npath = \"/v1/x\"\nbody = \"json\"\n\
+                    stream_usage_option = true\n";
+        assert_eq!(
+            error_of(text),
+            "routes[0].stream_usage_option: needs usage = true and a json body"
+        );
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub tracing: RawTracing,
     #[serde(default)]
+    pub usage: RawUsage,
+    #[serde(default)]
     pub access: RawAccess,
     #[serde(default)]
     pub log: RawLog,
@@ -242,6 +244,12 @@ pub struct RawTracing {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct RawUsage {
+    pub inject_stream_usage: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct RawAccess {
     pub allowed_key_hashes: Vec<String>,
     pub allowed_ips: Vec<String>,
@@ -272,6 +280,10 @@ pub struct RawRoute {
     /// Count the token usage reported in this route's answers.
     #[serde(default)]
     pub usage: bool,
+    /// This route's streams report usage only when the request asks with
+    /// `stream_options.include_usage` (Chat Completions, Completions).
+    #[serde(default)]
+    pub stream_usage_option: bool,
 }
 
 #[derive(Debug, Deserialize)]

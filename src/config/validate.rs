@@ -15,7 +15,8 @@ use super::units::format_duration;
 use super::{
     AccessConfig, AcmeConfig, AdmissionConfig, Config, ConfigError, CorsConfig, LimitsConfig,
     LogConfig, LogFormat, ManifestSource, MetricsConfig, OpenApiConfig, RealtimeConfig,
-    ServerConfig, StreamingConfig, TlsConfig, TracingConfig, UpstreamConfig, ENV_PREFIX, METHODS,
+    ServerConfig, StreamingConfig, TlsConfig, TracingConfig, UpstreamConfig, UsageConfig,
+    ENV_PREFIX, METHODS,
 };
 use crate::routes::{BodyKind, PathTemplate, RouteSpec, RouteTable};
 
@@ -219,6 +220,9 @@ pub(super) fn validate(raw: RawConfig, source: ManifestSource) -> Result<Config,
         streaming,
         tracing: TracingConfig {
             server_timing: raw.tracing.server_timing,
+        },
+        usage: UsageConfig {
+            inject_stream_usage: raw.usage.inject_stream_usage,
         },
         realtime: RealtimeConfig {
             max_message: raw.realtime.max_message.0,
@@ -507,6 +511,11 @@ fn validate_route(
             ));
         }
     }
+    if raw.stream_usage_option && !(raw.usage && body.contains(&BodyKind::Json)) {
+        problems.push(format!(
+            "{at}.stream_usage_option: needs usage = true and a json body"
+        ));
+    }
     if let Some(timeout) = raw.read_timeout {
         if timeout.0.is_zero() {
             problems.push(format!("{at}.read_timeout: must be more than 0s"));
@@ -551,6 +560,7 @@ fn validate_route(
             operation_id: raw.operation_id,
             produces: raw.produces,
             usage: raw.usage,
+            stream_usage_option: raw.stream_usage_option,
         }),
         _ => Err(problems),
     }

@@ -103,6 +103,11 @@ pub fn server_timing(head: &mut Head, until_head: Duration, upstream: Duration) 
     }
 }
 
+/// Drops the answer's `Content-Length`, for a body the gateway changes on its way.
+pub fn undeclare_length(head: &mut Head) {
+    head.retain(|name| !is_named(name, b"content-length"));
+}
+
 /// Says who failed when the request could not be sent or its head never came back: the
 /// client (its upload over the limit, stalled, or broken), else the upstream.
 pub fn classify(
@@ -111,27 +116,41 @@ pub fn classify(
     limit: Bound<u64>,
     timeouts: &Timeouts,
 ) -> GatewayError {
-    let upload = |went_wrong: fn(&UploadProgress) -> bool| upload.is_some_and(went_wrong);
-    if upload(UploadProgress::over_limit) {
+    if let Some(failed) = upload.filter(|upload| upload.went_wrong()) {
+        return upload_failed(
+            failed,
+            limit,
+            timeouts.body_idle,
+            std::io::Error::other(err.source),
+        );
+    }
+    match err.stage {
+        Stage::Connect if err.timed_out() => GatewayError::UpstreamConnectTimeout {
+            timeout: timeouts.connect,
+        },
+        Stage::Connect => GatewayError::UpstreamUnreachable(err.source),
+        Stage::Exchange => GatewayError::UpstreamFailed(err.source),
+    }
+}
+
+/// How the client's upload went wrong (`err` is what reading it said): over the limit,
+/// stalled past `body_idle`, or broken.
+pub fn upload_failed(
+    upload: &UploadProgress,
+    limit: Bound<u64>,
+    body_idle: Duration,
+    err: std::io::Error,
+) -> GatewayError {
+    if upload.over_limit() {
         GatewayError::BodyTooLarge {
             limit: limit.value,
             setting: limit.setting.to_string(),
             declared: None,
         }
-    } else if upload(UploadProgress::client_stalled) {
-        GatewayError::ClientBodyTimeout {
-            timeout: timeouts.body_idle,
-        }
-    } else if upload(UploadProgress::client_failed) {
-        GatewayError::ClientBody(std::io::Error::other(err.source))
+    } else if upload.client_stalled() {
+        GatewayError::ClientBodyTimeout { timeout: body_idle }
     } else {
-        match err.stage {
-            Stage::Connect if err.timed_out() => GatewayError::UpstreamConnectTimeout {
-                timeout: timeouts.connect,
-            },
-            Stage::Connect => GatewayError::UpstreamUnreachable(err.source),
-            Stage::Exchange => GatewayError::UpstreamFailed(err.source),
-        }
+        GatewayError::ClientBody(err)
     }
 }
 
@@ -140,7 +159,7 @@ pub struct Timeouts {
     /// `upstream.connect_timeout`.
     pub connect: std::time::Duration,
     /// `server.body_read_timeout`.
-    pub body_idle: std::time::Duration,
+    pub body_idle: Duration,
 }
 
 /// The upstream's share of a failure, for `oa_bypass_upstream_errors_total`; `None` when the

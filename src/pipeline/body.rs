@@ -258,6 +258,11 @@ impl UploadProgress {
     pub fn client_stalled(&self) -> bool {
         self.client_stalled.load(Ordering::Relaxed)
     }
+
+    /// The upload failed on the client's side: over the limit, stalled or broken.
+    pub fn went_wrong(&self) -> bool {
+        self.over_limit() || self.client_stalled() || self.client_failed()
+    }
 }
 
 /// The client's request body, counted, cut at `limit` bytes, and abandoned when the client

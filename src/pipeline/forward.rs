@@ -6,13 +6,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Method, StatusCode};
+use http::{header, HeaderValue, Method, StatusCode};
 use http_body_util::combinators::BoxBody;
 use tokio::time::Instant;
 
 use super::admit::{Admitted, Endpoint, MethodRoute};
 use super::body::{Upload, UploadBody, UploadProgress};
 use super::relay::{Opening, Relay, RequestLog};
+use super::stream_usage::{self, UsageChunkFilter};
 use super::timer::{self, Timer};
 use super::{answer, outbound, Answer, AnswerBody, GatewayError};
 use crate::headers::Media;
@@ -85,7 +86,9 @@ impl<'a> Admitted<'a> {
                 };
             }
             let pipeline = &*endpoint.pipeline;
-            let (body, upload) = match body {
+            // `[usage] inject_stream_usage`: such a body is read whole, to be rewritten.
+            let asks_usage = pipeline.inject_stream_usage && route.spec.stream_usage_option;
+            let (mut body, upload) = match body {
                 ClientBody::Whole(body) => {
                     let bytes = body.len() as u64;
                     (OutboundBody::Whole(body), Upload::Whole(bytes))
@@ -99,12 +102,33 @@ impl<'a> Admitted<'a> {
                         pipeline.bodies.idle,
                         Arc::clone(&progress),
                     );
-                    let body = OutboundBody::Stream(upstream::streaming(counted));
+                    let body = if asks_usage {
+                        // Boxed: only this path holds the read.
+                        match Box::pin(stream_usage::read_whole(counted)).await {
+                            Ok(whole) => OutboundBody::Whole(whole),
+                            Err(err) => {
+                                let idle = pipeline.bodies.idle;
+                                let err = answer::upload_failed(&progress, self.limit, idle, err);
+                                return endpoint.failed(route, &self.method, start, &err);
+                            }
+                        }
+                    } else {
+                        OutboundBody::Stream(upstream::streaming(counted))
+                    };
                     (body, Upload::Streaming(progress))
                 }
             };
             // 5. The upstream request.
-            let headers = std::mem::take(&mut self.headers);
+            let mut headers = std::mem::take(&mut self.headers);
+            let asked = match &body {
+                OutboundBody::Whole(whole) if asks_usage => stream_usage::ask_for_usage(whole),
+                _ => None,
+            };
+            let asked_for_usage = asked.is_some();
+            if let Some(asked) = asked {
+                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(asked.len()));
+                body = OutboundBody::Whole(asked);
+            }
             let target = pipeline.upstream.target();
             let request =
                 match outbound::request(target, self.method.clone(), &self.target, headers, body) {
@@ -172,15 +196,23 @@ impl<'a> Admitted<'a> {
                 usage: route.spec.usage,
             };
             let log = RequestLog::open(opening, response.status, &response.head, media);
+            let is_event_stream = media == Media::EventStream;
+            let usage_chunk = (asked_for_usage && is_event_stream).then(UsageChunkFilter::default);
+            if usage_chunk.is_some() {
+                // Some of the body stays back: the upstream's length is not the client's.
+                answer::undeclare_length(&mut response.head);
+            }
+            let keepalive = is_event_stream
+                .then(|| pipeline.keepalive(&route.spec))
+                .flatten();
             let answer = Answer {
                 status: response.status,
                 head: response.head,
                 body: AnswerBody::Relay(Box::new(Relay::new(
                     response.body,
                     read_timeout.value,
-                    (media == Media::EventStream)
-                        .then(|| pipeline.keepalive(&route.spec))
-                        .flatten(),
+                    keepalive,
+                    usage_chunk,
                     log,
                 ))),
             };

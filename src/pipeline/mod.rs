@@ -9,15 +9,16 @@
 //!    (`access.allowed_key_hashes`), and within the `[limits]` rates and caps (429).
 //! 4. **Body policy** ([`body`]): the size limit that applies and the content type (413,
 //!    415), and the rules the body is read by.
-//! 5. **The upstream request** ([`outbound`]): the URL and the header rules.
+//! 5. **The upstream request** ([`outbound`]): the URL and the header rules; a stream that
+//!    did not ask for its usage is asked for it, when set ([`stream_usage`]).
 //! 6. **Send** ([`Upstream::send`]): the answer's head is awaited while the upload shows
 //!    life, within the read timeout (504).
 //! 7. **The answer's head and errors** ([`answer`]): headers of the upstream's connection go,
 //!    an event stream is marked for the proxies in front not to buffer it; a failure is
 //!    classified by who failed (502, 504, 413, 408).
 //! 8. **The log line, metrics and usage tap** ([`relay`]): the answer's body streams through,
-//!    counted and read (a silent event stream kept alive, when set); the line is written
-//!    when it ends.
+//!    counted and read (a silent event stream kept alive, and a usage chunk the client did
+//!    not ask for kept back, when set); the line is written when it ends.
 //!
 //! Phases 1–4 run in [`Endpoint::admit`], from the request's head, before any body is read or
 //! the upstream contacted; 5–8 in [`Admitted::forward`], once the engine has the body in the
@@ -36,6 +37,7 @@ mod forward;
 pub mod limits;
 mod outbound;
 pub mod relay;
+mod stream_usage;
 mod timer;
 
 use std::net::SocketAddr;
@@ -73,6 +75,8 @@ pub struct Pipeline {
     keepalive: Option<Duration>,
     /// `tracing.server_timing`.
     server_timing: bool,
+    /// `usage.inject_stream_usage`.
+    inject_stream_usage: bool,
     upstream: Upstream,
     realtime: Realtime,
     metrics: Arc<Metrics>,
@@ -95,6 +99,7 @@ impl Pipeline {
             read_timeout: config.upstream.read_timeout,
             keepalive: config.streaming.keepalive,
             server_timing: config.tracing.server_timing,
+            inject_stream_usage: config.usage.inject_stream_usage,
             upstream: Upstream::new(&config.upstream, tls)?,
             realtime: Realtime::new(&config.realtime, sessions),
             metrics,

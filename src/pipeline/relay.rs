@@ -20,6 +20,7 @@ use tokio::time::{Instant, Sleep};
 use super::access::KeyId;
 use super::body::{IdleTimer, Upload};
 use super::limits::Admission;
+use super::stream_usage::UsageChunkFilter;
 use crate::headers::Media;
 use crate::observe::log::{self, RequestLine};
 use crate::observe::metrics::{GaugeGuard, RouteMetrics, UpstreamErrorKind};
@@ -120,6 +121,11 @@ impl RequestLog {
     /// Counts a chunk of the answer on its way to the client, and lets the usage tap read it.
     pub fn saw(&mut self, chunk: &[u8]) {
         self.bytes_out += chunk.len() as u64;
+        self.tap(chunk);
+    }
+
+    /// Lets the usage tap read a chunk of the upstream's answer, whatever of it goes on.
+    fn tap(&mut self, chunk: &[u8]) {
         if let Some(tap) = self.usage.as_mut() {
             tap.feed(chunk);
         }
@@ -181,20 +187,25 @@ pub struct Relay {
     done: bool,
     /// For an event stream with a keep-alive set (and no declared length to keep).
     keepalive: Option<KeepAlive>,
+    /// For an event stream whose usage the gateway asked for: the usage-only chunk stays.
+    usage_chunk: Option<UsageChunkFilter>,
     log: RequestLog,
 }
 
 impl Relay {
     /// `keepalive`: how long the upstream of an event stream may be silent before the client
-    /// gets an SSE comment, if at all.
+    /// gets an SSE comment, if at all. `usage_chunk`: the usage-only chunk is kept back, and
+    /// the body's length is then not the upstream's (its head must not declare one).
     pub fn new(
         inner: upstream::Body,
         idle_timeout: Duration,
         keepalive: Option<Duration>,
+        usage_chunk: Option<UsageChunkFilter>,
         mut log: RequestLog,
     ) -> Relay {
         let size = inner.size();
         let expected_len = match size {
+            _ if usage_chunk.is_some() => None,
             BodySize::Known(len) => Some(len),
             BodySize::None => Some(0),
             BodySize::Unknown => None,
@@ -211,13 +222,17 @@ impl Relay {
                 .map(KeepAlive::new),
             expected_len,
             done: false,
+            usage_chunk,
             log,
         }
     }
 
-    /// How much body the upstream says there is.
+    /// How much body there is: what the upstream says, unless some of it is kept back.
     pub fn size(&self) -> BodySize {
-        self.inner.size()
+        match self.usage_chunk {
+            Some(_) => BodySize::Unknown,
+            None => self.inner.size(),
+        }
     }
 }
 
@@ -225,48 +240,77 @@ impl Stream for Relay {
     type Item = io::Result<Bytes>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if self.done {
-            return Poll::Ready(None);
-        }
-        match Pin::new(&mut self.inner).poll_next(cx) {
-            Poll::Ready(Some(Ok(chunk))) => {
-                self.log.saw(&chunk);
-                if Some(self.log.bytes_out) == self.expected_len {
-                    self.log.outcome = Outcome::Complete;
-                }
-                self.idle.saw_chunk();
-                if let Some(keepalive) = self.keepalive.as_mut() {
-                    keepalive.saw(&chunk);
-                }
-                Poll::Ready(Some(Ok(chunk)))
+        let this = &mut *self;
+        loop {
+            if this.done {
+                return Poll::Ready(None);
             }
-            Poll::Ready(Some(Err(err))) => {
-                self.done = true;
-                self.log.outcome = Outcome::UpstreamBodyError;
-                Poll::Ready(Some(Err(io::Error::other(err))))
-            }
-            Poll::Ready(None) => {
-                self.done = true;
-                self.log.outcome = Outcome::Complete;
-                Poll::Ready(None)
-            }
-            Poll::Pending => match self.idle.poll_expired(cx) {
-                Poll::Ready(()) => {
-                    self.done = true;
-                    self.log.outcome = Outcome::UpstreamBodyTimeout;
-                    Poll::Ready(Some(Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "upstream went silent mid-body",
-                    ))))
-                }
-                Poll::Pending => match self.keepalive.as_mut().map(|k| k.poll_due(cx)) {
-                    Some(Poll::Ready(())) => {
-                        self.log.bytes_out += KEEP_ALIVE.len() as u64;
-                        Poll::Ready(Some(Ok(Bytes::from_static(KEEP_ALIVE))))
+            return match Pin::new(&mut this.inner).poll_next(cx) {
+                Poll::Ready(Some(Ok(chunk))) => {
+                    this.idle.saw_chunk();
+                    let chunk = match this.usage_chunk.as_mut() {
+                        None => {
+                            this.log.saw(&chunk);
+                            chunk
+                        }
+                        Some(filter) => {
+                            this.log.tap(&chunk);
+                            let passed = filter.pass(chunk);
+                            if passed.is_empty() {
+                                // Nothing for the client yet: on to the next chunk.
+                                continue;
+                            }
+                            this.log.bytes_out += passed.len() as u64;
+                            passed
+                        }
+                    };
+                    if Some(this.log.bytes_out) == this.expected_len {
+                        this.log.outcome = Outcome::Complete;
                     }
-                    _ => Poll::Pending,
+                    if let Some(keepalive) = this.keepalive.as_mut() {
+                        keepalive.saw(&chunk);
+                    }
+                    Poll::Ready(Some(Ok(chunk)))
+                }
+                Poll::Ready(Some(Err(err))) => {
+                    this.done = true;
+                    this.log.outcome = Outcome::UpstreamBodyError;
+                    Poll::Ready(Some(Err(io::Error::other(err))))
+                }
+                Poll::Ready(None) => {
+                    this.done = true;
+                    this.log.outcome = Outcome::Complete;
+                    // An event the upstream never ended goes on as it is.
+                    let rest = this
+                        .usage_chunk
+                        .as_mut()
+                        .map(UsageChunkFilter::finish)
+                        .unwrap_or_default();
+                    if rest.is_empty() {
+                        Poll::Ready(None)
+                    } else {
+                        this.log.bytes_out += rest.len() as u64;
+                        Poll::Ready(Some(Ok(rest)))
+                    }
+                }
+                Poll::Pending => match this.idle.poll_expired(cx) {
+                    Poll::Ready(()) => {
+                        this.done = true;
+                        this.log.outcome = Outcome::UpstreamBodyTimeout;
+                        Poll::Ready(Some(Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "upstream went silent mid-body",
+                        ))))
+                    }
+                    Poll::Pending => match this.keepalive.as_mut().map(|k| k.poll_due(cx)) {
+                        Some(Poll::Ready(())) => {
+                            this.log.bytes_out += KEEP_ALIVE.len() as u64;
+                            Poll::Ready(Some(Ok(Bytes::from_static(KEEP_ALIVE))))
+                        }
+                        _ => Poll::Pending,
+                    },
                 },
-            },
+            };
         }
     }
 }

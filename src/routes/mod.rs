@@ -150,6 +150,9 @@ pub struct RouteSpec {
     pub produces: Option<Vec<String>>,
     /// Token usage in this route's answers is counted (`usage = true`).
     pub usage: bool,
+    /// Its streams report usage only when asked with `stream_options.include_usage`
+    /// (`stream_usage_option = true`).
+    pub stream_usage_option: bool,
 }
 
 impl RouteSpec {
@@ -333,6 +336,7 @@ mod tests {
             operation_id: None,
             produces: None,
             usage: false,
+            stream_usage_option: false,
         }
     }
 
