@@ -124,10 +124,17 @@ fn main() -> ExitCode {
 
     let result = match cli.command {
         Command::Healthcheck => runtime().and_then(|rt| rt.block_on(healthcheck(&config))),
-        _ => {
-            observe::log::init(&config.log);
-            serve(config, cli.config)
-        }
+        _ => match observe::log::init(&config.log, &config.tracing) {
+            Ok(exporting) => {
+                let served = serve(config, cli.config);
+                // Spans still queued go out before the process ends.
+                if let Some(exporting) = exporting {
+                    exporting.shutdown();
+                }
+                served
+            }
+            Err(err) => Err(err),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -96,6 +96,17 @@ impl Config {
                 self.tracing.server_timing.to_string(),
             ),
             (
+                "tracing.otlp_endpoint",
+                match (
+                    &self.tracing.otlp_endpoint,
+                    self.tracing.otlp_from_environment,
+                ) {
+                    (Some(endpoint), _) => mask_url(endpoint),
+                    (None, true) => "(from OTEL_EXPORTER_OTLP_*)".to_owned(),
+                    (None, false) => "(off)".to_owned(),
+                },
+            ),
+            (
                 "usage.inject_stream_usage",
                 self.usage.inject_stream_usage.to_string(),
             ),

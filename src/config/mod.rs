@@ -152,6 +152,18 @@ pub struct StreamingConfig {
 pub struct TracingConfig {
     /// A forwarded answer carries `Server-Timing: gateway;dur=…, upstream;dur=…`.
     pub server_timing: bool,
+    /// The OTLP/HTTP collector's base URL (spans go to its `/v1/traces`).
+    pub otlp_endpoint: Option<Url>,
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set: traces
+    /// are on, to where they say, when `otlp_endpoint` is not.
+    pub otlp_from_environment: bool,
+}
+
+impl TracingConfig {
+    /// Spans are made and exported.
+    pub fn traces_on(&self) -> bool {
+        self.otlp_endpoint.is_some() || self.otlp_from_environment
+    }
 }
 
 #[derive(Debug, Clone, Default)]

@@ -240,6 +240,7 @@ pub struct RawStreaming {
 pub struct RawTracing {
     /// Answers carry a `Server-Timing` header: the gateway's time and the upstream's.
     pub server_timing: bool,
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

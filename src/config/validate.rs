@@ -81,7 +81,7 @@ pub(super) fn validate(raw: RawConfig, source: ManifestSource) -> Result<Config,
             raw.server.host
         )
     });
-    let base_url = parse_base_url(&raw.upstream.base_url);
+    let base_url = parse_http_url("upstream.base_url", &raw.upstream.base_url);
     let proxy = raw
         .upstream
         .proxy
@@ -142,6 +142,11 @@ pub(super) fn validate(raw: RawConfig, source: ManifestSource) -> Result<Config,
                 .to_owned(),
         );
     }
+    let otlp_endpoint = raw.tracing.otlp_endpoint.as_deref().and_then(|text| {
+        parse_http_url("tracing.otlp_endpoint", text)
+            .map_err(|err| problems.push(err))
+            .ok()
+    });
     if raw.metrics.max_models == 0 {
         problems.push("metrics.max_models: must be at least 1".to_owned());
     }
@@ -220,6 +225,13 @@ pub(super) fn validate(raw: RawConfig, source: ManifestSource) -> Result<Config,
         streaming,
         tracing: TracingConfig {
             server_timing: raw.tracing.server_timing,
+            otlp_endpoint,
+            otlp_from_environment: [
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            ]
+            .iter()
+            .any(|name| std::env::var_os(name).is_some_and(|value| !value.is_empty())),
         },
         usage: UsageConfig {
             inject_stream_usage: raw.usage.inject_stream_usage,
@@ -411,8 +423,10 @@ fn validate_access(raw: raw::RawAccess, problems: &mut Vec<String>) -> AccessCon
     access
 }
 
-fn parse_base_url(text: &str) -> Result<Url, String> {
-    let bad = |why: &str| format!("upstream.base_url: {text:?} {why}");
+/// An `http://` or `https://` URL with a host and no query: `upstream.base_url`,
+/// `tracing.otlp_endpoint` (paths are appended to both).
+fn parse_http_url(setting: &str, text: &str) -> Result<Url, String> {
+    let bad = |why: &str| format!("{setting}: {:?} {why}", redact_userinfo(text));
     let url = Url::parse(text).map_err(|err| bad(&format!("is not a URL ({err})")))?;
     if !matches!(url.scheme(), "http" | "https") {
         return Err(bad("must start with http:// or https://"));
@@ -422,7 +436,7 @@ fn parse_base_url(text: &str) -> Result<Url, String> {
     }
     if url.query().is_some() || url.fragment().is_some() {
         return Err(bad(
-            "must not have a query or fragment (the request's own path and query are appended)",
+            "must not have a query or fragment (paths and queries are appended to it)",
         ));
     }
     Ok(url)

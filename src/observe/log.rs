@@ -9,30 +9,59 @@ use std::time::Duration;
 
 use http::Method;
 use tokio::time::Instant;
-use tracing_subscriber::EnvFilter;
+use tracing::Level;
+use tracing_subscriber::filter::{filter_fn, FilterExt, Targets};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
 
-use crate::config::{LogConfig, LogFormat};
+use super::traces::{self, Exporting};
+use crate::config::{LogConfig, LogFormat, TracingConfig};
 
 /// Installs the global subscriber: `RUST_LOG` if set, else `log.level`; text or JSON lines
-/// as `log.format` says.
-pub fn init(config: &LogConfig) {
+/// as `log.format` says; and, when traces are on, the layer that exports the gateway's spans
+/// (returned, to be flushed on exit).
+pub fn init(config: &LogConfig, tracing: &TracingConfig) -> Result<Option<Exporting>, String> {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::builder().parse(&config.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(true);
-    let _ = match config.format {
-        LogFormat::Text => builder
+    let Some((traces, exporting)) = traces::exporter::<Registry>(tracing)? else {
+        // Without traces, the plain subscriber: nothing but the log lines to dispatch.
+        let builder = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_target(true);
+        let _ = match config.format {
+            LogFormat::Text => builder
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+                .try_init(),
+            LogFormat::Json => builder
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .with_span_list(false)
+                .try_init(),
+        };
+        return Ok(None);
+    };
+    let lines = tracing_subscriber::fmt::layer().with_target(true);
+    let lines = match config.format {
+        LogFormat::Text => lines
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-            .try_init(),
-        LogFormat::Json => builder
+            .boxed(),
+        LogFormat::Json => lines
             .json()
             .flatten_event(true)
             .with_current_span(false)
             .with_span_list(false)
-            .try_init(),
+            .boxed(),
     };
+    let spans_only = Targets::new().with_target(traces::TARGET, Level::INFO);
+    let not_spans = filter_fn(|meta| meta.target() != traces::TARGET);
+    let _ = tracing_subscriber::registry()
+        .with(traces.with_filter(spans_only))
+        .with(lines.with_filter(filter.and(not_spans)))
+        .try_init();
+    Ok(Some(exporting))
 }
 
 /// Milliseconds with microsecond precision, as a number in JSON logs.

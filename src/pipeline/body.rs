@@ -74,15 +74,8 @@ impl BodyRules {
                 },
             };
         }
-        let sends_json = headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|value| value.to_str().ok())
-            .is_some_and(|ct| {
-                let essence = ct.split(';').next().unwrap_or("").trim();
-                essence.eq_ignore_ascii_case("application/json")
-            });
         let takes_uploads = route.body.iter().any(|kind| kind.is_upload());
-        if takes_uploads && !sends_json {
+        if takes_uploads && !sends_json(headers) {
             Bound {
                 value: self.max_upload_body,
                 setting: Setting::Global("limits.max_upload_body"),
@@ -133,6 +126,17 @@ impl BodyRules {
         }
         Ok(limit)
     }
+}
+
+/// The request says its body is JSON.
+pub fn sends_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|ct| {
+            let essence = ct.split(';').next().unwrap_or("").trim();
+            essence.eq_ignore_ascii_case("application/json")
+        })
 }
 
 /// A silence timer that costs nothing while data keeps coming: it is armed the first time

@@ -11,7 +11,7 @@ use http_body_util::combinators::BoxBody;
 use tokio::time::Instant;
 
 use super::admit::{Admitted, Endpoint, MethodRoute};
-use super::body::{Upload, UploadBody, UploadProgress};
+use super::body::{self, Upload, UploadBody, UploadProgress};
 use super::relay::{Opening, Relay, RequestLog};
 use super::stream_usage::{self, UsageChunkFilter};
 use super::timer::{self, Timer};
@@ -86,8 +86,13 @@ impl<'a> Admitted<'a> {
                 };
             }
             let pipeline = &*endpoint.pipeline;
-            // `[usage] inject_stream_usage`: such a body is read whole, to be rewritten.
+            // `[usage] inject_stream_usage`: such a body is read whole, to be rewritten; with
+            // traces on, a usage route's JSON too, to name its model.
             let asks_usage = pipeline.inject_stream_usage && route.spec.stream_usage_option;
+            let reads_whole = asks_usage
+                || (pipeline.traces.is_some()
+                    && route.spec.usage
+                    && body::sends_json(&self.headers));
             let (mut body, upload) = match body {
                 ClientBody::Whole(body) => {
                     let bytes = body.len() as u64;
@@ -102,7 +107,7 @@ impl<'a> Admitted<'a> {
                         pipeline.bodies.idle,
                         Arc::clone(&progress),
                     );
-                    let body = if asks_usage {
+                    let body = if reads_whole {
                         // Boxed: only this path holds the read.
                         match Box::pin(stream_usage::read_whole(counted)).await {
                             Ok(whole) => OutboundBody::Whole(whole),
@@ -118,8 +123,21 @@ impl<'a> Admitted<'a> {
                     (body, Upload::Streaming(progress))
                 }
             };
-            // 5. The upstream request.
+            // 5. The upstream request, and its span when traces are on.
             let mut headers = std::mem::take(&mut self.headers);
+            let trace = pipeline.traces.as_ref().map(|traced| {
+                let whole = match &body {
+                    OutboundBody::Whole(whole) => Some(&whole[..]),
+                    OutboundBody::Stream(_) => None,
+                };
+                traced.open(
+                    &self.method,
+                    &endpoint.template,
+                    &route.spec,
+                    &headers,
+                    whole,
+                )
+            });
             let asked = match &body {
                 OutboundBody::Whole(whole) if asks_usage => stream_usage::ask_for_usage(whole),
                 _ => None,
@@ -139,6 +157,12 @@ impl<'a> Admitted<'a> {
             // restarts with every uploaded chunk, so a long upload is never cut, only silence is.
             let read_timeout = pipeline.read_timeout(&route.spec);
             let in_flight = route.metrics.all().in_flight();
+            let waiting = trace.as_ref().map(|span| {
+                span.upstream_wait(
+                    &self.method,
+                    pipeline.traces.as_ref().and_then(|t| t.server()),
+                )
+            });
             let sent = Instant::now();
             // Pinned where they are made (`std::pin::pin!`): `tokio::pin!` would move each into a
             // second local, and this future would hold both.
@@ -158,8 +182,19 @@ impl<'a> Admitted<'a> {
             };
             // 7. The answer's head, or who failed.
             let mut response = match response {
-                Ok(response) => response,
+                Ok(response) => {
+                    if let Some(waiting) = waiting {
+                        waiting.answered(response.status.as_u16());
+                    }
+                    response
+                }
                 Err(unanswered) => {
+                    if let Some(waiting) = waiting {
+                        waiting.failed(match unanswered {
+                            Unanswered::Silent => "timeout",
+                            Unanswered::Failed(_) => "upstream_error",
+                        });
+                    }
                     let err = match unanswered {
                         Unanswered::Silent => GatewayError::UpstreamTimeout {
                             setting: read_timeout.setting.to_string(),
@@ -173,6 +208,9 @@ impl<'a> Admitted<'a> {
                             answer::classify(err, upload.progress(), self.limit, &timeouts)
                         }
                     };
+                    if let Some(trace) = trace {
+                        trace.finish(err.status().as_u16(), None, "failed");
+                    }
                     return endpoint.failed(route, &self.method, start, &err);
                 }
             };
@@ -194,6 +232,7 @@ impl<'a> Admitted<'a> {
                 upstream_ttfb,
                 in_flight,
                 usage: route.spec.usage,
+                trace,
             };
             let log = RequestLog::open(opening, response.status, &response.head, media);
             let is_event_stream = media == Media::EventStream;

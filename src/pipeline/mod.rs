@@ -39,6 +39,7 @@ mod outbound;
 pub mod relay;
 mod stream_usage;
 mod timer;
+mod trace;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -77,6 +78,8 @@ pub struct Pipeline {
     server_timing: bool,
     /// `usage.inject_stream_usage`.
     inject_stream_usage: bool,
+    /// Present when traces are on.
+    traces: Option<trace::Traced>,
     upstream: Upstream,
     realtime: Realtime,
     metrics: Arc<Metrics>,
@@ -100,6 +103,7 @@ impl Pipeline {
             keepalive: config.streaming.keepalive,
             server_timing: config.tracing.server_timing,
             inject_stream_usage: config.usage.inject_stream_usage,
+            traces: trace::Traced::new(config),
             upstream: Upstream::new(&config.upstream, tls)?,
             realtime: Realtime::new(&config.realtime, sessions),
             metrics,

@@ -24,6 +24,7 @@ use super::stream_usage::UsageChunkFilter;
 use crate::headers::Media;
 use crate::observe::log::{self, RequestLine};
 use crate::observe::metrics::{GaugeGuard, RouteMetrics, UpstreamErrorKind};
+use crate::observe::traces::RequestSpan;
 use crate::observe::usage::UsageTap;
 use crate::upstream::{self, BodySize, Head};
 
@@ -75,6 +76,8 @@ pub struct RequestLog {
     pub admission: Admission,
     /// Its place in `requests_in_flight` (and `open_streams` for an event stream).
     pub gauges: (GaugeGuard, Option<GaugeGuard>),
+    /// Its span, when traces are on.
+    pub trace: Option<RequestSpan>,
 }
 
 /// What a forwarded request brings to its log line, gathered through the phases before it.
@@ -90,6 +93,7 @@ pub struct Opening {
     pub in_flight: GaugeGuard,
     /// The route counts token usage (`usage = true`).
     pub usage: bool,
+    pub trace: Option<RequestSpan>,
 }
 
 impl RequestLog {
@@ -115,6 +119,7 @@ impl RequestLog {
             metrics: opening.metrics,
             admission: opening.admission,
             gauges: (opening.in_flight, stream_gauge),
+            trace: opening.trace,
         }
     }
 
@@ -128,6 +133,9 @@ impl RequestLog {
     fn tap(&mut self, chunk: &[u8]) {
         if let Some(tap) = self.usage.as_mut() {
             tap.feed(chunk);
+        }
+        if let Some(trace) = self.trace.as_mut() {
+            trace.saw_chunk();
         }
     }
 }
@@ -150,6 +158,9 @@ impl Drop for RequestLog {
         let usage = self.usage.take().and_then(UsageTap::finish);
         if let Some(usage) = &usage {
             self.metrics.count_tokens(usage, &key);
+        }
+        if let Some(trace) = self.trace.take() {
+            trace.finish(self.status, usage.as_ref(), self.outcome.as_str());
         }
         log::request(&RequestLine {
             method: &self.method,

@@ -1,0 +1,321 @@
+//! OpenTelemetry traces, opt-in (`tracing.otlp_endpoint`, or the standard `OTEL_EXPORTER_OTLP_*`
+//! variables): one server span per forwarded request, with a client span for the wait for the
+//! upstream's head, exported over OTLP/HTTP by a batch processor on its own thread.
+//!
+//! Attributes follow the HTTP server conventions and, on usage routes, the GenAI ones
+//! (semantic conventions v1.41.0, GenAI in development status). No header value, path,
+//! prompt or completion is ever recorded: the route template stands for the path, as in the
+//! request log. With traces off the pipeline creates no span at all.
+
+use std::borrow::Cow;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use http::{HeaderMap, Method};
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::{Status, TracerProvider as _};
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+use opentelemetry_sdk::Resource;
+use tracing::field::Empty;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use super::usage::Usage;
+use crate::config::TracingConfig;
+
+/// The `tracing` target of the gateway's spans: only the traces layer takes it.
+pub const TARGET: &str = "oa_bypass::traces";
+
+/// The exporter's side: flushed and stopped by [`Exporting::shutdown`] on exit.
+pub struct Exporting {
+    provider: SdkTracerProvider,
+}
+
+impl Exporting {
+    /// Sends what is still queued (within the exporter's timeout) and stops.
+    pub fn shutdown(self) {
+        if let Err(err) = self.provider.shutdown() {
+            tracing::warn!(error = %err, "OpenTelemetry spans could not all be sent on exit");
+        }
+    }
+}
+
+/// The `tracing` layer that turns the gateway's spans into OpenTelemetry spans.
+pub type SpanLayer<S> =
+    tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::Tracer>;
+
+/// The exporter and the `tracing` layer that feeds it, when traces are on.
+pub fn exporter<S>(config: &TracingConfig) -> Result<Option<(SpanLayer<S>, Exporting)>, String>
+where
+    S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
+{
+    if !config.traces_on() {
+        return Ok(None);
+    }
+    // The exporter's HTTPS client uses the process's rustls provider.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut builder = opentelemetry_otlp::SpanExporter::builder().with_http();
+    if let Some(base) = &config.otlp_endpoint {
+        use opentelemetry_otlp::WithExportConfig;
+        builder =
+            builder.with_endpoint(format!("{}/v1/traces", base.as_str().trim_end_matches('/')));
+    }
+    let exporter = builder
+        .build()
+        .map_err(|err| format!("cannot set up the OTLP exporter: {err}"))?;
+    let mut resource = Resource::builder();
+    if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+        resource = resource.with_service_name("oa-bypass");
+    }
+    let provider = SdkTracerProvider::builder()
+        .with_batch_exporter(WarnOnFailure::new(exporter))
+        .with_resource(resource.build())
+        .build();
+    let tracer = provider.tracer("oa-bypass");
+    let layer = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_tracked_inactivity(false)
+        .with_threads(false)
+        .with_location(false);
+    Ok(Some((layer, Exporting { provider })))
+}
+
+/// Passes batches to the OTLP exporter and says when they fail, once a minute at most: a
+/// collector that does not answer must not flood the log, and its spans are dropped.
+#[derive(Debug)]
+struct WarnOnFailure<E> {
+    inner: E,
+    failed: AtomicU64,
+    last_warning: Mutex<Option<Instant>>,
+}
+
+const WARN_EVERY: Duration = Duration::from_secs(60);
+
+impl<E> WarnOnFailure<E> {
+    fn new(inner: E) -> Self {
+        WarnOnFailure {
+            inner,
+            failed: AtomicU64::new(0),
+            last_warning: Mutex::new(None),
+        }
+    }
+
+    fn failed(&self, err: &dyn std::fmt::Display) {
+        let failed = self.failed.fetch_add(1, Ordering::Relaxed) + 1;
+        let Ok(mut last) = self.last_warning.lock() else {
+            return;
+        };
+        if last.is_some_and(|at| at.elapsed() < WARN_EVERY) {
+            return;
+        }
+        *last = Some(Instant::now());
+        self.failed.store(0, Ordering::Relaxed);
+        tracing::warn!(
+            error = %err,
+            failed_batches = failed,
+            "OpenTelemetry spans dropped: the OTLP endpoint did not take them \
+             (tracing.otlp_endpoint; warned once a minute)"
+        );
+    }
+}
+
+impl<E: SpanExporter> SpanExporter for WarnOnFailure<E> {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let result = self.inner.export(batch).await;
+        if let Err(err) = &result {
+            self.failed(err);
+        }
+        result
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
+/// What a usage route's span says about the model call, known before it is sent.
+pub struct GenAi<'a> {
+    /// `gen_ai.operation.name`.
+    pub operation: Cow<'static, str>,
+    /// `gen_ai.provider.name`.
+    pub provider: &'static str,
+    /// `gen_ai.request.model`, when the request names one.
+    pub model: Option<&'a str>,
+}
+
+/// The `gen_ai.operation.name` of a usage route: the convention's names for the APIs that
+/// have one, else the route's operation ID.
+pub fn operation(template: &str, operation_id: Option<&str>) -> Cow<'static, str> {
+    match template {
+        "/v1/chat/completions" | "/v1/responses" => Cow::Borrowed("chat"),
+        "/v1/completions" => Cow::Borrowed("text_completion"),
+        "/v1/embeddings" => Cow::Borrowed("embeddings"),
+        _ => Cow::Owned(operation_id.unwrap_or(template).to_owned()),
+    }
+}
+
+/// `gen_ai.provider.name` for an upstream host: the convention's names for the providers it
+/// knows, `openai` for the rest (they speak its API).
+pub fn provider(host: &str) -> &'static str {
+    let host = host.to_ascii_lowercase();
+    let known = [
+        (".openai.azure.com", "azure.ai.openai"),
+        ("api.groq.com", "groq"),
+        ("api.deepseek.com", "deepseek"),
+        ("api.mistral.ai", "mistral_ai"),
+        ("api.x.ai", "x_ai"),
+        ("api.perplexity.ai", "perplexity"),
+    ];
+    known
+        .iter()
+        .find(|(suffix, _)| host.ends_with(suffix))
+        .map_or("openai", |(_, name)| name)
+}
+
+/// The span of one forwarded request, from the upstream request to the answer's last byte.
+#[derive(Debug)]
+pub struct RequestSpan {
+    span: tracing::Span,
+    started: Instant,
+    first_chunk: bool,
+}
+
+impl RequestSpan {
+    /// Opens the span of a `method` request to `route`, continuing the client's W3C trace
+    /// (`traceparent`, `tracestate`) when it sent one.
+    pub fn start(
+        method: &Method,
+        route: &str,
+        headers: &HeaderMap,
+        gen_ai: Option<GenAi<'_>>,
+    ) -> RequestSpan {
+        let name = match &gen_ai {
+            Some(GenAi {
+                operation,
+                model: Some(model),
+                ..
+            }) => format!("{operation} {model}"),
+            Some(GenAi { operation, .. }) => operation.to_string(),
+            None => format!("{method} {route}"),
+        };
+        let span = tracing::info_span!(
+            target: TARGET,
+            "request",
+            otel.name = name,
+            otel.kind = "server",
+            otel.status_code = Empty,
+            http.request.method = method.as_str(),
+            http.route = route,
+        );
+        let parent =
+            TraceContextPropagator::new().extract(&opentelemetry_http::HeaderExtractor(headers));
+        let _ = span.set_parent(parent);
+        if let Some(gen_ai) = gen_ai {
+            span.set_attribute("gen_ai.operation.name", gen_ai.operation.into_owned());
+            span.set_attribute("gen_ai.provider.name", gen_ai.provider);
+            if let Some(model) = gen_ai.model {
+                span.set_attribute("gen_ai.request.model", model.to_owned());
+            }
+        }
+        RequestSpan {
+            span,
+            started: Instant::now(),
+            first_chunk: false,
+        }
+    }
+
+    /// The span of the wait for the upstream's head: it ends when dropped.
+    pub fn upstream_wait(&self, method: &Method, server: Option<&str>) -> UpstreamSpan {
+        let span = tracing::info_span!(
+            target: TARGET,
+            parent: &self.span,
+            "upstream",
+            otel.name = method.as_str(),
+            otel.kind = "client",
+            otel.status_code = Empty,
+            http.request.method = method.as_str(),
+        );
+        if let Some(server) = server {
+            span.set_attribute("server.address", server.to_owned());
+        }
+        UpstreamSpan(span)
+    }
+
+    /// Marks the answer's first body chunk, once.
+    pub fn saw_chunk(&mut self) {
+        if !std::mem::replace(&mut self.first_chunk, true) {
+            let after = self.started.elapsed().as_secs_f64();
+            self.span
+                .set_attribute("gen_ai.response.time_to_first_chunk", after);
+            self.span.add_event("first chunk", Vec::new());
+        }
+    }
+
+    /// Ends the span of an answer with `status`: the usage read from it, and whether it
+    /// reached the client whole (`outcome`).
+    pub fn finish(self, status: u16, usage: Option<&Usage>, outcome: &str) {
+        let span = &self.span;
+        span.set_attribute("http.response.status_code", i64::from(status));
+        if let Some(usage) = usage {
+            if let Some(model) = &usage.model {
+                span.set_attribute("gen_ai.response.model", model.clone());
+            }
+            let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+            span.set_attribute("gen_ai.usage.input_tokens", count(usage.input));
+            span.set_attribute("gen_ai.usage.output_tokens", count(usage.output));
+            if usage.cached_input > 0 {
+                span.set_attribute(
+                    "gen_ai.usage.cache_read.input_tokens",
+                    count(usage.cached_input),
+                );
+            }
+            if usage.reasoning > 0 {
+                span.set_attribute(
+                    "gen_ai.usage.reasoning.output_tokens",
+                    count(usage.reasoning),
+                );
+            }
+        }
+        if status >= 500 || outcome != "complete" {
+            let error = if status >= 500 {
+                status.to_string()
+            } else {
+                outcome.to_owned()
+            };
+            span.set_attribute("error.type", error.clone());
+            span.set_status(Status::error(error));
+        }
+    }
+}
+
+/// The client span of the wait for the upstream's head.
+#[derive(Debug)]
+pub struct UpstreamSpan(tracing::Span);
+
+impl UpstreamSpan {
+    /// The upstream answered with `status`; the span ends here.
+    pub fn answered(self, status: u16) {
+        self.0
+            .set_attribute("http.response.status_code", i64::from(status));
+        if status >= 500 {
+            self.0.set_attribute("error.type", status.to_string());
+            self.0.set_status(Status::error(status.to_string()));
+        }
+    }
+
+    /// No answer came (`why`: the error's kind); the span ends here.
+    pub fn failed(self, why: &'static str) {
+        self.0.set_attribute("error.type", why);
+        self.0.set_status(Status::error(why));
+    }
+}

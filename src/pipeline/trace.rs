@@ -1,0 +1,67 @@
+//! The request's span, when traces are on (`tracing.otlp_endpoint`): opened as the request
+//! goes upstream, named by the GenAI conventions on usage routes, ended with the answer.
+
+use std::borrow::Cow;
+
+use http::{HeaderMap, Method};
+use serde::Deserialize;
+
+use crate::config::Config;
+use crate::observe::traces::{self, GenAi, RequestSpan};
+use crate::routes::RouteSpec;
+
+/// The longest model name a span carries.
+const MODEL_AT_MOST: usize = 256;
+
+/// What every span of a pipeline says about its upstream.
+pub struct Traced {
+    /// `gen_ai.provider.name`.
+    provider: &'static str,
+    /// `server.address` of the upstream wait.
+    server: Option<String>,
+}
+
+impl Traced {
+    /// `None` when traces are off: then no span is ever made.
+    pub fn new(config: &Config) -> Option<Traced> {
+        let host = config.upstream.base_url.host_str();
+        config.tracing.traces_on().then(|| Traced {
+            provider: traces::provider(host.unwrap_or("")),
+            server: host.map(str::to_owned),
+        })
+    }
+
+    /// The span of a `method` request to `template` by `route`, with its whole JSON `body`
+    /// when the engine or the pipeline read it whole (to name the model).
+    pub fn open(
+        &self,
+        method: &Method,
+        template: &str,
+        route: &RouteSpec,
+        headers: &HeaderMap,
+        body: Option<&[u8]>,
+    ) -> RequestSpan {
+        let model = body.and_then(request_model);
+        let gen_ai = route.usage.then(|| GenAi {
+            operation: traces::operation(template, route.operation_id.as_deref()),
+            provider: self.provider,
+            model: model.as_deref(),
+        });
+        RequestSpan::start(method, template, headers, gen_ai)
+    }
+
+    pub fn server(&self) -> Option<&str> {
+        self.server.as_deref()
+    }
+}
+
+/// The `model` a JSON request names, if it is short enough to be a name.
+fn request_model(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Named<'a> {
+        #[serde(borrow)]
+        model: Option<Cow<'a, str>>,
+    }
+    let model = serde_json::from_slice::<Named>(body).ok()?.model?;
+    (model.len() <= MODEL_AT_MOST).then(|| model.into_owned())
+}
