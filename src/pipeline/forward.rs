@@ -151,18 +151,20 @@ impl<'a> Admitted<'a> {
             let request =
                 match outbound::request(target, self.method.clone(), &self.target, headers, body) {
                     Ok(request) => request,
-                    Err(err) => return endpoint.failed(route, &self.method, start, &err),
+                    Err(err) => {
+                        if let Some(trace) = trace {
+                            trace.finish(err.status().as_u16(), None, "failed");
+                        }
+                        return endpoint.failed(route, &self.method, start, &err);
+                    }
                 };
             // 6. Send, and wait for the answer's head while the request shows life: the wait
             // restarts with every uploaded chunk, so a long upload is never cut, only silence is.
             let read_timeout = pipeline.read_timeout(&route.spec);
             let in_flight = route.metrics.all().in_flight();
-            let waiting = trace.as_ref().map(|span| {
-                span.upstream_wait(
-                    &self.method,
-                    pipeline.traces.as_ref().and_then(|t| t.server()),
-                )
-            });
+            let waiting = (pipeline.traces.as_ref())
+                .zip(trace.as_ref())
+                .map(|(traced, span)| traced.upstream_wait(span, &self.method));
             let sent = Instant::now();
             // Pinned where they are made (`std::pin::pin!`): `tokio::pin!` would move each into a
             // second local, and this future would hold both.

@@ -7,7 +7,7 @@ use http::{HeaderMap, Method};
 use serde::Deserialize;
 
 use crate::config::Config;
-use crate::observe::traces::{self, GenAi, RequestSpan};
+use crate::observe::traces::{self, GenAi, RequestSpan, UpstreamSpan};
 use crate::routes::RouteSpec;
 
 /// The longest model name a span carries.
@@ -50,8 +50,9 @@ impl Traced {
         RequestSpan::start(method, template, headers, gen_ai)
     }
 
-    pub fn server(&self) -> Option<&str> {
-        self.server.as_deref()
+    /// The span of the wait for the upstream's head, inside `span`.
+    pub fn upstream_wait(&self, span: &RequestSpan, method: &Method) -> UpstreamSpan {
+        span.upstream_wait(method, self.server.as_deref())
     }
 }
 
