@@ -2,8 +2,11 @@
 //! connection pools) and the routes of both engines over it; swapped whole on reload; and the
 //! state that outlives a reload (metrics, realtime sessions, the limiter's buckets).
 
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+
+use url::Url;
 
 use crate::config::{AdmissionConfig, Config, ConfigError, LogConfig, ServerConfig};
 use crate::engine::gateway::{self, Docs, Status};
@@ -26,6 +29,9 @@ pub struct App {
     /// The `[server]` and `[log]` settings the process started with; they need a restart.
     server: ServerConfig,
     log: LogConfig,
+    /// Where traces went at start (the exporter is made once): `tracing.otlp_endpoint`, and
+    /// whether the `OTEL_EXPORTER_OTLP_*` variables turned them on.
+    traces: (Option<Url>, bool),
 }
 
 /// Builds the gateway from `config`, for one worker (tests, or a single runtime).
@@ -44,6 +50,10 @@ pub fn app_for_workers(config: &Config, workers: usize) -> Result<Arc<App>, Conf
         generation: Arc::new(AtomicU64::new(1)),
         server: config.server.clone(),
         log: config.log.clone(),
+        traces: (
+            config.tracing.otlp_endpoint.clone(),
+            config.tracing.otlp_from_environment,
+        ),
     };
     let built = app.build_all(config, workers.max(1))?;
     let Serving {
@@ -73,8 +83,22 @@ impl App {
 
     /// Serves `config` from now on. Requests and streams already running finish on the
     /// manifest they started with. On error nothing changes. Settings that only apply at
-    /// start-up (`[server]`, `[log]`) are kept, with a warning when they differ.
+    /// start-up (`[server]`, `[log]`, `tracing.otlp_endpoint`) are kept, with a warning when
+    /// they differ.
     pub fn reload(&self, config: &Config) -> Result<(), ConfigError> {
+        let traces = (
+            config.tracing.otlp_endpoint.clone(),
+            config.tracing.otlp_from_environment,
+        );
+        let mut config = Cow::Borrowed(config);
+        if traces != self.traces {
+            tracing::warn!(
+                "tracing.otlp_endpoint changed in the manifest; it applies at the next restart"
+            );
+            let tracing = &mut config.to_mut().tracing;
+            (tracing.otlp_endpoint, tracing.otlp_from_environment) = self.traces.clone();
+        }
+        let config = &*config;
         // Every worker's pipeline is built before any is swapped: all or nothing.
         let result = self.build_all(config, self.serving.workers());
         self.metrics().count_reload(result.is_ok());

@@ -204,6 +204,18 @@ async fn what_it_cannot_or_must_not_rewrite_goes_up_byte_for_byte() {
             assert_eq!(upstream.last().body_text(), body);
         }
     }
+    // A body the question would push over `limits.max_json_body` (4 KiB here).
+    let upstream = Upstream::start(|_| Response::builder().body("{}")).await;
+    let gateway = Gateway::start(&injecting(&upstream, false)).await;
+    let padding = "x".repeat(4096 - 60);
+    let near_limit: &'static str = Box::leak(
+        format!(r#"{{"model":"gpt-4o-mini","stream":true,"user":"{padding}"}}"#).into_boxed_str(),
+    );
+    assert!(near_limit.len() <= 4096 && near_limit.len() + 40 > 4096);
+    let response = post(&gateway, "/v1/chat/completions", near_limit, true).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(upstream.last().body_text(), near_limit);
+
     // Off (the default), a stream that did not ask goes up as it is.
     let upstream = Upstream::start(openai_chat).await;
     let gateway = Gateway::start(&manifest(&upstream, "")).await;
@@ -214,6 +226,25 @@ async fn what_it_cannot_or_must_not_rewrite_goes_up_byte_for_byte() {
         .unwrap();
     assert_eq!(upstream.last().body_text(), NOT_ASKED);
     assert!(!got.contains("usage"), "{got}");
+}
+
+#[tokio::test]
+async fn a_compressed_stream_goes_on_whole() {
+    // Bytes the gateway cannot read as events (here labelled as compressed) pass unchanged,
+    // the usage chunk with them, rather than being held back to look for events.
+    let upstream = Upstream::start(|request| {
+        let mut response = openai_chat(request);
+        response
+            .headers_mut()
+            .insert("content-encoding", http::HeaderValue::from_static("br"));
+        response
+    })
+    .await;
+    let gateway = Gateway::start(&injecting(&upstream, true)).await;
+    let response = post(&gateway, "/v1/chat/completions", NOT_ASKED, false).await;
+    assert_eq!(response.headers()["content-encoding"], "br");
+    let got = response.text().await.unwrap();
+    assert!(got.contains(r#""prompt_tokens":11"#), "{got}");
 }
 
 #[tokio::test]

@@ -138,8 +138,10 @@ impl<'a> Admitted<'a> {
                     whole,
                 )
             });
+            // Within the body limit still, or the body goes up as it came.
             let asked = match &body {
-                OutboundBody::Whole(whole) if asks_usage => stream_usage::ask_for_usage(whole),
+                OutboundBody::Whole(whole) if asks_usage => stream_usage::ask_for_usage(whole)
+                    .filter(|asked| asked.len() as u64 <= self.limit.value),
                 _ => None,
             };
             let asked_for_usage = asked.is_some();
@@ -238,7 +240,11 @@ impl<'a> Admitted<'a> {
             };
             let log = RequestLog::open(opening, response.status, &response.head, media);
             let is_event_stream = media == Media::EventStream;
-            let usage_chunk = (asked_for_usage && is_event_stream).then(UsageChunkFilter::default);
+            // A compressed stream cannot be read for its events: it goes on whole.
+            let encoded = (response.head.get(&header::CONTENT_ENCODING))
+                .is_some_and(|coding| !coding.eq_ignore_ascii_case(b"identity"));
+            let usage_chunk =
+                (asked_for_usage && is_event_stream && !encoded).then(UsageChunkFilter::default);
             if usage_chunk.is_some() {
                 // Some of the body stays back: the upstream's length is not the client's.
                 answer::undeclare_length(&mut response.head);
