@@ -278,3 +278,47 @@ async fn a_collector_that_does_not_answer_costs_a_warning_not_a_request() {
     assert_eq!(warned(), 1, "{logs}");
     assert!(!logs.contains(common::KEY));
 }
+
+#[tokio::test]
+async fn a_reload_keeps_the_exporter_the_process_started_with() {
+    let receiver = tokio::task::spawn_blocking(Receiver::start).await.unwrap();
+    let upstream = chat_answer().await;
+    let gateway = Binary::spawn(
+        &manifest(
+            &upstream,
+            &format!(
+                "[tracing]\notlp_endpoint = \"http://127.0.0.1:{}\"",
+                receiver.port
+            ),
+        ),
+        &[("OTEL_BSP_SCHEDULE_DELAY", "100")],
+    );
+    // The manifest loses its endpoint; the exporter made at start stays, and so do the spans.
+    std::fs::write(gateway.manifest_path(), manifest(&upstream, "")).unwrap();
+    gateway.signal("HUP");
+    for _ in 0..100 {
+        if gateway.logs().contains("manifest reloaded") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let logs = gateway.logs();
+    assert!(
+        logs.contains(
+            "tracing.otlp_endpoint changed in the manifest; it applies at the next restart"
+        ),
+        "{logs}"
+    );
+    let trace_id = "5b8efff798038103d269b633813fc60c";
+    let response = common::client()
+        .post(gateway.url("/v1/chat/completions"))
+        .header("authorization", common::bearer())
+        .header("traceparent", format!("00-{trace_id}-eee19b7ec3c1b174-01"))
+        .json(&json!({"model": "gpt-4o-mini", "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let spans = receiver.spans_of(trace_id, 2).await;
+    assert!(spans.iter().any(|span| span["name"] == "chat gpt-4o-mini"));
+}
