@@ -8,15 +8,9 @@
 
 mod common;
 
-use std::path::PathBuf;
-
 use common::{json_response, Gateway, Recorded, Upstream, KEY};
 use poem::Response;
 use serde_json::json;
-
-fn python_with_openai() -> PathBuf {
-    common::python::python_with("sdk-venv", &[("openai", "openai")])
-}
 
 fn sse(events: &[serde_json::Value]) -> String {
     let mut out = String::new();
@@ -109,7 +103,7 @@ fn openai_like(rec: &Recorded) -> Response {
 
 #[tokio::test]
 async fn official_python_sdk_works_through_the_gateway() {
-    let python = tokio::task::spawn_blocking(python_with_openai)
+    let python = tokio::task::spawn_blocking(common::python::openai_sdk)
         .await
         .unwrap();
     let upstream = Upstream::start(openai_like).await;

@@ -132,11 +132,9 @@ fn paced_chat(_: &common::Recorded) -> Response {
 
 #[tokio::test]
 async fn the_official_python_sdk_reads_a_stream_with_keepalives() {
-    let python = tokio::task::spawn_blocking(|| {
-        common::python::python_with("sdk-venv", &[("openai", "openai")])
-    })
-    .await
-    .unwrap();
+    let python = tokio::task::spawn_blocking(common::python::openai_sdk)
+        .await
+        .unwrap();
     let upstream = Upstream::start(paced_chat).await;
     let manifest =
         common::test_manifest(&upstream.base_url(), "[streaming]\nkeepalive = \"100ms\"");

@@ -273,11 +273,9 @@ async fn a_body_read_whole_to_be_rewritten_keeps_its_limit() {
 
 #[tokio::test]
 async fn the_official_python_sdk_gets_no_chunk_without_choices() {
-    let python = tokio::task::spawn_blocking(|| {
-        common::python::python_with("sdk-venv", &[("openai", "openai")])
-    })
-    .await
-    .unwrap();
+    let python = tokio::task::spawn_blocking(common::python::openai_sdk)
+        .await
+        .unwrap();
     let upstream = Upstream::start(openai_chat).await;
     let gateway = Gateway::start(&injecting(&upstream, true)).await;
     // `chunk.choices[0]` on every chunk, as much client code does: a usage-only chunk would

@@ -1,7 +1,8 @@
 //! Phase 4, the body policy: the size limit that applies to a request's body and the content
 //! types its route takes, decided from the head before any of the body is read; and the
 //! client's upload as it streams up, counted, cut at the limit, and abandoned when the client
-//! goes silent. Nothing here ever collects a body.
+//! goes silent. A body is collected only when an opt-in feature must read it whole first
+//! ([`read_whole`]), through the same counted upload.
 
 use std::future::Future;
 use std::io;
@@ -12,7 +13,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 use http::{header, HeaderMap};
 use tokio::time::{Instant, Sleep};
 
@@ -351,6 +352,19 @@ where
             },
         }
     }
+}
+
+/// A streamed request body read whole, through its counted upload ([`UploadBody`]), so the
+/// size limit and the idle timeout still hold: for `usage.inject_stream_usage`, which edits
+/// it, and for traces, which name its model.
+pub async fn read_whole(
+    mut body: impl Stream<Item = io::Result<Bytes>> + Unpin,
+) -> io::Result<Bytes> {
+    let mut whole = bytes::BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        whole.extend_from_slice(&chunk?);
+    }
+    Ok(whole.freeze())
 }
 
 #[cfg(test)]

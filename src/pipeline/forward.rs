@@ -109,7 +109,7 @@ impl<'a> Admitted<'a> {
                     );
                     let body = if reads_whole {
                         // Boxed: only this path holds the read.
-                        match Box::pin(stream_usage::read_whole(counted)).await {
+                        match Box::pin(body::read_whole(counted)).await {
                             Ok(whole) => OutboundBody::Whole(whole),
                             Err(err) => {
                                 let idle = pipeline.bodies.idle;

@@ -7,10 +7,7 @@
 //! written in. A body that is not such a request (not JSON, not an object, `stream` not
 //! `true`, a duplicate key) is forwarded unchanged: this feature never refuses a request.
 
-use std::io;
-
 use bytes::{Buf, Bytes, BytesMut};
-use futures_util::{Stream, StreamExt};
 use memchr::memmem;
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
@@ -73,18 +70,6 @@ pub fn ask_for_usage(body: &[u8]) -> Option<Bytes> {
         }
     };
     Some(edit.apply(body))
-}
-
-/// A streamed request body read whole, for [`ask_for_usage`]: through the counted upload,
-/// so the size limit and the idle timeout still hold.
-pub async fn read_whole(
-    mut body: impl Stream<Item = io::Result<Bytes>> + Unpin,
-) -> io::Result<Bytes> {
-    let mut whole = BytesMut::new();
-    while let Some(chunk) = body.next().await {
-        whole.extend_from_slice(&chunk?);
-    }
-    Ok(whole.freeze())
 }
 
 /// Where `raw`, read from `body`, starts in it.

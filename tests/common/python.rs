@@ -29,6 +29,11 @@ pub fn python_with(venv: &str, packages: &[(&str, &str)]) -> PathBuf {
     python
 }
 
+/// A Python that imports the official `openai` SDK (blocking: installs it the first time).
+pub fn openai_sdk() -> PathBuf {
+    python_with("sdk-venv", &[("openai", "openai")])
+}
+
 fn venv_dir(venv: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("target")
