@@ -12,6 +12,7 @@ use crate::config::{AdmissionConfig, Config, ConfigError, LogConfig, ServerConfi
 use crate::engine::gateway::{self, Docs, Status};
 use crate::engine::{fast, Serving, Worker};
 use crate::observe::metrics::Metrics;
+use crate::pipeline::keys::KeyPool;
 use crate::pipeline::limits::Limiter;
 use crate::pipeline::Pipeline;
 use crate::realtime::Sessions;
@@ -24,6 +25,9 @@ pub struct App {
     /// The limiter and the settings it was built for: a reload with the same `[limits]`
     /// keeps it, so buckets and in-flight counts carry over.
     limiter: Mutex<Option<(AdmissionConfig, Arc<Limiter>)>>,
+    /// The pools of the keys the gateway holds, by mount: a reload that keeps a mount's keys
+    /// keeps its pool, and so the rests of keys that drew a 429.
+    key_pools: Mutex<Vec<(Arc<str>, Arc<KeyPool>)>>,
     /// How many manifests have been loaded: 1 at start, one more per successful reload.
     generation: Arc<AtomicU64>,
     /// The `[server]` and `[log]` settings the process started with; they need a restart.
@@ -47,6 +51,7 @@ pub fn app_for_workers(config: &Config, workers: usize) -> Result<Arc<App>, Conf
     let mut app = App {
         serving: Arc::new(Serving::new(Vec::new(), sessions, metrics)),
         limiter: Mutex::new(None),
+        key_pools: Mutex::new(Vec::new()),
         generation: Arc::new(AtomicU64::new(1)),
         server: config.server.clone(),
         log: config.log.clone(),
@@ -130,9 +135,35 @@ impl App {
     fn build_all(&self, config: &Config, workers: usize) -> Result<Vec<Worker>, ConfigError> {
         let tls = upstream::tls::client_config()?;
         let docs = config.openapi.enabled.then(|| Docs::new(config));
+        let pools = self.key_pools(config);
         (0..workers)
-            .map(|_| self.build(config, &tls, docs.as_ref()))
+            .map(|_| self.build(config, &tls, docs.as_ref(), &pools))
             .collect()
+    }
+
+    /// A pool for each upstream whose keys the gateway holds, shared by the workers: the
+    /// one already made for the same keys, else a new one.
+    fn key_pools(&self, config: &Config) -> Vec<(Arc<str>, Arc<KeyPool>)> {
+        let Ok(mut kept) = self.key_pools.lock() else {
+            return Vec::new();
+        };
+        let upstreams =
+            std::iter::once(&config.upstream).chain(config.mounts.iter().map(|m| &m.upstream));
+        let pools: Vec<(Arc<str>, Arc<KeyPool>)> = upstreams
+            .filter_map(|upstream| {
+                let same = kept.iter().find(|(name, pool)| {
+                    **name == *upstream.mount
+                        && pool.made_from(upstream.credential_header, &upstream.keys)
+                });
+                let pool = match same {
+                    Some((_, pool)) => Arc::clone(pool),
+                    None => Arc::new(KeyPool::new(upstream.credential_header, &upstream.keys)?),
+                };
+                Some((Arc::from(upstream.mount.as_str()), pool))
+            })
+            .collect();
+        kept.clone_from(&pools);
+        pools
     }
 
     fn build(
@@ -140,6 +171,7 @@ impl App {
         config: &Config,
         tls: &rustls::ClientConfig,
         docs: Option<&Docs>,
+        pools: &[(Arc<str>, Arc<KeyPool>)],
     ) -> Result<Worker, ConfigError> {
         let metrics = &self.serving.metrics;
         let pipeline = Arc::new(Pipeline::new(
@@ -148,8 +180,9 @@ impl App {
             Arc::clone(metrics),
             self.serving.sessions.clone(),
             tls,
+            pools,
         )?);
-        let endpoints = pipeline.endpoints(config);
+        let endpoints = pipeline.endpoints(config)?;
         let status = Status {
             generation: Arc::clone(&self.generation),
             sessions: self.serving.sessions.clone(),

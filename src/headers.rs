@@ -16,24 +16,27 @@ enum Listed {
     HopByHop,
     /// Reveals the client's address (RFC 7239 `Forwarded` and its de-facto kin).
     ClientAddress,
-    /// Can carry a key: `Authorization`, `api-key`, and `Sec-WebSocket-Protocol` (browsers
-    /// pass the key there for WebSockets).
+    /// Can carry a key: `Authorization`, `api-key`, `x-api-key` (Anthropic),
+    /// `x-goog-api-key` (Google), and `Sec-WebSocket-Protocol` (browsers pass the key there
+    /// for WebSockets).
     Credential,
 }
 
 /// Every header name the rules know, lowercase, shortest first (see [`BY_LENGTH`]).
-const LISTED: [(&str, Listed); 17] = [
+const LISTED: [(&str, Listed); 19] = [
     ("te", Listed::HopByHop),
     ("api-key", Listed::Credential),
     ("trailer", Listed::HopByHop),
     ("upgrade", Listed::HopByHop),
     ("forwarded", Listed::ClientAddress),
+    ("x-api-key", Listed::Credential),
     ("x-real-ip", Listed::ClientAddress),
     ("connection", Listed::HopByHop),
     ("keep-alive", Listed::HopByHop),
     ("x-client-ip", Listed::ClientAddress),
     ("authorization", Listed::Credential),
     ("true-client-ip", Listed::ClientAddress),
+    ("x-goog-api-key", Listed::Credential),
     ("x-forwarded-for", Listed::ClientAddress),
     ("cf-connecting-ip", Listed::ClientAddress),
     ("proxy-connection", Listed::HopByHop),
@@ -91,6 +94,10 @@ pub fn is_named(name: &[u8], lowercase: &[u8]) -> bool {
 
 /// Azure-style key header, which OpenAI-compatible upstreams also accept.
 pub const API_KEY: HeaderName = HeaderName::from_static("api-key");
+/// Anthropic's key header.
+pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+/// Google's key header.
+pub const X_GOOG_API_KEY: HeaderName = HeaderName::from_static("x-goog-api-key");
 
 /// The items of a comma-separated list header (RFC 9110 §5.6.1), across all its lines,
 /// trimmed; values that are not text are skipped.

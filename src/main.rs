@@ -224,6 +224,16 @@ fn serve(config: Config, explicit: Option<PathBuf>) -> Result<(), String> {
         "oa-bypass listening"
     );
     tracing::info!("endpoints by tag: {}", by_tag.join(", "));
+    for mount in &config.mounts {
+        tracing::info!(
+            mount = %mount.upstream.mount,
+            prefix = %mount.prefix,
+            upstream = %mount.upstream.base_url.origin().ascii_serialization(),
+            routes = mount.routes(&config.routes).len(),
+            held_keys = mount.upstream.keys.len(),
+            "mount"
+        );
+    }
     control.block_on(async {
         #[cfg(unix)]
         tokio::spawn(reload_on_sighup(Arc::clone(&app), tls, explicit));

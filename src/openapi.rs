@@ -7,7 +7,7 @@
 
 use serde_json::{json, Map, Value};
 
-use crate::config::Config;
+use crate::config::{Config, CredentialHeader};
 use crate::routes::{BodyKind, RouteSpec};
 pub use crate::routes::{DOCS_PATH, DOCUMENT_PATH};
 
@@ -134,6 +134,16 @@ fn operation(route: &RouteSpec) -> Value {
     Value::Object(op)
 }
 
+/// The security scheme of the document that names `header`.
+fn security_scheme(header: CredentialHeader) -> &'static str {
+    match header {
+        CredentialHeader::Authorization => "bearerAuth",
+        CredentialHeader::ApiKey => "apiKeyHeader",
+        CredentialHeader::XApiKey => "xApiKeyHeader",
+        CredentialHeader::XGoogApiKey => "xGoogApiKeyHeader",
+    }
+}
+
 fn gateway_text_operation(operation_id: &str, summary: &str) -> Value {
     json!({
         "operationId": operation_id,
@@ -181,6 +191,22 @@ pub fn document(config: &Config) -> Value {
         }
         paths.insert(template.as_str().to_owned(), Value::Object(item));
     }
+    // Each mount's routes under its prefix, tagged with its name, signed in with its header.
+    for mount in &config.mounts {
+        let name = &mount.upstream.mount;
+        let security = json!([{security_scheme(mount.upstream.credential_header): []}]);
+        for (template, routes) in mount.routes(&config.routes).by_template() {
+            let mut item = Map::new();
+            for route in routes {
+                let mut op = operation(route);
+                op["operationId"] = json!(format!("{name}_{}", route.operation_id()));
+                op["tags"] = json!([name]);
+                op["security"] = security.clone();
+                item.insert(route.method.as_str().to_ascii_lowercase(), op);
+            }
+            paths.insert(format!("{}{template}", mount.prefix), Value::Object(item));
+        }
+    }
 
     let mut tags: Vec<&str> = config
         .routes
@@ -193,6 +219,16 @@ pub fn document(config: &Config) -> Value {
     let mut tag_objects =
         vec![json!({"name": GATEWAY_TAG, "description": "The gateway's own endpoints"})];
     tag_objects.extend(tags.into_iter().map(|name| json!({"name": name})));
+    tag_objects.extend(config.mounts.iter().map(|mount| {
+        json!({
+            "name": mount.upstream.mount,
+            "description": format!(
+                "Under {}, forwarded to {}",
+                mount.prefix,
+                mount.upstream.base_url.origin().ascii_serialization()
+            ),
+        })
+    }));
 
     json!({
         "openapi": "3.0.3",
@@ -219,6 +255,9 @@ pub fn document(config: &Config) -> Value {
                     "scheme": "bearer",
                     "description": "Your OpenAI API key; it is forwarded, never stored.",
                 },
+                "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "api-key"},
+                "xApiKeyHeader": {"type": "apiKey", "in": "header", "name": "x-api-key"},
+                "xGoogApiKeyHeader": {"type": "apiKey", "in": "header", "name": "x-goog-api-key"},
             },
             "schemas": {
                 "Error": {

@@ -660,6 +660,41 @@ async fn allowed_key_hashes_apply_to_websocket_keys_too() {
     assert_eq!(upstream.connections.load(Ordering::SeqCst), 1);
 }
 
+#[tokio::test]
+async fn a_held_key_replaces_the_browsers_key_subprotocol_upstream() {
+    const HELD: &str = "sk-held-realtime-UPSTREAMSECRET";
+    std::env::set_var("OA_TEST_REALTIME_HELD", HELD);
+    let upstream = WsUpstream::start(choose_realtime, echo).await;
+    let allowed = oa_bypass::config::hash_line(KEY);
+    let gateway = Gateway::start(&format!(
+        "[access]\nallowed_key_hashes = [\"{allowed}\"]\n{}",
+        manifest(
+            &upstream.base_url(),
+            "keys_env = [\"OA_TEST_REALTIME_HELD\"]"
+        )
+    ))
+    .await;
+    let (mut ws, response) = connect(
+        gateway.addr,
+        &[(
+            "sec-websocket-protocol",
+            format!("realtime, openai-insecure-api-key.{KEY}, openai-beta.realtime-v1"),
+        )],
+    )
+    .await
+    .unwrap();
+    // The client offered `realtime` and gets it; the upstream never saw the client's key.
+    assert_eq!(response.headers()["sec-websocket-protocol"], "realtime");
+    let seen = upstream.last_handshake();
+    assert_eq!(seen["authorization"], format!("Bearer {HELD}").as_str());
+    assert_eq!(
+        seen["sec-websocket-protocol"],
+        "realtime, openai-beta.realtime-v1"
+    );
+    ws.send(Message::text("ok")).await.unwrap();
+    assert_eq!(next_message(&mut ws).await, Message::text("ok"));
+}
+
 /// The `oa_bypass_realtime_sessions` gauge and the route's byte counters, read from /metrics.
 fn realtime_metric(text: &str, name: &str) -> f64 {
     text.lines()

@@ -5,7 +5,7 @@ use std::num::NonZeroU32;
 use url::Url;
 
 use super::units::{format_duration, format_size};
-use super::{Config, LogFormat};
+use super::{Config, LogFormat, UpstreamConfig};
 
 impl Config {
     /// The effective settings and route table, with secrets masked, for `--check`.
@@ -190,6 +190,46 @@ impl Config {
         for (key, value) in settings {
             let _ = writeln!(out, "  {key:<34} {value}");
         }
+        for (key, value) in upstream_lines(&self.upstream) {
+            let _ = writeln!(out, "  {key:<34} {value}");
+        }
+        for mount in &self.mounts {
+            let at = &mount.upstream.at;
+            let _ = writeln!(
+                out,
+                "\nmount {} under {}:",
+                mount.upstream.mount, mount.prefix
+            );
+            for (key, value) in [
+                ("base_url", mask_url(&mount.upstream.base_url)),
+                (
+                    "connect_timeout",
+                    format_duration(mount.upstream.connect_timeout),
+                ),
+                ("read_timeout", format_duration(mount.upstream.read_timeout)),
+                (
+                    "proxy",
+                    mount
+                        .upstream
+                        .proxy
+                        .as_ref()
+                        .map_or("(none)".into(), mask_url),
+                ),
+                (
+                    "routes",
+                    match &mount.routes {
+                        Some(routes) => format!("{} of its own", routes.len()),
+                        None => "the manifest's".to_owned(),
+                    },
+                ),
+            ] {
+                let key = format!("{at}.{key}");
+                let _ = writeln!(out, "  {key:<34} {value}");
+            }
+            for (key, value) in upstream_lines(&mount.upstream) {
+                let _ = writeln!(out, "  {key:<34} {value}");
+            }
+        }
         let _ = writeln!(out, "\nroutes ({}):", self.routes.len());
         for route in self.routes.routes() {
             let kinds: Vec<&str> = route.body.iter().map(|kind| kind.as_str()).collect();
@@ -212,6 +252,9 @@ impl Config {
             if route.stream_usage_option {
                 extras.push("stream_usage_option".to_owned());
             }
+            if let Some(upstream) = &route.upstream {
+                extras.push(format!("upstream={upstream}"));
+            }
             let line = format!(
                 "  {:<6} {:<80} {:<16} {}",
                 route.method.as_str(),
@@ -223,6 +266,26 @@ impl Config {
         }
         out
     }
+}
+
+/// The credential settings of `[upstream]` or a mount: the keys it holds by variable name,
+/// never by value.
+fn upstream_lines(upstream: &UpstreamConfig) -> [(String, String); 2] {
+    let vars: Vec<&str> = upstream.keys.iter().map(|key| key.var.as_str()).collect();
+    [
+        (
+            format!("{}.credential_header", upstream.at),
+            upstream.credential_header.as_str().to_owned(),
+        ),
+        (
+            format!("{}.keys_env", upstream.at),
+            if vars.is_empty() {
+                "(none: the client's key goes up)".to_owned()
+            } else {
+                format!("{} (held by the gateway, each set)", vars.join(", "))
+            },
+        ),
+    ]
 }
 
 fn show_limit(limit: Option<NonZeroU32>) -> String {

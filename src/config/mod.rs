@@ -6,9 +6,12 @@
 //! never echoes the whole file.
 
 mod describe;
+mod mount;
 mod raw;
+mod route;
 pub mod units;
 mod validate;
+mod values;
 
 use std::fmt;
 use std::net::IpAddr;
@@ -23,8 +26,10 @@ use sha2::{Digest, Sha256};
 use url::Url;
 
 use crate::routes::RouteTable;
+pub use mount::{CredentialHeader, MountConfig, UpstreamKey, DEFAULT_MOUNT};
 use raw::RawConfig;
-use validate::{describe_figment_error, validate};
+use validate::validate;
+use values::describe_figment_error;
 
 /// The manifest shipped in the repository, compiled in so the binary runs from any folder.
 pub const BUILT_IN_MANIFEST: &str = include_str!("../../routes.toml");
@@ -77,6 +82,8 @@ impl fmt::Display for ManifestSource {
 pub struct Config {
     pub server: ServerConfig,
     pub upstream: UpstreamConfig,
+    /// `[mounts.NAME]`, by name.
+    pub mounts: Vec<MountConfig>,
     pub limits: LimitsConfig,
     pub cors: CorsConfig,
     pub openapi: OpenApiConfig,
@@ -214,14 +221,36 @@ impl ServerConfig {
     }
 }
 
+/// `[upstream]` or one mount's upstream.
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
+    /// The mount's name (`default` for `[upstream]`): a bounded label for logs and metrics.
+    pub mount: String,
+    /// Its key path in the manifest (`upstream`, `mounts.groq`), for messages.
+    pub at: String,
     pub base_url: Url,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
     pub proxy: Option<Url>,
     /// `/ready` also checks that the upstream answers.
     pub ready_check: bool,
+    pub credential_header: CredentialHeader,
+    /// Keys the gateway sends in place of the client's, in turn; empty: the client's own
+    /// key goes up unchanged.
+    pub keys: Vec<UpstreamKey>,
+}
+
+impl Config {
+    /// The upstream settings of the mount named `name` (`default`: `[upstream]`).
+    pub fn upstream_named(&self, name: &str) -> Option<&UpstreamConfig> {
+        if name == DEFAULT_MOUNT {
+            return Some(&self.upstream);
+        }
+        self.mounts
+            .iter()
+            .map(|mount| &mount.upstream)
+            .find(|upstream| upstream.mount == name)
+    }
 }
 
 #[derive(Debug, Clone)]

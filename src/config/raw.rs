@@ -14,6 +14,9 @@ pub struct RawConfig {
     pub server: RawServer,
     #[serde(default)]
     pub upstream: RawUpstream,
+    /// `[mounts.NAME]`: more upstreams, each behind its own path prefix.
+    #[serde(default)]
+    pub mounts: std::collections::BTreeMap<String, RawMount>,
     #[serde(default)]
     pub limits: RawLimits,
     #[serde(default)]
@@ -140,6 +143,10 @@ pub struct RawUpstream {
     pub read_timeout: HumanDuration,
     pub proxy: Option<String>,
     pub ready_check: bool,
+    pub credential_header: String,
+    /// Names of environment variables holding the keys the gateway sends in place of the
+    /// client's; empty: the client's own key goes up.
+    pub keys_env: Vec<String>,
 }
 
 impl Default for RawUpstream {
@@ -150,8 +157,35 @@ impl Default for RawUpstream {
             read_timeout: HumanDuration(std::time::Duration::from_secs(600)),
             proxy: None,
             ready_check: false,
+            credential_header: "authorization".to_owned(),
+            keys_env: Vec::new(),
         }
     }
+}
+
+/// One `[mounts.NAME]` table: an upstream behind `prefix`. Unset settings take
+/// `[upstream]`'s.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMount {
+    pub prefix: String,
+    pub base_url: String,
+    pub connect_timeout: Option<HumanDuration>,
+    pub read_timeout: Option<HumanDuration>,
+    pub proxy: Option<String>,
+    pub credential_header: Option<String>,
+    #[serde(default)]
+    pub keys_env: Vec<String>,
+    /// Another routes file (its `[[routes]]` only); absent: the manifest's own routes.
+    pub routes: Option<String>,
+}
+
+/// A mount's own routes file: nothing but `[[routes]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoutesFile {
+    #[serde(default)]
+    pub routes: Vec<figment::value::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -285,6 +319,8 @@ pub struct RawRoute {
     /// `stream_options.include_usage` (Chat Completions, Completions).
     #[serde(default)]
     pub stream_usage_option: bool,
+    /// The mount whose upstream serves this route (without its prefix).
+    pub upstream: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

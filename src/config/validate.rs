@@ -7,69 +7,19 @@ use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use http::Method;
 use url::Url;
 
-use super::raw::{self, RawConfig, RawRoute};
+use super::mount::{check_route_upstreams, validate_mounts, validate_upstream, DEFAULT_MOUNT};
+use super::raw::{self, RawConfig};
+use super::route;
 use super::units::format_duration;
+use super::values::parse_http_url;
 use super::{
     AccessConfig, AcmeConfig, AdmissionConfig, Config, ConfigError, CorsConfig, LimitsConfig,
     LogConfig, LogFormat, ManifestSource, MetricsConfig, OpenApiConfig, RealtimeConfig,
-    ServerConfig, StreamingConfig, TlsConfig, TracingConfig, UpstreamConfig, UsageConfig,
-    ENV_PREFIX, METHODS,
+    ServerConfig, StreamingConfig, TlsConfig, TracingConfig, UsageConfig,
 };
-use crate::routes::{BodyKind, PathTemplate, RouteSpec, RouteTable};
-
-/// Turns figment's errors into `key: problem (source)` lines.
-pub(super) fn describe_figment_error(
-    err: figment::Error,
-    prefix: Option<&str>,
-    source: &ManifestSource,
-) -> Vec<String> {
-    err.into_iter()
-        .map(|err| {
-            let mut key: Vec<String> = prefix.map(str::to_owned).into_iter().collect();
-            key.extend(err.path.iter().cloned());
-            let origin = match &err.metadata {
-                Some(meta) if meta.name.contains("environment") => format!(
-                    " (from environment variable {ENV_PREFIX}{})",
-                    err.path.join("__").to_uppercase()
-                ),
-                Some(_) | None => format!(" (in {source})"),
-            };
-            let problem = match &err.kind {
-                figment::error::Kind::UnknownField(_, allowed) => {
-                    format!("unknown key; allowed here: {}", allowed.join(", "))
-                }
-                figment::error::Kind::Message(message)
-                    if message.starts_with("TOML parse error") =>
-                {
-                    summarize_toml_error(message)
-                }
-                kind => kind.to_string(),
-            };
-            if key.is_empty() {
-                format!("{problem}{origin}")
-            } else {
-                format!("{}: {problem}{origin}", key.join("."))
-            }
-        })
-        .collect()
-}
-
-/// A TOML syntax error names its position and problem; the quoted source line is dropped,
-/// since it may hold a secret (a proxy password, say).
-fn summarize_toml_error(message: &str) -> String {
-    let mut lines = message
-        .lines()
-        .map(str::trim)
-        .filter(|line| !line.is_empty());
-    let position = lines.next().unwrap_or(message);
-    let problem = lines
-        .rfind(|line| !line.contains('|') && !line.starts_with('^'))
-        .unwrap_or("");
-    format!("{position}: {problem}")
-}
+use crate::routes::{RouteSpec, RouteTable};
 
 pub(super) fn validate(raw: RawConfig, source: ManifestSource) -> Result<Config, ConfigError> {
     let mut problems = Vec::new();
@@ -81,13 +31,6 @@ pub(super) fn validate(raw: RawConfig, source: ManifestSource) -> Result<Config,
             raw.server.host
         )
     });
-    let base_url = parse_http_url("upstream.base_url", &raw.upstream.base_url);
-    let proxy = raw
-        .upstream
-        .proxy
-        .as_deref()
-        .map(parse_proxy_url)
-        .transpose();
     let allow_origins = raw.cors.allow_origins;
     for origin in &allow_origins {
         if origin != "*" && http::HeaderValue::from_str(origin).is_err() {
@@ -119,14 +62,16 @@ pub(super) fn validate(raw: RawConfig, source: ManifestSource) -> Result<Config,
     if raw.realtime.idle_timeout.0.is_zero() {
         problems.push("realtime.idle_timeout: must be more than 0s".to_owned());
     }
-    if raw.upstream.read_timeout.0.is_zero() {
-        problems.push("upstream.read_timeout: must be more than 0s".to_owned());
-    }
-    if raw.upstream.connect_timeout.0.is_zero() {
-        problems.push("upstream.connect_timeout: must be more than 0s".to_owned());
-    }
 
     let access = validate_access(raw.access, &mut problems);
+    let allowed_keys = !access.allowed_key_hashes.is_empty();
+    let upstream = validate_upstream(
+        "upstream",
+        DEFAULT_MOUNT,
+        &raw.upstream,
+        allowed_keys,
+        &mut problems,
+    );
     let log = validate_log(raw.log, &mut problems);
     let tls = raw.server.tls.map(|tls| TlsConfig {
         cert: PathBuf::from(tls.cert),
@@ -153,7 +98,7 @@ pub(super) fn validate(raw: RawConfig, source: ManifestSource) -> Result<Config,
 
     let mut specs = Vec::with_capacity(raw.routes.len());
     for (index, value) in raw.routes.into_iter().enumerate() {
-        match validate_route(index, value, &source) {
+        match route::validate_route(index, value, &source) {
             Ok(spec) => specs.push(spec),
             Err(mut route_problems) => problems.append(&mut route_problems),
         }
@@ -167,19 +112,28 @@ pub(super) fn validate(raw: RawConfig, source: ManifestSource) -> Result<Config,
         &specs,
         &mut problems,
     );
-    if specs.is_empty() && problems.is_empty() {
+    let mounts = validate_mounts(
+        raw.mounts,
+        &raw.upstream,
+        &specs,
+        allowed_keys,
+        &source,
+        &mut problems,
+    );
+    check_route_upstreams(&specs, &mounts, &mut problems);
+    // A manifest of mounts with routes files of their own may declare none itself.
+    let mounts_serve = mounts.iter().any(|mount| mount.routes.is_some());
+    if specs.is_empty() && !mounts_serve && problems.is_empty() {
         problems.push(
             "routes: the manifest declares no [[routes]]; there would be nothing to serve"
                 .to_owned(),
         );
     }
 
-    let (host, base_url, proxy) = match (host, base_url, proxy) {
-        (Ok(host), Ok(base_url), Ok(proxy)) if problems.is_empty() => (host, base_url, proxy),
-        (host, base_url, proxy) => {
+    let (host, upstream) = match (host, upstream) {
+        (Ok(host), Some(upstream)) if problems.is_empty() => (host, upstream),
+        (host, _) => {
             problems.extend(host.err());
-            problems.extend(base_url.err());
-            problems.extend(proxy.err());
             return Err(ConfigError::Invalid(problems));
         }
     };
@@ -199,13 +153,8 @@ pub(super) fn validate(raw: RawConfig, source: ManifestSource) -> Result<Config,
             tls,
             acme,
         },
-        upstream: UpstreamConfig {
-            base_url,
-            connect_timeout: raw.upstream.connect_timeout.0,
-            read_timeout: raw.upstream.read_timeout.0,
-            proxy,
-            ready_check: raw.upstream.ready_check,
-        },
+        upstream,
+        mounts,
         limits: LimitsConfig {
             max_json_body: raw.limits.max_json_body.0,
             max_upload_body: raw.limits.max_upload_body.0,
@@ -421,161 +370,4 @@ fn validate_access(raw: raw::RawAccess, problems: &mut Vec<String>) -> AccessCon
         }
     }
     access
-}
-
-/// An `http://` or `https://` URL with a host and no query: `upstream.base_url`,
-/// `tracing.otlp_endpoint` (paths are appended to both).
-fn parse_http_url(setting: &str, text: &str) -> Result<Url, String> {
-    let bad = |why: &str| format!("{setting}: {:?} {why}", redact_userinfo(text));
-    let url = Url::parse(text).map_err(|err| bad(&format!("is not a URL ({err})")))?;
-    if !matches!(url.scheme(), "http" | "https") {
-        return Err(bad("must start with http:// or https://"));
-    }
-    if url.host().is_none() {
-        return Err(bad("has no host"));
-    }
-    if url.query().is_some() || url.fragment().is_some() {
-        return Err(bad(
-            "must not have a query or fragment (paths and queries are appended to it)",
-        ));
-    }
-    Ok(url)
-}
-
-fn parse_proxy_url(text: &str) -> Result<Url, String> {
-    let bad = |why: &str| format!("upstream.proxy: {:?} {why}", redact_userinfo(text));
-    let url = Url::parse(text).map_err(|err| bad(&format!("is not a URL ({err})")))?;
-    if !matches!(url.scheme(), "http" | "https" | "socks5" | "socks5h") {
-        return Err(bad(
-            "must use one of http://, https://, socks5://, socks5h://",
-        ));
-    }
-    if url.host().is_none() {
-        return Err(bad("has no host"));
-    }
-    Ok(url)
-}
-
-/// Drops `user:password@` from a URL-ish string that may not even parse.
-fn redact_userinfo(text: &str) -> String {
-    match (text.find("://"), text.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            format!("{}****@{}", &text[..scheme_end + 3], &text[at + 1..])
-        }
-        _ => text.to_owned(),
-    }
-}
-
-fn validate_route(
-    index: usize,
-    value: figment::value::Value,
-    source: &ManifestSource,
-) -> Result<RouteSpec, Vec<String>> {
-    let at = format!("routes[{index}]");
-    let raw: RawRoute = value
-        .deserialize()
-        .map_err(|err| describe_figment_error(err, Some(&at), source))?;
-    let mut problems = Vec::new();
-
-    let method = if METHODS.contains(&raw.method.as_str()) {
-        raw.method.parse::<Method>().ok()
-    } else {
-        None
-    };
-    if method.is_none() {
-        problems.push(format!(
-            "{at}.method: {:?} is not one of {}",
-            raw.method,
-            METHODS.join(", ")
-        ));
-    }
-
-    let template = PathTemplate::parse(&raw.path)
-        .map_err(|err| problems.push(format!("{at}.path: {:?} {err}", raw.path)))
-        .ok();
-
-    let body_names = raw
-        .body
-        .map_or_else(|| vec!["none".to_owned()], |b| b.into_vec());
-    let mut body = Vec::with_capacity(body_names.len());
-    if body_names.is_empty() {
-        problems.push(format!(
-            "{at}.body: the list is empty; use \"none\" for no body"
-        ));
-    }
-    for name in &body_names {
-        match BodyKind::parse(name) {
-            Some(kind) if !body.contains(&kind) => body.push(kind),
-            Some(kind) => problems.push(format!("{at}.body: {kind:?} is listed twice")),
-            None => problems.push(format!(
-                "{at}.body: {name:?} is not one of {}",
-                BodyKind::ALL.map(BodyKind::as_str).join(", ")
-            )),
-        }
-    }
-    if body.contains(&BodyKind::WebSocket) {
-        if body.len() > 1 {
-            problems.push(format!(
-                "{at}.body: \"websocket\" cannot be combined with other kinds"
-            ));
-        }
-        if method.as_ref().is_some_and(|m| m != Method::GET) {
-            problems.push(format!(
-                "{at}.method: a websocket route must be GET (WebSockets open with GET + Upgrade)"
-            ));
-        }
-    }
-    if raw.stream_usage_option && !(raw.usage && body.contains(&BodyKind::Json)) {
-        problems.push(format!(
-            "{at}.stream_usage_option: needs usage = true and a json body"
-        ));
-    }
-    if let Some(timeout) = raw.read_timeout {
-        if timeout.0.is_zero() {
-            problems.push(format!("{at}.read_timeout: must be more than 0s"));
-        }
-    }
-    if let Some(size) = raw.max_body {
-        if size.0 == 0 {
-            problems.push(format!("{at}.max_body: must be more than 0 bytes"));
-        }
-    }
-    if let Some(id) = &raw.operation_id {
-        let valid = !id.is_empty()
-            && id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
-        if !valid {
-            problems.push(format!(
-                "{at}.operation_id: {id:?} may only hold letters, digits, '_', '-' and '.'"
-            ));
-        }
-    }
-    for media_type in raw.produces.iter().flatten() {
-        if !crate::routes::is_media_type(media_type) {
-            problems.push(format!(
-                "{at}.produces: {media_type:?} is not a media type like \"application/zip\""
-            ));
-        }
-    }
-
-    match (method, template) {
-        (Some(method), Some(template)) if problems.is_empty() => Ok(RouteSpec {
-            index,
-            method,
-            template,
-            body,
-            summary: raw.summary,
-            tag: raw.tag,
-            streaming: raw.streaming,
-            read_timeout: raw.read_timeout.map(|t| t.0),
-            keepalive: raw.keepalive.map(|t| t.0),
-            max_body: raw.max_body.map(|s| s.0),
-            operation_id: raw.operation_id,
-            produces: raw.produces,
-            usage: raw.usage,
-            stream_usage_option: raw.stream_usage_option,
-        }),
-        _ => Err(problems),
-    }
 }

@@ -99,9 +99,10 @@ mod tests {
         let metrics = Arc::new(Metrics::new(&config.metrics));
         let limiter = Arc::new(Limiter::new(&config.limits.admission));
         let tls = crate::upstream::tls::client_config().unwrap();
-        let pipeline =
-            Arc::new(Pipeline::new(&config, limiter, metrics, Sessions::default(), &tls).unwrap());
-        let endpoints = pipeline.endpoints(&config);
+        let pipeline = Arc::new(
+            Pipeline::new(&config, limiter, metrics, Sessions::default(), &tls, &[]).unwrap(),
+        );
+        let endpoints = pipeline.endpoints(&config).unwrap();
         let (_, endpoint) = endpoints
             .iter()
             .find(|(template, _)| template.as_str() == "/v1/chat/completions")

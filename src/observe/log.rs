@@ -84,6 +84,10 @@ pub struct RequestLine<'a> {
     pub upstream_request_id: Option<&'a str>,
     /// The first 8 hex digits of the key's SHA-256.
     pub key_hash: &'a str,
+    /// The mount that served it, when not the default.
+    pub mount: Option<&'a str>,
+    /// The environment variable of the key the gateway sent, when it holds the keys.
+    pub upstream_key: Option<&'a str>,
     pub model: Option<&'a str>,
     pub input_tokens: Option<u64>,
     pub output_tokens: Option<u64>,
@@ -103,6 +107,8 @@ pub fn request(line: &RequestLine<'_>) {
         outcome = line.outcome,
         upstream_request_id = line.upstream_request_id,
         key_hash = line.key_hash,
+        mount = line.mount,
+        upstream_key = line.upstream_key,
         model = line.model,
         input_tokens = line.input_tokens,
         output_tokens = line.output_tokens,

@@ -175,6 +175,9 @@ pub fn provider(host: &str) -> &'static str {
         ("api.mistral.ai", "mistral_ai"),
         ("api.x.ai", "x_ai"),
         ("api.perplexity.ai", "perplexity"),
+        ("api.anthropic.com", "anthropic"),
+        ("generativelanguage.googleapis.com", "gcp.gemini"),
+        ("openrouter.ai", "openrouter"),
     ];
     known
         .iter()
@@ -317,5 +320,19 @@ impl UpstreamSpan {
     pub fn failed(self, why: &'static str) {
         self.0.set_attribute("error.type", why);
         self.0.set_status(Status::error(why));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::provider;
+
+    #[test]
+    fn each_mounts_host_names_its_provider() {
+        assert_eq!(provider("api.openai.com"), "openai");
+        assert_eq!(provider("my-res.openai.azure.com"), "azure.ai.openai");
+        assert_eq!(provider("api.anthropic.com"), "anthropic");
+        assert_eq!(provider("generativelanguage.googleapis.com"), "gcp.gemini");
+        assert_eq!(provider("API.GROQ.COM"), "groq");
     }
 }

@@ -11,21 +11,29 @@ use http::header::{self, HeaderMap, HeaderName};
 use sha2::{Digest, Sha256};
 
 use super::error::GatewayError;
-use crate::config::AccessConfig;
+use crate::config::{AccessConfig, CredentialHeader};
 use crate::headers;
 
 /// Subprotocol prefix browsers use to carry the API key on WebSockets.
 pub const KEY_SUBPROTOCOL: &str = "openai-insecure-api-key.";
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
-/// The keys a request presents: the bearer token, `api-key`, and a WebSocket key subprotocol.
+/// The keys a request presents where `credential` says a client puts one. `authorization`:
+/// the bearer token, `api-key`, and a WebSocket key subprotocol; `api-key`: that, then the
+/// bearer token (Azure takes both); `x-api-key`, `x-goog-api-key`: that header alone.
 /// An iterator, not a `Vec`: every forwarded request asks, and most present one key.
-fn presented_keys(headers: &HeaderMap) -> impl Iterator<Item = &str> {
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
+fn presented_keys(headers: &HeaderMap, credential: CredentialHeader) -> impl Iterator<Item = &str> {
+    use CredentialHeader::{ApiKey, Authorization, XApiKey, XGoogApiKey};
+    let header = |name: &HeaderName| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    let bearer = matches!(credential, Authorization | ApiKey)
+        .then(|| header(&header::AUTHORIZATION))
+        .flatten()
         .map(|value| {
-            let value = value.trim();
             // `Bearer` with no token, as SDKs send for an empty key, presents nothing.
             match value.get(..7) {
                 Some(scheme) if scheme.eq_ignore_ascii_case("bearer ") => value[7..].trim(),
@@ -33,23 +41,29 @@ fn presented_keys(headers: &HeaderMap) -> impl Iterator<Item = &str> {
                 _ => value,
             }
         });
-    let api_key = headers
-        .get(headers::API_KEY)
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim);
+    let named = match credential {
+        Authorization | ApiKey => header(&headers::API_KEY),
+        XApiKey => header(&headers::X_API_KEY),
+        XGoogApiKey => header(&headers::X_GOOG_API_KEY),
+    };
+    let (first, second) = match credential {
+        ApiKey => (named, bearer),
+        Authorization | XApiKey | XGoogApiKey => (bearer, named),
+    };
     let subprotocols = headers::list_items(headers, &header::SEC_WEBSOCKET_PROTOCOL)
+        .filter(move |_| credential == Authorization)
         .filter_map(|protocol| protocol.strip_prefix(KEY_SUBPROTOCOL));
-    bearer
+    first
         .into_iter()
-        .chain(api_key)
+        .chain(second)
         .chain(subprotocols)
         .filter(|key| !key.is_empty())
 }
 
-/// The first key the request presents: the bearer token, else `api-key`, else (WebSockets)
-/// a key subprotocol. `None`: the request carries no credential.
-pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
-    presented_keys(headers).next()
+/// The first key the request presents where `credential` says ([`presented_keys`]).
+/// `None`: the request carries no credential.
+pub fn presented_key(headers: &HeaderMap, credential: CredentialHeader) -> Option<&str> {
+    presented_keys(headers, credential).next()
 }
 
 /// Who made a request, as far as logs and metrics may say: the SHA-256 of its key, shown as
@@ -94,11 +108,15 @@ impl std::ops::Deref for KeyPrefix {
 
 impl AccessConfig {
     /// With `allowed_key_hashes` set, every key the request presents must be listed.
-    pub fn check_key(&self, headers: &HeaderMap) -> Result<(), GatewayError> {
+    pub fn check_key(
+        &self,
+        headers: &HeaderMap,
+        credential: CredentialHeader,
+    ) -> Result<(), GatewayError> {
         if self.allowed_key_hashes.is_empty() {
             return Ok(());
         }
-        let mut keys = presented_keys(headers).peekable();
+        let mut keys = presented_keys(headers, credential).peekable();
         let allowed = keys.peek().is_some()
             && keys.all(|key| {
                 let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
@@ -150,6 +168,8 @@ mod tests {
     use crate::config::{hash_line, parse_hash_line};
     use crate::headers::test_map as map;
 
+    const BEARER: CredentialHeader = CredentialHeader::Authorization;
+
     #[test]
     fn key_id_prefix_is_the_first_eight_hex_digits_of_the_hash() {
         let line = hash_line("sk-test");
@@ -161,7 +181,8 @@ mod tests {
 
     #[test]
     fn credential_is_a_key_in_authorization_api_key_or_a_subprotocol() {
-        let has_credential = |headers: &HeaderMap| presented_key(headers).is_some();
+        let has_credential =
+            |headers: &HeaderMap| presented_key(headers, CredentialHeader::Authorization).is_some();
         assert!(has_credential(&map(&[("authorization", "Bearer sk-1")])));
         assert!(has_credential(&map(&[("api-key", "k")])));
         assert!(has_credential(&map(&[("authorization", "Basic abc")])));
@@ -180,31 +201,64 @@ mod tests {
     }
 
     #[test]
+    fn a_mounts_credential_header_says_where_the_key_is_read() {
+        fn key(
+            headers: &[(&'static str, &'static str)],
+            credential: CredentialHeader,
+        ) -> Option<String> {
+            presented_key(&map(headers), credential).map(str::to_owned)
+        }
+        let anthropic = [
+            ("x-api-key", "sk-ant"),
+            ("authorization", "Bearer sk-other"),
+        ];
+        assert_eq!(
+            key(&anthropic, CredentialHeader::XApiKey).unwrap(),
+            "sk-ant"
+        );
+        assert_eq!(key(&anthropic, BEARER).unwrap(), "sk-other");
+        let azure = [("api-key", "az"), ("authorization", "Bearer entra")];
+        assert_eq!(key(&azure, CredentialHeader::ApiKey).unwrap(), "az");
+        assert_eq!(
+            key(&[("x-goog-api-key", "g")], CredentialHeader::XGoogApiKey).unwrap(),
+            "g"
+        );
+        assert!(key(&[("api-key", "az")], CredentialHeader::XGoogApiKey).is_none());
+        let subprotocol = [("sec-websocket-protocol", "openai-insecure-api-key.sk-1")];
+        assert!(key(&subprotocol, CredentialHeader::XApiKey).is_none());
+    }
+
+    #[test]
     fn every_presented_key_must_be_allowed() {
         let access = AccessConfig {
             allowed_key_hashes: vec![parse_hash_line(&hash_line("sk-good")).unwrap()],
             ..AccessConfig::default()
         };
         assert!(access
-            .check_key(&map(&[("authorization", "Bearer sk-good")]))
-            .is_ok());
-        assert!(access.check_key(&map(&[("api-key", "sk-good")])).is_ok());
-        assert!(access
-            .check_key(&map(&[(
-                "sec-websocket-protocol",
-                "realtime, openai-insecure-api-key.sk-good"
-            )]))
+            .check_key(&map(&[("authorization", "Bearer sk-good")]), BEARER)
             .is_ok());
         assert!(access
-            .check_key(&map(&[("authorization", "Bearer sk-bad")]))
+            .check_key(&map(&[("api-key", "sk-good")]), BEARER)
+            .is_ok());
+        assert!(access
+            .check_key(
+                &map(&[(
+                    "sec-websocket-protocol",
+                    "realtime, openai-insecure-api-key.sk-good"
+                )]),
+                BEARER
+            )
+            .is_ok());
+        assert!(access
+            .check_key(&map(&[("authorization", "Bearer sk-bad")]), BEARER)
             .is_err());
         assert!(access
-            .check_key(&map(&[
-                ("authorization", "Bearer sk-good"),
-                ("api-key", "sk-bad")
-            ]))
+            .check_key(
+                &map(&[("authorization", "Bearer sk-good"), ("api-key", "sk-bad")]),
+                BEARER
+            )
             .is_err());
-        assert!(access.check_key(&map(&[])).is_err());
+        assert!(access.check_key(&map(&[]), BEARER).is_err());
     }
 
     #[test]

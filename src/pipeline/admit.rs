@@ -10,14 +10,16 @@ use tokio::time::Instant;
 use super::access::{self, KeyId};
 use super::body::Bound;
 use super::limits::Admission;
-use super::{Answer, GatewayError, Pipeline};
+use super::{Answer, GatewayError, Mount, Pipeline};
 use crate::observe::log;
 use crate::observe::metrics::RouteMetrics;
 use crate::routes::{check_path_param, RouteSpec};
 
-/// One method of a template: its manifest entry and its metric handles.
+/// One method of a template: its manifest entry, the mount it goes to, and its metric
+/// handles.
 pub(super) struct MethodRoute {
     pub(super) spec: RouteSpec,
+    pub(super) mount: Arc<Mount>,
     pub(super) metrics: Arc<RouteMetrics>,
 }
 
@@ -25,6 +27,8 @@ pub(super) struct MethodRoute {
 pub struct Endpoint {
     pub(super) pipeline: Arc<Pipeline>,
     pub(super) template: Arc<str>,
+    /// How long its mount's prefix is: that much of the path stays behind.
+    pub(super) strip: usize,
     pub(super) methods: Vec<MethodRoute>,
 }
 
@@ -87,7 +91,7 @@ impl Endpoint {
         };
         let checked = check_path_params(&route.spec, target.path())
             // 3. Credential and limits.
-            .and_then(|()| self.admit_key(&headers, peer))
+            .and_then(|()| self.admit_key(&route.mount, &headers, peer))
             // 4. Body policy.
             .and_then(|(admission, key)| {
                 let limit = pipeline.bodies.check(&route.spec, &headers, has_body)?;
@@ -109,18 +113,22 @@ impl Endpoint {
         }
     }
 
-    /// Phase 3: a key is presented and allowed, then the rate and concurrency limits.
+    /// Phase 3: a key is presented where the route's mount reads it, and allowed; then the
+    /// rate and concurrency limits.
     fn admit_key(
         &self,
+        mount: &Mount,
         headers: &HeaderMap,
         peer: Option<SocketAddr>,
     ) -> Result<(Admission, KeyId), GatewayError> {
         let pipeline = &*self.pipeline;
         // The first key presented; none at all is refused before anything else.
-        let Some(key) = access::presented_key(headers) else {
-            return Err(GatewayError::MissingCredential);
+        let Some(key) = access::presented_key(headers, mount.credential) else {
+            return Err(GatewayError::MissingCredential(mount.credential));
         };
-        pipeline.access.check_key(headers)?;
+        // A mount that lends its keys has `allowed_key_hashes` to check against (the
+        // configuration refuses one without).
+        pipeline.access.check_key(headers, mount.credential)?;
         let ip = peer.map(|peer| pipeline.access.client_ip(peer.ip(), headers));
         let key = KeyId::of(key);
         let admission = pipeline.limiter.admit(ip, &key.hash).inspect_err(|err| {

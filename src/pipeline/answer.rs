@@ -3,6 +3,7 @@
 //! [`Answer`] is what the pipeline gives back to an engine for every request: the upstream's
 //! answer on its way through, or one the gateway made itself. Engines only write it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -126,6 +127,7 @@ pub fn classify(
     }
     match err.stage {
         Stage::Connect if err.timed_out() => GatewayError::UpstreamConnectTimeout {
+            at: Arc::clone(&timeouts.at),
             timeout: timeouts.connect,
         },
         Stage::Connect => GatewayError::UpstreamUnreachable(err.source),
@@ -156,7 +158,9 @@ pub fn upload_failed(
 
 /// The timeouts a classified failure names.
 pub struct Timeouts {
-    /// `upstream.connect_timeout`.
+    /// The mount's key path, which `connect_timeout` is under.
+    pub at: Arc<str>,
+    /// The mount's `connect_timeout`.
     pub connect: std::time::Duration,
     /// `server.body_read_timeout`.
     pub body_idle: Duration,
@@ -171,7 +175,7 @@ pub fn upstream_error_kind(err: &GatewayError) -> Option<UpstreamErrorKind> {
             Some(UpstreamErrorKind::Timeout)
         }
         GatewayError::UpstreamFailed(_) => Some(UpstreamErrorKind::Reset),
-        GatewayError::MissingCredential
+        GatewayError::MissingCredential(_)
         | GatewayError::KeyNotAllowed
         | GatewayError::AddressNotAllowed
         | GatewayError::RateLimited { .. }

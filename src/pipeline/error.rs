@@ -5,6 +5,7 @@
 //! 4xx/5xx answers are not errors here: they pass through untouched. Messages never carry the
 //! client's key, its body, or the upstream URL's query.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -12,16 +13,30 @@ use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use serde::Serialize;
 
 use crate::config::units::{format_duration, format_size};
+use crate::config::CredentialHeader;
 use crate::upstream::chain;
+
+/// What a request without a key is told, by where its mount reads one.
+fn missing_credential(header: CredentialHeader) -> String {
+    match header {
+        CredentialHeader::Authorization | CredentialHeader::ApiKey => {
+            "You didn't provide an API key. You need to provide your API key in an Authorization \
+             header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY), or as an api-key \
+             header."
+                .to_owned()
+        }
+        CredentialHeader::XApiKey | CredentialHeader::XGoogApiKey => format!(
+            "You didn't provide an API key. This path takes it in the {} header.",
+            header.as_str()
+        ),
+    }
+}
 
 /// Something went wrong with one request, before or while it was forwarded.
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
-    #[error(
-        "You didn't provide an API key. You need to provide your API key in an Authorization \
-         header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY), or as an api-key header."
-    )]
-    MissingCredential,
+    #[error("{}", missing_credential(*.0))]
+    MissingCredential(CredentialHeader),
 
     #[error("This API key is not allowed on this gateway (access.allowed_key_hashes)")]
     KeyNotAllowed,
@@ -88,10 +103,10 @@ pub enum GatewayError {
     UpstreamUnreachable(#[source] Box<dyn std::error::Error + Send + Sync>),
 
     #[error(
-        "The upstream did not accept a connection within upstream.connect_timeout ({})",
+        "The upstream did not accept a connection within {at}.connect_timeout ({})",
         format_duration(*.timeout)
     )]
-    UpstreamConnectTimeout { timeout: Duration },
+    UpstreamConnectTimeout { at: Arc<str>, timeout: Duration },
 
     #[error(
         "The upstream did not answer within {setting} ({})",
@@ -136,7 +151,7 @@ struct ErrorFields<'a> {
 impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
-            GatewayError::MissingCredential | GatewayError::KeyNotAllowed => {
+            GatewayError::MissingCredential(_) | GatewayError::KeyNotAllowed => {
                 StatusCode::UNAUTHORIZED
             }
             GatewayError::AddressNotAllowed => StatusCode::FORBIDDEN,
@@ -165,7 +180,9 @@ impl GatewayError {
     /// OpenAI's `type` and `code` for this error.
     fn kind_and_code(&self) -> (&'static str, Option<&'static str>) {
         match self {
-            GatewayError::MissingCredential => ("invalid_request_error", Some("missing_api_key")),
+            GatewayError::MissingCredential(_) => {
+                ("invalid_request_error", Some("missing_api_key"))
+            }
             GatewayError::KeyNotAllowed => ("invalid_request_error", Some("invalid_api_key")),
             GatewayError::AddressNotAllowed => ("permission_error", Some("address_not_allowed")),
             GatewayError::RateLimited { .. } => ("requests", Some("rate_limit_exceeded")),
@@ -200,7 +217,7 @@ impl GatewayError {
     fn param(&self) -> Option<&str> {
         match self {
             GatewayError::InvalidPathParam { param, .. } => Some(param),
-            GatewayError::MissingCredential
+            GatewayError::MissingCredential(_)
             | GatewayError::KeyNotAllowed
             | GatewayError::AddressNotAllowed
             | GatewayError::RateLimited { .. }

@@ -6,16 +6,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Method, StatusCode};
+use http::{header, HeaderName, HeaderValue, Method, StatusCode};
 use http_body_util::combinators::BoxBody;
 use tokio::time::Instant;
 
 use super::admit::{Admitted, Endpoint, MethodRoute};
 use super::body::{self, Upload, UploadBody, UploadProgress};
+use super::keys::KeyPool;
 use super::relay::{Opening, Relay, RequestLog};
 use super::stream_usage::{self, UsageChunkFilter};
 use super::timer::{self, Timer};
-use super::{answer, outbound, Answer, AnswerBody, GatewayError};
+use super::{answer, outbound, Answer, AnswerBody, GatewayError, Mount, Pipeline};
 use crate::headers::Media;
 use crate::realtime::{self, ClientUpgrade, Session};
 use crate::routes::BodyKind;
@@ -86,6 +87,7 @@ impl<'a> Admitted<'a> {
                 };
             }
             let pipeline = &*endpoint.pipeline;
+            let mount = &*route.mount;
             // `[usage] inject_stream_usage`: such a body is read whole, to be rewritten; with
             // traces on, a usage route's JSON too, to name its model.
             let asks_usage = pipeline.inject_stream_usage && route.spec.stream_usage_option;
@@ -134,6 +136,7 @@ impl<'a> Admitted<'a> {
                     &self.method,
                     &endpoint.template,
                     &route.spec,
+                    mount.provider,
                     &headers,
                     whole,
                 )
@@ -149,9 +152,11 @@ impl<'a> Admitted<'a> {
                 headers.insert(header::CONTENT_LENGTH, HeaderValue::from(asked.len()));
                 body = OutboundBody::Whole(asked);
             }
-            let target = pipeline.upstream.target();
+            // The key the gateway lends, when it holds the mount's keys.
+            let lent = mount.keys.as_ref().and_then(|pool| pool.pick());
+            let target = (&self.target, endpoint.strip);
             let request =
-                match outbound::request(target, self.method.clone(), &self.target, headers, body) {
+                match outbound::request(mount, lent, self.method.clone(), target, headers, body) {
                     Ok(request) => request,
                     Err(err) => {
                         if let Some(trace) = trace {
@@ -162,23 +167,23 @@ impl<'a> Admitted<'a> {
                 };
             // 6. Send, and wait for the answer's head while the request shows life: the wait
             // restarts with every uploaded chunk, so a long upload is never cut, only silence is.
-            let read_timeout = pipeline.read_timeout(&route.spec);
+            let read_timeout = Pipeline::read_timeout(&route.spec, mount);
             let in_flight = route.metrics.all().in_flight();
             let waiting = (pipeline.traces.as_ref())
                 .zip(trace.as_ref())
-                .map(|(traced, span)| traced.upstream_wait(span, &self.method));
+                .map(|(traced, span)| traced.upstream_wait(span, &self.method, mount));
             let sent = Instant::now();
             // Pinned where they are made (`std::pin::pin!`): `tokio::pin!` would move each into a
             // second local, and this future would hold both.
-            let mut sending = std::pin::pin!(pipeline.upstream.send(request));
+            let mut sending = std::pin::pin!(mount.upstream.send(request));
             let mut own = std::pin::pin!(None::<tokio::time::Sleep>);
             let response = loop {
-                let deadline = upload.last_activity(start) + read_timeout.value;
+                let deadline = upload.last_activity(start) + read_timeout;
                 tokio::select! {
                     biased;
                     result = sending.as_mut() => break result.map_err(Unanswered::Failed),
                     () = timer::until(&mut timer, own.as_mut(), deadline) => {
-                        if upload.last_activity(start) + read_timeout.value <= Instant::now() {
+                        if upload.last_activity(start) + read_timeout <= Instant::now() {
                             break Err(Unanswered::Silent);
                         }
                     }
@@ -201,12 +206,13 @@ impl<'a> Admitted<'a> {
                     }
                     let err = match unanswered {
                         Unanswered::Silent => GatewayError::UpstreamTimeout {
-                            setting: read_timeout.setting.to_string(),
-                            timeout: read_timeout.value,
+                            setting: Pipeline::read_timeout_setting(&route.spec, mount),
+                            timeout: read_timeout,
                         },
                         Unanswered::Failed(err) => {
                             let timeouts = answer::Timeouts {
-                                connect: pipeline.upstream.connect_timeout(),
+                                at: Arc::clone(&mount.at),
+                                connect: mount.upstream.connect_timeout(),
                                 body_idle: pipeline.bodies.idle,
                             };
                             answer::classify(err, upload.progress(), self.limit, &timeouts)
@@ -220,6 +226,9 @@ impl<'a> Admitted<'a> {
             };
             let upstream_ttfb = sent.elapsed();
             route.metrics.observe_upstream_ttfb(upstream_ttfb);
+            let upstream_key = mount.keys.as_deref().zip(lent).and_then(|(pool, index)| {
+                endpoint.key_answered(mount, pool, index, response.status, &response.head)
+            });
             let media = answer::head_rules(&mut response.head);
             if pipeline.server_timing {
                 answer::server_timing(&mut response.head, start.elapsed(), upstream_ttfb);
@@ -237,6 +246,8 @@ impl<'a> Admitted<'a> {
                 in_flight,
                 usage: route.spec.usage,
                 trace,
+                mount: mount.log_name().map(Arc::from),
+                upstream_key,
             };
             let log = RequestLog::open(opening, response.status, &response.head, media);
             let is_event_stream = media == Media::EventStream;
@@ -257,7 +268,7 @@ impl<'a> Admitted<'a> {
                 head: response.head,
                 body: AnswerBody::Relay(Box::new(Relay::new(
                     response.body,
-                    read_timeout.value,
+                    read_timeout,
                     keepalive,
                     usage_chunk,
                     log,
@@ -279,7 +290,8 @@ impl<'a> Admitted<'a> {
             )
         })?;
         let pipeline = &*self.endpoint.pipeline;
-        let joined = outbound::path(pipeline.upstream.target(), &self.target)?;
+        let mount = &*self.route.mount;
+        let joined = outbound::path(mount.upstream.target(), &self.target, self.endpoint.strip)?;
         let session = Session {
             route: Arc::clone(&self.endpoint.template),
             metrics: Arc::clone(&self.route.metrics),
@@ -287,11 +299,19 @@ impl<'a> Admitted<'a> {
             start: self.start,
             held: self.admission,
         };
-        let headers = outbound::headers(self.headers, None);
+        let mut headers = outbound::headers(self.headers, None);
+        if let Some(pool) = &mount.keys {
+            if let Some(index) = pool.pick() {
+                pool.lend(index, &mut headers);
+                if let Some(var) = pool.var(index) {
+                    self.route.metrics.all().count_key_use(&mount.name, var);
+                }
+            }
+        }
         let opened = pipeline
             .realtime
             .open(
-                &pipeline.upstream,
+                &mount.upstream,
                 joined,
                 headers,
                 &client_key,
@@ -315,15 +335,47 @@ impl<'a> Admitted<'a> {
                     body: AnswerBody::Full(body),
                 })
             }
-            Err(realtime::Failed::TimedOut(timeout)) => {
-                Err(GatewayError::UpstreamConnectTimeout { timeout })
-            }
+            Err(realtime::Failed::TimedOut(timeout)) => Err(GatewayError::UpstreamConnectTimeout {
+                at: Arc::clone(&mount.at),
+                timeout,
+            }),
             Err(realtime::Failed::Unreachable(err)) => Err(GatewayError::UpstreamUnreachable(err)),
         }
     }
 }
 
 impl Endpoint {
+    /// The answer's head came back to a request that went up with the held key `index`:
+    /// counted under its variable, and a 429 rests the key as long as the head says.
+    /// The variable's name, for the log line.
+    fn key_answered(
+        &self,
+        mount: &Mount,
+        pool: &KeyPool,
+        index: usize,
+        status: StatusCode,
+        head: &Head,
+    ) -> Option<Arc<str>> {
+        let var = pool.var(index)?;
+        let metrics = &self.pipeline.metrics;
+        metrics.count_key_use(&mount.name, var);
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            let rest = pool.rest(index, |name| {
+                HeaderName::from_bytes(name.as_bytes())
+                    .ok()
+                    .and_then(|name| head.get(&name))
+            });
+            metrics.count_key_rest(&mount.name, var);
+            tracing::warn!(
+                mount = %mount.name,
+                upstream_key = %var,
+                rest_ms = u64::try_from(rest.as_millis()).unwrap_or(u64::MAX),
+                "the upstream answered 429; this key rests while the others serve"
+            );
+        }
+        Some(Arc::clone(var))
+    }
+
     /// Counts an answer to a request of `route`.
     fn answered(&self, route: &MethodRoute, start: Instant, answer: &Answer) {
         route.metrics.count_status(answer.status.as_u16());
@@ -342,6 +394,8 @@ impl Endpoint {
         if let Some(kind) = answer::upstream_error_kind(err) {
             route.metrics.count_upstream_error(kind);
         }
-        self.reject(method, start, err)
+        let answer = self.reject(method, start, err);
+        route.metrics.count_mount_status(answer.status.as_u16());
+        answer
     }
 }

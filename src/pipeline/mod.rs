@@ -34,7 +34,9 @@ pub mod answer;
 pub mod body;
 pub mod error;
 mod forward;
+pub mod keys;
 pub mod limits;
+mod mount;
 mod outbound;
 pub mod relay;
 mod stream_usage;
@@ -52,17 +54,19 @@ pub use access::KeyId;
 use admit::MethodRoute;
 pub use admit::{Admitted, Endpoint, Request};
 pub use answer::{Answer, AnswerBody};
-use body::{BodyRules, Bound, Setting};
+use body::BodyRules;
 pub use error::GatewayError;
 pub use forward::ClientBody;
+use keys::KeyPool;
 use limits::Limiter;
+pub use mount::Mount;
 pub use timer::Timer;
 
-use crate::config::{AccessConfig, Config, ConfigError};
+use crate::config::{AccessConfig, Config, ConfigError, UpstreamConfig, DEFAULT_MOUNT};
 use crate::observe::log;
 use crate::observe::metrics::Metrics;
 use crate::realtime::{Realtime, Sessions};
-use crate::routes::{PathTemplate, RouteSpec};
+use crate::routes::{PathTemplate, RouteSpec, RouteTable};
 use crate::upstream::Upstream;
 
 /// What one worker serves one manifest with: the settings every phase reads, the worker's
@@ -71,7 +75,6 @@ pub struct Pipeline {
     access: AccessConfig,
     limiter: Arc<Limiter>,
     bodies: BodyRules,
-    read_timeout: Duration,
     /// `streaming.keepalive`.
     keepalive: Option<Duration>,
     /// `tracing.server_timing`.
@@ -80,64 +83,117 @@ pub struct Pipeline {
     inject_stream_usage: bool,
     /// Present when traces are on.
     traces: Option<trace::Traced>,
-    upstream: Upstream,
+    /// `[upstream]`.
+    default_mount: Arc<Mount>,
+    /// Each `[mounts.NAME]`, in the order of `Config::mounts`.
+    mounts: Vec<Arc<Mount>>,
     realtime: Realtime,
     metrics: Arc<Metrics>,
 }
 
 impl Pipeline {
-    /// The pipeline of `config`. The limiter, metrics and sessions outlive a reload; the TLS
-    /// settings are read once per manifest.
+    /// The pipeline of `config`. The limiter, metrics, sessions and key pools (`pools`, by
+    /// mount name) outlive a reload; the TLS settings are read once per manifest.
     pub fn new(
         config: &Config,
         limiter: Arc<Limiter>,
         metrics: Arc<Metrics>,
         sessions: Sessions,
         tls: &rustls::ClientConfig,
+        pools: &[(Arc<str>, Arc<KeyPool>)],
     ) -> Result<Pipeline, ConfigError> {
+        let mount = |upstream: &UpstreamConfig| {
+            let keys = pools
+                .iter()
+                .find(|(name, _)| **name == *upstream.mount)
+                .map(|(_, pool)| Arc::clone(pool));
+            Mount::new(upstream, keys, tls).map(Arc::new)
+        };
+        let mounts = (config.mounts.iter())
+            .map(|settings| mount(&settings.upstream))
+            .collect::<Result<_, _>>()?;
         Ok(Pipeline {
             access: config.access.clone(),
             limiter,
             bodies: BodyRules::new(&config.limits, &config.server),
-            read_timeout: config.upstream.read_timeout,
             keepalive: config.streaming.keepalive,
             server_timing: config.tracing.server_timing,
             inject_stream_usage: config.usage.inject_stream_usage,
             traces: trace::Traced::new(config),
-            upstream: Upstream::new(&config.upstream, tls)?,
+            default_mount: mount(&config.upstream)?,
+            mounts,
             realtime: Realtime::new(&config.realtime, sessions),
             metrics,
         })
     }
 
-    /// An endpoint for every path template of `config`'s routes, in manifest order: what the
-    /// engines' routers map paths to.
-    pub fn endpoints(self: &Arc<Self>, config: &Config) -> Vec<(PathTemplate, Arc<Endpoint>)> {
-        config
-            .routes
-            .by_template()
-            .into_iter()
-            .map(|(template, routes)| {
-                let name: Arc<str> = Arc::from(template.as_str());
-                let methods = routes
-                    .iter()
-                    .map(|route| MethodRoute {
-                        spec: (*route).clone(),
-                        metrics: Arc::new(self.metrics.route(&name, &route.method)),
-                    })
-                    .collect();
-                let endpoint = Endpoint {
-                    pipeline: Arc::clone(self),
-                    template: name,
-                    methods,
-                };
-                (template.clone(), Arc::new(endpoint))
-            })
-            .collect()
+    /// An endpoint for every path template `config` serves: the manifest's routes, then each
+    /// mount's under its prefix. What the engines' routers map paths to.
+    pub fn endpoints(
+        self: &Arc<Self>,
+        config: &Config,
+    ) -> Result<Vec<(PathTemplate, Arc<Endpoint>)>, ConfigError> {
+        let mut endpoints = self.endpoints_of(&config.routes, "", |route| {
+            let named = route.upstream.as_deref().unwrap_or(DEFAULT_MOUNT);
+            Arc::clone(self.mount(named))
+        })?;
+        // Mounts were made in the order of `config.mounts`.
+        for (mount, settings) in self.mounts.iter().zip(&config.mounts) {
+            let routes = settings.routes(&config.routes);
+            endpoints.extend(self.endpoints_of(routes, &settings.prefix, |_| Arc::clone(mount))?);
+        }
+        Ok(endpoints)
     }
 
+    /// The endpoints of `routes` served under `prefix`, each method sent to `mount_of` it.
+    fn endpoints_of(
+        self: &Arc<Self>,
+        routes: &RouteTable,
+        prefix: &str,
+        mount_of: impl Fn(&RouteSpec) -> Arc<Mount>,
+    ) -> Result<Vec<(PathTemplate, Arc<Endpoint>)>, ConfigError> {
+        let mut endpoints = Vec::new();
+        for (template, routes) in routes.by_template() {
+            let mut methods = Vec::with_capacity(routes.len());
+            for route in routes {
+                let spec = route.under(prefix).map_err(|err| {
+                    ConfigError::Invalid(vec![format!("{prefix}{template}: {err}")])
+                })?;
+                let mount = mount_of(route);
+                let name: Arc<str> = Arc::from(spec.template.as_str());
+                let metrics = self.metrics.route(&name, &route.method, &mount.name);
+                methods.push(MethodRoute {
+                    spec,
+                    mount,
+                    metrics: Arc::new(metrics),
+                });
+            }
+            let Some(first) = methods.first() else {
+                continue;
+            };
+            let template = first.spec.template.clone();
+            let endpoint = Endpoint {
+                pipeline: Arc::clone(self),
+                template: Arc::from(template.as_str()),
+                strip: prefix.len(),
+                methods,
+            };
+            endpoints.push((template, Arc::new(endpoint)));
+        }
+        Ok(endpoints)
+    }
+
+    /// `[upstream]`'s transports, for `/ready`.
     pub fn upstream(&self) -> &Upstream {
-        &self.upstream
+        &self.default_mount.upstream
+    }
+
+    /// The mount named `name`; the default one for a name the manifest did not declare
+    /// (validation refuses routes that name one).
+    fn mount(&self, name: &str) -> &Arc<Mount> {
+        (self.mounts.iter())
+            .find(|mount| &*mount.name == name)
+            .unwrap_or(&self.default_mount)
     }
 
     /// Phase 1 alone, for the gateway's own endpoints (docs, metrics): `Err` is the 403.
@@ -191,20 +247,17 @@ impl Pipeline {
         route.keepalive.or(self.keepalive)
     }
 
-    /// `upstream.read_timeout`, or the route's own.
-    fn read_timeout(&self, route: &RouteSpec) -> Bound<Duration> {
+    /// The mount's `read_timeout`, or the route's own.
+    fn read_timeout(route: &RouteSpec, mount: &Mount) -> Duration {
+        route.read_timeout.unwrap_or(mount.read_timeout)
+    }
+
+    /// Which setting [`Pipeline::read_timeout`] came from, for the message when it ends a
+    /// wait. Made then rather than carried: every waiting request would hold it.
+    fn read_timeout_setting(route: &RouteSpec, mount: &Mount) -> String {
         match route.read_timeout {
-            Some(value) => Bound {
-                value,
-                setting: Setting::Route {
-                    index: route.index,
-                    key: "read_timeout",
-                },
-            },
-            None => Bound {
-                value: self.read_timeout,
-                setting: Setting::Global("upstream.read_timeout"),
-            },
+            Some(_) => format!("routes[{}].read_timeout", route.index),
+            None => format!("{}.read_timeout", mount.at),
         }
     }
 }

@@ -9,6 +9,7 @@ use http::HeaderValue;
 use http::Method;
 
 use super::error::GatewayError;
+use super::Mount;
 use crate::headers::prepare_upstream_request;
 use crate::upstream::{Outbound, OutboundBody, Target};
 
@@ -19,25 +20,47 @@ pub fn headers(mut headers: HeaderMap, host: Option<&HeaderValue>) -> HeaderMap 
     headers
 }
 
-/// The upstream's path and query for the client's.
-pub fn path(target: &Target, path_and_query: &PathAndQuery) -> Result<PathAndQuery, GatewayError> {
-    target
-        .join(path_and_query)
-        .map_err(|err| GatewayError::Internal(format!("cannot build the upstream URL: {err}")))
+/// The upstream's path and query for the client's, without the first `strip` bytes of its
+/// path (a mount's prefix, which the router matched).
+pub fn path(
+    target: &Target,
+    path_and_query: &PathAndQuery,
+    strip: usize,
+) -> Result<PathAndQuery, GatewayError> {
+    let cannot = |err: &dyn std::fmt::Display| {
+        GatewayError::Internal(format!("cannot build the upstream URL: {err}"))
+    };
+    if strip == 0 {
+        return target.join(path_and_query).map_err(|err| cannot(&err));
+    }
+    let rest = path_and_query
+        .as_str()
+        .get(strip..)
+        .filter(|rest| rest.starts_with('/'))
+        .ok_or_else(|| cannot(&"the path is shorter than its mount's prefix"))?;
+    let rest = PathAndQuery::try_from(rest).map_err(|err| cannot(&err))?;
+    target.join(&rest).map_err(|err| cannot(&err))
 }
 
-/// The whole request: URL, headers (with `Host` for a plain upstream), body.
+/// The whole request: URL, headers (with `Host` for a plain upstream, and the key the
+/// gateway lends in place of the client's when it holds the mount's keys), body.
 pub fn request(
-    target: &Target,
+    mount: &Mount,
+    lent: Option<usize>,
     method: Method,
-    path_and_query: &PathAndQuery,
+    (path_and_query, strip): (&PathAndQuery, usize),
     client_headers: HeaderMap,
     body: OutboundBody,
 ) -> Result<Outbound, GatewayError> {
+    let target = mount.upstream.target();
+    let mut headers = headers(client_headers, target.host());
+    if let (Some(pool), Some(index)) = (&mount.keys, lent) {
+        pool.lend(index, &mut headers);
+    }
     Ok(Outbound {
         method,
-        target: path(target, path_and_query)?,
-        headers: headers(client_headers, target.host()),
+        target: path(target, path_and_query, strip)?,
+        headers,
         body,
     })
 }

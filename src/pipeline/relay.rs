@@ -78,6 +78,10 @@ pub struct RequestLog {
     pub gauges: (GaugeGuard, Option<GaugeGuard>),
     /// Its span, when traces are on.
     pub trace: Option<RequestSpan>,
+    /// The mount's name, when not the default.
+    pub mount: Option<Arc<str>>,
+    /// The variable of the key the gateway lent the request, if it lent one.
+    pub upstream_key: Option<Arc<str>>,
 }
 
 /// What a forwarded request brings to its log line, gathered through the phases before it.
@@ -94,6 +98,10 @@ pub struct Opening {
     /// The route counts token usage (`usage = true`).
     pub usage: bool,
     pub trace: Option<RequestSpan>,
+    /// The mount's name, when not the default.
+    pub mount: Option<Arc<str>>,
+    /// The variable of the key the gateway lent the request, if it lent one.
+    pub upstream_key: Option<Arc<str>>,
 }
 
 impl RequestLog {
@@ -112,6 +120,8 @@ impl RequestLog {
             upstream_ttfb: opening.upstream_ttfb,
             upstream_request_id: head.value(&X_REQUEST_ID),
             key: opening.key,
+            mount: opening.mount,
+            upstream_key: opening.upstream_key,
             upload: opening.upload,
             bytes_out: 0,
             outcome: Outcome::ClientAborted,
@@ -176,6 +186,8 @@ impl Drop for RequestLog {
                 .as_ref()
                 .and_then(|value| value.to_str().ok()),
             key_hash: &key,
+            mount: self.mount.as_deref(),
+            upstream_key: self.upstream_key.as_deref(),
             model: usage.as_ref().and_then(|usage| usage.model.as_deref()),
             input_tokens: usage.as_ref().map(|usage| usage.input),
             output_tokens: usage.as_ref().map(|usage| usage.output),

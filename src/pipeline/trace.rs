@@ -6,6 +6,7 @@ use std::borrow::Cow;
 use http::{HeaderMap, Method};
 use serde::Deserialize;
 
+use super::Mount;
 use crate::config::Config;
 use crate::observe::traces::{self, GenAi, RequestSpan, UpstreamSpan};
 use crate::routes::RouteSpec;
@@ -13,22 +14,14 @@ use crate::routes::RouteSpec;
 /// The longest model name a span carries.
 const MODEL_AT_MOST: usize = 256;
 
-/// What every span of a pipeline says about its upstream.
-pub struct Traced {
-    /// `gen_ai.provider.name`.
-    provider: &'static str,
-    /// `server.address` of the upstream wait.
-    server: Option<String>,
-}
+/// The spans of a pipeline: present when traces are on. What a span says about the
+/// upstream (`gen_ai.provider.name`, `server.address`) is its mount's.
+pub struct Traced;
 
 impl Traced {
     /// `None` when traces are off: then no span is ever made.
     pub fn new(config: &Config) -> Option<Traced> {
-        let host = config.upstream.base_url.host_str();
-        config.tracing.traces_on().then(|| Traced {
-            provider: traces::provider(host.unwrap_or("")),
-            server: host.map(str::to_owned),
-        })
+        config.tracing.traces_on().then_some(Traced)
     }
 
     /// The span of a `method` request to `template` by `route`, with its whole JSON `body`
@@ -38,21 +31,27 @@ impl Traced {
         method: &Method,
         template: &str,
         route: &RouteSpec,
+        provider: &'static str,
         headers: &HeaderMap,
         body: Option<&[u8]>,
     ) -> RequestSpan {
         let model = body.and_then(request_model);
         let gen_ai = route.usage.then(|| GenAi {
             operation: traces::operation(template, route.operation_id.as_deref()),
-            provider: self.provider,
+            provider,
             model: model.as_deref(),
         });
         RequestSpan::start(method, template, headers, gen_ai)
     }
 
-    /// The span of the wait for the upstream's head, inside `span`.
-    pub fn upstream_wait(&self, span: &RequestSpan, method: &Method) -> UpstreamSpan {
-        span.upstream_wait(method, self.server.as_deref())
+    /// The span of the wait for `mount`'s head, inside `span`.
+    pub fn upstream_wait(
+        &self,
+        span: &RequestSpan,
+        method: &Method,
+        mount: &Mount,
+    ) -> UpstreamSpan {
+        span.upstream_wait(method, mount.server.as_deref())
     }
 }
 

@@ -153,6 +153,9 @@ pub struct RouteSpec {
     /// Its streams report usage only when asked with `stream_options.include_usage`
     /// (`stream_usage_option = true`).
     pub stream_usage_option: bool,
+    /// The mount whose upstream serves it, when not the one it is listed for
+    /// (`upstream = "NAME"`).
+    pub upstream: Option<String>,
 }
 
 impl RouteSpec {
@@ -170,6 +173,15 @@ impl RouteSpec {
         declares_kinds
             && !self.accepts(BodyKind::Binary)
             && !self.accepts(BodyKind::of_content_type(content_type))
+    }
+
+    /// The same route served under a mount's `prefix` (`/groq` + `/v1/models`).
+    pub fn under(&self, prefix: &str) -> Result<RouteSpec, TemplateError> {
+        let template = PathTemplate::parse(&format!("{prefix}{}", self.template))?;
+        Ok(RouteSpec {
+            template,
+            ..self.clone()
+        })
     }
 
     pub fn tag_or_default(&self) -> &str {
@@ -337,6 +349,7 @@ mod tests {
             produces: None,
             usage: false,
             stream_usage_option: false,
+            upstream: None,
         }
     }
 

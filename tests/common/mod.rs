@@ -375,7 +375,19 @@ pub fn binary_path() -> &'static str {
 impl Binary {
     /// Starts the binary on 127.0.0.1:0 and waits for its "listening" line.
     pub fn spawn(manifest: &str, envs: &[(&str, &str)]) -> Binary {
+        Binary::spawn_with_files(manifest, &[], envs)
+    }
+
+    /// [`Binary::spawn`], with `files` (name, text) written beside the manifest first.
+    pub fn spawn_with_files(
+        manifest: &str,
+        files: &[(&str, &str)],
+        envs: &[(&str, &str)],
+    ) -> Binary {
         let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
         let path = dir.path().join("routes.toml");
         std::fs::write(&path, manifest).unwrap();
         let mut command = Command::new(binary_path());

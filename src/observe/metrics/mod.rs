@@ -68,6 +68,19 @@ struct KeyTokenLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MountLabels {
+    mount: Arc<str>,
+    status: u16,
+}
+
+/// A key the gateway holds, by the variable it came from (never its value).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HeldKeyLabels {
+    mount: Arc<str>,
+    key: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     result: &'static str,
 }
@@ -122,6 +135,9 @@ pub fn method_label(method: &Method) -> &'static str {
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
+    mount_requests: Family<MountLabels, Counter>,
+    key_requests: Family<HeldKeyLabels, Counter>,
+    key_rests: Family<HeldKeyLabels, Counter>,
     response_headers: HistogramFamily<RouteLabels>,
     duration: HistogramFamily<RouteLabels>,
     upstream_ttfb: HistogramFamily<RouteLabels>,
@@ -151,6 +167,24 @@ impl Metrics {
             "requests",
             "Requests answered, by route template, method and status",
             requests.clone(),
+        );
+        let mount_requests = Family::default();
+        registry.register(
+            "mount_requests",
+            "Admitted requests by mount (`default` is [upstream]) and the status answered",
+            mount_requests.clone(),
+        );
+        let key_requests = Family::default();
+        registry.register(
+            "upstream_key_requests",
+            "Requests sent with a key the gateway holds, by mount and the key's variable",
+            key_requests.clone(),
+        );
+        let key_rests = Family::default();
+        registry.register(
+            "upstream_key_rests",
+            "429s that made a held key rest, by mount and the key's variable",
+            key_rests.clone(),
         );
         let new_histogram: fn() -> Histogram = latency_histogram;
         let response_headers = Family::new_with_constructor(new_histogram);
@@ -254,6 +288,9 @@ impl Metrics {
         let metrics = Metrics {
             registry,
             requests,
+            mount_requests,
+            key_requests,
+            key_rests,
             response_headers,
             duration,
             upstream_ttfb,
@@ -292,13 +329,47 @@ impl Metrics {
         Ok(out)
     }
 
-    /// The handles of one route and method, looked up once when the route is built.
-    pub fn route(self: &Arc<Self>, route: &Arc<str>, method: &Method) -> RouteMetrics {
+    /// The handles of one route and method, served by `mount`, looked up once when the
+    /// route is built.
+    pub fn route(
+        self: &Arc<Self>,
+        route: &Arc<str>,
+        method: &Method,
+        mount: &Arc<str>,
+    ) -> RouteMetrics {
         let labels = RouteLabels {
             route: Arc::clone(route),
             method: method_label(method),
         };
-        RouteMetrics::new(Arc::clone(self), labels)
+        RouteMetrics::new(Arc::clone(self), labels, Arc::clone(mount))
+    }
+
+    /// The counter of `mount`'s admitted requests answered `status`.
+    fn mount_requests(&self, mount: &Arc<str>, status: u16) -> Counter {
+        self.mount_requests
+            .get_or_create(&MountLabels {
+                mount: Arc::clone(mount),
+                status,
+            })
+            .clone()
+    }
+
+    /// A request went up with the held key from the variable `key`.
+    pub fn count_key_use(&self, mount: &Arc<str>, key: &Arc<str>) {
+        let labels = HeldKeyLabels {
+            mount: Arc::clone(mount),
+            key: Arc::clone(key),
+        };
+        self.key_requests.get_or_create(&labels).inc();
+    }
+
+    /// The held key from `key` drew a 429 and rests.
+    pub fn count_key_rest(&self, mount: &Arc<str>, key: &Arc<str>) {
+        let labels = HeldKeyLabels {
+            mount: Arc::clone(mount),
+            key: Arc::clone(key),
+        };
+        self.key_rests.get_or_create(&labels).inc();
     }
 
     /// Counts an answer under `route`: a manifest template, or one of the gateway's own

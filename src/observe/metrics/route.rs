@@ -45,6 +45,9 @@ pub struct RouteMetrics {
     /// `requests_total` for status 200, the one nearly every answer has: resolved on first
     /// use instead of hashing the labels again per request.
     ok: OnceLock<Counter>,
+    /// The mount's name, and its 200s' counter once resolved.
+    mount: Arc<str>,
+    mount_ok: OnceLock<Counter>,
     /// The token counters of the model this route saw last.
     tokens: Mutex<ModelCounters>,
     response_headers: Histogram,
@@ -65,9 +68,11 @@ impl std::fmt::Debug for RouteMetrics {
 }
 
 impl RouteMetrics {
-    pub(super) fn new(all: Arc<Metrics>, labels: RouteLabels) -> RouteMetrics {
+    pub(super) fn new(all: Arc<Metrics>, labels: RouteLabels, mount: Arc<str>) -> RouteMetrics {
         RouteMetrics {
             ok: OnceLock::new(),
+            mount,
+            mount_ok: OnceLock::new(),
             tokens: Mutex::default(),
             response_headers: all.response_headers.get_or_create_owned(&labels),
             duration: all.duration.get_or_create_owned(&labels),
@@ -98,6 +103,18 @@ impl RouteMetrics {
             self.ok.get_or_init(|| counter(200)).inc();
         } else {
             counter(status).inc();
+        }
+        self.count_mount_status(status);
+    }
+
+    /// Counts an admitted request's answer under its mount alone (a failure after
+    /// admission is counted under the route as a refusal).
+    pub fn count_mount_status(&self, status: u16) {
+        if status == 200 {
+            let counter = || self.all.mount_requests(&self.mount, 200);
+            self.mount_ok.get_or_init(counter).inc();
+        } else {
+            self.all.mount_requests(&self.mount, status).inc();
         }
     }
 
@@ -213,7 +230,11 @@ mod tests {
     #[test]
     fn tokens_are_counted_under_each_answers_model_as_models_change() {
         let metrics = Arc::new(Metrics::new(&config(2)));
-        let route = metrics.route(&Arc::from("/v1/chat/completions"), &Method::POST);
+        let route = metrics.route(
+            &Arc::from("/v1/chat/completions"),
+            &Method::POST,
+            &Arc::from("default"),
+        );
         let answer = |model: Option<&str>, input| Usage {
             model: model.map(str::to_owned),
             input,
@@ -243,7 +264,11 @@ mod tests {
     #[test]
     fn encodes_route_labels_not_paths() {
         let metrics = Arc::new(Metrics::new(&config(10)));
-        let route = metrics.route(&Arc::from("/v1/files/{file_id}"), &Method::GET);
+        let route = metrics.route(
+            &Arc::from("/v1/files/{file_id}"),
+            &Method::GET,
+            &Arc::from("default"),
+        );
         route.count_status(200);
         route.finish(Duration::from_millis(3), 10, 20);
         let text = metrics.encode().unwrap();

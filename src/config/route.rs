@@ -1,0 +1,124 @@
+//! One `[[routes]]` entry, from the manifest as written to a [`RouteSpec`]: every problem
+//! named by the entry's index and key.
+
+use http::Method;
+
+use super::raw::RawRoute;
+use super::values::describe_figment_error;
+use super::{ManifestSource, METHODS};
+use crate::routes::{BodyKind, PathTemplate, RouteSpec};
+
+pub(super) fn validate_route(
+    index: usize,
+    value: figment::value::Value,
+    source: &ManifestSource,
+) -> Result<RouteSpec, Vec<String>> {
+    let at = format!("routes[{index}]");
+    let raw: RawRoute = value
+        .deserialize()
+        .map_err(|err| describe_figment_error(err, Some(&at), source))?;
+    let mut problems = Vec::new();
+
+    let method = if METHODS.contains(&raw.method.as_str()) {
+        raw.method.parse::<Method>().ok()
+    } else {
+        None
+    };
+    if method.is_none() {
+        problems.push(format!(
+            "{at}.method: {:?} is not one of {}",
+            raw.method,
+            METHODS.join(", ")
+        ));
+    }
+
+    let template = PathTemplate::parse(&raw.path)
+        .map_err(|err| problems.push(format!("{at}.path: {:?} {err}", raw.path)))
+        .ok();
+
+    let body_names = raw
+        .body
+        .map_or_else(|| vec!["none".to_owned()], |b| b.into_vec());
+    let mut body = Vec::with_capacity(body_names.len());
+    if body_names.is_empty() {
+        problems.push(format!(
+            "{at}.body: the list is empty; use \"none\" for no body"
+        ));
+    }
+    for name in &body_names {
+        match BodyKind::parse(name) {
+            Some(kind) if !body.contains(&kind) => body.push(kind),
+            Some(kind) => problems.push(format!("{at}.body: {kind:?} is listed twice")),
+            None => problems.push(format!(
+                "{at}.body: {name:?} is not one of {}",
+                BodyKind::ALL.map(BodyKind::as_str).join(", ")
+            )),
+        }
+    }
+    if body.contains(&BodyKind::WebSocket) {
+        if body.len() > 1 {
+            problems.push(format!(
+                "{at}.body: \"websocket\" cannot be combined with other kinds"
+            ));
+        }
+        if method.as_ref().is_some_and(|m| m != Method::GET) {
+            problems.push(format!(
+                "{at}.method: a websocket route must be GET (WebSockets open with GET + Upgrade)"
+            ));
+        }
+    }
+    if raw.stream_usage_option && !(raw.usage && body.contains(&BodyKind::Json)) {
+        problems.push(format!(
+            "{at}.stream_usage_option: needs usage = true and a json body"
+        ));
+    }
+    if let Some(timeout) = raw.read_timeout {
+        if timeout.0.is_zero() {
+            problems.push(format!("{at}.read_timeout: must be more than 0s"));
+        }
+    }
+    if let Some(size) = raw.max_body {
+        if size.0 == 0 {
+            problems.push(format!("{at}.max_body: must be more than 0 bytes"));
+        }
+    }
+    if let Some(id) = &raw.operation_id {
+        let valid = !id.is_empty()
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+        if !valid {
+            problems.push(format!(
+                "{at}.operation_id: {id:?} may only hold letters, digits, '_', '-' and '.'"
+            ));
+        }
+    }
+    for media_type in raw.produces.iter().flatten() {
+        if !crate::routes::is_media_type(media_type) {
+            problems.push(format!(
+                "{at}.produces: {media_type:?} is not a media type like \"application/zip\""
+            ));
+        }
+    }
+
+    match (method, template) {
+        (Some(method), Some(template)) if problems.is_empty() => Ok(RouteSpec {
+            index,
+            method,
+            template,
+            body,
+            summary: raw.summary,
+            tag: raw.tag,
+            streaming: raw.streaming,
+            read_timeout: raw.read_timeout.map(|t| t.0),
+            keepalive: raw.keepalive.map(|t| t.0),
+            max_body: raw.max_body.map(|s| s.0),
+            operation_id: raw.operation_id,
+            produces: raw.produces,
+            usage: raw.usage,
+            stream_usage_option: raw.stream_usage_option,
+            upstream: raw.upstream,
+        }),
+        _ => Err(problems),
+    }
+}

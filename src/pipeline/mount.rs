@@ -1,0 +1,53 @@
+//! One upstream as the pipeline reaches it: `[upstream]` or a `[mounts.NAME]`, with its
+//! transports (this worker's), read timeout, credential header and, when the gateway holds
+//! the keys, their pool (shared by all workers). Phases 3, 5 and 6 read it from the route.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{ConfigError, CredentialHeader, UpstreamConfig};
+use crate::observe::traces;
+use crate::upstream::Upstream;
+
+use super::keys::KeyPool;
+
+pub struct Mount {
+    /// `default`, or the mount's name: a bounded label.
+    pub name: Arc<str>,
+    /// Its key path (`upstream`, `mounts.groq`), for messages that name a setting.
+    pub at: Arc<str>,
+    pub upstream: Upstream,
+    pub read_timeout: Duration,
+    pub credential: CredentialHeader,
+    /// Present when the gateway sends its own keys (`keys_env`).
+    pub keys: Option<Arc<KeyPool>>,
+    /// `gen_ai.provider.name` of its spans.
+    pub provider: &'static str,
+    /// `server.address` of its spans.
+    pub server: Option<String>,
+}
+
+impl Mount {
+    pub fn new(
+        config: &UpstreamConfig,
+        keys: Option<Arc<KeyPool>>,
+        tls: &rustls::ClientConfig,
+    ) -> Result<Mount, ConfigError> {
+        let host = config.base_url.host_str();
+        Ok(Mount {
+            name: Arc::from(config.mount.as_str()),
+            at: Arc::from(config.at.as_str()),
+            upstream: Upstream::new(config, tls)?,
+            read_timeout: config.read_timeout,
+            credential: config.credential_header,
+            keys,
+            provider: traces::provider(host.unwrap_or("")),
+            server: host.map(str::to_owned),
+        })
+    }
+
+    /// The default mount (`[upstream]`) goes unnamed in log lines, as before mounts.
+    pub fn log_name(&self) -> Option<&str> {
+        (&*self.name != crate::config::DEFAULT_MOUNT).then_some(&*self.name)
+    }
+}
