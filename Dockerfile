@@ -13,6 +13,8 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 # distroless/static: no shell, CA certificates and a non-root user included.
 FROM gcr.io/distroless/static-debian12:nonroot
 COPY --from=build /oa-bypass /usr/local/bin/oa-bypass
+# Manifests for other providers (--config /etc/oa-bypass/examples/groq.toml).
+COPY examples /etc/oa-bypass/examples
 # distroless's nonroot user
 USER 65532:65532
 EXPOSE 8080
