@@ -201,26 +201,21 @@ async fn a_reload_reads_the_key_variables_again() {
     common::get_with_key(gateway.url("/v1/models")).await;
     std::fs::write(gateway.manifest_path(), one_key("OA_TEST_HELD_B")).unwrap();
     gateway.signal("HUP");
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        if gateway.logs().contains("manifest reloaded") {
-            break;
-        }
-    }
+    assert!(
+        gateway.logged("manifest reloaded").await,
+        "{}",
+        gateway.logs()
+    );
     common::get_with_key(gateway.url("/v1/models")).await;
     assert_eq!(keys_seen(&upstream), ["A", "B"]);
     // A variable that is not set is refused on reload, naming it; the keys in use stay.
     std::fs::write(gateway.manifest_path(), one_key("OA_TEST_HELD_UNSET")).unwrap();
     gateway.signal("HUP");
-    let mut refused = false;
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        if gateway.logs().contains("manifest reload refused") {
-            refused = true;
-            break;
-        }
-    }
-    assert!(refused, "{}", gateway.logs());
+    assert!(
+        gateway.logged("manifest reload refused").await,
+        "{}",
+        gateway.logs()
+    );
     assert!(gateway.logs().contains(
         "upstream.keys_env[0]: environment variable OA_TEST_HELD_UNSET is not set or empty"
     ));

@@ -264,15 +264,11 @@ async fn a_mount_added_on_sighup_under_load_fails_no_request() {
     );
     std::fs::write(gateway.manifest_path(), after).unwrap();
     gateway.signal("HUP");
-    let mut reloaded = false;
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        if gateway.logs().contains("manifest reloaded") {
-            reloaded = true;
-            break;
-        }
-    }
-    assert!(reloaded, "{}", gateway.logs());
+    assert!(
+        gateway.logged("manifest reloaded").await,
+        "{}",
+        gateway.logs()
+    );
     let response = common::get_with_key(gateway.url("/added/v1/models")).await;
     assert_eq!(response.status(), 200);
     assert_eq!(added.last().path_and_query, "/v1/models");

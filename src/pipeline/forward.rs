@@ -246,7 +246,7 @@ impl<'a> Admitted<'a> {
                 in_flight,
                 usage: route.spec.usage,
                 trace,
-                mount: mount.log_name().map(Arc::from),
+                mount: mount.log_name(),
                 upstream_key,
             };
             let log = RequestLog::open(opening, response.status, &response.head, media);

@@ -468,6 +468,17 @@ impl Binary {
         self.logs.lock().unwrap().join("\n")
     }
 
+    /// Waits up to 5 s for a log line containing `text`; whether one came.
+    pub async fn logged(&self, text: &str) -> bool {
+        for _ in 0..100 {
+            if self.logs().contains(text) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
     pub fn signal(&self, signal: &str) {
         let status = Command::new("kill")
             .arg(format!("-{signal}"))
