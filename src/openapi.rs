@@ -230,7 +230,7 @@ pub fn document(config: &Config) -> Value {
         })
     }));
 
-    json!({
+    let mut document = json!({
         "openapi": "3.0.3",
         "info": {
             "title": config.openapi.title,
@@ -255,9 +255,6 @@ pub fn document(config: &Config) -> Value {
                     "scheme": "bearer",
                     "description": "Your OpenAI API key; it is forwarded, never stored.",
                 },
-                "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "api-key"},
-                "xApiKeyHeader": {"type": "apiKey", "in": "header", "name": "x-api-key"},
-                "xGoogApiKeyHeader": {"type": "apiKey", "in": "header", "name": "x-goog-api-key"},
             },
             "schemas": {
                 "Error": {
@@ -284,7 +281,17 @@ pub fn document(config: &Config) -> Value {
                 },
             },
         },
-    })
+    });
+    // The header schemes of the mounts that read keys elsewhere, and only those: Swagger's
+    // Authorize dialog lists every scheme.
+    for mount in &config.mounts {
+        let header = mount.upstream.credential_header;
+        if header != CredentialHeader::Authorization {
+            document["components"]["securitySchemes"][security_scheme(header)] =
+                json!({"type": "apiKey", "in": "header", "name": header.as_str()});
+        }
+    }
+    document
 }
 
 /// Swagger UI, from poem-openapi's embedded assets, loading the document from `/openapi.json`.

@@ -1,11 +1,13 @@
 // Opens the gateway's Swagger UI in headless Chromium, as a person would: sees the operations,
 // authorizes with a key, runs Try-it-out on POST /v1/chat/completions and reads the answer.
 //
-// Usage: node swagger_try_it_out.mjs GATEWAY_URL API_KEY SCREENSHOT_PATH
+// Usage: node swagger_try_it_out.mjs GATEWAY_URL API_KEY SCREENSHOT_PATH [OPERATION_DOM_ID]
+// (the operation defaults to OpenAI's chat; a mount's is e.g. operations-groq-groq_createChatCompletion)
 // Prints one JSON line with what it saw; exits non-zero on failure.
 import { chromium } from "playwright-core";
 
-const [gateway, apiKey, screenshot] = process.argv.slice(2);
+const [gateway, apiKey, screenshot, operation = "operations-Chat-createChatCompletion"] =
+  process.argv.slice(2);
 const timeout = 30_000;
 
 const browser = await chromium.launch({
@@ -37,8 +39,8 @@ try {
   await page.click(".auth-btn-wrapper button.authorize", { timeout });
   await page.click("button.btn-done", { timeout });
 
-  // Try it out on POST /v1/chat/completions.
-  const op = page.locator("#operations-Chat-createChatCompletion");
+  // Try it out on POST /v1/chat/completions (or the mount's copy of it).
+  const op = page.locator(`#${operation}`);
   await op.locator(".opblock-summary").click({ timeout });
   await op.locator("button.try-out__btn").click({ timeout });
   await op
