@@ -142,3 +142,26 @@ fn every_shipped_route_has_a_tag_and_summary() {
         );
     }
 }
+
+/// A summary is what Swagger UI shows beside each operation: one plain line a person reads
+/// at a glance, with no markdown, no links that are broken outside OpenAI's site, and no
+/// sentence cut off mid-word.
+#[test]
+fn every_summary_is_one_short_plain_line() {
+    let config = Config::from_manifest_str(BUILT_IN_MANIFEST).unwrap();
+    for route in config.routes.routes() {
+        let summary = route.summary.as_deref().unwrap_or_default();
+        let at = format!("routes[{}] ({} {})", route.index, route.method, route.template);
+        assert!(
+            !summary.is_empty() && summary.chars().count() < 100,
+            "{at}: {summary:?}"
+        );
+        assert!(!summary.contains('\n'), "{at}: more than one line");
+        for markdown in ["](", "**", "`", "[", "<"] {
+            assert!(!summary.contains(markdown), "{at}: markdown in {summary:?}");
+        }
+        assert!(!summary.contains("  "), "{at}: {summary:?}");
+        // The spec's descriptions were once cut at 90 characters, mid-word.
+        assert!(summary.chars().count() != 90, "{at}: cut off? {summary:?}");
+    }
+}
