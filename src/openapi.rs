@@ -134,6 +134,45 @@ fn operation(route: &RouteSpec) -> Value {
     Value::Object(op)
 }
 
+/// The document's sections in the order Swagger UI shows them: the gateway's own, then
+/// `openapi.tag_order`, then the manifest's other tags alphabetically, then the mounts'.
+fn tags(config: &Config) -> Vec<Value> {
+    let mut order: Vec<&str> = config
+        .openapi
+        .tag_order
+        .iter()
+        .map(String::as_str)
+        .collect();
+    let mut rest: Vec<&str> = (config.routes.routes().iter())
+        .map(RouteSpec::tag_or_default)
+        .filter(|tag| !order.contains(tag))
+        .collect();
+    rest.sort_unstable();
+    rest.dedup();
+    order.extend(rest);
+    for mount in &config.mounts {
+        if !order.contains(&mount.upstream.mount.as_str()) {
+            order.push(&mount.upstream.mount);
+        }
+    }
+    let mut tags = vec![json!({"name": GATEWAY_TAG, "description": "The gateway's own endpoints"})];
+    for name in order {
+        let mount = (config.mounts.iter()).find(|mount| mount.upstream.mount == name);
+        tags.push(match mount {
+            Some(mount) => json!({
+                "name": name,
+                "description": format!(
+                    "Under {}, forwarded to {}",
+                    mount.prefix,
+                    mount.upstream.base_url.origin().ascii_serialization()
+                ),
+            }),
+            None => json!({"name": name}),
+        });
+    }
+    tags
+}
+
 /// The security scheme of the document that names `header`.
 fn security_scheme(header: CredentialHeader) -> &'static str {
     match header {
@@ -208,27 +247,7 @@ pub fn document(config: &Config) -> Value {
         }
     }
 
-    let mut tags: Vec<&str> = config
-        .routes
-        .routes()
-        .iter()
-        .map(RouteSpec::tag_or_default)
-        .collect();
-    tags.sort_unstable();
-    tags.dedup();
-    let mut tag_objects =
-        vec![json!({"name": GATEWAY_TAG, "description": "The gateway's own endpoints"})];
-    tag_objects.extend(tags.into_iter().map(|name| json!({"name": name})));
-    tag_objects.extend(config.mounts.iter().map(|mount| {
-        json!({
-            "name": mount.upstream.mount,
-            "description": format!(
-                "Under {}, forwarded to {}",
-                mount.prefix,
-                mount.upstream.base_url.origin().ascii_serialization()
-            ),
-        })
-    }));
+    let tag_objects = tags(config);
 
     let mut document = json!({
         "openapi": "3.0.3",

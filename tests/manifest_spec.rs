@@ -151,7 +151,10 @@ fn every_summary_is_one_short_plain_line() {
     let config = Config::from_manifest_str(BUILT_IN_MANIFEST).unwrap();
     for route in config.routes.routes() {
         let summary = route.summary.as_deref().unwrap_or_default();
-        let at = format!("routes[{}] ({} {})", route.index, route.method, route.template);
+        let at = format!(
+            "routes[{}] ({} {})",
+            route.index, route.method, route.template
+        );
         assert!(
             !summary.is_empty() && summary.chars().count() < 100,
             "{at}: {summary:?}"

@@ -260,3 +260,74 @@ async fn document_validates_and_schemathesis_finds_no_gateway_errors() {
         "schemathesis did not reach the upstream through every route"
     );
 }
+
+#[tokio::test]
+async fn sections_come_in_the_order_people_use_them_and_the_order_is_a_setting() {
+    let upstream = Upstream::echo().await;
+    let built_in = oa_bypass::config::BUILT_IN_MANIFEST.replace(
+        "base_url = \"https://api.openai.com\"",
+        &format!("base_url = \"{}\"", upstream.base_url()),
+    );
+    let names = |doc: &Value| -> Vec<String> {
+        (doc["tags"].as_array().unwrap().iter())
+            .map(|tag| tag["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let default = names(&document_of(&Gateway::start(&built_in).await).await);
+    assert_eq!(
+        default[..8],
+        [
+            "Gateway",
+            "Responses",
+            "Conversations",
+            "Chat",
+            "Completions",
+            "Realtime",
+            "Audio",
+            "Images"
+        ]
+    );
+    let position = |tag: &str| default.iter().position(|t| t == tag).unwrap();
+    assert!(position("Embeddings") < position("Files"));
+    assert!(position("Files") < position("Vector stores"));
+    assert!(position("Evals") < position("Admin API keys"));
+    // The administrative sections follow in alphabetical order.
+    let admin = &default[position("Admin API keys")..];
+    let mut sorted = admin.to_vec();
+    sorted.sort();
+    assert_eq!(admin, sorted);
+    // Every operation's tag is listed exactly once.
+    let mut unique = default.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), default.len());
+
+    let custom = built_in.replace(
+        "[openapi]\n",
+        "[openapi]\ntag_order = [\"Files\", \"Chat\"]\n",
+    );
+    let custom = names(&document_of(&Gateway::start(&custom).await).await);
+    assert_eq!(custom[..4], ["Gateway", "Files", "Chat", "Admin API keys"]);
+    assert_eq!(custom.len(), default.len());
+}
+
+#[test]
+fn a_tag_order_naming_no_section_is_refused_with_its_key_path() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("routes.toml"),
+        "[openapi]\ntag_order = [\"Chat\", \"Chats\", \"Chat\"]\n\
+         [[routes]]\nmethod = \"POST\"\npath = \"/v1/chat/completions\"\ntag = \"Chat\"\n",
+    )
+    .unwrap();
+    let (code, _, stderr) = run_binary(&["--check"], &[], dir.path());
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("openapi.tag_order[1]: \"Chats\" is not the tag of any route or mount"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("openapi.tag_order[2]: \"Chat\" is listed twice"),
+        "{stderr}"
+    );
+}

@@ -186,6 +186,9 @@ pub struct OpenApiConfig {
     pub enabled: bool,
     pub title: String,
     pub version: String,
+    /// The sections (tags) that come first, in this order; the others follow
+    /// alphabetically, then the mounts'.
+    pub tag_order: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -234,7 +234,37 @@ pub struct RawOpenApi {
     pub enabled: bool,
     pub title: String,
     pub version: String,
+    /// The order of the document's sections; `None`: [`DEFAULT_TAG_ORDER`].
+    pub tag_order: Option<Vec<String>>,
 }
+
+/// Sections in the order people reach for them: the everyday APIs first, the
+/// administrative ones after (those not listed follow in alphabetical order).
+pub const DEFAULT_TAG_ORDER: [&str; 23] = [
+    "Responses",
+    "Conversations",
+    "Chat",
+    "Completions",
+    "Realtime",
+    "Audio",
+    "Images",
+    "Embeddings",
+    "Moderations",
+    "Videos",
+    "Files",
+    "Uploads",
+    "Vector stores",
+    "Batch",
+    "Assistants",
+    "Fine-tuning",
+    "Evals",
+    "Models",
+    "Containers",
+    "Skills",
+    "Hosted tools",
+    "ChatKit",
+    "Content provenance",
+];
 
 impl Default for RawOpenApi {
     fn default() -> Self {
@@ -242,6 +272,7 @@ impl Default for RawOpenApi {
             enabled: true,
             title: "oa-bypass: OpenAI API passthrough".to_owned(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
+            tag_order: None,
         }
     }
 }

@@ -10,14 +10,14 @@ use std::time::Duration;
 use url::Url;
 
 use super::mount::{check_route_upstreams, validate_mounts, validate_upstream, DEFAULT_MOUNT};
-use super::raw::{self, RawConfig};
+use super::raw::{self, RawConfig, DEFAULT_TAG_ORDER};
 use super::route;
 use super::units::format_duration;
 use super::values::parse_http_url;
 use super::{
     AccessConfig, AcmeConfig, AdmissionConfig, Config, ConfigError, CorsConfig, LimitsConfig,
-    LogConfig, LogFormat, ManifestSource, MetricsConfig, OpenApiConfig, RealtimeConfig,
-    ServerConfig, StreamingConfig, TlsConfig, TracingConfig, UsageConfig,
+    LogConfig, LogFormat, ManifestSource, MetricsConfig, MountConfig, OpenApiConfig,
+    RealtimeConfig, ServerConfig, StreamingConfig, TlsConfig, TracingConfig, UsageConfig,
 };
 use crate::routes::{RouteSpec, RouteTable};
 
@@ -130,6 +130,7 @@ pub(super) fn validate(raw: RawConfig, source: ManifestSource) -> Result<Config,
         );
     }
 
+    let tag_order = tag_order(raw.openapi.tag_order, &specs, &mounts, &mut problems);
     let (host, upstream) = match (host, upstream) {
         (Ok(host), Some(upstream)) if problems.is_empty() => (host, upstream),
         (host, _) => {
@@ -193,6 +194,7 @@ pub(super) fn validate(raw: RawConfig, source: ManifestSource) -> Result<Config,
             enabled: raw.openapi.enabled,
             title: raw.openapi.title,
             version: raw.openapi.version,
+            tag_order,
         },
         log,
         metrics: MetricsConfig {
@@ -203,6 +205,36 @@ pub(super) fn validate(raw: RawConfig, source: ManifestSource) -> Result<Config,
         routes,
         source,
     })
+}
+
+/// `openapi.tag_order` as written, each a tag some route or mount has; else the default
+/// order, of the tags this manifest has.
+fn tag_order(
+    written: Option<Vec<String>>,
+    specs: &[RouteSpec],
+    mounts: &[MountConfig],
+    problems: &mut Vec<String>,
+) -> Vec<String> {
+    let exists = |tag: &str| {
+        specs.iter().any(|spec| spec.tag_or_default() == tag)
+            || mounts.iter().any(|mount| mount.upstream.mount == tag)
+    };
+    let Some(written) = written else {
+        return (DEFAULT_TAG_ORDER.iter())
+            .filter(|tag| exists(tag))
+            .map(|tag| (*tag).to_owned())
+            .collect();
+    };
+    for (i, tag) in written.iter().enumerate() {
+        if written[..i].contains(tag) {
+            problems.push(format!("openapi.tag_order[{i}]: {tag:?} is listed twice"));
+        } else if !exists(tag) {
+            problems.push(format!(
+                "openapi.tag_order[{i}]: {tag:?} is not the tag of any route or mount"
+            ));
+        }
+    }
+    written
 }
 
 /// A keep-alive must be more than zero and come before the read timeout that applies to the
