@@ -352,6 +352,12 @@ pub struct RawRoute {
     pub stream_usage_option: bool,
     /// The mount whose upstream serves this route (without its prefix).
     pub upstream: Option<String>,
+    /// A small, valid JSON request, for the docs to prefill.
+    pub example: Option<String>,
+    /// The same request as a stream (a streaming route's second example).
+    pub stream_example: Option<String>,
+    /// Multipart form fields as curl's `-F` arguments: `purpose=batch`, `file=@data.jsonl`.
+    pub form: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]

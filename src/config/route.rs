@@ -1,12 +1,14 @@
 //! One `[[routes]]` entry, from the manifest as written to a [`RouteSpec`]: every problem
 //! named by the entry's index and key.
 
+use std::sync::Arc;
+
 use http::Method;
 
 use super::raw::RawRoute;
 use super::values::describe_figment_error;
 use super::{ManifestSource, METHODS};
-use crate::routes::{BodyKind, PathTemplate, RouteSpec};
+use crate::routes::{BodyKind, Examples, FormField, PathTemplate, RouteSpec};
 
 pub(super) fn validate_route(
     index: usize,
@@ -14,7 +16,7 @@ pub(super) fn validate_route(
     source: &ManifestSource,
 ) -> Result<RouteSpec, Vec<String>> {
     let at = format!("routes[{index}]");
-    let raw: RawRoute = value
+    let mut raw: RawRoute = value
         .deserialize()
         .map_err(|err| describe_figment_error(err, Some(&at), source))?;
     let mut problems = Vec::new();
@@ -36,9 +38,7 @@ pub(super) fn validate_route(
         .map_err(|err| problems.push(format!("{at}.path: {:?} {err}", raw.path)))
         .ok();
 
-    let body_names = raw
-        .body
-        .map_or_else(|| vec!["none".to_owned()], |b| b.into_vec());
+    let body_names = (raw.body.take()).map_or_else(|| vec!["none".to_owned()], |b| b.into_vec());
     let mut body = Vec::with_capacity(body_names.len());
     if body_names.is_empty() {
         problems.push(format!(
@@ -101,6 +101,8 @@ pub(super) fn validate_route(
         }
     }
 
+    let examples = examples(&at, &raw, &body, &mut problems);
+
     match (method, template) {
         (Some(method), Some(template)) if problems.is_empty() => Ok(RouteSpec {
             index,
@@ -118,7 +120,49 @@ pub(super) fn validate_route(
             usage: raw.usage,
             stream_usage_option: raw.stream_usage_option,
             upstream: raw.upstream,
+            examples: Arc::new(examples),
         }),
         _ => Err(problems),
+    }
+}
+
+/// `example` and `stream_example` must be JSON for a route that takes JSON (the latter a
+/// streaming one); `form` entries read like curl's `-F`, for a route that takes multipart.
+fn examples(at: &str, raw: &RawRoute, body: &[BodyKind], problems: &mut Vec<String>) -> Examples {
+    let mut json = |key: &str, text: &Option<String>| -> Option<serde_json::Value> {
+        let text = text.as_deref()?;
+        if !body.contains(&BodyKind::Json) {
+            problems.push(format!("{at}.{key}: the route takes no JSON body"));
+            return None;
+        }
+        serde_json::from_str(text)
+            .map_err(|err| problems.push(format!("{at}.{key}: not JSON: {err}")))
+            .ok()
+    };
+    let example = json("example", &raw.example);
+    let stream = json("stream_example", &raw.stream_example);
+    if stream.is_some() && !raw.streaming {
+        problems.push(format!(
+            "{at}.stream_example: needs streaming = true (the answer may be a stream)"
+        ));
+    }
+    let entries = raw.form.as_deref().unwrap_or_default();
+    if !entries.is_empty() && !body.contains(&BodyKind::Multipart) {
+        problems.push(format!("{at}.form: the route takes no multipart body"));
+    }
+    let mut form: Vec<FormField> = Vec::with_capacity(entries.len());
+    for (i, entry) in entries.iter().enumerate() {
+        match FormField::parse(entry) {
+            Ok(field) if form.iter().any(|f| f.name == field.name) => {
+                problems.push(format!("{at}.form[{i}]: {:?} is listed twice", field.name));
+            }
+            Ok(field) => form.push(field),
+            Err(why) => problems.push(format!("{at}.form[{i}]: {entry:?} {why}")),
+        }
+    }
+    Examples {
+        json: example,
+        stream,
+        form,
     }
 }

@@ -3,14 +3,17 @@
 //! This module owns path templates (`/v1/threads/{thread_id}/runs`), body kinds and the
 //! per-route limits. It never touches the network; `proxy` reads it, `config` builds it.
 
+mod example;
 mod template;
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::Method;
 
+pub use example::{Examples, FormField, FormValue};
 pub use template::{check_path_param, ParamProblem, PathTemplate, Segment, TemplateError};
 
 /// Readiness: 200 once the manifest is loaded (and, with `upstream.ready_check`, the
@@ -156,6 +159,8 @@ pub struct RouteSpec {
     /// The mount whose upstream serves it, when not the one it is listed for
     /// (`upstream = "NAME"`).
     pub upstream: Option<String>,
+    /// What the docs prefill (`example`, `stream_example`, `form`); shared by its mounts.
+    pub examples: Arc<Examples>,
 }
 
 impl RouteSpec {
@@ -350,6 +355,7 @@ mod tests {
             usage: false,
             stream_usage_option: false,
             upstream: None,
+            examples: Arc::default(),
         }
     }
 

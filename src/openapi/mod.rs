@@ -5,134 +5,20 @@
 //! time only; here the document is plain JSON built from the manifest, and poem-openapi
 //! contributes its embedded Swagger UI (no CDN) pointed at `/openapi.json`.
 
+mod operation;
+
 use serde_json::{json, Map, Value};
 
 use crate::config::{Config, CredentialHeader};
-use crate::routes::{BodyKind, RouteSpec};
+use crate::routes::RouteSpec;
 pub use crate::routes::{DOCS_PATH, DOCUMENT_PATH};
+use operation::operation;
+pub use operation::response_media_types;
 
 /// What `GET /` and `GET /health` answer, as the original gateway did.
 pub const HEALTH_TEXT: &str = "OpenAI API Server is running";
 const GATEWAY_TAG: &str = "Gateway";
 const JSON: &str = "application/json";
-const SSE: &str = "text/event-stream";
-
-/// The media types a route's successful answer may have: the manifest's `produces` (JSON when
-/// absent), plus server-sent events for a streaming route.
-pub fn response_media_types(route: &RouteSpec) -> Vec<String> {
-    if route.accepts(BodyKind::WebSocket) {
-        return Vec::new();
-    }
-    let mut types = route
-        .produces
-        .clone()
-        .unwrap_or_else(|| vec![JSON.to_owned()]);
-    if route.streaming && !types.iter().any(|t| t == SSE) {
-        types.push(SSE.to_owned());
-    }
-    types
-}
-
-fn schema_for_response(media_type: &str) -> Value {
-    match media_type {
-        JSON => json!({"type": "object"}),
-        SSE => json!({"type": "string", "description": "Server-sent events"}),
-        _ if media_type.starts_with("text/") || media_type == "application/sdp" => {
-            json!({"type": "string"})
-        }
-        _ => json!({"type": "string", "format": "binary"}),
-    }
-}
-
-fn request_content(kind: BodyKind) -> Option<(&'static str, Value)> {
-    match kind {
-        BodyKind::None | BodyKind::WebSocket => None,
-        BodyKind::Json => Some((JSON, json!({"type": "object"}))),
-        BodyKind::Multipart => Some(("multipart/form-data", json!({"type": "object"}))),
-        BodyKind::Binary => Some((
-            "application/octet-stream",
-            json!({"type": "string", "format": "binary"}),
-        )),
-        BodyKind::Sdp => Some(("application/sdp", json!({"type": "string"}))),
-    }
-}
-
-fn operation(route: &RouteSpec) -> Value {
-    let mut op = Map::new();
-    op.insert("operationId".into(), json!(route.operation_id()));
-    op.insert("tags".into(), json!([route.tag_or_default()]));
-    if let Some(summary) = &route.summary {
-        op.insert("summary".into(), json!(summary));
-    }
-    let parameters: Vec<Value> = route
-        .template
-        .params()
-        .map(|name| {
-            json!({
-                "name": name,
-                "in": "path",
-                "required": true,
-                "schema": {"type": "string"},
-            })
-        })
-        .collect();
-    if !parameters.is_empty() {
-        op.insert("parameters".into(), Value::Array(parameters));
-    }
-    let content: Map<String, Value> = route
-        .body
-        .iter()
-        .filter_map(|kind| request_content(*kind))
-        .map(|(media_type, schema)| (media_type.to_owned(), json!({"schema": schema})))
-        .collect();
-    if !content.is_empty() {
-        op.insert(
-            "requestBody".into(),
-            json!({"required": !route.accepts(BodyKind::None), "content": content}),
-        );
-    }
-    if route.accepts(BodyKind::WebSocket) {
-        op.insert(
-            "description".into(),
-            json!(
-                "A WebSocket: open it with GET and `Upgrade: websocket`. The gateway connects \
-                 to the upstream first (its refusal comes back as is), then relays frames both \
-                 ways. Browsers may pass the key as the subprotocol \
-                 `openai-insecure-api-key.<key>`."
-            ),
-        );
-        op.insert(
-            "responses".into(),
-            json!({
-                "101": {"description": "Switching Protocols: the realtime session begins"},
-                "426": {"$ref": "#/components/responses/Error"},
-                "default": {"$ref": "#/components/responses/Error"},
-            }),
-        );
-        return Value::Object(op);
-    }
-    let mut ok = json!({"description": "The upstream's answer, passed through unchanged"});
-    let answers: Map<String, Value> = response_media_types(route)
-        .iter()
-        .map(|media_type| {
-            (
-                media_type.clone(),
-                json!({"schema": schema_for_response(media_type)}),
-            )
-        })
-        .collect();
-    if !answers.is_empty() {
-        ok["content"] = Value::Object(answers);
-    }
-    op.insert(
-        "responses".into(),
-        json!({
-            "200": ok,
-            "default": {"$ref": "#/components/responses/Error"},
-        }),
-    );
-    Value::Object(op)
-}
 
 /// The document's sections in the order Swagger UI shows them: the gateway's own, then
 /// `openapi.tag_order`, then the manifest's other tags alphabetically, then the mounts'.
