@@ -199,7 +199,11 @@ pub fn document(config: &Config) -> Value {
     document
 }
 
-/// Swagger UI, from poem-openapi's embedded assets, loading the document from `/openapi.json`.
+/// The Swagger UI plugin that shows an event stream's events as they arrive.
+const STREAMED_JS: &str = include_str!("streamed.js");
+
+/// Swagger UI, from poem-openapi's embedded assets, loading the document from `/openapi.json`,
+/// with event streams shown as they arrive.
 ///
 /// poem-openapi only exposes the page with a spec inlined, so the inlined (empty) spec is
 /// swapped for a URL. `None` if the page no longer has the shape this relies on.
@@ -208,15 +212,19 @@ pub fn swagger_ui_html(title: &str) -> Option<String> {
     let html = empty.swagger_ui_html();
     let inline = format!("let spec = {};", empty.spec());
     let config = "spec: spec,";
-    if !html.contains(&inline) || !html.contains(config) {
+    let ui = "<div id=\"ui\"></div>";
+    if !html.contains(&inline) || !html.contains(config) || !html.contains(ui) {
         return None;
     }
     Some(
         html.replace(&inline, "let spec = null;")
+            .replace(ui, &format!("{ui}\n<script>{STREAMED_JS}</script>"))
             .replace(
                 config,
                 // Relative, so the page also works under access.path_secret.
-                "url: \"openapi.json\", persistAuthorization: true,",
+                "url: \"openapi.json\", persistAuthorization: true, \
+                 plugins: [OaBypassStreamed.plugin], \
+                 requestInterceptor: OaBypassStreamed.requestInterceptor,",
             )
             .replace(
                 "<title>Swagger UI</title>",
@@ -240,6 +248,8 @@ mod tests {
         let html = swagger_ui_html("My <gateway>").expect("poem-openapi's page changed shape");
         assert!(html.contains("url: \"openapi.json\""));
         assert!(html.contains("let spec = null;"));
+        assert!(html.contains("plugins: [OaBypassStreamed.plugin]"));
+        assert!(html.contains("const OaBypassStreamed = "));
         assert!(html.contains("<title>My &lt;gateway&gt;</title>"));
         assert!(
             html.contains("SwaggerUIBundle"),
