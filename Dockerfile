@@ -15,6 +15,8 @@ FROM gcr.io/distroless/static-debian12:nonroot
 COPY --from=build /oa-bypass /usr/local/bin/oa-bypass
 # Manifests for other providers (--config /etc/oa-bypass/examples/groq.toml).
 COPY examples /etc/oa-bypass/examples
+# The official spec, for openapi.schemas (OA_BYPASS_OPENAPI__SCHEMAS=/etc/oa-bypass/spec/openai-openapi.json).
+COPY spec/openai-openapi.json /etc/oa-bypass/spec/openai-openapi.json
 # distroless's nonroot user
 USER 65532:65532
 EXPOSE 8080

@@ -104,19 +104,31 @@ fn main() -> ExitCode {
             eprintln!("oa-bypass: invalid configuration:\n{err}");
             return ExitCode::FAILURE;
         }
+        // The docs are built on first use when serving; a check builds them now, so an
+        // unreadable openapi.schemas shows here.
+        if config.openapi.enabled && config.openapi.schemas.is_some() {
+            if let Err(err) = oa_bypass::openapi::document(&config) {
+                eprintln!("oa-bypass: invalid configuration:\n{err}");
+                return ExitCode::FAILURE;
+            }
+        }
         print!("{}", config.describe());
         println!("\nconfiguration OK");
         return ExitCode::SUCCESS;
     }
 
     if cli.command == Command::PrintOpenApi {
-        return match serde_json::to_string_pretty(&oa_bypass::openapi::document(&config)) {
+        let document = oa_bypass::openapi::document(&config).and_then(|document| {
+            serde_json::to_string_pretty(&document)
+                .map_err(|err| format!("cannot serialise the OpenAPI document: {err}"))
+        });
+        return match document {
             Ok(document) => {
                 println!("{document}");
                 ExitCode::SUCCESS
             }
             Err(err) => {
-                eprintln!("oa-bypass: cannot serialise the OpenAPI document: {err}");
+                eprintln!("oa-bypass: {err}");
                 ExitCode::FAILURE
             }
         };

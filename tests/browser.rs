@@ -255,3 +255,29 @@ async fn swagger_ui_shows_a_streamed_answer_event_by_event() {
         "the streamed example was sent: {sent}"
     );
 }
+
+#[tokio::test]
+#[ignore = "needs Chromium and tests/browser/node_modules; .ci/run provides both"]
+async fn swagger_ui_tries_out_the_typed_document_of_openapi_schemas() {
+    let upstream = Upstream::echo().await;
+    let spec = format!("{}/spec/openai-openapi.json", env!("CARGO_MANIFEST_DIR"));
+    let gateway = Gateway::start(
+        &oa_bypass::config::BUILT_IN_MANIFEST
+            .replace(
+                "base_url = \"https://api.openai.com\"",
+                &format!("base_url = \"{}\"", upstream.base_url()),
+            )
+            .replace("[openapi]\n", &format!("[openapi]\nschemas = \"{spec}\"\n")),
+    )
+    .await;
+    let screenshot = format!("{}/swagger-ui-typed.png", std::env::temp_dir().display());
+    let seen = try_it_out(
+        &gateway,
+        &screenshot,
+        "operations-Chat-createChatCompletion",
+    )
+    .await;
+    assert_eq!(seen["status"], "200", "{seen}");
+    let sent: Value = serde_json::from_str(&upstream.last().body_text()).unwrap();
+    assert_eq!(sent, chat_example());
+}

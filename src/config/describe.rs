@@ -171,6 +171,12 @@ impl Config {
             ("openapi.enabled", self.openapi.enabled.to_string()),
             ("openapi.title", format!("{:?}", self.openapi.title)),
             ("openapi.version", format!("{:?}", self.openapi.version)),
+            ("openapi.tag_order", format!("{:?}", self.openapi.tag_order)),
+            (
+                "openapi.schemas",
+                (self.openapi.schemas.as_ref())
+                    .map_or_else(|| "(none)".to_owned(), |path| path.display().to_string()),
+            ),
             (
                 "log.format",
                 match self.log.format {

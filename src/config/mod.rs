@@ -189,6 +189,9 @@ pub struct OpenApiConfig {
     /// The sections (tags) that come first, in this order; the others follow
     /// alphabetically, then the mounts'.
     pub tag_order: Vec<String>,
+    /// `openapi.schemas`: the official spec to take request and answer schemas from, read
+    /// when the document is first built; relative paths are from the manifest's directory.
+    pub schemas: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -236,6 +236,8 @@ pub struct RawOpenApi {
     pub version: String,
     /// The order of the document's sections; `None`: [`DEFAULT_TAG_ORDER`].
     pub tag_order: Option<Vec<String>>,
+    /// The official OpenAPI spec whose schemas the document takes, by operationId.
+    pub schemas: Option<String>,
 }
 
 /// Sections in the order people reach for them: the everyday APIs first, the
@@ -273,6 +275,7 @@ impl Default for RawOpenApi {
             title: "oa-bypass: OpenAI API passthrough".to_owned(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             tag_order: None,
+            schemas: None,
         }
     }
 }

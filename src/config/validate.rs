@@ -4,7 +4,7 @@
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use url::Url;
@@ -131,6 +131,8 @@ pub(super) fn validate(raw: RawConfig, source: ManifestSource) -> Result<Config,
     }
 
     let tag_order = tag_order(raw.openapi.tag_order, &specs, &mounts, &mut problems);
+    let schemas = (raw.openapi.schemas.as_deref())
+        .and_then(|path| schemas_file(path, &source, &mut problems));
     let (host, upstream) = match (host, upstream) {
         (Ok(host), Some(upstream)) if problems.is_empty() => (host, upstream),
         (host, _) => {
@@ -195,6 +197,7 @@ pub(super) fn validate(raw: RawConfig, source: ManifestSource) -> Result<Config,
             title: raw.openapi.title,
             version: raw.openapi.version,
             tag_order,
+            schemas,
         },
         log,
         metrics: MetricsConfig {
@@ -235,6 +238,33 @@ fn tag_order(
         }
     }
     written
+}
+
+/// `openapi.schemas`, from the manifest's directory when relative; it must be a file (its
+/// content is read when the document is first built, or by `--check`).
+fn schemas_file(
+    written: &str,
+    source: &ManifestSource,
+    problems: &mut Vec<String>,
+) -> Option<PathBuf> {
+    let path = Path::new(written);
+    let path = match source {
+        ManifestSource::File(manifest) if path.is_relative() => {
+            (manifest.parent()).map_or_else(|| path.to_owned(), |dir| dir.join(path))
+        }
+        _ => path.to_owned(),
+    };
+    match std::fs::metadata(&path) {
+        Ok(meta) if meta.is_file() => Some(path),
+        Ok(_) => {
+            problems.push(format!("openapi.schemas: {} is not a file", path.display()));
+            None
+        }
+        Err(err) => {
+            problems.push(format!("openapi.schemas: {}: {err}", path.display()));
+            None
+        }
+    }
 }
 
 /// A keep-alive must be more than zero and come before the read timeout that applies to the

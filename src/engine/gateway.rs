@@ -301,7 +301,8 @@ impl Docs {
     pub fn new(config: &Config) -> Docs {
         let routes = config.clone();
         let document = LazyDocument::new("application/json", move || {
-            serde_json::to_vec_pretty(&openapi::document(&routes))
+            let document = openapi::document(&routes)?;
+            serde_json::to_vec_pretty(&document)
                 .map(Into::into)
                 .map_err(|err| format!("cannot serialise the OpenAPI document: {err}"))
         });

@@ -6,6 +6,7 @@
 //! contributes its embedded Swagger UI (no CDN) pointed at `/openapi.json`.
 
 mod operation;
+mod schemas;
 
 use serde_json::{json, Map, Value};
 
@@ -14,6 +15,7 @@ use crate::routes::RouteSpec;
 pub use crate::routes::{DOCS_PATH, DOCUMENT_PATH};
 use operation::operation;
 pub use operation::response_media_types;
+use schemas::Spec;
 
 /// What `GET /` and `GET /health` answer, as the original gateway did.
 pub const HEALTH_TEXT: &str = "OpenAI API Server is running";
@@ -85,8 +87,19 @@ fn gateway_text_operation(operation_id: &str, summary: &str) -> Value {
     })
 }
 
-/// The OpenAPI 3.0 document of the gateway serving `config`.
-pub fn document(config: &Config) -> Value {
+/// The OpenAPI document of the gateway serving `config`: 3.0 and light by default; 3.1 and
+/// fully typed with `openapi.schemas` (whose spec is read here, so an unreadable one fails).
+pub fn document(config: &Config) -> Result<Value, String> {
+    let spec = (config.openapi.schemas.as_deref())
+        .map(Spec::read)
+        .transpose()?;
+    let operation = |route: &RouteSpec| {
+        let mut op = operation(route);
+        if let Some(spec) = &spec {
+            spec.type_operation(&route.operation_id(), &route.examples, &mut op);
+        }
+        op
+    };
     let mut paths = Map::new();
     paths.insert(
         "/".into(),
@@ -134,9 +147,11 @@ pub fn document(config: &Config) -> Value {
     }
 
     let tag_objects = tags(config);
+    let paths = Value::Object(paths);
+    let typed = spec.as_ref().map(|spec| spec.components_for(&paths));
 
     let mut document = json!({
-        "openapi": "3.0.3",
+        "openapi": if typed.is_some() { "3.1.0" } else { "3.0.3" },
         "info": {
             "title": config.openapi.title,
             "version": config.openapi.version,
@@ -161,28 +176,11 @@ pub fn document(config: &Config) -> Value {
                     "description": "Your OpenAI API key; it is forwarded, never stored.",
                 },
             },
-            "schemas": {
-                "Error": {
-                    "type": "object",
-                    "required": ["error"],
-                    "properties": {
-                        "error": {
-                            "type": "object",
-                            "required": ["message", "type", "param", "code"],
-                            "properties": {
-                                "message": {"type": "string"},
-                                "type": {"type": "string"},
-                                "param": {"type": "string", "nullable": true},
-                                "code": {"type": "string", "nullable": true},
-                            },
-                        },
-                    },
-                },
-            },
+            "schemas": {GATEWAY_ERROR: error_schema(typed.is_some())},
             "responses": {
                 "Error": {
                     "description": "An error, from the upstream or from the gateway itself",
-                    "content": {JSON: {"schema": {"$ref": "#/components/schemas/Error"}}},
+                    "content": {JSON: {"schema": {"$ref": format!("#/components/schemas/{GATEWAY_ERROR}")}}},
                 },
             },
         },
@@ -196,7 +194,39 @@ pub fn document(config: &Config) -> Value {
                 json!({"type": "apiKey", "in": "header", "name": header.as_str()});
         }
     }
-    document
+    if let (Some(typed), Some(schemas)) = (typed, document["components"]["schemas"].as_object_mut())
+    {
+        schemas.extend(typed);
+    }
+    Ok(document)
+}
+
+/// The gateway's error body, named apart from the official spec's `Error` (its inner object).
+const GATEWAY_ERROR: &str = "GatewayError";
+
+/// `{"error": {"message", "type", "param", "code"}}`, nullable the 3.0 or the 3.1 way.
+fn error_schema(openapi_3_1: bool) -> Value {
+    let nullable = if openapi_3_1 {
+        json!({"type": ["string", "null"]})
+    } else {
+        json!({"type": "string", "nullable": true})
+    };
+    json!({
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["message", "type", "param", "code"],
+                "properties": {
+                    "message": {"type": "string"},
+                    "type": {"type": "string"},
+                    "param": nullable,
+                    "code": nullable,
+                },
+            },
+        },
+    })
 }
 
 /// The Swagger UI plugin that shows an event stream's events as they arrive.
