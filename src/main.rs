@@ -137,12 +137,15 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Healthcheck => runtime().and_then(|rt| rt.block_on(healthcheck(&config))),
         _ => match observe::log::init(&config.log, &config.tracing) {
-            Ok(exporting) => {
+            Ok(logging) => {
                 let served = serve(config, cli.config);
                 // Spans still queued go out before the process ends.
+                let observe::log::Logging { lines, exporting } = logging;
                 if let Some(exporting) = exporting {
                     exporting.shutdown();
                 }
+                // Dropping it writes out the log lines still queued.
+                drop(lines);
                 served
             }
             Err(err) => Err(err),

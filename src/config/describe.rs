@@ -186,6 +186,7 @@ impl Config {
                 .to_owned(),
             ),
             ("log.level", format!("{:?}", self.log.level)),
+            ("log.buffer", format_size(self.log.buffer)),
             ("metrics.enabled", self.metrics.enabled.to_string()),
             (
                 "metrics.tokens_by_key",

@@ -112,6 +112,9 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// A `tracing` filter like `info` or `info,oa_bypass=debug`; `RUST_LOG` wins when set.
     pub level: String,
+    /// Bytes of log lines that may wait for the writer thread; more are dropped (and
+    /// counted), so a slow log sink never holds a request up.
+    pub buffer: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -88,6 +88,7 @@ fn default_acme_directory() -> String {
 pub struct RawLog {
     pub format: String,
     pub level: String,
+    pub buffer: ByteSize,
 }
 
 impl Default for RawLog {
@@ -95,6 +96,7 @@ impl Default for RawLog {
         RawLog {
             format: "text".to_owned(),
             level: "info".to_owned(),
+            buffer: ByteSize(4 << 20),
         }
     }
 }

@@ -328,9 +328,13 @@ fn validate_log(raw: raw::RawLog, problems: &mut Vec<String>) -> LogConfig {
             raw.level
         ));
     }
+    if raw.buffer.0 < 32 << 10 {
+        problems.push("log.buffer: must be at least 32KiB (one batch of lines)".to_owned());
+    }
     LogConfig {
         format,
         level: raw.level,
+        buffer: raw.buffer.0,
     }
 }
 

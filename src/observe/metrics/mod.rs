@@ -17,6 +17,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use super::log;
 use crate::config::MetricsConfig;
 
 mod route;
@@ -153,6 +154,7 @@ pub struct Metrics {
     reloads: Family<ResultLabels, Counter>,
     lane_requests: Counter,
     lane_handovers: Counter,
+    log_dropped: Counter,
     tokens_by_key: AtomicBool,
     max_models: AtomicUsize,
     models: Mutex<HashMap<Box<str>, Arc<str>>>,
@@ -278,6 +280,12 @@ impl Metrics {
             "Connections the fast lane handed to hyper at a request it does not take",
             lane_handovers.clone(),
         );
+        let log_dropped = Counter::default();
+        registry.register(
+            "log_lines_dropped",
+            "Log lines dropped because the log sink did not keep up (log.buffer_lines)",
+            log_dropped.clone(),
+        );
         let info = Family::<InfoLabels, Gauge>::default();
         info.get_or_create(&InfoLabels {
             version: env!("CARGO_PKG_VERSION"),
@@ -306,6 +314,7 @@ impl Metrics {
             reloads,
             lane_requests,
             lane_handovers,
+            log_dropped,
             tokens_by_key: AtomicBool::new(false),
             max_models: AtomicUsize::new(0),
             models: Mutex::default(),
@@ -324,6 +333,8 @@ impl Metrics {
 
     /// The exposition text.
     pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        // The log writer counts its drops itself; the counter catches up at each scrape.
+        (self.log_dropped.inner()).fetch_max(log::dropped_lines(), Ordering::Relaxed);
         let mut out = String::with_capacity(16 << 10);
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
         Ok(out)

@@ -5,6 +5,9 @@
 //! must never carry a key, another header value, a body, or the raw path (which could hold an
 //! ID the operator does not want in logs): the route template is logged instead.
 
+mod writer;
+
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use http::Method;
@@ -18,22 +21,46 @@ use tracing_subscriber::{EnvFilter, Layer, Registry};
 use super::traces::{self, Exporting};
 use crate::config::{LogConfig, LogFormat, TracingConfig};
 
+/// What logging holds until the process ends: the line writer's thread, whose guard writes
+/// out the lines still queued when dropped, and, with traces on, the span exporter.
+pub struct Logging {
+    pub lines: writer::Flush,
+    pub exporting: Option<Exporting>,
+}
+
+/// The writer, for its count of lines dropped because `log.buffer` was full.
+static DROPPED: OnceLock<writer::BatchedLines> = OnceLock::new();
+
+/// How many log lines were dropped so far because the log sink could not keep up.
+pub fn dropped_lines() -> u64 {
+    DROPPED.get().map_or(0, writer::BatchedLines::dropped)
+}
+
+/// The longest the exit waits for queued lines to be written, when the sink is stalled.
+const FLUSH_BOUND: Duration = Duration::from_secs(10);
+
 /// Installs the global subscriber: `RUST_LOG` if set, else `log.level`; text or JSON lines
-/// as `log.format` says; and, when traces are on, the layer that exports the gateway's spans
-/// (returned, to be flushed on exit).
-pub fn init(config: &LogConfig, tracing: &TracingConfig) -> Result<Option<Exporting>, String> {
+/// as `log.format` says; and, when traces are on, the layer that exports the gateway's spans.
+///
+/// Lines go to stdout in batches from a thread of their own ([`writer`]), so no request
+/// waits for the write; when `log.buffer` is full, further lines are dropped and counted.
+pub fn init(config: &LogConfig, tracing: &TracingConfig) -> Result<Logging, String> {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::builder().parse(&config.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    let capacity = usize::try_from(config.buffer).unwrap_or(usize::MAX);
+    let (writer, guard) = writer::spawn(std::io::stdout(), capacity, FLUSH_BOUND)
+        .map_err(|err| format!("cannot start the log writer thread: {err}"))?;
+    let _ = DROPPED.set(writer.clone());
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let Some((traces, exporting)) = traces::exporter::<Registry>(tracing)? else {
         // Without traces, the plain subscriber: nothing but the log lines to dispatch.
         let builder = tracing_subscriber::fmt()
             .with_env_filter(filter)
-            .with_target(true);
+            .with_target(true)
+            .with_writer(writer);
         let _ = match config.format {
-            LogFormat::Text => builder
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-                .try_init(),
+            LogFormat::Text => builder.with_ansi(ansi).try_init(),
             LogFormat::Json => builder
                 .json()
                 .flatten_event(true)
@@ -41,13 +68,16 @@ pub fn init(config: &LogConfig, tracing: &TracingConfig) -> Result<Option<Export
                 .with_span_list(false)
                 .try_init(),
         };
-        return Ok(None);
+        return Ok(Logging {
+            lines: guard,
+            exporting: None,
+        });
     };
-    let lines = tracing_subscriber::fmt::layer().with_target(true);
+    let lines = tracing_subscriber::fmt::layer()
+        .with_target(true)
+        .with_writer(writer);
     let lines = match config.format {
-        LogFormat::Text => lines
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-            .boxed(),
+        LogFormat::Text => lines.with_ansi(ansi).boxed(),
         LogFormat::Json => lines
             .json()
             .flatten_event(true)
@@ -61,7 +91,10 @@ pub fn init(config: &LogConfig, tracing: &TracingConfig) -> Result<Option<Export
         .with(traces.with_filter(spans_only))
         .with(lines.with_filter(filter.and(not_spans)))
         .try_init();
-    Ok(Some(exporting))
+    Ok(Logging {
+        lines: guard,
+        exporting: Some(exporting),
+    })
 }
 
 /// Milliseconds with microsecond precision, as a number in JSON logs.

@@ -1,0 +1,235 @@
+//! Request log lines leave through a writer thread: none is lost when the gateway stops
+//! under load, and a stalled log sink costs lines (counted), never requests.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{bearer, binary_path, client, test_manifest, KillOnDrop, Upstream};
+use serde_json::Value;
+
+/// The request lines of `logs` (JSON format) whose answer completed.
+fn completed_lines(logs: &str) -> usize {
+    logs.lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|line| line["target"] == "oa_bypass::request" && line["outcome"] == "complete")
+        .count()
+}
+
+/// The gateway binary on `port` with `manifest`, its stdout read into `lines` by a thread
+/// that stops reading while `paused` is set (a slow log sink, on demand).
+fn spawn_with_slow_reader(
+    manifest: &std::path::Path,
+    port: u16,
+    lines: Arc<Mutex<Vec<String>>>,
+    paused: Arc<AtomicBool>,
+) -> KillOnDrop {
+    let mut child = Command::new(binary_path())
+        .arg("--config")
+        .arg(manifest)
+        .env("OA_BYPASS_SERVER__HOST", "127.0.0.1")
+        .env("OA_BYPASS_SERVER__PORT", port.to_string())
+        .env_remove("OA_BYPASS_CONFIG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
+        loop {
+            while paused.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let mut line = String::new();
+            match reader.read_line(&mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => lines.lock().unwrap().push(line),
+            }
+        }
+    });
+    KillOnDrop(child)
+}
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+async fn wait_until_up(base: &str) {
+    for _ in 0..200 {
+        if client().get(format!("{base}/health")).send().await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the gateway did not start");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_under_load_loses_no_log_line() {
+    let upstream = Upstream::echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("routes.toml");
+    std::fs::write(
+        &manifest,
+        test_manifest(
+            &upstream.base_url(),
+            "[log]\nformat = \"json\"\nbuffer = \"256MiB\"\n",
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let (lines, paused) = (
+        Arc::new(Mutex::new(Vec::new())),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let mut gateway =
+        spawn_with_slow_reader(&manifest, port, Arc::clone(&lines), Arc::clone(&paused));
+    let base = format!("http://127.0.0.1:{port}");
+    wait_until_up(&base).await;
+
+    let answered = Arc::new(AtomicU64::new(0));
+    let attempted = Arc::new(AtomicU64::new(0));
+    let mut load = Vec::new();
+    for _ in 0..8 {
+        let url = format!("{base}/v1/models");
+        let (answered, attempted) = (Arc::clone(&answered), Arc::clone(&attempted));
+        load.push(tokio::spawn(async move {
+            // Until the gateway stops taking requests (bounded: 60 s at most).
+            let until = tokio::time::Instant::now() + Duration::from_secs(60);
+            let http = client();
+            while tokio::time::Instant::now() < until {
+                attempted.fetch_add(1, Ordering::Relaxed);
+                let sent = http.get(&url).header("authorization", bearer()).send();
+                let Ok(Ok(response)) = tokio::time::timeout(Duration::from_secs(10), sent).await
+                else {
+                    break;
+                };
+                if response.status() == 200 && response.bytes().await.is_ok() {
+                    answered.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    while answered.load(Ordering::Relaxed) < 1_000 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The sink slows down: lines pile up in the gateway while the load goes on, and are still
+    // queued when it is told to stop.
+    paused.store(true, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pid = gateway.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    for task in load {
+        task.await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    paused.store(false, Ordering::Relaxed);
+    let status = tokio::task::spawn_blocking(move || {
+        let status = gateway.0.wait().unwrap();
+        drop(gateway);
+        status
+    })
+    .await
+    .unwrap();
+    assert_eq!(status.code(), Some(0));
+    // The reader sees the pipe's end once the process is gone.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let logs = lines.lock().unwrap().concat();
+    let logged = completed_lines(&logs);
+    let answered = answered.load(Ordering::Relaxed) as usize;
+    assert!(
+        logged >= answered,
+        "{answered} requests were answered, {logged} logged"
+    );
+    assert!(logged <= attempted.load(Ordering::Relaxed) as usize);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stalled_log_sink_drops_lines_and_counts_them_but_never_holds_requests() {
+    let upstream = Upstream::echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("routes.toml");
+    std::fs::write(
+        &manifest,
+        test_manifest(
+            &upstream.base_url(),
+            "[log]\nformat = \"json\"\nbuffer = \"32KiB\"\n",
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    // stdout is a pipe nobody reads: once its 64 KiB are full, the writer thread blocks.
+    let child = KillOnDrop(
+        Command::new(binary_path())
+            .arg("--config")
+            .arg(&manifest)
+            .env("OA_BYPASS_SERVER__HOST", "127.0.0.1")
+            .env("OA_BYPASS_SERVER__PORT", port.to_string())
+            .env_remove("OA_BYPASS_CONFIG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    wait_until_up(&base).await;
+
+    // 4,000 requests, 8 at a time: far more lines than the pipe and the buffer hold. Every
+    // one is answered (the bound only keeps a broken build from hanging the test).
+    let load = async {
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let url = format!("{base}/v1/models");
+            tasks.push(tokio::spawn(async move {
+                let http = client();
+                for _ in 0..500 {
+                    let response = http
+                        .get(&url)
+                        .header("authorization", bearer())
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(response.status(), 200);
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(120), load)
+        .await
+        .expect("requests waited for the stalled log sink");
+
+    let metrics = client()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let dropped: u64 = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("oa_bypass_log_lines_dropped_total "))
+        .unwrap_or_else(|| panic!("no drop counter:\n{metrics}"))
+        .trim()
+        .parse()
+        .unwrap();
+    // Only the pipe (64 KiB), the buffer (32 KiB) and the batches being filled (32 KiB a
+    // thread) took any of these ~300-byte lines.
+    assert!(dropped >= 2_500, "{dropped} lines dropped");
+    assert!(dropped <= 4_000, "{dropped} lines dropped");
+    drop(child);
+}
