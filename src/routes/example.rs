@@ -14,12 +14,6 @@ pub struct Examples {
     pub form: Vec<FormField>,
 }
 
-impl Examples {
-    pub fn is_empty(&self) -> bool {
-        self.json.is_none() && self.stream.is_none() && self.form.is_empty()
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FormField {
     pub name: String,

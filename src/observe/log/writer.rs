@@ -12,7 +12,7 @@ use std::cell::RefCell;
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -42,7 +42,7 @@ struct Shared {
 
 thread_local! {
     /// This thread's batch, once it has logged, and the writer it belongs to.
-    static MINE: RefCell<Option<(*const Shared, Batch)>> = const { RefCell::new(None) };
+    static MINE: RefCell<Option<(Weak<Shared>, Batch)>> = const { RefCell::new(None) };
 }
 
 /// The handle the subscriber writes through.
@@ -130,12 +130,16 @@ impl Shared {
     fn append(self: &Arc<Self>, line: &[u8]) {
         MINE.with(|mine| {
             let mut mine = mine.borrow_mut();
-            let writer = Arc::as_ptr(self);
-            if mine.as_ref().is_none_or(|(of, _)| *of != writer) {
+            // Compared by address, not by taking a `Weak` per line, which would bounce the
+            // count between cores; the `Weak` kept keeps the address from being reused.
+            if mine
+                .as_ref()
+                .is_none_or(|(of, _)| of.as_ptr() != Arc::as_ptr(self))
+            {
                 let batch = Batch::default();
                 (self.batches.lock().unwrap_or_else(PoisonError::into_inner))
                     .push(Arc::clone(&batch));
-                *mine = Some((writer, batch));
+                *mine = Some((Arc::downgrade(self), batch));
             }
             let Some((_, batch)) = mine.as_ref() else {
                 return;
