@@ -93,10 +93,10 @@ impl Spec {
             let FormValue::Text(text) = &field.value else {
                 continue;
             };
-            if let Some(property) = schema["properties"].get_mut(&field.name) {
-                if property.is_object() {
-                    property["example"] = Value::String(text.clone());
-                }
+            // (`get_mut`, not indexing, which would add what is missing.)
+            let property = (schema.get_mut("properties")).and_then(|all| all.get_mut(&field.name));
+            if let Some(property) = property.filter(|property| property.is_object()) {
+                property["example"] = Value::String(text.clone());
             }
         }
         schema
