@@ -138,11 +138,7 @@ async fn swagger_ui_authorizes_and_tries_out_chat_completions_through_the_gatewa
         )
     })
     .await;
-    let gateway = Gateway::start(&oa_bypass::config::BUILT_IN_MANIFEST.replace(
-        "base_url = \"https://api.openai.com\"",
-        &format!("base_url = \"{}\"", upstream.base_url()),
-    ))
-    .await;
+    let gateway = Gateway::start(&common::shipped_manifest(&upstream)).await;
     let root = env!("CARGO_MANIFEST_DIR");
     let artifacts = format!("{root}/tests/artifacts");
     std::fs::create_dir_all(&artifacts).unwrap();
@@ -209,11 +205,7 @@ async fn swagger_ui_authorizes_and_tries_out_chat_completions_through_the_gatewa
 #[ignore = "needs Chromium and tests/browser/node_modules; .ci/run provides both"]
 async fn swagger_ui_shows_a_streamed_answer_event_by_event() {
     let (upstream, events) = Upstream::streaming().await;
-    let gateway = Gateway::start(&oa_bypass::config::BUILT_IN_MANIFEST.replace(
-        "base_url = \"https://api.openai.com\"",
-        &format!("base_url = \"{}\"", upstream.base_url()),
-    ))
-    .await;
+    let gateway = Gateway::start(&common::shipped_manifest(&upstream)).await;
     let artifacts = format!("{}/tests/artifacts", env!("CARGO_MANIFEST_DIR"));
     std::fs::create_dir_all(&artifacts).unwrap();
     let screenshot = format!("{artifacts}/swagger-ui-stream.png");
@@ -262,11 +254,7 @@ async fn swagger_ui_tries_out_the_typed_document_of_openapi_schemas() {
     let upstream = Upstream::echo().await;
     let spec = format!("{}/spec/openai-openapi.json", env!("CARGO_MANIFEST_DIR"));
     let gateway = Gateway::start(
-        &oa_bypass::config::BUILT_IN_MANIFEST
-            .replace(
-                "base_url = \"https://api.openai.com\"",
-                &format!("base_url = \"{}\"", upstream.base_url()),
-            )
+        &common::shipped_manifest(&upstream)
             .replace("[openapi]\n", &format!("[openapi]\nschemas = \"{spec}\"\n")),
     )
     .await;

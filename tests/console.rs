@@ -90,19 +90,8 @@ fn multipart_body(schema: &Value, boundary: &str) -> Vec<u8> {
 #[tokio::test]
 async fn each_documented_example_reaches_the_upstream_byte_identical() {
     let upstream = Upstream::echo().await;
-    let gateway = Gateway::start(&BUILT_IN_MANIFEST.replace(
-        "base_url = \"https://api.openai.com\"",
-        &format!("base_url = \"{}\"", upstream.base_url()),
-    ))
-    .await;
-    let document: Value = client()
-        .get(gateway.url("/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let gateway = Gateway::start(&common::shipped_manifest(&upstream)).await;
+    let document = common::openapi_document(&gateway).await;
     let routes = built_in_routes();
     let (mut json_sent, mut forms_sent) = (0, 0);
     for (template, item) in document["paths"].as_object().unwrap() {

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{bearer, binary_path, client, test_manifest, KillOnDrop, Upstream};
+use common::{bearer, binary_path, client, scrape, test_manifest, KillOnDrop, Upstream};
 use serde_json::Value;
 
 /// The request lines of `logs` (JSON format) whose answer completed.
@@ -21,50 +21,60 @@ fn completed_lines(logs: &str) -> usize {
         .count()
 }
 
-/// The gateway binary on `port` with `manifest`, its stdout read into `lines` by a thread
-/// that stops reading while `paused` is set (a slow log sink, on demand).
-fn spawn_with_slow_reader(
-    manifest: &std::path::Path,
-    port: u16,
-    lines: Arc<Mutex<Vec<String>>>,
-    paused: Arc<AtomicBool>,
-) -> KillOnDrop {
-    let mut child = Command::new(binary_path())
-        .arg("--config")
-        .arg(manifest)
-        .env("OA_BYPASS_SERVER__HOST", "127.0.0.1")
-        .env("OA_BYPASS_SERVER__PORT", port.to_string())
-        .env_remove("OA_BYPASS_CONFIG")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        let mut reader = BufReader::new(stdout);
-        loop {
+/// How a test's gateway stdout is read.
+enum Reader {
+    /// Into the lines, by a thread that stops reading while the flag is set (a slow log
+    /// sink, on demand).
+    Pausable(Arc<Mutex<Vec<String>>>, Arc<AtomicBool>),
+    /// Never: once the pipe's 64 KiB are full, its writer blocks.
+    Never,
+}
+
+/// The gateway binary with JSON request lines and `log.buffer = buffer`, in front of
+/// `upstream`, its stdout read as `reader` says; once it answers, with its base URL.
+async fn spawn(
+    upstream: &Upstream,
+    buffer: &str,
+    reader: Reader,
+) -> (KillOnDrop, String, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("routes.toml");
+    let log = format!("[log]\nformat = \"json\"\nbuffer = \"{buffer}\"\n");
+    std::fs::write(&manifest, test_manifest(&upstream.base_url(), &log)).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = KillOnDrop(
+        Command::new(binary_path())
+            .arg("--config")
+            .arg(&manifest)
+            .env("OA_BYPASS_SERVER__HOST", "127.0.0.1")
+            .env("OA_BYPASS_SERVER__PORT", port.to_string())
+            .env_remove("OA_BYPASS_CONFIG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    if let Reader::Pausable(lines, paused) = reader {
+        let mut stdout = BufReader::new(child.0.stdout.take().unwrap());
+        std::thread::spawn(move || loop {
             while paused.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(10));
             }
             let mut line = String::new();
-            match reader.read_line(&mut line) {
+            match stdout.read_line(&mut line) {
                 Ok(0) | Err(_) => break,
                 Ok(_) => lines.lock().unwrap().push(line),
             }
-        }
-    });
-    KillOnDrop(child)
-}
-
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
-}
-
-async fn wait_until_up(base: &str) {
+        });
+    }
+    let base = format!("http://127.0.0.1:{port}");
     for _ in 0..200 {
         if client().get(format!("{base}/health")).send().await.is_ok() {
-            return;
+            return (child, base, dir);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -74,25 +84,12 @@ async fn wait_until_up(base: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_under_load_loses_no_log_line() {
     let upstream = Upstream::echo().await;
-    let dir = tempfile::tempdir().unwrap();
-    let manifest = dir.path().join("routes.toml");
-    std::fs::write(
-        &manifest,
-        test_manifest(
-            &upstream.base_url(),
-            "[log]\nformat = \"json\"\nbuffer = \"256MiB\"\n",
-        ),
-    )
-    .unwrap();
-    let port = free_port();
     let (lines, paused) = (
         Arc::new(Mutex::new(Vec::new())),
         Arc::new(AtomicBool::new(false)),
     );
-    let mut gateway =
-        spawn_with_slow_reader(&manifest, port, Arc::clone(&lines), Arc::clone(&paused));
-    let base = format!("http://127.0.0.1:{port}");
-    wait_until_up(&base).await;
+    let reader = Reader::Pausable(Arc::clone(&lines), Arc::clone(&paused));
+    let (mut gateway, base, _dir) = spawn(&upstream, "256MiB", reader).await;
 
     let answered = Arc::new(AtomicU64::new(0));
     let attempted = Arc::new(AtomicU64::new(0));
@@ -158,32 +155,8 @@ async fn sigterm_under_load_loses_no_log_line() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stalled_log_sink_drops_lines_and_counts_them_but_never_holds_requests() {
     let upstream = Upstream::echo().await;
-    let dir = tempfile::tempdir().unwrap();
-    let manifest = dir.path().join("routes.toml");
-    std::fs::write(
-        &manifest,
-        test_manifest(
-            &upstream.base_url(),
-            "[log]\nformat = \"json\"\nbuffer = \"32KiB\"\n",
-        ),
-    )
-    .unwrap();
-    let port = free_port();
     // stdout is a pipe nobody reads: once its 64 KiB are full, the writer thread blocks.
-    let child = KillOnDrop(
-        Command::new(binary_path())
-            .arg("--config")
-            .arg(&manifest)
-            .env("OA_BYPASS_SERVER__HOST", "127.0.0.1")
-            .env("OA_BYPASS_SERVER__PORT", port.to_string())
-            .env_remove("OA_BYPASS_CONFIG")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let base = format!("http://127.0.0.1:{port}");
-    wait_until_up(&base).await;
+    let (child, base, _dir) = spawn(&upstream, "32KiB", Reader::Never).await;
 
     // 4,000 requests, 8 at a time: far more lines than the pipe and the buffer hold. Every
     // one is answered (the bound only keeps a broken build from hanging the test).
@@ -212,14 +185,7 @@ async fn a_stalled_log_sink_drops_lines_and_counts_them_but_never_holds_requests
         .await
         .expect("requests waited for the stalled log sink");
 
-    let metrics = client()
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape(format!("{base}/metrics")).await;
     let dropped: u64 = metrics
         .lines()
         .find_map(|line| line.strip_prefix("oa_bypass_log_lines_dropped_total "))

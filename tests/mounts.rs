@@ -176,14 +176,7 @@ async fn mounts_appear_in_the_openapi_document_under_their_prefix_and_tag() {
     let mounts = "[mounts.anthropic]\nprefix = \"/anthropic\"\nbase_url = \"http://127.0.0.1:9\"\n\
                   credential_header = \"x-api-key\"\n";
     let gateway = Gateway::start(&common::test_manifest(&upstream.base_url(), mounts)).await;
-    let document: serde_json::Value = client()
-        .get(gateway.url("/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let document = common::openapi_document(&gateway).await;
     let operation = &document["paths"]["/anthropic/v1/chat/completions"]["post"];
     assert_eq!(operation["tags"], json!(["anthropic"]), "{operation}");
     assert_eq!(

@@ -3,19 +3,8 @@
 
 mod common;
 
-use common::{client, run_binary, Gateway, Upstream};
+use common::{client, openapi_document, run_binary, Gateway, Upstream};
 use serde_json::Value;
-
-async fn document_of(gateway: &Gateway) -> Value {
-    let response = client()
-        .get(gateway.url("/openapi.json"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    assert_eq!(response.headers()["content-type"], "application/json");
-    response.json().await.unwrap()
-}
 
 #[tokio::test]
 async fn a_route_added_to_the_manifest_appears_with_params_and_body_kinds() {
@@ -27,7 +16,7 @@ async fn a_route_added_to_the_manifest_appears_with_params_and_body_kinds() {
         common::test_manifest(&upstream.base_url(), "")
     );
     let gateway = Gateway::start(&manifest).await;
-    let doc = document_of(&gateway).await;
+    let doc = openapi_document(&gateway).await;
     assert_eq!(doc["openapi"], "3.0.3");
     assert_eq!(doc["servers"][0]["url"], "/");
 
@@ -139,7 +128,7 @@ async fn title_and_version_come_from_the_settings() {
         common::test_manifest(&upstream.base_url(), "")
     ))
     .await;
-    let doc = document_of(&gateway).await;
+    let doc = openapi_document(&gateway).await;
     assert_eq!(doc["info"]["title"], "Team gateway");
     assert_eq!(doc["info"]["version"], "2026.11");
 }
@@ -254,11 +243,7 @@ async fn validate_and_fuzz(openapi_settings: &str) -> (std::path::PathBuf, Strin
     let python = tokio::task::spawn_blocking(python_tools).await.unwrap();
     let upstream = Upstream::echo().await;
     // The full shipped manifest, pointed at the recording upstream.
-    let manifest = oa_bypass::config::BUILT_IN_MANIFEST
-        .replace(
-            "base_url = \"https://api.openai.com\"",
-            &format!("base_url = \"{}\"", upstream.base_url()),
-        )
+    let manifest = common::shipped_manifest(&upstream)
         .replace("[openapi]\n", &format!("[openapi]\n{openapi_settings}"));
     let gateway = Gateway::start(&manifest).await;
     let document = client()
@@ -346,16 +331,13 @@ async fn validate_and_fuzz(openapi_settings: &str) -> (std::path::PathBuf, Strin
 #[tokio::test]
 async fn sections_come_in_the_order_people_use_them_and_the_order_is_a_setting() {
     let upstream = Upstream::echo().await;
-    let built_in = oa_bypass::config::BUILT_IN_MANIFEST.replace(
-        "base_url = \"https://api.openai.com\"",
-        &format!("base_url = \"{}\"", upstream.base_url()),
-    );
+    let built_in = common::shipped_manifest(&upstream);
     let names = |doc: &Value| -> Vec<String> {
         (doc["tags"].as_array().unwrap().iter())
             .map(|tag| tag["name"].as_str().unwrap().to_owned())
             .collect()
     };
-    let default = names(&document_of(&Gateway::start(&built_in).await).await);
+    let default = names(&openapi_document(&Gateway::start(&built_in).await).await);
     assert_eq!(
         default[..8],
         [
@@ -388,7 +370,7 @@ async fn sections_come_in_the_order_people_use_them_and_the_order_is_a_setting()
         "[openapi]\n",
         "[openapi]\ntag_order = [\"Files\", \"Chat\"]\n",
     );
-    let custom = names(&document_of(&Gateway::start(&custom).await).await);
+    let custom = names(&openapi_document(&Gateway::start(&custom).await).await);
     assert_eq!(custom[..4], ["Gateway", "Files", "Chat", "Admin API keys"]);
     assert_eq!(custom.len(), default.len());
 }

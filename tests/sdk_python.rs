@@ -107,11 +107,7 @@ async fn official_python_sdk_works_through_the_gateway() {
         .await
         .unwrap();
     let upstream = Upstream::start(openai_like).await;
-    let gateway = Gateway::start(&oa_bypass::config::BUILT_IN_MANIFEST.replace(
-        "base_url = \"https://api.openai.com\"",
-        &format!("base_url = \"{}\"", upstream.base_url()),
-    ))
-    .await;
+    let gateway = Gateway::start(&common::shipped_manifest(&upstream)).await;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/openai_flows.py");
     let stdout = common::python::run(&python, &[script, &gateway.url("/v1")]).await;
     for flow in [

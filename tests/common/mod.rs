@@ -343,6 +343,26 @@ pub async fn get_with_key(url: impl reqwest::IntoUrl) -> reqwest::Response {
         .unwrap()
 }
 
+/// The shipped manifest (every route, the built-in settings) pointed at `upstream`.
+pub fn shipped_manifest(upstream: &Upstream) -> String {
+    oa_bypass::config::BUILT_IN_MANIFEST.replace(
+        "base_url = \"https://api.openai.com\"",
+        &format!("base_url = \"{}\"", upstream.base_url()),
+    )
+}
+
+/// `gateway`'s `/openapi.json`, checked to be a 200 in JSON.
+pub async fn openapi_document(gateway: &Gateway) -> serde_json::Value {
+    let response = client()
+        .get(gateway.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "application/json");
+    response.json().await.unwrap()
+}
+
 /// The exposition at `url` (a gateway's `/metrics`), checked to be a 200 in OpenMetrics text.
 pub async fn scrape(url: impl reqwest::IntoUrl) -> String {
     let response = client().get(url).send().await.unwrap();
