@@ -1,6 +1,7 @@
 //! The gateway assembled from a manifest: for each worker, a pipeline (with its own upstream
 //! connection pools) and the routes of both engines over it; swapped whole on reload; and the
-//! state that outlives a reload (metrics, realtime sessions, the limiter's buckets).
+//! state that outlives a reload (metrics, realtime sessions, the limiter's buckets, the
+//! connection to the limits store).
 
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -8,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use url::Url;
 
-use crate::config::{AdmissionConfig, Config, ConfigError, LogConfig, ServerConfig};
+use crate::config::{AdmissionConfig, Config, ConfigError, LogConfig, ServerConfig, StoreConfig};
 use crate::engine::gateway::{self, Docs, Status};
 use crate::engine::{fast, Serving, Worker};
 use crate::observe::metrics::Metrics;
@@ -16,6 +17,7 @@ use crate::pipeline::keys::KeyPool;
 use crate::pipeline::limits::Limiter;
 use crate::pipeline::Pipeline;
 use crate::realtime::Sessions;
+use crate::store::{Store, StoreMetrics};
 use crate::upstream;
 
 /// The gateway, ready to serve.
@@ -25,6 +27,8 @@ pub struct App {
     /// The limiter and the settings it was built for: a reload with the same `[limits]`
     /// keeps it, so buckets and in-flight counts carry over.
     limiter: Mutex<Option<(AdmissionConfig, Arc<Limiter>)>>,
+    /// The limits store (`limits.store`) while its settings stay the same.
+    store: Mutex<Option<Arc<Store>>>,
     /// The pools of the keys the gateway holds, by mount: a reload that keeps a mount's keys
     /// keeps its pool, and so the rests of keys that drew a 429.
     key_pools: Mutex<Vec<(Arc<str>, Arc<KeyPool>)>>,
@@ -51,6 +55,7 @@ pub fn app_for_workers(config: &Config, workers: usize) -> Result<Arc<App>, Conf
     let mut app = App {
         serving: Arc::new(Serving::new(Vec::new(), sessions, metrics)),
         limiter: Mutex::new(None),
+        store: Mutex::new(None),
         key_pools: Mutex::new(Vec::new()),
         generation: Arc::new(AtomicU64::new(1)),
         server: config.server.clone(),
@@ -135,15 +140,21 @@ impl App {
     fn build_all(&self, config: &Config, workers: usize) -> Result<Vec<Worker>, ConfigError> {
         let tls = upstream::tls::client_config()?;
         let docs = config.openapi.enabled.then(|| Docs::new(config));
-        let pools = self.key_pools(config);
+        let store = self.store(config.limits.admission.store.as_ref())?;
+        let pools = self.key_pools(config, store.as_ref());
+        let limiter = self.limiter(&config.limits.admission, store);
         (0..workers)
-            .map(|_| self.build(config, &tls, docs.as_ref(), &pools))
+            .map(|_| self.build(config, &tls, docs.as_ref(), &pools, &limiter))
             .collect()
     }
 
     /// A pool for each upstream whose keys the gateway holds, shared by the workers: the
     /// one already made for the same keys, else a new one.
-    fn key_pools(&self, config: &Config) -> Vec<(Arc<str>, Arc<KeyPool>)> {
+    fn key_pools(
+        &self,
+        config: &Config,
+        store: Option<&Arc<Store>>,
+    ) -> Vec<(Arc<str>, Arc<KeyPool>)> {
         let Ok(mut kept) = self.key_pools.lock() else {
             return Vec::new();
         };
@@ -153,11 +164,11 @@ impl App {
             .filter_map(|upstream| {
                 let same = kept.iter().find(|(name, pool)| {
                     **name == *upstream.mount
-                        && pool.made_from(upstream.credential_header, &upstream.keys)
+                        && pool.made_from(upstream.credential_header, &upstream.keys, store)
                 });
                 let pool = match same {
                     Some((_, pool)) => Arc::clone(pool),
-                    None => Arc::new(KeyPool::new(upstream.credential_header, &upstream.keys)?),
+                    None => Arc::new(KeyPool::new(upstream, store)?),
                 };
                 Some((Arc::from(upstream.mount.as_str()), pool))
             })
@@ -172,11 +183,12 @@ impl App {
         tls: &rustls::ClientConfig,
         docs: Option<&Docs>,
         pools: &[(Arc<str>, Arc<KeyPool>)],
+        limiter: &Arc<Limiter>,
     ) -> Result<Worker, ConfigError> {
         let metrics = &self.serving.metrics;
         let pipeline = Arc::new(Pipeline::new(
             config,
-            self.limiter(&config.limits.admission),
+            Arc::clone(limiter),
             Arc::clone(metrics),
             self.serving.sessions.clone(),
             tls,
@@ -196,17 +208,41 @@ impl App {
         })
     }
 
-    fn limiter(&self, config: &AdmissionConfig) -> Arc<Limiter> {
+    /// The limiter of `config`: the one already made for the same settings, else a new one
+    /// (with `store`, when set).
+    fn limiter(&self, config: &AdmissionConfig, store: Option<Arc<Store>>) -> Arc<Limiter> {
         let Ok(mut slot) = self.limiter.lock() else {
-            return Arc::new(Limiter::new(config));
+            return Arc::new(Limiter::new(config, store));
         };
         match &*slot {
             Some((built_for, limiter)) if built_for == config => Arc::clone(limiter),
             _ => {
-                let limiter = Arc::new(Limiter::new(config));
+                let limiter = Arc::new(Limiter::new(config, store));
                 *slot = Some((config.clone(), Arc::clone(&limiter)));
                 limiter
             }
         }
+    }
+
+    /// The store of `settings`: the one already connected with the same settings, else a
+    /// new one; `None` without `limits.store`.
+    fn store(&self, settings: Option<&StoreConfig>) -> Result<Option<Arc<Store>>, ConfigError> {
+        let mut slot = self
+            .store
+            .lock()
+            .map_err(|_| ConfigError::Invalid(vec!["limits.store: state poisoned".into()]))?;
+        let Some(settings) = settings else {
+            *slot = None;
+            return Ok(None);
+        };
+        if let Some(store) = slot.as_ref().filter(|store| store.settings() == settings) {
+            return Ok(Some(Arc::clone(store)));
+        }
+        let (errors, up) = self.metrics().limits_store();
+        let store = Store::start(settings, StoreMetrics { errors, up })
+            .map(Arc::new)
+            .map_err(|err| ConfigError::Invalid(vec![err]))?;
+        *slot = Some(Arc::clone(&store));
+        Ok(Some(store))
     }
 }

@@ -17,6 +17,7 @@ pub mod openapi;
 pub mod pipeline;
 pub mod realtime;
 pub mod routes;
+pub mod store;
 pub mod upstream;
 
 pub use app::{app, app_for_workers, App};

@@ -433,12 +433,28 @@ async fn the_key_never_reaches_the_logs_even_at_trace() {
 
 #[test]
 fn docker_compose_environment_parses_through_the_real_loader() {
-    let compose: serde_yaml_ng::Value =
+    let mut compose: serde_yaml_ng::Value =
         serde_yaml_ng::from_str(&std::fs::read_to_string("docker-compose.yml").unwrap()).unwrap();
-    let service = &compose["services"]["oa-bypass"];
-    let environment = service["environment"]
+    // The services share their settings through a YAML anchor (`<<:`), as compose reads it.
+    compose.apply_merge().unwrap();
+    for service in ["oa-bypass", "oa-bypass-scaled"] {
+        compose_service_loads(&compose, service);
+    }
+    let scaled = &compose["services"]["oa-bypass-scaled"]["environment"];
+    let store = scaled["OA_BYPASS_LIMITS__STORE"].as_str().unwrap();
+    let redis = &compose["services"]["redis"];
+    assert_eq!(redis["profiles"][0], "scale");
+    assert_eq!(
+        store, "redis://redis:6379/0",
+        "the replicas use the redis service"
+    );
+}
+
+/// `service`'s environment, given to `--check`: it loads, and each override takes effect.
+fn compose_service_loads(compose: &serde_yaml_ng::Value, service: &str) {
+    let environment = compose["services"][service]["environment"]
         .as_mapping()
-        .expect("services.oa-bypass.environment is a mapping");
+        .unwrap_or_else(|| panic!("services.{service}.environment is a mapping"));
     let mut envs = Vec::new();
     for (key, value) in environment {
         let key = key.as_str().unwrap().to_owned();
@@ -462,7 +478,7 @@ fn docker_compose_environment_parses_through_the_real_loader() {
     let (code, stdout, stderr) = run_binary(&["--check"], &pairs, dir.path());
     assert_eq!(
         code, 0,
-        "docker-compose.yml's environment does not load:\n{stderr}"
+        "docker-compose.yml's {service} environment does not load:\n{stderr}"
     );
     // Every override shows up as an effective setting.
     for (key, value) in &overrides {
@@ -481,9 +497,10 @@ fn docker_compose_environment_parses_through_the_real_loader() {
             "{key}={value} shows as {shown:?}"
         );
     }
-    // The compose file maps the original's port and has a health check and restart policy.
+    // The compose file maps the gateway's port and has a health check and restart policy.
+    let service = &compose["services"][service];
     let ports = serde_yaml_ng::to_string(&service["ports"]).unwrap();
-    assert!(ports.contains("3000:8080"), "{ports}");
+    assert!(ports.contains(":8080"), "{ports}");
     assert!(service["healthcheck"]["test"].is_sequence());
     assert!(service["restart"].is_string());
 }

@@ -5,7 +5,7 @@ use std::num::NonZeroU32;
 use url::Url;
 
 use super::units::{format_duration, format_size};
-use super::{Config, LogFormat, UpstreamConfig};
+use super::{Config, LogFormat, StoreConfig, StoreFailure, UpstreamConfig};
 
 impl Config {
     /// The effective settings and route table, with secrets masked, for `--check`.
@@ -134,6 +134,38 @@ impl Config {
             (
                 "limits.max_concurrent_per_key",
                 show_limit(self.limits.admission.max_concurrent_per_key),
+            ),
+            (
+                "limits.store",
+                self.limits.admission.store.as_ref().map_or_else(
+                    || "(off: limits are per process)".to_owned(),
+                    StoreConfig::shown,
+                ),
+            ),
+            (
+                "limits.store_failure",
+                match self
+                    .limits
+                    .admission
+                    .store
+                    .as_ref()
+                    .map(|store| store.failure)
+                {
+                    Some(StoreFailure::Open) => "open",
+                    Some(StoreFailure::Closed) => "closed",
+                    None => "(no store)",
+                }
+                .to_owned(),
+            ),
+            (
+                "limits.store_timeout",
+                (self.limits.admission.store.as_ref())
+                    .map_or_else(|| "(no store)".to_owned(), |s| format_duration(s.timeout)),
+            ),
+            (
+                "limits.store_lease",
+                (self.limits.admission.store.as_ref())
+                    .map_or_else(|| "(no store)".to_owned(), |s| format_duration(s.lease)),
             ),
             (
                 "cors.allow_origins",

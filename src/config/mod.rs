@@ -9,6 +9,7 @@ mod describe;
 mod mount;
 mod raw;
 mod route;
+mod store;
 pub mod units;
 mod validate;
 mod values;
@@ -28,6 +29,7 @@ use url::Url;
 use crate::routes::RouteTable;
 pub use mount::{CredentialHeader, MountConfig, UpstreamKey, DEFAULT_MOUNT};
 use raw::RawConfig;
+pub use store::{StoreConfig, StoreFailure};
 use validate::validate;
 use values::describe_figment_error;
 
@@ -303,6 +305,9 @@ pub struct AdmissionConfig {
     pub burst: Option<NonZeroU32>,
     pub max_concurrent_requests: Option<NonZeroU32>,
     pub max_concurrent_per_key: Option<NonZeroU32>,
+    /// `limits.store`: the rates and caps above, and held keys' cool-downs, are shared
+    /// through it.
+    pub store: Option<StoreConfig>,
 }
 
 /// `sha256:<hex>` of a key, as `oa-bypass hash-key` prints it and `access.allowed_key_hashes`

@@ -200,6 +200,11 @@ pub struct RawLimits {
     pub burst: u32,
     pub max_concurrent_requests: u32,
     pub max_concurrent_per_key: u32,
+    /// `redis://…` or `rediss://…`; empty: limits are per process.
+    pub store: String,
+    pub store_failure: String,
+    pub store_timeout: HumanDuration,
+    pub store_lease: HumanDuration,
 }
 
 impl Default for RawLimits {
@@ -212,6 +217,10 @@ impl Default for RawLimits {
             burst: 0,
             max_concurrent_requests: 0,
             max_concurrent_per_key: 0,
+            store: String::new(),
+            store_failure: "open".to_owned(),
+            store_timeout: HumanDuration(std::time::Duration::from_millis(50)),
+            store_lease: HumanDuration(std::time::Duration::from_secs(30)),
         }
     }
 }

@@ -12,6 +12,7 @@ use url::Url;
 use super::mount::{check_route_upstreams, validate_mounts, validate_upstream, DEFAULT_MOUNT};
 use super::raw::{self, RawConfig, DEFAULT_TAG_ORDER};
 use super::route;
+use super::store::validate_store;
 use super::units::format_duration;
 use super::values::parse_http_url;
 use super::{
@@ -64,6 +65,7 @@ pub(super) fn validate(raw: RawConfig, source: ManifestSource) -> Result<Config,
     }
 
     let access = validate_access(raw.access, &mut problems);
+    let store = validate_store(&raw.limits, &mut problems);
     let allowed_keys = !access.allowed_key_hashes.is_empty();
     let upstream = validate_upstream(
         "upstream",
@@ -170,6 +172,7 @@ pub(super) fn validate(raw: RawConfig, source: ManifestSource) -> Result<Config,
                 burst: NonZeroU32::new(raw.limits.burst),
                 max_concurrent_requests: NonZeroU32::new(raw.limits.max_concurrent_requests),
                 max_concurrent_per_key: NonZeroU32::new(raw.limits.max_concurrent_per_key),
+                store,
             },
         },
         cors: CorsConfig { allow_origins },

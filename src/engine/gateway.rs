@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use super::cors::Cors;
 use super::hyper::{into_response, TemplateRoute};
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, StoreFailure};
 use crate::observe::metrics::{self, Metrics};
 use crate::openapi::{self, HEALTH_TEXT};
 use crate::pipeline::{Answer, Endpoint as PipelineEndpoint, GatewayError, Pipeline};
@@ -206,7 +206,8 @@ impl Endpoint for MetricsEndpoint {
 }
 
 /// `GET /ready`: 200 with what is loaded; 503 when `upstream.ready_check` is on and the
-/// upstream is unreachable.
+/// upstream is unreachable, or when the limits store is unreachable under
+/// `store_failure = "closed"`.
 struct Ready {
     pipeline: Arc<Pipeline>,
     manifest: String,
@@ -261,8 +262,26 @@ impl Endpoint for Ready {
             },
         };
         let unreachable = upstream.get("reachable") == Some(&serde_json::Value::Bool(false));
+        // A store that is down makes the gateway unready only when that refuses requests.
+        let (store, store_refuses) = match self.pipeline.store() {
+            None => (serde_json::json!({ "configured": false }), false),
+            Some(store) => {
+                let failure = store.settings().failure;
+                let json = serde_json::json!({
+                    "configured": true,
+                    "reachable": store.is_up(),
+                    "failure": match failure {
+                        StoreFailure::Open => "open",
+                        StoreFailure::Closed => "closed",
+                    },
+                });
+                (json, !store.is_up() && failure == StoreFailure::Closed)
+            }
+        };
         let status = if unreachable {
             "upstream_unreachable"
+        } else if store_refuses {
+            "store_unreachable"
         } else {
             "ready"
         };
@@ -275,6 +294,7 @@ impl Endpoint for Ready {
                 "generation": self.status.generation.load(Ordering::Relaxed),
             },
             "upstream": upstream,
+            "store": store,
             "realtime_sessions": self.status.sessions.open(),
         });
         let code = if status == "ready" {

@@ -97,7 +97,7 @@ mod tests {
     fn a_forwarded_request_future_stays_small() {
         let config = Config::from_manifest_str(BUILT_IN_MANIFEST).unwrap();
         let metrics = Arc::new(Metrics::new(&config.metrics));
-        let limiter = Arc::new(Limiter::new(&config.limits.admission));
+        let limiter = Arc::new(Limiter::new(&config.limits.admission, None));
         let tls = crate::upstream::tls::client_config().unwrap();
         let pipeline = Arc::new(
             Pipeline::new(&config, limiter, metrics, Sessions::default(), &tls, &[]).unwrap(),

@@ -131,18 +131,18 @@ impl Endpoint {
         pipeline.access.check_key(headers, mount.credential)?;
         let ip = peer.map(|peer| pipeline.access.client_ip(peer.ip(), headers));
         let key = KeyId::of(key);
-        let admission = pipeline.limiter.admit(ip, &key.hash).inspect_err(|err| {
-            if let GatewayError::RateLimited { setting, .. }
-            | GatewayError::TooBusy { setting, .. } = err
-            {
-                pipeline.metrics.count_rate_limited(setting);
-            }
-        })?;
+        let admission = pipeline.limiter.admit(ip, &key.hash)?;
         Ok((admission, key))
     }
 
-    /// The gateway's answer to a request it refuses, counted under this route and logged.
+    /// The gateway's answer to a request it refuses, counted under this route (and under the
+    /// limit that refused it) and logged.
     pub(super) fn reject(&self, method: &Method, start: Instant, err: &GatewayError) -> Answer {
+        if let GatewayError::RateLimited { setting, .. } | GatewayError::TooBusy { setting, .. } =
+            err
+        {
+            self.pipeline.metrics.count_rate_limited(setting);
+        }
         let answer = Answer::error(err);
         let status = answer.status.as_u16();
         self.pipeline

@@ -188,7 +188,8 @@ pub fn upstream_error_kind(err: &GatewayError) -> Option<UpstreamErrorKind> {
         | GatewayError::UnsupportedMediaType { .. }
         | GatewayError::ClientBody(_)
         | GatewayError::NotAWebSocket(_)
-        | GatewayError::Internal(_) => None,
+        | GatewayError::Internal(_)
+        | GatewayError::StoreUnavailable => None,
     }
 }
 

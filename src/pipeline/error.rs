@@ -57,6 +57,11 @@ pub enum GatewayError {
     #[error("The gateway is at {setting} ({limit} requests at once); retry shortly")]
     TooBusy { setting: &'static str, limit: u32 },
 
+    #[error(
+        "The gateway cannot reach its limits store (limits.store), and limits.store_failure = \"closed\" refuses requests until it can; retry shortly"
+    )]
+    StoreUnavailable,
+
     #[error("Invalid URL ({method} {path}): this gateway serves no such route")]
     UnknownRoute { method: Method, path: String },
 
@@ -174,6 +179,7 @@ impl GatewayError {
                 StatusCode::GATEWAY_TIMEOUT
             }
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            GatewayError::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -211,6 +217,7 @@ impl GatewayError {
             }
             GatewayError::UpstreamFailed(_) => ("gateway_error", Some("upstream_failed")),
             GatewayError::Internal(_) => ("server_error", Some("internal_error")),
+            GatewayError::StoreUnavailable => ("server_error", Some("limits_store_unavailable")),
         }
     }
 
@@ -233,7 +240,8 @@ impl GatewayError {
             | GatewayError::UpstreamTimeout { .. }
             | GatewayError::UpstreamConnectTimeout { .. }
             | GatewayError::UpstreamFailed(_)
-            | GatewayError::Internal(_) => None,
+            | GatewayError::Internal(_)
+            | GatewayError::StoreUnavailable => None,
         }
     }
 
@@ -274,7 +282,7 @@ impl GatewayError {
                 HeaderValue::from(retry_after_secs(*retry_after)),
             );
         }
-        if let GatewayError::TooBusy { .. } = self {
+        if let GatewayError::TooBusy { .. } | GatewayError::StoreUnavailable = self {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if let GatewayError::NotAWebSocket(_) = self {

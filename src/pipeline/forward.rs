@@ -74,6 +74,14 @@ impl<'a> Admitted<'a> {
         // and moved into its body), and this future waits for every forwarded request.
         async move {
             let (endpoint, route, start) = (self.endpoint, self.route, self.start);
+            // 3, with `limits.store`: the shared limits, one round trip. Boxed: only then
+            // does a request wait here.
+            if self.admission.is_pending() {
+                let limiter = &endpoint.pipeline.limiter;
+                if let Err(err) = Box::pin(limiter.settle(&mut self.admission)).await {
+                    return endpoint.reject(&self.method, start, &err);
+                }
+            }
             if route.spec.accepts(BodyKind::WebSocket) {
                 let method = self.method.clone();
                 // Why boxed: a handshake's future is far larger than a forwarded request's, and

@@ -3,16 +3,22 @@
 //!
 //! A key's value lives here as a sensitive header value only: it is written into the
 //! upstream request and nowhere else. Logs and metrics name the variable it came from.
+//!
+//! With `limits.store`, rests are shared: a rest is written to the store under the key's
+//! hash, and the others' rests are read back into cells ([`Deadlines`]) that `pick` reads
+//! without waiting. A rest set on another replica reaches this one within a quarter second.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
+use sha2::{Digest, Sha256};
 
 use super::access::KEY_SUBPROTOCOL;
-use crate::config::{CredentialHeader, UpstreamKey};
+use crate::config::{CredentialHeader, UpstreamConfig, UpstreamKey};
 use crate::headers;
+use crate::store::{self, Deadlines, Store};
 
 /// How long a key rests after a 429 that says nothing about when to come back.
 const DEFAULT_COOL_DOWN: Duration = Duration::from_secs(10);
@@ -45,11 +51,30 @@ pub struct KeyPool {
     /// The settings it was made from: a reload with the same keys keeps the pool, and so
     /// the rests under way.
     made_from: (CredentialHeader, Vec<UpstreamKey>),
+    /// With a store: the rests of the other replicas, and where this one's go.
+    shared: Option<(Arc<Store>, Arc<Deadlines>)>,
 }
 
 impl KeyPool {
-    /// The pool of `keys`, written into `credential`; `None` without keys.
-    pub fn new(credential: CredentialHeader, keys: &[UpstreamKey]) -> Option<KeyPool> {
+    /// The pool of `upstream`'s keys, resting in step with the other replicas through
+    /// `store`; `None` without keys.
+    pub fn new(upstream: &UpstreamConfig, store: Option<&Arc<Store>>) -> Option<KeyPool> {
+        let keys = &upstream.keys;
+        let credential = upstream.credential_header;
+        let mut pool = KeyPool::unshared(credential, keys)?;
+        pool.shared = store.map(|store| {
+            let names = (keys.iter())
+                .map(|key| {
+                    store::deadline_name(&upstream.mount, &Sha256::digest(&key.value).into())
+                })
+                .collect();
+            (Arc::clone(store), store.deadlines(names))
+        });
+        Some(pool)
+    }
+
+    /// The pool of `keys`, written into `credential`, resting on its own.
+    fn unshared(credential: CredentialHeader, keys: &[UpstreamKey]) -> Option<KeyPool> {
         if keys.is_empty() {
             return None;
         }
@@ -78,12 +103,24 @@ impl KeyPool {
             next: AtomicUsize::new(0),
             epoch: Instant::now(),
             made_from: (credential, keys.to_vec()),
+            shared: None,
         })
     }
 
-    /// Whether this pool holds exactly what `keys` in `credential` would.
-    pub fn made_from(&self, credential: CredentialHeader, keys: &[UpstreamKey]) -> bool {
-        self.made_from.0 == credential && self.made_from.1 == keys
+    /// Whether this pool holds exactly what `keys` in `credential`, sharing rests through
+    /// `store`, would.
+    pub fn made_from(
+        &self,
+        credential: CredentialHeader,
+        keys: &[UpstreamKey],
+        store: Option<&Arc<Store>>,
+    ) -> bool {
+        let same_store = match (&self.shared, store) {
+            (Some((mine, _)), Some(store)) => Arc::ptr_eq(mine, store),
+            (None, None) => true,
+            _ => false,
+        };
+        self.made_from.0 == credential && self.made_from.1 == keys && same_store
     }
 
     /// The key for the next request: the next in turn that is not resting; when all rest,
@@ -94,13 +131,19 @@ impl KeyPool {
             return None;
         }
         let now = self.now();
+        let unix_now = self.shared.as_ref().map_or(0, |_| unix_ms());
         let start = self.next.fetch_add(1, Ordering::Relaxed) % count;
         let order = (0..count).map(|step| (start + step) % count);
-        let rested = |i: usize| self.keys[i].resting_until.load(Ordering::Relaxed);
+        // Milliseconds until key `i` may go again: its own rest, or another replica's.
+        let resting = |i: usize| {
+            let here = self.keys[i].resting_until.load(Ordering::Relaxed);
+            let there = (self.shared.as_ref()).map_or(0, |(_, cells)| cells.until_ms(i));
+            here.saturating_sub(now).max(there.saturating_sub(unix_now))
+        };
         order
             .clone()
-            .find(|&i| rested(i) <= now)
-            .or_else(|| order.min_by_key(|&i| rested(i)))
+            .find(|&i| resting(i) == 0)
+            .or_else(|| order.min_by_key(|&i| resting(i)))
     }
 
     /// The variable key `index` came from: what logs and metrics say.
@@ -127,12 +170,23 @@ impl KeyPool {
             let until = self.now().saturating_add(millis(rest));
             key.resting_until.fetch_max(until, Ordering::Relaxed);
         }
+        if let Some((store, cells)) = &self.shared {
+            if let Some(name) = cells.name(index) {
+                store.publish_deadline(name, unix_ms().saturating_add(millis(rest)));
+            }
+        }
         rest
     }
 
     fn now(&self) -> u64 {
         millis(self.epoch.elapsed()).max(1)
     }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, millis)
 }
 
 fn millis(duration: Duration) -> u64 {
@@ -241,7 +295,7 @@ mod tests {
     #[test]
     fn keys_alternate_and_a_resting_key_is_skipped_until_the_others_rest_too() {
         let keys = [key("A", "sk-a"), key("B", "sk-b")];
-        let pool = KeyPool::new(CredentialHeader::Authorization, &keys).unwrap();
+        let pool = KeyPool::unshared(CredentialHeader::Authorization, &keys).unwrap();
         let picks: Vec<usize> = (0..4).map(|_| pool.pick().unwrap()).collect();
         assert_eq!(picks, [0, 1, 0, 1]);
         pool.rest(0, head(&[("retry-after", "30")]));
@@ -253,7 +307,7 @@ mod tests {
 
     #[test]
     fn a_lent_key_replaces_every_client_credential() {
-        let pool = KeyPool::new(CredentialHeader::XApiKey, &[key("A", "sk-held")]).unwrap();
+        let pool = KeyPool::unshared(CredentialHeader::XApiKey, &[key("A", "sk-held")]).unwrap();
         let mut headers = HeaderMap::new();
         headers.insert(
             "authorization",
@@ -275,7 +329,8 @@ mod tests {
             "realtime, openai-beta.realtime-v1"
         );
         assert_eq!(headers.len(), 2);
-        let bearer = KeyPool::new(CredentialHeader::Authorization, &[key("A", "sk-h")]).unwrap();
+        let bearer =
+            KeyPool::unshared(CredentialHeader::Authorization, &[key("A", "sk-h")]).unwrap();
         bearer.lend(0, &mut headers);
         assert_eq!(headers["authorization"], "Bearer sk-h");
         assert!(!format!("{:?}", bearer.made_from).contains("sk-h"));

@@ -1,8 +1,11 @@
 //! Admission: per-key and per-address request rates (token buckets), and caps on concurrent
 //! requests, global and per key. All off unless set in `[limits]`.
 //!
-//! Limits are per gateway process: several replicas behind a load balancer each apply their
-//! own. Keys are tracked by their SHA-256, never stored as given.
+//! Without `limits.store` they are per gateway process, decided here from the head: several
+//! replicas behind a load balancer each apply their own. With it they are shared through the
+//! store ([`crate::store`]) and decided by one round trip when forwarding begins
+//! ([`Limiter::settle`]); `limits.store_failure` says what happens while it cannot be reached.
+//! Keys are tracked by their SHA-256, never stored as given.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -15,7 +18,8 @@ use governor::{DefaultKeyedRateLimiter, Quota};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::error::GatewayError;
-use crate::config::AdmissionConfig;
+use crate::config::{AdmissionConfig, StoreFailure};
+use crate::store::{self, Lease, Store, Verdict};
 
 /// The SHA-256 of a key.
 pub type KeyHash = [u8; 32];
@@ -26,6 +30,25 @@ pub type KeyHash = [u8; 32];
 pub struct Admission {
     _global: Option<OwnedSemaphorePermit>,
     _per_key: Option<KeySlot>,
+    /// With a store: what to ask it ([`Limiter::settle`]), then the slots it leased. Boxed:
+    /// without a store, every request would carry its room.
+    place: Option<Box<Place>>,
+}
+
+/// A request's place in the store's limits.
+#[derive(Debug)]
+enum Place {
+    /// Not asked yet: who asks.
+    Ask { ip: Option<IpAddr>, key: KeyHash },
+    /// Admitted, holding these slots (none when no cap is set).
+    Held { _lease: Option<Lease> },
+}
+
+impl Admission {
+    /// Whether the store has yet to be asked.
+    pub fn is_pending(&self) -> bool {
+        matches!(self.place.as_deref(), Some(Place::Ask { .. }))
+    }
 }
 
 #[derive(Debug)]
@@ -47,8 +70,13 @@ impl Drop for KeySlot {
     }
 }
 
+/// The limits of one `[limits]`: kept here, or in the store.
 pub struct Limiter {
     config: AdmissionConfig,
+    /// With `limits.store`: the rates and caps, there (`None` also when none is set).
+    shared: Option<store::Limits>,
+    /// The store, for `/ready`.
+    store: Option<Arc<Store>>,
     /// Admissions so far, to forget idle rate buckets now and then.
     admitted: std::sync::atomic::AtomicU64,
     per_key_rate: Option<DefaultKeyedRateLimiter<KeyHash>>,
@@ -62,25 +90,49 @@ fn quota(per_minute: NonZeroU32, burst: Option<NonZeroU32>) -> Quota {
 }
 
 impl Limiter {
-    pub fn new(config: &AdmissionConfig) -> Limiter {
+    /// The limits of `config`, in `store` when there is one.
+    pub fn new(config: &AdmissionConfig, store: Option<Arc<Store>>) -> Limiter {
+        let shared = store.as_ref().and_then(|store| {
+            let settings = shared_settings(config);
+            (settings != store::Settings::default()).then(|| store.limits(settings))
+        });
+        // What this process keeps itself: everything, unless a store keeps it.
+        let here = match store {
+            Some(_) => AdmissionConfig::default(),
+            None => config.clone(),
+        };
         Limiter {
-            per_key_rate: config
+            per_key_rate: here
                 .requests_per_minute_per_key
-                .map(|rate| governor::RateLimiter::keyed(quota(rate, config.burst))),
-            per_ip_rate: config
+                .map(|rate| governor::RateLimiter::keyed(quota(rate, here.burst))),
+            per_ip_rate: here
                 .requests_per_minute_per_ip
-                .map(|rate| governor::RateLimiter::keyed(quota(rate, config.burst))),
-            global: config
+                .map(|rate| governor::RateLimiter::keyed(quota(rate, here.burst))),
+            global: here
                 .max_concurrent_requests
                 .map(|n| Arc::new(Semaphore::new(n.get() as usize))),
             per_key_counts: Arc::default(),
             admitted: std::sync::atomic::AtomicU64::new(0),
             config: config.clone(),
+            shared,
+            store,
         }
     }
 
+    /// The store limits and cool-downs are shared through, if any.
+    pub fn store(&self) -> Option<&Store> {
+        self.store.as_deref()
+    }
+
     /// Admits a request from `ip` presenting the key hashed as `key_hash`, or says why not.
+    /// With a store, the answer is pending until [`Limiter::settle`].
     pub fn admit(&self, ip: Option<IpAddr>, key_hash: &KeyHash) -> Result<Admission, GatewayError> {
+        if self.shared.is_some() {
+            return Ok(Admission {
+                place: Some(Box::new(Place::Ask { ip, key: *key_hash })),
+                ..Admission::default()
+            });
+        }
         let count = self
             .admitted
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -141,7 +193,51 @@ impl Limiter {
         Ok(Admission {
             _global: global,
             _per_key: per_key,
+            ..Admission::default()
         })
+    }
+
+    /// Asks the store about an admission [`Limiter::admit`] left pending: one round trip.
+    /// While the store is unreachable, `limits.store_failure` decides.
+    pub async fn settle(&self, admission: &mut Admission) -> Result<(), GatewayError> {
+        let (Some(shared), Some(place)) = (&self.shared, admission.place.as_deref_mut()) else {
+            return Ok(());
+        };
+        let Place::Ask { ip, key } = *place else {
+            return Ok(());
+        };
+        let config = &self.config;
+        match shared.admit(ip, &key).await {
+            Verdict::Admitted(lease) => {
+                *place = Place::Held { _lease: lease };
+                Ok(())
+            }
+            Verdict::AddressRate(wait) => Err(rate_limited(
+                "limits.requests_per_minute_per_ip",
+                config.requests_per_minute_per_ip,
+                wait,
+            )),
+            Verdict::KeyRate(wait) => Err(rate_limited(
+                "limits.requests_per_minute_per_key",
+                config.requests_per_minute_per_key,
+                wait,
+            )),
+            Verdict::AllBusy => Err(GatewayError::TooBusy {
+                setting: "limits.max_concurrent_requests",
+                limit: config.max_concurrent_requests.map_or(0, NonZeroU32::get),
+            }),
+            Verdict::KeyBusy => Err(GatewayError::TooBusy {
+                setting: "limits.max_concurrent_per_key",
+                limit: config.max_concurrent_per_key.map_or(0, NonZeroU32::get),
+            }),
+            Verdict::Unavailable => match shared.store().settings().failure {
+                StoreFailure::Open => {
+                    shared.serving_without();
+                    Ok(())
+                }
+                StoreFailure::Closed => Err(GatewayError::StoreUnavailable),
+            },
+        }
     }
 
     /// Forgets idle buckets, so memory follows active clients rather than all clients ever.
@@ -152,6 +248,23 @@ impl Limiter {
         if let Some(limiter) = &self.per_ip_rate {
             limiter.retain_recent();
         }
+    }
+}
+
+/// The store's form of `config`'s rates and caps.
+fn shared_settings(config: &AdmissionConfig) -> store::Settings {
+    let burst = config.burst;
+    let rate = |per_minute: Option<NonZeroU32>| {
+        per_minute.map(|per_minute| store::Rate {
+            interval: Duration::from_secs(60) / per_minute.get(),
+            burst: burst.unwrap_or(per_minute).get(),
+        })
+    };
+    store::Settings {
+        per_ip: rate(config.requests_per_minute_per_ip),
+        per_key: rate(config.requests_per_minute_per_key),
+        cap_all: config.max_concurrent_requests.map(NonZeroU32::get),
+        cap_per_key: config.max_concurrent_per_key.map(NonZeroU32::get),
     }
 }
 
@@ -178,11 +291,14 @@ mod tests {
 
     #[test]
     fn per_key_rate_allows_the_burst_then_refuses_with_a_wait() {
-        let limiter = Limiter::new(&AdmissionConfig {
-            requests_per_minute_per_key: n(60),
-            burst: n(2),
-            ..AdmissionConfig::default()
-        });
+        let limiter = Limiter::new(
+            &AdmissionConfig {
+                requests_per_minute_per_key: n(60),
+                burst: n(2),
+                ..AdmissionConfig::default()
+            },
+            None,
+        );
         assert!(limiter.admit(None, &key("k1")).is_ok());
         assert!(limiter.admit(None, &key("k1")).is_ok());
         match limiter.admit(None, &key("k1")) {
@@ -197,11 +313,14 @@ mod tests {
 
     #[test]
     fn concurrency_slots_free_when_admissions_drop() {
-        let limiter = Limiter::new(&AdmissionConfig {
-            max_concurrent_per_key: n(1),
-            max_concurrent_requests: n(2),
-            ..AdmissionConfig::default()
-        });
+        let limiter = Limiter::new(
+            &AdmissionConfig {
+                max_concurrent_per_key: n(1),
+                max_concurrent_requests: n(2),
+                ..AdmissionConfig::default()
+            },
+            None,
+        );
         let first = limiter.admit(None, &key("k1")).unwrap();
         assert!(matches!(
             limiter.admit(None, &key("k1")),

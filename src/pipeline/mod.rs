@@ -183,6 +183,11 @@ impl Pipeline {
         Ok(endpoints)
     }
 
+    /// The limits store, for `/ready`.
+    pub fn store(&self) -> Option<&crate::store::Store> {
+        self.limiter.store()
+    }
+
     /// `[upstream]`'s transports, for `/ready`.
     pub fn upstream(&self) -> &Upstream {
         &self.default_mount.upstream

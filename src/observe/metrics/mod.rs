@@ -155,6 +155,8 @@ pub struct Metrics {
     lane_requests: Counter,
     lane_handovers: Counter,
     log_dropped: Counter,
+    store_errors: Counter,
+    store_up: Gauge,
     tokens_by_key: AtomicBool,
     max_models: AtomicUsize,
     models: Mutex<HashMap<Box<str>, Arc<str>>>,
@@ -283,8 +285,20 @@ impl Metrics {
         let log_dropped = Counter::default();
         registry.register(
             "log_lines_dropped",
-            "Log lines dropped because the log sink did not keep up (log.buffer_lines)",
+            "Log lines dropped because the log sink did not keep up (log.buffer)",
             log_dropped.clone(),
+        );
+        let store_errors = Counter::default();
+        registry.register(
+            "limits_store_errors",
+            "Calls to the limits store (limits.store) that failed or timed out",
+            store_errors.clone(),
+        );
+        let store_up = Gauge::default();
+        registry.register(
+            "limits_store_up",
+            "1 while the limits store (limits.store) answers; 0 while not, or when none is set",
+            store_up.clone(),
         );
         let info = Family::<InfoLabels, Gauge>::default();
         info.get_or_create(&InfoLabels {
@@ -315,6 +329,8 @@ impl Metrics {
             lane_requests,
             lane_handovers,
             log_dropped,
+            store_errors,
+            store_up,
             tokens_by_key: AtomicBool::new(false),
             max_models: AtomicUsize::new(0),
             models: Mutex::default(),
@@ -408,6 +424,11 @@ impl Metrics {
         self.rate_limited
             .get_or_create(&LimitLabels { limit })
             .inc();
+    }
+
+    /// The limits store's error counter and up gauge, for the store to keep.
+    pub fn limits_store(&self) -> (Counter, Gauge) {
+        (self.store_errors.clone(), self.store_up.clone())
     }
 
     pub fn count_reload(&self, ok: bool) {
