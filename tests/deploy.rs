@@ -81,6 +81,24 @@ fn kubernetes_manifests_validate_against_the_api_schemas() {
         assert_eq!(report.matches("passed").count(), files.len(), "{report}");
     }
 
+    // The optional limits store (store/), a kustomization of its own.
+    let store = Path::new(K8S).join("store");
+    let kustomization = yaml(store.join("kustomization.yaml"));
+    let store_files: Vec<PathBuf> = (kustomization["resources"].as_sequence().unwrap().iter())
+        .map(|r| store.join(r.as_str().unwrap()))
+        .collect();
+    let (ok, report) = kubernetes_validate(&store_files, K8S_VERSIONS[0]);
+    assert!(ok, "kubernetes-validate store/:\n{report}");
+    assert_eq!(report.matches("passed").count(), 2, "{report}");
+    let deployment = std::fs::read_to_string(Path::new(K8S).join("deployment.yaml")).unwrap();
+    let service = yaml(store.join("service.yaml"));
+    let host = service["metadata"]["name"].as_str().unwrap();
+    let port = service["spec"]["ports"][0]["port"].as_u64().unwrap();
+    assert!(
+        deployment.contains(&format!("redis://{host}:{port}/0")),
+        "deployment.yaml names the store's Service"
+    );
+
     // The validator is live: a mistyped field in a copy is caught.
     let dir = tempfile::tempdir().unwrap();
     let broken = dir.path().join("deployment.yaml");
@@ -229,7 +247,8 @@ fn the_release_workflow_passes_actionlint_and_pushes_multi_arch_to_ghcr() {
 
 #[test]
 fn compose_scrapes_the_gateways_metrics_and_logs_json() {
-    let compose = yaml("docker-compose.yml");
+    let mut compose = yaml("docker-compose.yml");
+    compose.apply_merge().unwrap();
     let env = &compose["services"]["oa-bypass"]["environment"];
     assert_eq!(env["OA_BYPASS_LOG__FORMAT"], "json");
     assert_eq!(env["OA_BYPASS_METRICS__ENABLED"], "true");
