@@ -5,9 +5,8 @@
 mod common;
 
 use bytes::Bytes;
-use common::{client, Gateway, Upstream};
+use common::{assert_429, client, Gateway, Upstream};
 use futures_util::StreamExt;
-use serde_json::Value;
 
 fn manifest(upstream: &Upstream, limits: &str) -> String {
     format!(
@@ -23,23 +22,6 @@ async fn models(gateway: &Gateway, key: &str) -> reqwest::Response {
         .send()
         .await
         .unwrap()
-}
-
-async fn assert_429(response: reqwest::Response, code: &str, setting: &str) {
-    assert_eq!(response.status(), 429);
-    let retry_after: u64 = response.headers()["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!((1..=60).contains(&retry_after), "{retry_after}");
-    let body: Value = response.json().await.unwrap();
-    assert_eq!(body["error"]["code"], code);
-    assert_eq!(body["error"]["type"], "requests");
-    assert!(
-        body["error"]["message"].as_str().unwrap().contains(setting),
-        "{body}"
-    );
 }
 
 #[tokio::test]

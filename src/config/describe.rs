@@ -2,10 +2,9 @@
 
 use std::num::NonZeroU32;
 
-use url::Url;
-
 use super::units::{format_duration, format_size};
-use super::{Config, LogFormat, StoreConfig, StoreFailure, UpstreamConfig};
+use super::values::mask_url;
+use super::{Config, LogFormat, StoreConfig, UpstreamConfig};
 
 impl Config {
     /// The effective settings and route table, with secrets masked, for `--check`.
@@ -144,18 +143,9 @@ impl Config {
             ),
             (
                 "limits.store_failure",
-                match self
-                    .limits
-                    .admission
-                    .store
-                    .as_ref()
-                    .map(|store| store.failure)
-                {
-                    Some(StoreFailure::Open) => "open",
-                    Some(StoreFailure::Closed) => "closed",
-                    None => "(no store)",
-                }
-                .to_owned(),
+                (self.limits.admission.store.as_ref())
+                    .map_or("(no store)", |store| store.failure.as_str())
+                    .to_owned(),
             ),
             (
                 "limits.store_timeout",
@@ -329,13 +319,4 @@ fn upstream_lines(upstream: &UpstreamConfig) -> [(String, String); 2] {
 
 fn show_limit(limit: Option<NonZeroU32>) -> String {
     limit.map_or_else(|| "off".to_owned(), |n| n.to_string())
-}
-
-/// A URL with any password replaced, so `--check` output can be pasted into an issue.
-fn mask_url(url: &Url) -> String {
-    let mut masked = url.clone();
-    if masked.password().is_some() {
-        let _ = masked.set_password(Some("****"));
-    }
-    masked.to_string()
 }

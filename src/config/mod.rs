@@ -313,9 +313,17 @@ pub struct AdmissionConfig {
 /// `sha256:<hex>` of a key, as `oa-bypass hash-key` prints it and `access.allowed_key_hashes`
 /// lists it: the manifest never holds a key.
 pub fn hash_line(key: &str) -> String {
-    let digest = Sha256::digest(key.as_bytes());
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    format!("sha256:{hex}")
+    format!("sha256:{}", hex(&Sha256::digest(key.as_bytes())))
+}
+
+/// A hash in lowercase hex, as `hash_line` and the limits store write it.
+pub fn hex(hash: &[u8]) -> String {
+    use std::fmt::Write as _;
+    hash.iter()
+        .fold(String::with_capacity(hash.len() * 2), |mut text, byte| {
+            let _ = write!(text, "{byte:02x}");
+            text
+        })
 }
 
 /// Parses `sha256:<64 hex digits>`.

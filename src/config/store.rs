@@ -7,6 +7,7 @@ use url::Url;
 
 use super::raw::RawLimits;
 use super::units::format_duration;
+use super::values::mask_url;
 
 /// What admission does while the store cannot be reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,6 +16,16 @@ pub enum StoreFailure {
     Open,
     /// Refuse with 503 until the store is back.
     Closed,
+}
+
+impl StoreFailure {
+    /// As `limits.store_failure` writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreFailure::Open => "open",
+            StoreFailure::Closed => "closed",
+        }
+    }
 }
 
 /// The store's settings, validated. Its URL may carry a password: `Debug` and `describe`
@@ -33,11 +44,7 @@ pub struct StoreConfig {
 impl StoreConfig {
     /// The URL with its password, if any, masked: what messages and `--check` show.
     pub fn shown(&self) -> String {
-        let mut masked = self.url.clone();
-        if masked.password().is_some() {
-            let _ = masked.set_password(Some("****"));
-        }
-        masked.to_string()
+        mask_url(&self.url)
     }
 }
 

@@ -99,3 +99,12 @@ fn redact_userinfo(text: &str) -> String {
         _ => text.to_owned(),
     }
 }
+
+/// `url` with its password, if any, masked: what messages and `--check` show.
+pub(super) fn mask_url(url: &Url) -> String {
+    let mut masked = url.clone();
+    if masked.password().is_some() {
+        let _ = masked.set_password(Some("****"));
+    }
+    masked.to_string()
+}

@@ -270,10 +270,7 @@ impl Endpoint for Ready {
                 let json = serde_json::json!({
                     "configured": true,
                     "reachable": store.is_up(),
-                    "failure": match failure {
-                        StoreFailure::Open => "open",
-                        StoreFailure::Closed => "closed",
-                    },
+                    "failure": failure.as_str(),
                 });
                 (json, !store.is_up() && failure == StoreFailure::Closed)
             }

@@ -131,7 +131,7 @@ impl KeyPool {
             return None;
         }
         let now = self.now();
-        let unix_now = self.shared.as_ref().map_or(0, |_| unix_ms());
+        let unix_now = self.shared.as_ref().map_or(0, |_| store::unix_ms());
         let start = self.next.fetch_add(1, Ordering::Relaxed) % count;
         let order = (0..count).map(|step| (start + step) % count);
         // Milliseconds until key `i` may go again: its own rest, or another replica's.
@@ -172,7 +172,7 @@ impl KeyPool {
         }
         if let Some((store, cells)) = &self.shared {
             if let Some(name) = cells.name(index) {
-                store.publish_deadline(name, unix_ms().saturating_add(millis(rest)));
+                store.publish_deadline(name, rest);
             }
         }
         rest
@@ -181,12 +181,6 @@ impl KeyPool {
     fn now(&self) -> u64 {
         millis(self.epoch.elapsed()).max(1)
     }
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, millis)
 }
 
 fn millis(duration: Duration) -> u64 {

@@ -48,7 +48,7 @@ impl Deadlines {
 
 /// The store's name for the deadline of a key hashed as `hash` on the mount `mount`.
 pub fn name(mount: &str, hash: &[u8; 32]) -> String {
-    format!("{PREFIX}rest:{mount}:{}", super::limits::hex(hash))
+    format!("{PREFIX}rest:{mount}:{}", crate::config::hex(hash))
 }
 
 /// Adds the write of `name`'s deadline to `pipe`; nothing when it has passed.

@@ -10,13 +10,14 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, LazyLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use redis::Script;
 
 use super::{millis, Shared, Store, Write, PREFIX};
+use crate::config::hex;
 
 /// KEYS: 1 the address's rate, 2 the key's rate, 3 the leases of all, 4 the key's leases.
 /// ARGV: 1–2 the address's interval (µs) and burst, 3–4 the key's, 5 the cap of all, 6 the
@@ -144,8 +145,9 @@ impl LeaseKeys {
 /// The leases this process holds, by number.
 #[derive(Default)]
 pub(super) struct Held {
-    next: u64,
-    live: HashMap<u64, LeaseKeys>,
+    /// The number of the last lease handed out.
+    last: AtomicU64,
+    live: Mutex<HashMap<u64, LeaseKeys>>,
 }
 
 /// Holds a request's concurrency slots in the store until dropped.
@@ -164,8 +166,8 @@ impl std::fmt::Debug for Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        let keys = match self.shared.leases.lock() {
-            Ok(mut held) => held.live.remove(&self.number),
+        let keys = match self.shared.leases.live.lock() {
+            Ok(mut live) => live.remove(&self.number),
             Err(_) => None,
         };
         if let Some(keys) = keys {
@@ -208,13 +210,7 @@ impl Limits {
         };
         let all_set = format!("{PREFIX}busy:all");
         let key_set = format!("{PREFIX}busy:key:{key_hex}");
-        let number = match shared.leases.lock() {
-            Ok(mut held) => {
-                held.next += 1;
-                held.next
-            }
-            Err(_) => return Verdict::Unavailable,
-        };
+        let number = shared.leases.last.fetch_add(1, Ordering::Relaxed) + 1;
         let member = format!("{}:{number}", shared.instance);
         let rate_args = |rate: Option<Rate>| match rate {
             Some(rate) => (micros(rate.interval), rate.burst),
@@ -254,8 +250,8 @@ impl Limits {
                     return Verdict::Admitted(None);
                 }
                 let keys = LeaseKeys { member, sets };
-                if let Ok(mut held) = shared.leases.lock() {
-                    held.live.insert(number, keys);
+                if let Ok(mut live) = shared.leases.live.lock() {
+                    live.insert(number, keys);
                 }
                 Verdict::Admitted(Some(Lease {
                     number,
@@ -279,8 +275,8 @@ pub(super) async fn renew(shared: Arc<Shared>) {
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
-        let live: Vec<LeaseKeys> = match shared.leases.lock() {
-            Ok(held) => held.live.values().cloned().collect(),
+        let live: Vec<LeaseKeys> = match shared.leases.live.lock() {
+            Ok(live) => live.values().cloned().collect(),
             Err(_) => continue,
         };
         let pairs: Vec<(&String, &String)> = live
@@ -301,16 +297,6 @@ pub(super) async fn renew(shared: Arc<Shared>) {
             }
         }
     }
-}
-
-/// A key hash as the store names it.
-pub(super) fn hex(hash: &[u8; 32]) -> String {
-    use std::fmt::Write as _;
-    hash.iter()
-        .fold(String::with_capacity(64), |mut text, byte| {
-            let _ = write!(text, "{byte:02x}");
-            text
-        })
 }
 
 fn micros(duration: Duration) -> u64 {

@@ -24,7 +24,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::config::{StoreConfig, StoreFailure};
+use crate::config::StoreConfig;
 pub use deadlines::{name as deadline_name, Deadlines};
 pub use limits::{Lease, Limits, Rate, Settings, Verdict};
 
@@ -62,7 +62,7 @@ struct Shared {
     /// This process's name for its leases: unique per start.
     instance: String,
     /// Leases held now, renewed while they live.
-    leases: Mutex<limits::Held>,
+    leases: limits::Held,
     /// Fire-and-forget writes (releases, cool-downs), done in order by the background thread.
     writes: mpsc::UnboundedSender<Write>,
     /// Cool-down cells to keep in step with the store.
@@ -106,7 +106,7 @@ impl Store {
             metrics,
             warned_at: AtomicU64::new(0),
             instance: instance_name(),
-            leases: Mutex::default(),
+            leases: limits::Held::default(),
             writes,
             deadlines: Mutex::default(),
         });
@@ -115,7 +115,7 @@ impl Store {
         if !shared.up.load(Ordering::Relaxed) {
             tracing::warn!(
                 store = %settings.shown(),
-                policy = policy_name(settings.failure),
+                policy = settings.failure.as_str(),
                 "limits.store does not answer at start; limits.store_failure applies until it does"
             );
         }
@@ -166,11 +166,11 @@ impl Store {
         cells
     }
 
-    /// Records that `name` rests until `until_ms` (Unix milliseconds), for the others.
-    pub fn publish_deadline(&self, name: &str, until_ms: u64) {
+    /// Records that `name` rests for `rest` from now, for the others.
+    pub fn publish_deadline(&self, name: &str, rest: Duration) {
         let _ = self.shared.writes.send(Write::Deadline {
             name: name.to_owned(),
-            until_ms,
+            until_ms: unix_ms().saturating_add(millis(rest)),
         });
     }
 }
@@ -207,7 +207,7 @@ impl Shared {
             tracing::warn!(
                 store = %self.settings.shown(),
                 error = why,
-                policy = policy_name(self.settings.failure),
+                policy = self.settings.failure.as_str(),
                 "limits.store unreachable; limits.store_failure applies until it answers"
             );
         }
@@ -258,13 +258,6 @@ async fn write_all(shared: &Shared, mut queued: mpsc::UnboundedReceiver<Write>) 
     }
 }
 
-fn policy_name(failure: StoreFailure) -> &'static str {
-    match failure {
-        StoreFailure::Open => "open",
-        StoreFailure::Closed => "closed",
-    }
-}
-
 /// A name no other process of this start shares: process id and start time.
 fn instance_name() -> String {
     let nanos = SystemTime::now()
@@ -273,7 +266,8 @@ fn instance_name() -> String {
     format!("{:x}-{:x}", std::process::id(), nanos)
 }
 
-fn unix_ms() -> u64 {
+/// Now, in Unix milliseconds: the clock [`Deadlines`] are kept in.
+pub fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, millis)

@@ -343,6 +343,26 @@ pub async fn get_with_key(url: impl reqwest::IntoUrl) -> reqwest::Response {
         .unwrap()
 }
 
+/// Checks a refusal by a `[limits]` rate or cap: 429 with `Retry-After` (1–60 s), the
+/// error's `code` and type, and a message naming `setting`. Returns the `Retry-After` seconds.
+pub async fn assert_429(response: reqwest::Response, code: &str, setting: &str) -> u64 {
+    assert_eq!(response.status(), 429);
+    let retry_after: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], code);
+    assert_eq!(body["error"]["type"], "requests");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains(setting),
+        "{body}"
+    );
+    retry_after
+}
+
 /// The shipped manifest (every route, the built-in settings) pointed at `upstream`.
 pub fn shipped_manifest(upstream: &Upstream) -> String {
     oa_bypass::config::BUILT_IN_MANIFEST.replace(
