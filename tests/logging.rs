@@ -1,5 +1,6 @@
 //! Request log lines leave through a writer thread: none is lost when the gateway stops
-//! under load, and a stalled log sink costs lines (counted), never requests.
+//! under load, a stalled log sink costs lines (counted), never requests, and the level filter
+//! decides for request lines as for any other.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -10,7 +11,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{bearer, binary_path, client, scrape, test_manifest, KillOnDrop, Upstream};
+use common::{
+    bearer, binary_path, client, get_with_key, scrape, test_manifest, Binary, KillOnDrop, Upstream,
+};
 use serde_json::Value;
 
 /// The request lines of `logs` (JSON format) whose answer completed.
@@ -198,4 +201,21 @@ async fn a_stalled_log_sink_drops_lines_and_counts_them_but_never_holds_requests
     assert!(dropped >= 2_500, "{dropped} lines dropped");
     assert!(dropped <= 4_000, "{dropped} lines dropped");
     drop(child);
+}
+
+#[tokio::test]
+async fn the_level_filter_decides_for_request_lines_as_for_any_other_line() {
+    let upstream = Upstream::echo().await;
+    let manifest = test_manifest(&upstream.base_url(), "");
+    let shown = Binary::spawn(&manifest, &[("RUST_LOG", "info")]);
+    let hidden = Binary::spawn(&manifest, &[("RUST_LOG", "info,oa_bypass::request=off")]);
+    for gateway in [&shown, &hidden] {
+        assert_eq!(get_with_key(gateway.url("/v1/models")).await.status(), 200);
+    }
+    assert!(shown.logged("oa_bypass::request").await, "{}", shown.logs());
+    // Both wrote their batches by now (every 100 ms): the filtered one has none to write.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let logs = hidden.logs();
+    assert!(logs.contains("oa-bypass listening"), "{logs}");
+    assert!(!logs.contains("oa_bypass::request"), "{logs}");
 }

@@ -5,6 +5,7 @@
 //! must never carry a key, another header value, a body, or the raw path (which could hold an
 //! ID the operator does not want in logs): the route template is logged instead.
 
+mod line;
 mod writer;
 
 use std::sync::OnceLock;
@@ -52,6 +53,7 @@ pub fn init(config: &LogConfig, tracing: &TracingConfig) -> Result<Logging, Stri
     let (writer, guard) = writer::spawn(std::io::stdout(), capacity, FLUSH_BOUND)
         .map_err(|err| format!("cannot start the log writer thread: {err}"))?;
     let _ = DROPPED.set(writer.clone());
+    line::install(config.format, writer.clone());
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let Some((traces, exporting)) = traces::exporter::<Registry>(tracing)? else {
         // Without traces, the plain subscriber: nothing but the log lines to dispatch.
@@ -128,39 +130,47 @@ pub struct RequestLine<'a> {
 
 /// Writes a forwarded request's line.
 pub fn request(line: &RequestLine<'_>) {
-    tracing::info!(
-        target: "oa_bypass::request",
-        method = %line.method,
-        route = %line.route,
-        status = line.status,
-        duration_ms = millis(line.elapsed),
-        upstream_ttfb_ms = millis(line.upstream_ttfb),
-        bytes_in = line.bytes_in,
-        bytes_out = line.bytes_out,
-        outcome = line.outcome,
-        upstream_request_id = line.upstream_request_id,
-        key_hash = line.key_hash,
-        mount = line.mount,
-        upstream_key = line.upstream_key,
-        model = line.model,
-        input_tokens = line.input_tokens,
-        output_tokens = line.output_tokens,
-        "request"
-    );
+    line::write(|fields| {
+        fields.bare("method", line.method.as_str());
+        fields.bare("route", line.route);
+        fields.number("status", u64::from(line.status));
+        fields.millis("duration_ms", line.elapsed);
+        fields.millis("upstream_ttfb_ms", line.upstream_ttfb);
+        fields.number("bytes_in", line.bytes_in);
+        fields.number("bytes_out", line.bytes_out);
+        fields.quoted("outcome", line.outcome);
+        if let Some(id) = line.upstream_request_id {
+            fields.quoted("upstream_request_id", id);
+        }
+        fields.quoted("key_hash", line.key_hash);
+        if let Some(mount) = line.mount {
+            fields.quoted("mount", mount);
+        }
+        if let Some(var) = line.upstream_key {
+            fields.quoted("upstream_key", var);
+        }
+        if let Some(model) = line.model {
+            fields.quoted("model", model);
+        }
+        if let Some(tokens) = line.input_tokens {
+            fields.number("input_tokens", tokens);
+        }
+        if let Some(tokens) = line.output_tokens {
+            fields.number("output_tokens", tokens);
+        }
+    });
 }
 
 /// Logs a request the gateway answered itself, with the reason (never a key or a body).
 pub fn rejected(method: &Method, route: &str, status: u16, start: Instant, reason: &str) {
-    tracing::info!(
-        target: "oa_bypass::request",
-        method = %method,
-        route = %route,
-        status,
-        duration_ms = millis(start.elapsed()),
-        outcome = "gateway_error",
-        reason,
-        "request"
-    );
+    line::write(|fields| {
+        fields.bare("method", method.as_str());
+        fields.bare("route", route);
+        fields.number("status", u64::from(status));
+        fields.millis("duration_ms", start.elapsed());
+        fields.quoted("outcome", "gateway_error");
+        fields.quoted("reason", reason);
+    });
 }
 
 /// What a realtime (WebSocket) session's line says, written when the session ends.
@@ -177,18 +187,16 @@ pub struct SessionLine<'a> {
 
 /// Writes a realtime session's line.
 pub fn session(line: &SessionLine<'_>) {
-    tracing::info!(
-        target: "oa_bypass::request",
-        method = "GET",
-        route = %line.route,
-        status = 101,
-        duration_ms = millis(line.elapsed),
-        messages_in = line.messages_in,
-        messages_out = line.messages_out,
-        bytes_in = line.bytes_in,
-        bytes_out = line.bytes_out,
-        outcome = line.outcome,
-        key_hash = line.key_hash,
-        "request"
-    );
+    line::write(|fields| {
+        fields.bare("method", "GET");
+        fields.bare("route", line.route);
+        fields.number("status", 101);
+        fields.millis("duration_ms", line.elapsed);
+        fields.number("messages_in", line.messages_in);
+        fields.number("messages_out", line.messages_out);
+        fields.number("bytes_in", line.bytes_in);
+        fields.number("bytes_out", line.bytes_out);
+        fields.quoted("outcome", line.outcome);
+        fields.quoted("key_hash", line.key_hash);
+    });
 }

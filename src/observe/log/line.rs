@@ -1,0 +1,247 @@
+//! The request line's own formatter: the same text and JSON lines tracing-subscriber's fmt
+//! layer writes, formatted straight into the thread's batch.
+//!
+//! Why: through the fmt layer a line cost 10% of loopback throughput as text and 16% as JSON
+//! (field visitors, a fresh timestamp, a formatter per event); here it is a few appends to a
+//! reused buffer, with the timestamp's date and time formatted once a second. Every other line
+//! (warnings, start-up) still goes through tracing. The level filter (`RUST_LOG`, `log.level`)
+//! decides for this line as for any other: it is asked through `tracing::enabled!`.
+
+use std::cell::RefCell;
+use std::io::Write as _;
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tracing::Level;
+
+use super::writer::BatchedLines;
+use crate::config::LogFormat;
+
+/// The target the request lines are logged under, for filters.
+const TARGET: &str = "oa_bypass::request";
+
+/// Where request lines go and in which form; unset until [`super::init`], so a process that
+/// never installs logging (a test's in-process gateway) writes none, as before.
+static OUT: OnceLock<(LogFormat, BatchedLines)> = OnceLock::new();
+
+pub(super) fn install(format: LogFormat, lines: BatchedLines) {
+    let _ = OUT.set((format, lines));
+}
+
+thread_local! {
+    /// This thread's line buffer, and the second its timestamp prefix was made for.
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+#[derive(Default)]
+struct Scratch {
+    line: Vec<u8>,
+    second: u64,
+    /// `2026-12-02T04:08:08.` for `second`.
+    prefix: Vec<u8>,
+}
+
+/// The fields of one line, appended in order.
+pub struct Fields<'a> {
+    line: &'a mut Vec<u8>,
+    json: bool,
+}
+
+/// Writes one request line whose fields `fill` appends, if the level filter lets it through.
+pub fn write(fill: impl FnOnce(&mut Fields<'_>)) {
+    let Some((format, lines)) = OUT.get() else {
+        return;
+    };
+    if !tracing::enabled!(target: TARGET, Level::INFO) {
+        return;
+    }
+    let json = matches!(format, LogFormat::Json);
+    SCRATCH.with(|scratch| {
+        let Ok(mut scratch) = scratch.try_borrow_mut() else {
+            return;
+        };
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO);
+        scratch.format(now, json, fill);
+        let _ = (&*lines).write_all(&scratch.line);
+    });
+}
+
+impl Scratch {
+    /// The line at `now` (since the Unix epoch), in `line`, newline included.
+    fn format(&mut self, now: Duration, json: bool, fill: impl FnOnce(&mut Fields<'_>)) {
+        let Scratch {
+            line,
+            second,
+            prefix,
+        } = self;
+        line.clear();
+        if now.as_secs() != *second || prefix.is_empty() {
+            *second = now.as_secs();
+            prefix.clear();
+            let whole = UNIX_EPOCH + Duration::from_secs(now.as_secs());
+            // `2026-12-02T04:08:08Z`: all but the `Z`, then the fraction's dot.
+            let _ = write!(prefix, "{}", humantime::format_rfc3339_seconds(whole));
+            prefix.pop();
+            prefix.push(b'.');
+        }
+        if json {
+            line.extend_from_slice(b"{\"timestamp\":\"");
+        }
+        line.extend_from_slice(prefix);
+        let _ = write!(line, "{:06}Z", now.subsec_micros());
+        if json {
+            line.extend_from_slice(b"\",\"level\":\"INFO\",\"message\":\"request\"");
+        } else {
+            line.extend_from_slice(b"  INFO oa_bypass::request: request");
+        }
+        fill(&mut Fields { line, json });
+        if json {
+            line.extend_from_slice(b",\"target\":\"oa_bypass::request\"}");
+        }
+        line.push(b'\n');
+    }
+}
+
+impl Fields<'_> {
+    fn name(&mut self, name: &str) {
+        if self.json {
+            self.line.extend_from_slice(b",\"");
+            self.line.extend_from_slice(name.as_bytes());
+            self.line.extend_from_slice(b"\":");
+        } else {
+            self.line.push(b' ');
+            self.line.extend_from_slice(name.as_bytes());
+            self.line.push(b'=');
+        }
+    }
+
+    /// A value the text form writes as it is (a method, a route template).
+    pub fn bare(&mut self, name: &str, value: &str) {
+        self.name(name);
+        if self.json {
+            let _ = serde_json::to_writer(&mut *self.line, value);
+        } else {
+            self.line.extend_from_slice(value.as_bytes());
+        }
+    }
+
+    /// A string the text form quotes and escapes.
+    pub fn quoted(&mut self, name: &str, value: &str) {
+        self.name(name);
+        if self.json {
+            let _ = serde_json::to_writer(&mut *self.line, value);
+        } else {
+            let _ = write!(self.line, "{value:?}");
+        }
+    }
+
+    pub fn number(&mut self, name: &str, value: u64) {
+        self.name(name);
+        let mut digits = itoa::Buffer::new();
+        self.line.extend_from_slice(digits.format(value).as_bytes());
+    }
+
+    /// A duration in milliseconds with microsecond precision.
+    pub fn millis(&mut self, name: &str, value: Duration) {
+        self.name(name);
+        let millis = super::millis(value);
+        if self.json {
+            let _ = serde_json::to_writer(&mut *self.line, &millis);
+        } else {
+            let _ = write!(self.line, "{millis:?}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// What tracing-subscriber's fmt layer writes, to compare with.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            if let Ok(mut seen) = self.0.lock() {
+                seen.extend_from_slice(bytes);
+            }
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The line with its timestamp (the one part that differs) cut out.
+    fn without_timestamp(line: &[u8]) -> String {
+        let text = String::from_utf8_lossy(line).into_owned();
+        let start = text.find("20").unwrap_or(0);
+        let end = text.find('Z').map_or(0, |z| z + 1);
+        format!("{}{}", &text[..start], &text[end..])
+    }
+
+    const ODD: &str = "quote \" backslash \\ tab \t newline \n é \u{7f} end";
+
+    #[test]
+    fn the_line_is_what_tracing_subscriber_would_write_in_both_formats() {
+        for json in [false, true] {
+            let captured = Captured::default();
+            let sink = captured.clone();
+            let builder = tracing_subscriber::fmt()
+                .with_target(true)
+                .with_ansi(false)
+                .with_writer(move || sink.clone());
+            let dispatch: tracing::Dispatch = if json {
+                builder
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(false)
+                    .with_span_list(false)
+                    .into()
+            } else {
+                builder.into()
+            };
+            tracing::dispatcher::with_default(&dispatch, || {
+                tracing::info!(
+                    target: "oa_bypass::request",
+                    method = %"POST",
+                    route = %"/v1/files/{file_id}",
+                    status = 200_u16,
+                    duration_ms = super::super::millis(Duration::from_micros(1_000)),
+                    upstream_ttfb_ms = super::super::millis(Duration::ZERO),
+                    bytes_in = 12_345_678_u64,
+                    outcome = "complete",
+                    reason = ODD,
+                    "request"
+                );
+            });
+            let mut ours = Scratch::default();
+            ours.format(
+                Duration::from_micros(1_764_648_488_000_042),
+                json,
+                |fields| {
+                    fields.bare("method", "POST");
+                    fields.bare("route", "/v1/files/{file_id}");
+                    fields.number("status", 200);
+                    fields.millis("duration_ms", Duration::from_micros(1_000));
+                    fields.millis("upstream_ttfb_ms", Duration::ZERO);
+                    fields.number("bytes_in", 12_345_678);
+                    fields.quoted("outcome", "complete");
+                    fields.quoted("reason", ODD);
+                },
+            );
+            let theirs = captured
+                .0
+                .lock()
+                .map(|seen| seen.clone())
+                .unwrap_or_default();
+            assert_eq!(without_timestamp(&ours.line), without_timestamp(&theirs));
+            assert!(String::from_utf8_lossy(&ours.line).contains("2025-12-02T04:08:08.000042Z"));
+        }
+    }
+}
