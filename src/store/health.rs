@@ -15,8 +15,11 @@ const EVERY_WHILE_UP: Duration = Duration::from_secs(1);
 const EVERY_WHILE_DOWN: Duration = Duration::from_millis(250);
 
 /// One check: marks the store up when it answers, down (counted) when not.
-pub(super) async fn check(shared: &Shared) {
-    let mut conn = shared.conn.clone();
+pub(super) async fn check(shared: &Arc<Shared>) {
+    let Some((mut conn, _)) = shared.connection() else {
+        shared.fail("cannot make a connection");
+        return;
+    };
     let ping = redis::cmd("PING");
     let ping = ping.query_async::<String>(&mut conn);
     match tokio::time::timeout(PING_TIMEOUT, ping).await {

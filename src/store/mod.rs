@@ -5,18 +5,21 @@
 //! pipeline's ([`crate::pipeline::limits`]). Only hashes and addresses go to Redis, never a
 //! key.
 //!
-//! One multiplexed connection (the `redis` crate's `ConnectionManager`, which reconnects by
-//! itself) carries every call: Redis answers in order on one socket, so a pool would add
-//! sockets, not throughput. Its background work (health checks, lease renewal, releases,
-//! cool-down sync) runs on a thread of its own, which ends when the [`Store`] is dropped.
+//! Each thread that calls the store has one multiplexed connection of its own (the `redis`
+//! crate's `ConnectionManager`, which reconnects by itself), made on its first call: a
+//! request's round trip never leaves its worker's thread, and Redis answers in order on one
+//! socket, so a pool would add sockets, not throughput. The background work (health checks,
+//! lease renewal, releases, cool-down sync) runs on a thread of its own, which ends when the
+//! [`Store`] is dropped.
 
 mod deadlines;
 mod health;
 mod limits;
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus_client::metrics::counter::Counter;
@@ -52,7 +55,9 @@ pub struct Store {
 /// What the handle and the background tasks share.
 struct Shared {
     settings: StoreConfig,
-    conn: ConnectionManager,
+    /// What each thread's connection is made from.
+    client: redis::Client,
+    connection: ConnectionManagerConfig,
     /// Whether the last call or health check got an answer: while not, requests do not wait
     /// on the store at all (the failure policy answers for it).
     up: AtomicBool,
@@ -93,15 +98,11 @@ impl Store {
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(500));
-        let conn = {
-            let _inside = runtime.enter();
-            ConnectionManager::new_lazy_with_config(client, config)
-                .map_err(|err| format!("limits.store: {err}"))?
-        };
         let (writes, queued) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             settings: settings.clone(),
-            conn,
+            client,
+            connection: config,
             up: AtomicBool::new(false),
             metrics,
             warned_at: AtomicU64::new(0),
@@ -110,21 +111,17 @@ impl Store {
             writes,
             deadlines: Mutex::default(),
         });
-        // The first check before serving, so a reachable store is up from the first request.
-        runtime.block_on(health::check(&shared));
-        if !shared.up.load(Ordering::Relaxed) {
-            tracing::warn!(
-                store = %settings.shown(),
-                policy = settings.failure.as_str(),
-                "limits.store does not answer at start; limits.store_failure applies until it does"
-            );
-        }
         let (stop, stopped) = oneshot::channel::<()>();
+        let (checked, first_check) = std::sync::mpsc::channel();
         let background = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("oa-bypass-store".to_owned())
             .spawn(move || {
                 runtime.block_on(async move {
+                    // The first check before serving, so a reachable store is up from the
+                    // first request.
+                    health::check(&background).await;
+                    let _ = checked.send(());
                     tokio::select! {
                         _ = stopped => {}
                         () = health::watch(Arc::clone(&background)) => {}
@@ -135,6 +132,15 @@ impl Store {
                 });
             })
             .map_err(|err| format!("limits.store: cannot start its thread: {err}"))?;
+        // Bounded by the check's own timeout; a thread that never reports starts it down.
+        let _ = first_check.recv_timeout(health::PING_TIMEOUT * 2);
+        if !shared.up.load(Ordering::Relaxed) {
+            tracing::warn!(
+                store = %settings.shown(),
+                policy = settings.failure.as_str(),
+                "limits.store does not answer at start; limits.store_failure applies until it does"
+            );
+        }
         Ok(Store {
             shared,
             _stop: stop,
@@ -175,17 +181,52 @@ impl Store {
     }
 }
 
+thread_local! {
+    /// This thread's connection to each store in use.
+    static CONNECTIONS: RefCell<Vec<(Weak<Shared>, ConnectionManager)>> =
+        const { RefCell::new(Vec::new()) };
+}
+
 impl Shared {
+    /// This thread's connection, and whether it is new: made on the thread's first call
+    /// (inside its event loop, which then drives it). `None` only if the crate refuses.
+    fn connection(self: &Arc<Self>) -> Option<(ConnectionManager, bool)> {
+        CONNECTIONS.with(|made| {
+            let mut made = made.borrow_mut();
+            let mine = made.iter().find(|(of, _)| of.as_ptr() == Arc::as_ptr(self));
+            if let Some((_, connection)) = mine {
+                return Some((connection.clone(), false));
+            }
+            // Those of stores dropped since (a reload that changed `limits.store`) go.
+            made.retain(|(of, _)| of.strong_count() > 0);
+            let client = self.client.clone();
+            let connection =
+                ConnectionManager::new_lazy_with_config(client, self.connection.clone()).ok()?;
+            made.push((Arc::downgrade(self), connection.clone()));
+            Some((connection, true))
+        })
+    }
+
     /// One call to the store within `store_timeout`; a failure marks the store down, so the
     /// requests after this one do not wait on it.
-    async fn call<T, F>(&self, call: impl FnOnce(ConnectionManager) -> F) -> Option<T>
+    async fn call<T, F>(self: &Arc<Self>, call: impl FnOnce(ConnectionManager) -> F) -> Option<T>
     where
         F: Future<Output = redis::RedisResult<T>>,
     {
         if !self.up.load(Ordering::Relaxed) {
             return None;
         }
-        let outcome = tokio::time::timeout(self.settings.timeout, call(self.conn.clone())).await;
+        let Some((connection, new)) = self.connection() else {
+            self.fail("cannot make a connection");
+            return None;
+        };
+        // A new connection's first call also connects: it may take the connect timeout.
+        let timeout = if new {
+            health::PING_TIMEOUT
+        } else {
+            self.settings.timeout
+        };
+        let outcome = tokio::time::timeout(timeout, call(connection)).await;
         match outcome {
             Ok(Ok(value)) => Some(value),
             Ok(Err(err)) => {
@@ -236,7 +277,7 @@ impl Shared {
 
 /// Does the writes nobody waits for, in the order they were made. One that fails is left:
 /// leases expire by themselves, and a cool-down is also kept by the replica that set it.
-async fn write_all(shared: &Shared, mut queued: mpsc::UnboundedReceiver<Write>) {
+async fn write_all(shared: &Arc<Shared>, mut queued: mpsc::UnboundedReceiver<Write>) {
     while let Some(first) = queued.recv().await {
         let mut pipe = redis::pipe();
         let mut next = Some(first);
