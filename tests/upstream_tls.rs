@@ -12,9 +12,15 @@ use bytes::Bytes;
 use common::{bearer, Binary};
 use http_body_util::{BodyExt, Full};
 
-/// An HTTPS upstream answering every request with what it saw: HTTP version, method, path and
-/// body length.
+/// An HTTPS upstream answering every request with what it saw: HTTP version, method, path,
+/// `Host` and body length, and how many connections it has accepted so far. With `one_each`,
+/// it answers one bodiless request per connection, then closes it (see
+/// [`one_answer_then_close`]).
 async fn tls_upstream(cert_pem: &str, key_pem: &str) -> std::net::SocketAddr {
+    tls_upstream_with(cert_pem, key_pem, false).await
+}
+
+async fn tls_upstream_with(cert_pem: &str, key_pem: &str, one_each: bool) -> std::net::SocketAddr {
     use rustls_pki_types::pem::PemObject;
     let certs =
         vec![rustls_pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap()];
@@ -31,22 +37,28 @@ async fn tls_upstream(cert_pem: &str, key_pem: &str) -> std::net::SocketAddr {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let acceptor = acceptor.clone();
+            let connections = accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
             tokio::spawn(async move {
                 let Ok(stream) = acceptor.accept(stream).await else {
                     return;
                 };
                 let service = hyper::service::service_fn(
-                    |req: http::Request<hyper::body::Incoming>| async move {
+                    move |req: http::Request<hyper::body::Incoming>| async move {
                         let version = format!("{:?}", req.version());
                         let method = req.method().to_string();
                         let path = req.uri().path().to_owned();
+                        let host = req
+                            .headers()
+                            .get("host")
+                            .map(|h| h.to_str().unwrap().to_owned());
                         let body = req.into_body().collect().await.unwrap().to_bytes();
                         let answer = serde_json::json!({
                             "version": version, "method": method, "path": path,
-                            "body_len": body.len(),
+                            "host": host, "body_len": body.len(), "connections": connections,
                         });
                         Ok::<_, Infallible>(
                             http::Response::builder()
@@ -56,15 +68,45 @@ async fn tls_upstream(cert_pem: &str, key_pem: &str) -> std::net::SocketAddr {
                         )
                     },
                 );
+                if one_each {
+                    one_answer_then_close(stream, connections).await;
+                    return;
+                }
+                let io = hyper_util::rt::TokioIo::new(stream);
                 let _ = hyper_util::server::conn::auto::Builder::new(
                     hyper_util::rt::TokioExecutor::new(),
                 )
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .serve_connection(io, service)
                 .await;
             });
         }
     });
     addr
+}
+
+/// Reads one request head, answers it as if the connection would stay open (no
+/// `Connection: close`), then closes it: TLS `close_notify`, then TCP. What an upstream does
+/// when it drops idle connections.
+async fn one_answer_then_close(
+    mut stream: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    connections: usize,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+            return;
+        }
+        head.push(byte[0]);
+    }
+    let body = serde_json::json!({"version": "HTTP/1.1", "connections": connections}).to_string();
+    let answer = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(answer.as_bytes()).await;
+    let _ = stream.shutdown().await;
 }
 
 fn manifest(port: u16) -> String {
@@ -128,4 +170,109 @@ async fn an_untrusted_upstream_certificate_is_a_clear_502() {
     );
     assert!(message.to_lowercase().contains("certificate"), "{message}");
     assert_eq!(error["error"]["code"], "upstream_unreachable");
+}
+
+/// `upstream.http2 = false`: HTTP/1.1 to an HTTPS upstream that offers HTTP/2, with the
+/// authority in `Host`, on one kept-alive TLS connection; a body too large for the fast engine
+/// to hold streams up over HTTP/1.1 too.
+#[tokio::test]
+async fn with_http2_off_an_https_upstream_gets_http1_on_kept_alive_connections() {
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let (cert, key) = (made.cert.pem(), made.signing_key.serialize_pem());
+    let upstream = tls_upstream(&cert, &key).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &cert).unwrap();
+    let gateway = Binary::spawn(
+        &manifest(upstream.port()),
+        &[
+            ("SSL_CERT_FILE", ca.to_str().unwrap()),
+            ("OA_BYPASS_UPSTREAM__HTTP2", "false"),
+            ("OA_BYPASS_SERVER__WORKERS", "1"),
+            // The raw transport says at trace level what it sent, and on which connection.
+            ("RUST_LOG", "info,oa_bypass::upstream::raw=trace"),
+        ],
+    );
+    let post = |body: String| {
+        common::client()
+            .post(gateway.url("/v1/embeddings"))
+            .header("authorization", bearer())
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    for round in 0..5 {
+        let body = serde_json::json!({"input": format!("round {round}")}).to_string();
+        let seen: serde_json::Value = post(body.clone()).await.unwrap().json().await.unwrap();
+        assert_eq!(seen["version"], "HTTP/1.1", "{seen}");
+        assert_eq!(
+            seen["host"],
+            format!("localhost:{}", upstream.port()),
+            "{seen}"
+        );
+        assert_eq!(seen["body_len"], body.len());
+        // The first connection carries every one of them.
+        assert_eq!(seen["connections"], 1, "round {round}: {seen}");
+    }
+    let seen: serde_json::Value = common::get_with_key(gateway.url("/v1/models"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (&seen["version"], &seen["path"]),
+        (&"HTTP/1.1".into(), &"/v1/models".into())
+    );
+
+    // Whole bodies went on the raw transport (one TLS connection, then pooled), not
+    // hyper's client.
+    // Log lines leave in batches: wait for the sixth.
+    let mut logs = gateway.logs();
+    for _ in 0..100 {
+        if logs.matches("raw transport: request sent").count() >= 6 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        logs = gateway.logs();
+    }
+    assert_eq!(
+        logs.matches("raw transport: request sent").count(),
+        6,
+        "{logs}"
+    );
+    assert_eq!(logs.matches("pooled=true").count(), 5, "{logs}");
+
+    let big = serde_json::json!({"input": "x".repeat(100_000)}).to_string();
+    let seen: serde_json::Value = post(big.clone()).await.unwrap().json().await.unwrap();
+    assert_eq!(seen["version"], "HTTP/1.1", "{seen}");
+    assert_eq!(seen["body_len"], big.len());
+}
+
+/// A kept-alive TLS connection the upstream has since closed (close_notify) is not used
+/// again: every request is answered, each on a new connection.
+#[tokio::test]
+async fn with_http2_off_a_connection_the_upstream_closed_is_replaced() {
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let (cert, key) = (made.cert.pem(), made.signing_key.serialize_pem());
+    let upstream = tls_upstream_with(&cert, &key, true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &cert).unwrap();
+    let gateway = Binary::spawn(
+        &manifest(upstream.port()),
+        &[
+            ("SSL_CERT_FILE", ca.to_str().unwrap()),
+            ("OA_BYPASS_UPSTREAM__HTTP2", "false"),
+            ("OA_BYPASS_SERVER__WORKERS", "1"),
+        ],
+    );
+    for round in 1..=4 {
+        let response = common::get_with_key(gateway.url("/v1/models")).await;
+        assert_eq!(response.status(), 200, "round {round}");
+        let seen: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(seen["version"], "HTTP/1.1");
+        assert_eq!(seen["connections"], round, "{seen}");
+        // Time for the close to arrive, as it would between a user's requests.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }

@@ -80,6 +80,7 @@ impl Config {
                     mask_url,
                 ),
             ),
+            ("upstream.http2", self.upstream.http2.to_string()),
             (
                 "upstream.ready_check",
                 self.upstream.ready_check.to_string(),
@@ -236,6 +237,7 @@ impl Config {
                     format_duration(mount.upstream.connect_timeout),
                 ),
                 ("read_timeout", format_duration(mount.upstream.read_timeout)),
+                ("http2", mount.upstream.http2.to_string()),
                 (
                     "proxy",
                     mount

@@ -243,6 +243,9 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
     pub proxy: Option<Url>,
+    /// HTTP/2 by ALPN where an `https://` upstream offers it. False: HTTP/1.1 only, and a
+    /// request whose body is whole goes on the raw transport, as to a plain upstream.
+    pub http2: bool,
     /// `/ready` also checks that the upstream answers.
     pub ready_check: bool,
     pub credential_header: CredentialHeader,

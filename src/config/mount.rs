@@ -140,6 +140,7 @@ pub(super) fn validate_upstream(
         connect_timeout: raw.connect_timeout.0,
         read_timeout: raw.read_timeout.0,
         proxy,
+        http2: raw.http2,
         ready_check: raw.ready_check,
         credential_header,
         keys,
@@ -224,6 +225,7 @@ pub(super) fn validate_mounts(
             connect_timeout: mount.connect_timeout.unwrap_or(defaults.connect_timeout),
             read_timeout: mount.read_timeout.unwrap_or(defaults.read_timeout),
             proxy: mount.proxy.or_else(|| defaults.proxy.clone()),
+            http2: mount.http2.unwrap_or(defaults.http2),
             ready_check: false,
             credential_header: mount
                 .credential_header

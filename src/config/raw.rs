@@ -144,6 +144,8 @@ pub struct RawUpstream {
     pub connect_timeout: HumanDuration,
     pub read_timeout: HumanDuration,
     pub proxy: Option<String>,
+    /// HTTP/2 by ALPN where an `https://` upstream offers it; false: HTTP/1.1 only.
+    pub http2: bool,
     pub ready_check: bool,
     pub credential_header: String,
     /// Names of environment variables holding the keys the gateway sends in place of the
@@ -158,6 +160,7 @@ impl Default for RawUpstream {
             connect_timeout: HumanDuration(std::time::Duration::from_secs(10)),
             read_timeout: HumanDuration(std::time::Duration::from_secs(600)),
             proxy: None,
+            http2: true,
             ready_check: false,
             credential_header: "authorization".to_owned(),
             keys_env: Vec::new(),
@@ -175,6 +178,7 @@ pub struct RawMount {
     pub connect_timeout: Option<HumanDuration>,
     pub read_timeout: Option<HumanDuration>,
     pub proxy: Option<String>,
+    pub http2: Option<bool>,
     pub credential_header: Option<String>,
     #[serde(default)]
     pub keys_env: Vec<String>,

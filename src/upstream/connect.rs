@@ -54,11 +54,13 @@ pub struct Connector {
 
 impl Connector {
     /// A connector with `connect_timeout` for each TCP connection, the proxy `proxy` (else the
-    /// standard variables), and `tls`'s root certificates.
+    /// standard variables), and `tls`'s root certificates; `http2` offers HTTP/2 by ALPN to
+    /// HTTPS upstreams.
     pub fn new(
         connect_timeout: Duration,
         proxy: Option<&url::Url>,
         tls: &rustls::ClientConfig,
+        http2: bool,
     ) -> Connector {
         let mut tcp = HttpConnector::new();
         tcp.set_nodelay(true);
@@ -77,7 +79,11 @@ impl Connector {
         Connector {
             connect_timeout,
             tcp,
-            tls_requests: with_alpn(&[b"h2", b"http/1.1"]),
+            tls_requests: if http2 {
+                with_alpn(&[b"h2", b"http/1.1"])
+            } else {
+                with_alpn(&[b"http/1.1"])
+            },
             tls_http1: with_alpn(&[b"http/1.1"]),
             proxies: Arc::new(proxies),
         }
@@ -93,7 +99,7 @@ impl Connector {
         self.connect_timeout
     }
 
-    /// A plain TCP connection to `dst`'s host and port, with no proxy: for the raw HTTP/1
+    /// A TCP connection to `dst`'s host and port, with no proxy: for the raw HTTP/1
     /// transport, which is only used where no proxy applies. Its addresses are tried in
     /// turn, all within the connect timeout.
     ///
@@ -103,7 +109,13 @@ impl Connector {
     pub async fn tcp(&self, dst: &Uri) -> Result<TcpStream, BoxError> {
         let host = dst.host().ok_or("the URL has no host")?;
         let host = host.trim_start_matches('[').trim_end_matches(']');
-        let port = dst.port_u16().unwrap_or(80);
+        let port = dst
+            .port_u16()
+            .unwrap_or(if dst.scheme_str() == Some("https") {
+                443
+            } else {
+                80
+            });
         let connecting = TcpStream::connect((host, port));
         let stream = match tokio::time::timeout(self.connect_timeout, connecting).await {
             Ok(connected) => connected?,
@@ -111,6 +123,15 @@ impl Connector {
         };
         stream.set_nodelay(true)?;
         Ok(stream)
+    }
+
+    /// TLS over `tcp` to `dst`, offering HTTP/1.1 only: for the raw transport.
+    pub async fn tls_http1(
+        &self,
+        dst: &Uri,
+        tcp: TcpStream,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, BoxError> {
+        Ok(self.tls_http1.connect(server_name(dst)?, tcp).await?)
     }
 
     /// A connection to `dst` (scheme, host and port) for `purpose`: through a proxy when one

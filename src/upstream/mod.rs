@@ -3,8 +3,9 @@
 //! [`Upstream::send`] takes a request the pipeline has finished with and brings back the
 //! answer's head and a body to stream. Which transport carries it is decided there and
 //! nowhere else:
-//! - the raw HTTP/1 transport ([`raw`]) for a plain `http://` upstream reached without a
-//!   proxy, when the body is already whole (the fast engine reads bodies it takes whole);
+//! - the raw HTTP/1 transport ([`raw`]) for an upstream reached without a proxy over plain
+//!   `http://`, or over `https://` with `upstream.http2 = false`, when the body is already
+//!   whole (the fast engine reads bodies it takes whole);
 //! - hyper-util's pooled client ([`client`]) for everything else: HTTPS with HTTP/2 where
 //!   offered, proxies, bodies that stream.
 //!
@@ -256,13 +257,20 @@ impl Upstream {
         tls: &rustls::ClientConfig,
     ) -> Result<Upstream, ConfigError> {
         let invalid = |message: String| ConfigError::Invalid(vec![message]);
-        let target = Target::new(&config.base_url).map_err(invalid)?;
+        let target = Target::new(&config.base_url, config.http2).map_err(invalid)?;
         let base = target
             .base()
             .map_err(|err| invalid(format!("upstream.base_url: not usable: {err}")))?;
-        let connector = Connector::new(config.connect_timeout, config.proxy.as_ref(), tls);
+        let connector = Connector::new(
+            config.connect_timeout,
+            config.proxy.as_ref(),
+            tls,
+            config.http2,
+        );
         let proxy = connector.proxy_for(&base);
-        let raw = (target.is_plain() && proxy.is_none())
+        // HTTP/1.1 straight to the upstream: the raw transport, over TLS for https:// (why:
+        // hyper's client costs as much user time per request as all of nginx, Raw's doc).
+        let raw = ((target.is_plain() || !config.http2) && proxy.is_none())
             .then(|| Raw::new(base.clone(), connector.clone()));
         let forward_auth = proxy
             .filter(|proxy| {

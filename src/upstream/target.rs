@@ -12,13 +12,15 @@ pub struct Target {
     authority: Authority,
     /// The base URL's path without its trailing slash: usually empty.
     path: String,
-    /// `Host` for a plain `http://` upstream, which speaks HTTP/1. Left to the client for
-    /// `https://`: there HTTP/2 may be negotiated, which carries the authority otherwise.
+    /// `Host` for an upstream spoken to in HTTP/1 only (plain `http://`, or `https://` with
+    /// `upstream.http2 = false`). Left to the client for `https://` where HTTP/2 may be
+    /// negotiated, which carries the authority otherwise.
     host: Option<HeaderValue>,
 }
 
 impl Target {
-    pub fn new(url: &url::Url) -> Result<Target, String> {
+    /// The target of `url`; `http2`: HTTP/2 may be negotiated with an `https://` upstream.
+    pub fn new(url: &url::Url, http2: bool) -> Result<Target, String> {
         let invalid = |err: &dyn std::fmt::Display| format!("upstream.base_url: not usable: {err}");
         let host = url.host_str().unwrap_or_default();
         let authority = match url.port() {
@@ -29,7 +31,7 @@ impl Target {
         let secure = url.scheme() == "https";
         Ok(Target {
             scheme: if secure { Scheme::HTTPS } else { Scheme::HTTP },
-            host: if secure {
+            host: if secure && http2 {
                 None
             } else {
                 Some(HeaderValue::from_str(authority.as_str()).map_err(|err| invalid(&err))?)
@@ -44,7 +46,7 @@ impl Target {
         self.scheme == Scheme::HTTP
     }
 
-    /// The `Host` header a request to a plain upstream carries.
+    /// The `Host` header a request carries to an upstream spoken to in HTTP/1 only.
     pub fn host(&self) -> Option<&HeaderValue> {
         self.host.as_ref()
     }
@@ -97,7 +99,8 @@ mod tests {
 
     #[test]
     fn the_base_path_goes_before_the_clients_path_and_query() {
-        let target = Target::new(&"http://u:p@127.0.0.1:8000/openai/".parse().unwrap()).unwrap();
+        let target =
+            Target::new(&"http://u:p@127.0.0.1:8000/openai/".parse().unwrap(), true).unwrap();
         let joined = target.join(&"/v1/x?a=%2F".parse().unwrap()).unwrap();
         assert_eq!(joined, "/openai/v1/x?a=%2F");
         assert_eq!(
@@ -109,8 +112,11 @@ mod tests {
             "ws://127.0.0.1:8000/openai/v1/x?a=%2F"
         );
         assert_eq!(target.host().unwrap(), "127.0.0.1:8000");
-        let openai = Target::new(&"https://api.openai.com".parse().unwrap()).unwrap();
+        let openai = Target::new(&"https://api.openai.com".parse().unwrap(), true).unwrap();
         assert!(openai.host().is_none());
         assert_eq!(openai.base().unwrap(), "https://api.openai.com/");
+        // HTTP/1.1 only: the request carries the authority in Host.
+        let http1 = Target::new(&"https://api.openai.com".parse().unwrap(), false).unwrap();
+        assert_eq!(http1.host().unwrap(), "api.openai.com");
     }
 }

@@ -149,20 +149,11 @@ impl Stream for RawBody {
                 };
             }
             make_room(&mut connection.buf, BUFFER / 2);
-            match connection.stream.poll_read_ready(cx) {
+            match connection.stream.poll_read_buf(cx, &mut connection.buf) {
                 Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) => this.eof = true,
+                Poll::Ready(Ok(_)) => {}
                 Poll::Ready(Err(err)) => {
-                    this.connection = None;
-                    return Poll::Ready(Some(Err(Box::new(err))));
-                }
-                Poll::Ready(Ok(())) => {}
-            }
-            match connection.stream.try_read_buf(&mut connection.buf) {
-                Ok(0) => this.eof = true,
-                Ok(_) => {}
-                // Readiness that was stale: polling again registers the waker.
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-                Err(err) => {
                     this.connection = None;
                     return Poll::Ready(Some(Err(Box::new(err))));
                 }

@@ -1,6 +1,7 @@
-//! The raw HTTP/1 transport: for a plain `http://` upstream reached without a proxy, a request
-//! whose body is already whole goes out in one write on a pooled connection, and its answer
-//! is read in place, the head kept as it arrived and the body handed on chunk by chunk.
+//! The raw HTTP/1 transport: for an upstream reached without a proxy over plain `http://`, or
+//! over `https://` with `upstream.http2 = false`, a request whose body is already whole goes
+//! out in one write on a pooled connection, and its answer is read in place, the head kept as
+//! it arrived and the body handed on chunk by chunk.
 //!
 //! Why: hyper's pooled client spends as much user time on a request as all of nginx does
 //! (one task per connection, a channel between it and the request, a header map each way);
@@ -8,19 +9,20 @@
 
 mod body;
 mod pool;
+mod wire;
 
 use std::sync::Arc;
 
 use bytes::BytesMut;
 use http::Uri;
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::connect::{BoxError, Connector};
 use super::{Outbound, OutboundBody, SendError, Stage};
-use crate::http1::{self, make_room, write_two, BadResponse, ResponseHead};
+use crate::http1::{self, make_room, BadResponse, ResponseHead};
 pub use body::RawBody;
 use pool::{Connection, Pool};
+use wire::Wire;
 
 /// The read buffer a new connection starts with, and the room each read makes.
 const BUFFER: usize = 8 * 1024;
@@ -30,9 +32,9 @@ const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// small JSON bodies most requests carry, the copy costs less than `writev`'s vector.
 const COPY_BODY_UP_TO: usize = 16 * 1024;
 
-/// Requests to one plain-HTTP upstream on this worker's pooled connections.
+/// Requests to one upstream on this worker's pooled HTTP/1.1 connections.
 pub struct Raw {
-    /// Where new connections go.
+    /// Where new connections go: `http://` for TCP, `https://` for TLS over it.
     dst: Uri,
     connector: Connector,
     pool: Arc<Pool>,
@@ -79,11 +81,11 @@ impl Raw {
             &body[..]
         };
         let stream = loop {
-            let (stream, was_pooled) = match pooled.take() {
+            let (mut stream, was_pooled) = match pooled.take() {
                 Some(connection) => (connection.stream, true),
                 None => (self.connect().await?, false),
             };
-            match write_two(&stream, &buf, rest).await {
+            match stream.write_two(&buf, rest).await {
                 Ok(()) => {
                     tracing::trace!(pooled = was_pooled, "raw transport: request sent");
                     break stream;
@@ -105,10 +107,17 @@ impl Raw {
         Ok((head, body))
     }
 
-    /// A new connection to the upstream.
-    async fn connect(&self) -> Result<TcpStream, SendError> {
-        self.connector
-            .tcp(&self.dst)
+    /// A new connection to the upstream: TCP, then TLS (HTTP/1.1 only) for `https://`.
+    async fn connect(&self) -> Result<Wire, SendError> {
+        let connect = async {
+            let tcp = self.connector.tcp(&self.dst).await?;
+            if self.dst.scheme_str() == Some("https") {
+                let tls = self.connector.tls_http1(&self.dst, tcp).await?;
+                return Ok(Wire::Tls(Box::new(tls)));
+            }
+            Ok(Wire::Plain(tcp))
+        };
+        connect
             .await
             .map_err(|source| SendError::new(Stage::Connect, source))
     }
@@ -126,8 +135,7 @@ async fn read_head(connection: &mut Connection) -> Result<ResponseHead, BoxError
             None => {}
         }
         make_room(&mut connection.buf, BUFFER / 2);
-        let read = tokio::io::AsyncReadExt::read_buf(&mut connection.stream, &mut connection.buf);
-        if read.await? == 0 {
+        if connection.stream.read_buf(&mut connection.buf).await? == 0 {
             return Err(Box::new(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
                 "the upstream closed the connection before answering",

@@ -1,21 +1,20 @@
-//! The raw transport's idle connections: plain TCP to an `http://` upstream, kept per worker
-//! and lent to one exchange at a time, which does its own reading and writing on them (no
-//! connection task, no channel between the two).
+//! The raw transport's idle connections to one upstream (plain TCP, or TLS over it), kept per
+//! worker and lent to one exchange at a time, which does its own reading and writing on them
+//! (no connection task, no channel between the two).
 
-use std::io;
 use std::sync::Mutex;
-use std::task::{Context, Poll, Waker};
 
 use bytes::BytesMut;
-use tokio::net::TcpStream;
 use tokio::time::Instant;
+
+use super::wire::Wire;
 
 use crate::upstream::{POOL_IDLE_TIMEOUT, POOL_MAX_IDLE};
 
 /// A connection with its read buffer, which goes back into the pool with it.
 #[derive(Debug)]
 pub struct Connection {
-    pub stream: TcpStream,
+    pub stream: Wire,
     pub buf: BytesMut,
 }
 
@@ -38,9 +37,9 @@ impl Pool {
         let Ok(mut idle) = self.idle.lock() else {
             return None;
         };
-        while let Some(entry) = idle.pop() {
+        while let Some(mut entry) = idle.pop() {
             if now.saturating_duration_since(entry.since) < POOL_IDLE_TIMEOUT
-                && still_open(&entry.connection.stream)
+                && entry.connection.stream.still_open()
             {
                 return Some(entry.connection);
             }
@@ -57,21 +56,6 @@ impl Pool {
                 idle.remove(0);
             }
             idle.push(Idle { connection, since });
-        }
-    }
-}
-
-/// Whether an idle connection can carry another request: the upstream has neither closed it
-/// nor sent anything unasked. The event loop's readiness answers without a system call in
-/// the usual case; only a connection marked readable is read to tell.
-fn still_open(stream: &TcpStream) -> bool {
-    let mut cx = Context::from_waker(Waker::noop());
-    match stream.poll_read_ready(&mut cx) {
-        Poll::Pending => true,
-        Poll::Ready(Err(_)) => false,
-        Poll::Ready(Ok(())) => {
-            let mut probe = [0u8; 1];
-            matches!(stream.try_read(&mut probe), Err(err) if err.kind() == io::ErrorKind::WouldBlock)
         }
     }
 }
