@@ -112,7 +112,9 @@ impl Raw {
         let connect = async {
             let tcp = self.connector.tcp(&self.dst).await?;
             if self.dst.scheme_str() == Some("https") {
-                let tls = self.connector.tls_http1(&self.dst, tcp).await?;
+                // Boxed: the handshake's state (a rustls session, about a kilobyte) would
+                // otherwise be part of every request's future, so of every open stream's task.
+                let tls = Box::pin(self.connector.tls_http1(&self.dst, tcp)).await?;
                 return Ok(Wire::Tls(Box::new(tls)));
             }
             Ok(Wire::Plain(tcp))
