@@ -22,7 +22,17 @@ pub fn make_room(buf: &mut BytesMut, room: usize) {
 /// registered per wait, and the future stays a few words long.
 pub async fn write_two(stream: &TcpStream, first: &[u8], second: &[u8]) -> std::io::Result<()> {
     let (mut first, mut second) = (first, second);
-    std::future::poll_fn(|cx| loop {
+    std::future::poll_fn(|cx| poll_write_two(stream, cx, &mut first, &mut second)).await
+}
+
+/// [`write_two`] as a poll: `first` and `second` are advanced past what was written.
+pub fn poll_write_two(
+    stream: &TcpStream,
+    cx: &mut std::task::Context<'_>,
+    first: &mut &[u8],
+    second: &mut &[u8],
+) -> Poll<std::io::Result<()>> {
+    loop {
         if first.is_empty() && second.is_empty() {
             return Poll::Ready(Ok(()));
         }
@@ -40,13 +50,12 @@ pub async fn write_two(stream: &TcpStream, first: &[u8], second: &[u8]) -> std::
             Ok(0) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
             Ok(n) => {
                 let from_first = n.min(first.len());
-                first = &first[from_first..];
-                second = &second[n - from_first..];
+                *first = &first[from_first..];
+                *second = &second[n - from_first..];
             }
             // Readiness that was stale: polling again registers the waker.
             Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(err) => return Poll::Ready(Err(err)),
         }
-    })
-    .await
+    }
 }

@@ -11,6 +11,8 @@ mod body;
 mod pool;
 mod wire;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::BytesMut;
@@ -63,10 +65,11 @@ impl Raw {
             let refused = "the raw transport takes only whole bodies";
             return Err(SendError::new(Stage::Exchange, refused.into()));
         };
-        let mut pooled = self.pool.checkout(Instant::now());
-        let mut buf = match pooled.as_mut() {
-            Some(connection) => std::mem::take(&mut connection.buf),
-            None => BytesMut::with_capacity(BUFFER),
+        // The pooled connection's stream and buffer held apart: only the stream waits with
+        // the request (a smaller future for every request).
+        let (mut pooled, mut buf) = match self.pool.checkout(Instant::now()) {
+            Some(connection) => (Some(connection.stream), connection.buf),
+            None => (None, BytesMut::with_capacity(BUFFER)),
         };
         buf.clear();
         http1::write_request_head(&mut buf, &method, target.as_str(), &headers, body.len());
@@ -82,7 +85,7 @@ impl Raw {
         };
         let stream = loop {
             let (mut stream, was_pooled) = match pooled.take() {
-                Some(connection) => (connection.stream, true),
+                Some(stream) => (stream, true),
                 None => (self.connect().await?, false),
             };
             match stream.write_two(&buf, rest).await {
@@ -109,19 +112,29 @@ impl Raw {
 
     /// A new connection to the upstream: TCP, then TLS (HTTP/1.1 only) for `https://`.
     async fn connect(&self) -> Result<Wire, SendError> {
-        let connect = async {
-            let tcp = self.connector.tcp(&self.dst).await?;
-            if self.dst.scheme_str() == Some("https") {
-                // Boxed: the handshake's state (a rustls session, about a kilobyte) would
-                // otherwise be part of every request's future, so of every open stream's task.
-                let tls = Box::pin(self.connector.tls_http1(&self.dst, tcp)).await?;
-                return Ok(Wire::Tls(Box::new(tls)));
-            }
-            Ok(Wire::Plain(tcp))
-        };
-        connect
+        let tcp = self
+            .connector
+            .tcp(&self.dst)
             .await
-            .map_err(|source| SendError::new(Stage::Connect, source))
+            .map_err(|source| SendError::new(Stage::Connect, source))?;
+        if self.dst.scheme_str() != Some("https") {
+            return Ok(Wire::Plain(tcp));
+        }
+        self.handshake(tcp).await
+    }
+
+    /// TLS over `tcp`. Boxed: the handshake's state (a rustls session, about a kilobyte)
+    /// would otherwise be part of every request's future, so of every open stream's task.
+    fn handshake(
+        &self,
+        tcp: tokio::net::TcpStream,
+    ) -> Pin<Box<dyn Future<Output = Result<Wire, SendError>> + Send + '_>> {
+        Box::pin(async move {
+            match self.connector.tls_http1(&self.dst, tcp).await {
+                Ok(tls) => Ok(Wire::Tls(Box::new(tls))),
+                Err(source) => Err(SendError::new(Stage::Connect, source)),
+            }
+        })
     }
 }
 

@@ -3,12 +3,13 @@
 //! and writes through this and nothing else, so HTTP/1 framing and pooling are one code for
 //! both.
 
-use std::io;
+use std::future::Future;
+use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
@@ -30,18 +31,41 @@ impl std::fmt::Debug for Wire {
 }
 
 impl Wire {
-    /// Writes `first` then `second`, all of both.
-    pub async fn write_two(&mut self, first: &[u8], second: &[u8]) -> io::Result<()> {
+    /// Writes all of `first`, then all of `second`. Not an `async fn`: its future is the
+    /// reference and the two slices (the request's future holds it).
+    pub fn write_two<'a>(
+        &'a mut self,
+        first: &'a [u8],
+        second: &'a [u8],
+    ) -> impl Future<Output = io::Result<()>> + 'a {
+        let (mut first, mut second) = (first, second);
+        std::future::poll_fn(move |cx| self.poll_write_two(cx, &mut first, &mut second))
+    }
+
+    /// [`Wire::write_two`] as a poll: `first` and `second` advance past what was written.
+    fn poll_write_two(
+        &mut self,
+        cx: &mut Context<'_>,
+        first: &mut &[u8],
+        second: &mut &[u8],
+    ) -> Poll<io::Result<()>> {
         match self {
-            Wire::Plain(stream) => http1::write_two(stream, first, second).await,
+            Wire::Plain(stream) => http1::poll_write_two(stream, cx, first, second),
             Wire::Tls(stream) => {
-                // rustls seals what it is given into records and writes them out on each
-                // call; the flush makes sure nothing stays in its buffer.
-                stream.write_all(first).await?;
-                if !second.is_empty() {
-                    stream.write_all(second).await?;
+                // rustls seals what it is given into records and writes them out as it goes;
+                // the flush sends what is left in its buffer.
+                while !first.is_empty() || !second.is_empty() {
+                    let bufs = [IoSlice::new(first), IoSlice::new(second)];
+                    let n =
+                        std::task::ready!(Pin::new(&mut **stream).poll_write_vectored(cx, &bufs))?;
+                    if n == 0 {
+                        return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                    }
+                    let from_first = n.min(first.len());
+                    *first = &first[from_first..];
+                    *second = &second[n - from_first..];
                 }
-                stream.flush().await
+                Pin::new(&mut **stream).poll_flush(cx)
             }
         }
     }
@@ -65,8 +89,13 @@ impl Wire {
         }
     }
 
-    pub async fn read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
-        std::future::poll_fn(|cx| self.poll_read_buf(cx, buf)).await
+    /// [`Wire::poll_read_buf`] as a future. Not an `async fn`: its future is the two
+    /// references and nothing more (the request's future holds it).
+    pub fn read_buf<'a>(
+        &'a mut self,
+        buf: &'a mut BytesMut,
+    ) -> impl Future<Output = io::Result<usize>> + 'a {
+        std::future::poll_fn(move |cx| self.poll_read_buf(cx, buf))
     }
 
     /// Whether an idle connection can carry another request: the upstream has neither closed
