@@ -276,3 +276,32 @@ async fn with_http2_off_a_connection_the_upstream_closed_is_replaced() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// `upstream.max_idle_connections = 0` keeps no connection for the next request: each one
+/// opens its own (where the default reuses one, above).
+#[tokio::test]
+async fn with_no_idle_connections_kept_each_request_connects_anew() {
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let (cert, key) = (made.cert.pem(), made.signing_key.serialize_pem());
+    let upstream = tls_upstream(&cert, &key).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &cert).unwrap();
+    let gateway = Binary::spawn(
+        &manifest(upstream.port()),
+        &[
+            ("SSL_CERT_FILE", ca.to_str().unwrap()),
+            ("OA_BYPASS_UPSTREAM__HTTP2", "false"),
+            ("OA_BYPASS_UPSTREAM__MAX_IDLE_CONNECTIONS", "0"),
+            ("OA_BYPASS_SERVER__WORKERS", "1"),
+        ],
+    );
+    for round in 1..=3 {
+        let seen: serde_json::Value = common::get_with_key(gateway.url("/v1/models"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(seen["connections"], round, "{seen}");
+    }
+}

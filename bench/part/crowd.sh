@@ -46,7 +46,7 @@ for _ in $(seq "$ROUNDS"); do
     nginx -c "$work/nginx-crowd.conf"; sleep 0.5
     # shellcheck disable=SC2046 # one pid per word
     crowd_round nginx $NGX_CROWD $(pgrep -P "$(cat "$work/nginx-crowd.pid")") >>"$work/crowd-nginx"
-    nginx -c "$work/nginx-crowd.conf" -s stop; sleep 1
+    nginx -c "$work/nginx-crowd.conf" -s stop 2>/dev/null; sleep 1
     pid=$(crowd_gateway "$GW"); sleep 1
     crowd_round gw $GW_CROWD "$pid" >>"$work/crowd-gw"; stop "$pid"
     if [ -n "$BASELINE" ]; then

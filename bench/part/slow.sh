@@ -3,7 +3,7 @@
 # Closed loop, so the ideal is connections / 20 ms; what a proxy costs shows as lost
 # throughput and added p99. Sourced by bench/run.
 
-SLOW_UP=18220; NGX_SLOW=18221; GW_SLOW=18222; GW_SLOW_BASE=18223
+SLOW_UP=18220; NGX_SLOW=18221; GW_SLOW=18222; GW_SLOW_BASE=18223; GW_SLOW_256=18224
 start_bg "$KIT" slow-upstream 127.0.0.1:$SLOW_UP 20
 cat >"$work/nginx-slow.conf" <<CONF
 worker_processes auto;
@@ -22,8 +22,10 @@ http {
 }
 CONF
 nginx -c "$work/nginx-slow.conf"
-gateway $GW_SLOW http://127.0.0.1:$SLOW_UP >/dev/null
-slow_ports=($SLOW_UP $NGX_SLOW $GW_SLOW)
+# As nginx's `keepalive 1024`; and the default (256) beside it.
+OA_BYPASS_UPSTREAM__MAX_IDLE_CONNECTIONS=1024 gateway $GW_SLOW http://127.0.0.1:$SLOW_UP >/dev/null
+gateway $GW_SLOW_256 http://127.0.0.1:$SLOW_UP >/dev/null
+slow_ports=($SLOW_UP $NGX_SLOW $GW_SLOW $GW_SLOW_256)
 if [ -n "$BASELINE" ]; then
     gateway $GW_SLOW_BASE http://127.0.0.1:$SLOW_UP routes.toml true 0 "$BASELINE" >/dev/null
     slow_ports+=($GW_SLOW_BASE)
@@ -55,7 +57,11 @@ TABLE
     for conns in 256 1024; do
         d_rps=$(col 1 "$work/slow-$conns-$SLOW_UP"); d99=$(col 3 "$work/slow-$conns-$SLOW_UP")
         for port in "${slow_ports[@]}"; do
-            case $port in $SLOW_UP) name=direct ;; $NGX_SLOW) name=nginx ;; $GW_SLOW) name=oa-bypass ;; *) name=BASELINE ;; esac
+            case $port in
+                $SLOW_UP) name=direct ;; $NGX_SLOW) name="nginx, keepalive 1024" ;;
+                $GW_SLOW) name="oa-bypass, max_idle_connections = 1024" ;;
+                $GW_SLOW_256) name="oa-bypass, default (256)" ;; *) name=BASELINE ;;
+            esac
             local f=$work/slow-$conns-$port
             awk -v name="$name" -v c="$conns" -v rps="$(col 1 "$f")" -v d="$d_rps" -v p50="$(col 2 "$f")" \
                 -v p99="$(col 3 "$f")" -v d99="$d99" -v errs="$(awk '{s += $4} END {print s + 0}' "$f")" \

@@ -82,6 +82,10 @@ impl Config {
             ),
             ("upstream.http2", self.upstream.http2.to_string()),
             (
+                "upstream.max_idle_connections",
+                self.upstream.max_idle_connections.to_string(),
+            ),
+            (
                 "upstream.ready_check",
                 self.upstream.ready_check.to_string(),
             ),
@@ -238,6 +242,10 @@ impl Config {
                 ),
                 ("read_timeout", format_duration(mount.upstream.read_timeout)),
                 ("http2", mount.upstream.http2.to_string()),
+                (
+                    "max_idle_connections",
+                    mount.upstream.max_idle_connections.to_string(),
+                ),
                 (
                     "proxy",
                     mount

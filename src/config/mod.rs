@@ -246,6 +246,9 @@ pub struct UpstreamConfig {
     /// HTTP/2 by ALPN where an `https://` upstream offers it. False: HTTP/1.1 only, and a
     /// request whose body is whole goes on the raw transport, as to a plain upstream.
     pub http2: bool,
+    /// Idle connections each worker keeps to this upstream (both transports' pools); idle
+    /// ones close after 90 s.
+    pub max_idle_connections: usize,
     /// `/ready` also checks that the upstream answers.
     pub ready_check: bool,
     pub credential_header: CredentialHeader,

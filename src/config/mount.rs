@@ -141,6 +141,7 @@ pub(super) fn validate_upstream(
         read_timeout: raw.read_timeout.0,
         proxy,
         http2: raw.http2,
+        max_idle_connections: raw.max_idle_connections as usize,
         ready_check: raw.ready_check,
         credential_header,
         keys,
@@ -226,6 +227,9 @@ pub(super) fn validate_mounts(
             read_timeout: mount.read_timeout.unwrap_or(defaults.read_timeout),
             proxy: mount.proxy.or_else(|| defaults.proxy.clone()),
             http2: mount.http2.unwrap_or(defaults.http2),
+            max_idle_connections: mount
+                .max_idle_connections
+                .unwrap_or(defaults.max_idle_connections),
             ready_check: false,
             credential_header: mount
                 .credential_header

@@ -146,6 +146,7 @@ pub struct RawUpstream {
     pub proxy: Option<String>,
     /// HTTP/2 by ALPN where an `https://` upstream offers it; false: HTTP/1.1 only.
     pub http2: bool,
+    pub max_idle_connections: u32,
     pub ready_check: bool,
     pub credential_header: String,
     /// Names of environment variables holding the keys the gateway sends in place of the
@@ -161,6 +162,7 @@ impl Default for RawUpstream {
             read_timeout: HumanDuration(std::time::Duration::from_secs(600)),
             proxy: None,
             http2: true,
+            max_idle_connections: 256,
             ready_check: false,
             credential_header: "authorization".to_owned(),
             keys_env: Vec::new(),
@@ -179,6 +181,7 @@ pub struct RawMount {
     pub read_timeout: Option<HumanDuration>,
     pub proxy: Option<String>,
     pub http2: Option<bool>,
+    pub max_idle_connections: Option<u32>,
     pub credential_header: Option<String>,
     #[serde(default)]
     pub keys_env: Vec<String>,

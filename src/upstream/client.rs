@@ -10,7 +10,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy;
 
 use super::connect::Connector;
-use super::{SendError, Stage, POOL_IDLE_TIMEOUT, POOL_MAX_IDLE};
+use super::{SendError, Stage, POOL_IDLE_TIMEOUT};
 
 /// A request body as the pooled client takes it.
 pub type ClientBody = BoxBody<Bytes, io::Error>;
@@ -29,10 +29,11 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(connector: Connector) -> Client {
+    /// A client keeping at most `max_idle` idle connections (`upstream.max_idle_connections`).
+    pub fn new(connector: Connector, max_idle: usize) -> Client {
         let inner = legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_max_idle_per_host(POOL_MAX_IDLE)
+            .pool_max_idle_per_host(max_idle)
             .pool_timer(hyper_util::rt::TokioTimer::new())
             .build(connector);
         Client { inner }

@@ -38,11 +38,6 @@ pub use connect::{BoxError, Connector, Io, Purpose};
 use raw::{Raw, RawBody};
 pub use target::Target;
 
-/// Idle connections kept per worker. Why 1,024: at a thousand connections to a 20 ms upstream
-/// the answers come back in bursts, and a cap of 256 closed (then reopened) hundreds of
-/// connections a second, adding 1 s SYN retries to p99 (docs/performance.md, "A slow
-/// upstream"). A spike's leftovers close after `POOL_IDLE_TIMEOUT`.
-const POOL_MAX_IDLE: usize = 1024;
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// A request ready for the upstream: every rule of the pipeline has been applied to it.
@@ -273,7 +268,7 @@ impl Upstream {
         // HTTP/1.1 straight to the upstream: the raw transport, over TLS for https:// (why:
         // hyper's client costs as much user time per request as all of nginx, Raw's doc).
         let raw = ((target.is_plain() || !config.http2) && proxy.is_none())
-            .then(|| Raw::new(base.clone(), connector.clone()));
+            .then(|| Raw::new(base.clone(), connector.clone(), config.max_idle_connections));
         let forward_auth = proxy
             .filter(|proxy| {
                 target.is_plain() && matches!(proxy.uri().scheme_str(), Some("http" | "https"))
@@ -285,7 +280,7 @@ impl Upstream {
             });
         Ok(Upstream {
             target,
-            client: client::Client::new(connector.clone()),
+            client: client::Client::new(connector.clone(), config.max_idle_connections),
             connector,
             raw,
             forward_auth,

@@ -43,11 +43,12 @@ pub struct Raw {
 }
 
 impl Raw {
-    pub fn new(dst: Uri, connector: Connector) -> Raw {
+    /// Requests to `dst`, keeping at most `max_idle` idle connections.
+    pub fn new(dst: Uri, connector: Connector, max_idle: usize) -> Raw {
         Raw {
             dst,
             connector,
-            pool: Arc::default(),
+            pool: Arc::new(Pool::new(max_idle)),
         }
     }
 

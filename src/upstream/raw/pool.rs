@@ -9,7 +9,7 @@ use tokio::time::Instant;
 
 use super::wire::Wire;
 
-use crate::upstream::{POOL_IDLE_TIMEOUT, POOL_MAX_IDLE};
+use crate::upstream::POOL_IDLE_TIMEOUT;
 
 /// A connection with its read buffer, which goes back into the pool with it.
 #[derive(Debug)]
@@ -19,9 +19,11 @@ pub struct Connection {
 }
 
 /// The idle connections to one upstream.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Pool {
     idle: Mutex<Vec<Idle>>,
+    /// `upstream.max_idle_connections`.
+    max_idle: usize,
 }
 
 #[derive(Debug)]
@@ -31,6 +33,13 @@ struct Idle {
 }
 
 impl Pool {
+    pub fn new(max_idle: usize) -> Pool {
+        Pool {
+            idle: Mutex::default(),
+            max_idle,
+        }
+    }
+
     /// The most recently used idle connection that is still open, else `None`. `now` is the
     /// exchange's own clock reading.
     pub fn checkout(&self, now: Instant) -> Option<Connection> {
@@ -51,8 +60,11 @@ impl Pool {
     /// `since` is when it last answered.
     pub fn checkin(&self, connection: Connection, since: Instant) {
         if let Ok(mut idle) = self.idle.lock() {
-            if idle.len() >= POOL_MAX_IDLE {
+            if idle.len() >= self.max_idle {
                 // The oldest goes: the newest are the warmest.
+                if idle.is_empty() {
+                    return;
+                }
                 idle.remove(0);
             }
             idle.push(Idle { connection, since });
