@@ -175,24 +175,33 @@ async fn an_untrusted_upstream_certificate_is_a_clear_502() {
 /// `upstream.http2 = false`: HTTP/1.1 to an HTTPS upstream that offers HTTP/2, with the
 /// authority in `Host`, on one kept-alive TLS connection; a body too large for the fast engine
 /// to hold streams up over HTTP/1.1 too.
-#[tokio::test]
-async fn with_http2_off_an_https_upstream_gets_http1_on_kept_alive_connections() {
+/// A trusted TLS upstream (see [`tls_upstream_with`]) and a gateway with one worker speaking
+/// HTTP/1.1 to it (`upstream.http2 = false`), with `envs` besides; and the upstream's port.
+async fn http1_gateway(one_each: bool, envs: &[(&str, &str)]) -> (Binary, u16) {
     let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
     let (cert, key) = (made.cert.pem(), made.signing_key.serialize_pem());
-    let upstream = tls_upstream(&cert, &key).await;
+    let upstream = tls_upstream_with(&cert, &key, one_each).await;
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca.pem");
     std::fs::write(&ca, &cert).unwrap();
-    let gateway = Binary::spawn(
-        &manifest(upstream.port()),
-        &[
-            ("SSL_CERT_FILE", ca.to_str().unwrap()),
-            ("OA_BYPASS_UPSTREAM__HTTP2", "false"),
-            ("OA_BYPASS_SERVER__WORKERS", "1"),
-            // The raw transport says at trace level what it sent, and on which connection.
-            ("RUST_LOG", "info,oa_bypass::upstream::raw=trace"),
-        ],
-    );
+    let mut all = vec![
+        ("SSL_CERT_FILE", ca.to_str().unwrap()),
+        ("OA_BYPASS_UPSTREAM__HTTP2", "false"),
+        ("OA_BYPASS_SERVER__WORKERS", "1"),
+    ];
+    all.extend_from_slice(envs);
+    // The certificate is read at start-up: the directory may go once the gateway runs.
+    (
+        Binary::spawn(&manifest(upstream.port()), &all),
+        upstream.port(),
+    )
+}
+
+#[tokio::test]
+async fn with_http2_off_an_https_upstream_gets_http1_on_kept_alive_connections() {
+    // The raw transport says at trace level what it sent, and on which connection.
+    let trace = ("RUST_LOG", "info,oa_bypass::upstream::raw=trace");
+    let (gateway, port) = http1_gateway(false, &[trace]).await;
     let post = |body: String| {
         common::client()
             .post(gateway.url("/v1/embeddings"))
@@ -205,11 +214,7 @@ async fn with_http2_off_an_https_upstream_gets_http1_on_kept_alive_connections()
         let body = serde_json::json!({"input": format!("round {round}")}).to_string();
         let seen: serde_json::Value = post(body.clone()).await.unwrap().json().await.unwrap();
         assert_eq!(seen["version"], "HTTP/1.1", "{seen}");
-        assert_eq!(
-            seen["host"],
-            format!("localhost:{}", upstream.port()),
-            "{seen}"
-        );
+        assert_eq!(seen["host"], format!("localhost:{port}"), "{seen}");
         assert_eq!(seen["body_len"], body.len());
         // The first connection carries every one of them.
         assert_eq!(seen["connections"], 1, "round {round}: {seen}");
@@ -252,20 +257,7 @@ async fn with_http2_off_an_https_upstream_gets_http1_on_kept_alive_connections()
 /// again: every request is answered, each on a new connection.
 #[tokio::test]
 async fn with_http2_off_a_connection_the_upstream_closed_is_replaced() {
-    let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-    let (cert, key) = (made.cert.pem(), made.signing_key.serialize_pem());
-    let upstream = tls_upstream_with(&cert, &key, true).await;
-    let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca.pem");
-    std::fs::write(&ca, &cert).unwrap();
-    let gateway = Binary::spawn(
-        &manifest(upstream.port()),
-        &[
-            ("SSL_CERT_FILE", ca.to_str().unwrap()),
-            ("OA_BYPASS_UPSTREAM__HTTP2", "false"),
-            ("OA_BYPASS_SERVER__WORKERS", "1"),
-        ],
-    );
+    let (gateway, _) = http1_gateway(true, &[]).await;
     for round in 1..=4 {
         let response = common::get_with_key(gateway.url("/v1/models")).await;
         assert_eq!(response.status(), 200, "round {round}");
@@ -281,21 +273,8 @@ async fn with_http2_off_a_connection_the_upstream_closed_is_replaced() {
 /// opens its own (where the default reuses one, above).
 #[tokio::test]
 async fn with_no_idle_connections_kept_each_request_connects_anew() {
-    let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-    let (cert, key) = (made.cert.pem(), made.signing_key.serialize_pem());
-    let upstream = tls_upstream(&cert, &key).await;
-    let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca.pem");
-    std::fs::write(&ca, &cert).unwrap();
-    let gateway = Binary::spawn(
-        &manifest(upstream.port()),
-        &[
-            ("SSL_CERT_FILE", ca.to_str().unwrap()),
-            ("OA_BYPASS_UPSTREAM__HTTP2", "false"),
-            ("OA_BYPASS_UPSTREAM__MAX_IDLE_CONNECTIONS", "0"),
-            ("OA_BYPASS_SERVER__WORKERS", "1"),
-        ],
-    );
+    let no_idle = ("OA_BYPASS_UPSTREAM__MAX_IDLE_CONNECTIONS", "0");
+    let (gateway, _) = http1_gateway(false, &[no_idle]).await;
     for round in 1..=3 {
         let seen: serde_json::Value = common::get_with_key(gateway.url("/v1/models"))
             .await
