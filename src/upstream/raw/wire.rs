@@ -15,6 +15,7 @@ use tokio_rustls::client::TlsStream;
 
 use crate::http1;
 
+/// The bytes of one raw connection, as the transport reads and writes them.
 pub enum Wire {
     Plain(TcpStream),
     /// Boxed: a TLS session's state is about a kilobyte, beside a TCP stream's few words.
