@@ -25,6 +25,13 @@ pub async fn write_two(stream: &TcpStream, first: &[u8], second: &[u8]) -> std::
     std::future::poll_fn(|cx| poll_write_two(stream, cx, &mut first, &mut second)).await
 }
 
+/// Moves `first`, then `second`, past the `written` bytes a vectored write took from them.
+pub fn advance_two(first: &mut &[u8], second: &mut &[u8], written: usize) {
+    let from_first = written.min(first.len());
+    *first = &first[from_first..];
+    *second = &second[written - from_first..];
+}
+
 /// [`write_two`] as a poll: `first` and `second` are advanced past what was written.
 pub fn poll_write_two(
     stream: &TcpStream,
@@ -48,11 +55,7 @@ pub fn poll_write_two(
         };
         match written {
             Ok(0) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
-            Ok(n) => {
-                let from_first = n.min(first.len());
-                *first = &first[from_first..];
-                *second = &second[n - from_first..];
-            }
+            Ok(n) => advance_two(first, second, n),
             // Readiness that was stale: polling again registers the waker.
             Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(err) => return Poll::Ready(Err(err)),

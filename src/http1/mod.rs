@@ -19,7 +19,7 @@ mod request;
 mod response;
 
 pub use chunked::{put_chunk, Chunked, Step, LAST_CHUNK};
-pub use io::{make_room, poll_write_two, write_two};
+pub use io::{advance_two, make_room, poll_write_two, write_two};
 pub use request::{parse_request, rejoin, write_request_head, RequestHead};
 pub use response::{
     parse_response, write_response_head, BadResponse, ClientFraming, Fields, Framing, ResponseHead,

@@ -59,12 +59,12 @@ impl Pool {
     /// Puts a connection whose last answer was read whole back for the next exchange;
     /// `since` is when it last answered.
     pub fn checkin(&self, connection: Connection, since: Instant) {
+        if self.max_idle == 0 {
+            return;
+        }
         if let Ok(mut idle) = self.idle.lock() {
             if idle.len() >= self.max_idle {
                 // The oldest goes: the newest are the warmest.
-                if idle.is_empty() {
-                    return;
-                }
                 idle.remove(0);
             }
             idle.push(Idle { connection, since });

@@ -62,9 +62,7 @@ impl Wire {
                     if n == 0 {
                         return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                     }
-                    let from_first = n.min(first.len());
-                    *first = &first[from_first..];
-                    *second = &second[n - from_first..];
+                    http1::advance_two(first, second, n);
                 }
                 Pin::new(&mut **stream).poll_flush(cx)
             }
