@@ -20,7 +20,8 @@ async fn tls_upstream(cert_pem: &str, key_pem: &str) -> std::net::SocketAddr {
     tls_upstream_with(cert_pem, key_pem, false).await
 }
 
-async fn tls_upstream_with(cert_pem: &str, key_pem: &str, one_each: bool) -> std::net::SocketAddr {
+/// TLS with the certificate and key given, offering `alpn`.
+fn tls_acceptor(cert_pem: &str, key_pem: &str, alpn: &[&[u8]]) -> tokio_rustls::TlsAcceptor {
     use rustls_pki_types::pem::PemObject;
     let certs =
         vec![rustls_pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap()];
@@ -33,8 +34,12 @@ async fn tls_upstream_with(cert_pem: &str, key_pem: &str, one_each: bool) -> std
     .with_no_client_auth()
     .with_single_cert(certs, key)
     .unwrap();
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    config.alpn_protocols = alpn.iter().map(|protocol| protocol.to_vec()).collect();
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+async fn tls_upstream_with(cert_pem: &str, key_pem: &str, one_each: bool) -> std::net::SocketAddr {
+    let acceptor = tls_acceptor(cert_pem, key_pem, &[b"h2", b"http/1.1"]);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -283,4 +288,110 @@ async fn with_no_idle_connections_kept_each_request_connects_anew() {
             .unwrap();
         assert_eq!(seen["connections"], round, "{seen}");
     }
+}
+
+/// An HTTPS upstream speaking HTTP/2 only, letting `max_streams` requests be open on each
+/// connection (SETTINGS_MAX_CONCURRENT_STREAMS). Each answer says in `x-connection` which
+/// connection carried it, sends one event at once, and ends `hold` later: a model's answer
+/// still streaming.
+async fn streams_upstream(
+    cert_pem: &str,
+    key_pem: &str,
+    max_streams: u32,
+    hold: std::time::Duration,
+) -> std::net::SocketAddr {
+    let acceptor = tls_acceptor(cert_pem, key_pem, &[b"h2"]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut connections = 0;
+        while let Ok((stream, _)) = listener.accept().await {
+            connections += 1;
+            let connection = connections;
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(move |_| async move {
+                    let first = futures_util::stream::once(async {
+                        Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::from("data: {}\n\n")))
+                    });
+                    let end = futures_util::stream::once(async move {
+                        tokio::time::sleep(hold).await;
+                        Ok(hyper::body::Frame::data(Bytes::from("data: [DONE]\n\n")))
+                    });
+                    let body =
+                        http_body_util::StreamBody::new(futures_util::StreamExt::chain(first, end));
+                    Ok::<_, Infallible>(
+                        http::Response::builder()
+                            .header("content-type", "text/event-stream")
+                            .header("x-connection", connection.to_string())
+                            .body(body)
+                            .unwrap(),
+                    )
+                });
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .max_concurrent_streams(max_streams)
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Streams beyond what one HTTP/2 connection may carry at once
+/// (`upstream.http2_max_concurrent_streams`, the upstream's limit) go on another connection
+/// at once, where hyper alone would hold them back until earlier answers end. A stream that
+/// ended gives its place back: later requests reuse the first connection.
+#[tokio::test]
+async fn http2_streams_beyond_a_connections_limit_open_another_connection() {
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let (cert, key) = (made.cert.pem(), made.signing_key.serialize_pem());
+    let hold = std::time::Duration::from_secs(3);
+    let upstream = streams_upstream(&cert, &key, 2, hold).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &cert).unwrap();
+    let gateway = Binary::spawn(
+        &manifest(upstream.port()),
+        &[
+            ("SSL_CERT_FILE", ca.to_str().unwrap()),
+            ("OA_BYPASS_SERVER__WORKERS", "1"),
+            ("OA_BYPASS_UPSTREAM__HTTP2_MAX_CONCURRENT_STREAMS", "2"),
+        ],
+    );
+    let connection = |response: &reqwest::Response| -> u32 {
+        assert_eq!(response.status(), 200);
+        response.headers()["x-connection"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+
+    // Five answers held open at once: two per connection.
+    let mut open = Vec::new();
+    for i in 0..5 {
+        let answer = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            common::get_with_key(gateway.url("/v1/models")),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("request {i} was held back behind the stream limit"));
+        open.push(answer);
+    }
+    let carried: Vec<u32> = open.iter().map(connection).collect();
+    assert_eq!(carried, [1, 1, 2, 2, 3]);
+
+    // Every answer read to its end gives its place back.
+    for answer in open {
+        assert!(answer.text().await.unwrap().ends_with("data: [DONE]\n\n"));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let first = common::get_with_key(gateway.url("/v1/models")).await;
+    let second = common::get_with_key(gateway.url("/v1/models")).await;
+    assert_eq!((connection(&first), connection(&second)), (1, 1));
 }

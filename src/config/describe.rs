@@ -86,6 +86,10 @@ impl Config {
                 self.upstream.max_idle_connections.to_string(),
             ),
             (
+                "upstream.http2_max_concurrent_streams",
+                self.upstream.http2_max_concurrent_streams.to_string(),
+            ),
+            (
                 "upstream.ready_check",
                 self.upstream.ready_check.to_string(),
             ),
@@ -245,6 +249,10 @@ impl Config {
                 (
                     "max_idle_connections",
                     mount.upstream.max_idle_connections.to_string(),
+                ),
+                (
+                    "http2_max_concurrent_streams",
+                    mount.upstream.http2_max_concurrent_streams.to_string(),
                 ),
                 (
                     "proxy",

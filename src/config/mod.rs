@@ -249,6 +249,8 @@ pub struct UpstreamConfig {
     /// Idle connections each worker keeps to this upstream (both transports' pools); idle
     /// ones close after 90 s.
     pub max_idle_connections: usize,
+    /// Requests each HTTP/2 connection carries at once; more open another connection.
+    pub http2_max_concurrent_streams: usize,
     /// `/ready` also checks that the upstream answers.
     pub ready_check: bool,
     pub credential_header: CredentialHeader,

@@ -115,6 +115,11 @@ pub(super) fn validate_upstream(
             problems.push(format!("{at}.{key}: must be more than 0s"));
         }
     }
+    if raw.http2_max_concurrent_streams == 0 {
+        problems.push(format!(
+            "{at}.http2_max_concurrent_streams: must be at least 1"
+        ));
+    }
     let credential_header = CredentialHeader::parse(&raw.credential_header).unwrap_or_else(|| {
         problems.push(format!(
             "{at}.credential_header: {:?} is not one of {}",
@@ -142,6 +147,7 @@ pub(super) fn validate_upstream(
         proxy,
         http2: raw.http2,
         max_idle_connections: raw.max_idle_connections as usize,
+        http2_max_concurrent_streams: raw.http2_max_concurrent_streams as usize,
         ready_check: raw.ready_check,
         credential_header,
         keys,
@@ -230,6 +236,9 @@ pub(super) fn validate_mounts(
             max_idle_connections: mount
                 .max_idle_connections
                 .unwrap_or(defaults.max_idle_connections),
+            http2_max_concurrent_streams: mount
+                .http2_max_concurrent_streams
+                .unwrap_or(defaults.http2_max_concurrent_streams),
             ready_check: false,
             credential_header: mount
                 .credential_header

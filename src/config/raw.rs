@@ -147,6 +147,7 @@ pub struct RawUpstream {
     /// HTTP/2 by ALPN where an `https://` upstream offers it; false: HTTP/1.1 only.
     pub http2: bool,
     pub max_idle_connections: u32,
+    pub http2_max_concurrent_streams: u32,
     pub ready_check: bool,
     pub credential_header: String,
     /// Names of environment variables holding the keys the gateway sends in place of the
@@ -163,6 +164,7 @@ impl Default for RawUpstream {
             proxy: None,
             http2: true,
             max_idle_connections: 256,
+            http2_max_concurrent_streams: 100,
             ready_check: false,
             credential_header: "authorization".to_owned(),
             keys_env: Vec::new(),
@@ -182,6 +184,7 @@ pub struct RawMount {
     pub proxy: Option<String>,
     pub http2: Option<bool>,
     pub max_idle_connections: Option<u32>,
+    pub http2_max_concurrent_streams: Option<u32>,
     pub credential_header: Option<String>,
     #[serde(default)]
     pub keys_env: Vec<String>,

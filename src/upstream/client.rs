@@ -2,6 +2,8 @@
 //! by ALPN where the upstream offers it), proxies, and bodies that stream.
 
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Uri};
@@ -24,19 +26,37 @@ where
     http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(frames))
 }
 
+/// hyper's pooled clients, in lanes of at most `max_streams` requests at once.
+///
+/// Why lanes: one hyper client sends every request to an origin on a single HTTP/2
+/// connection, and holds back those beyond the server's stream limit (often 100 to 256)
+/// until others end (RFC 9113 §9.1 asks a client for one connection). A gateway's streams
+/// last minutes, so it opens another connection, in another lane, instead.
 pub struct Client {
-    inner: legacy::Client<Connector, ClientBody>,
+    connector: Connector,
+    max_idle: usize,
+    /// Requests a lane carries at once: `upstream.http2_max_concurrent_streams` when HTTP/2
+    /// may be spoken, else no limit (HTTP/1.1 takes a connection per request anyway).
+    max_streams: usize,
+    lanes: Mutex<Vec<Lane>>,
+}
+
+/// One hyper client, so one HTTP/2 connection, and the requests it carries now.
+struct Lane {
+    client: legacy::Client<Connector, ClientBody>,
+    open: Arc<AtomicUsize>,
 }
 
 impl Client {
-    /// A client keeping at most `max_idle` idle connections (`upstream.max_idle_connections`).
-    pub fn new(connector: Connector, max_idle: usize) -> Client {
-        let inner = legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_max_idle_per_host(max_idle)
-            .pool_timer(hyper_util::rt::TokioTimer::new())
-            .build(connector);
-        Client { inner }
+    /// A client keeping at most `max_idle` idle connections per lane
+    /// (`upstream.max_idle_connections`), and `max_streams` requests on each lane.
+    pub fn new(connector: Connector, max_idle: usize, max_streams: usize) -> Client {
+        Client {
+            connector,
+            max_idle,
+            max_streams: max_streams.max(1),
+            lanes: Mutex::new(Vec::new()),
+        }
     }
 
     /// Starts one request; the future resolves to the answer's status, headers and body.
@@ -46,22 +66,77 @@ impl Client {
         *request.method_mut() = method;
         *request.uri_mut() = uri;
         *request.headers_mut() = headers;
-        Sending(self.inner.request(request))
+        // Nothing in here can panic while the lock is held, so a poisoned lock is still sound.
+        let mut lanes = self.lanes.lock().unwrap_or_else(PoisonError::into_inner);
+        // The first lane with room: earlier lanes fill first, so later ones drain and their
+        // connections close when idle.
+        let index = match lanes
+            .iter()
+            .position(|lane| lane.open.load(Ordering::Relaxed) < self.max_streams)
+        {
+            Some(index) => index,
+            None => {
+                lanes.push(self.lane());
+                lanes.len() - 1
+            }
+        };
+        let lane = &lanes[index];
+        let slot = Slot::take(&lane.open);
+        Sending {
+            future: lane.client.request(request),
+            slot,
+        }
+    }
+
+    fn lane(&self) -> Lane {
+        let client = legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_max_idle_per_host(self.max_idle)
+            .pool_timer(hyper_util::rt::TokioTimer::new())
+            .build(self.connector.clone());
+        Lane {
+            client,
+            open: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+}
+
+/// A request's place in its lane, from its start until its answer's body is dropped.
+pub struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(open: &Arc<AtomicUsize>) -> Slot {
+        open.fetch_add(1, Ordering::Relaxed);
+        Slot(Arc::clone(open))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 /// A request sent by the pooled client, waiting for the answer's head.
-pub struct Sending(legacy::ResponseFuture);
+pub struct Sending {
+    future: legacy::ResponseFuture,
+    slot: Slot,
+}
 
 impl Sending {
-    pub async fn response(self) -> Result<http::Response<Incoming>, SendError> {
-        self.0.await.map_err(|err| {
-            let stage = if err.is_connect() {
-                Stage::Connect
-            } else {
-                Stage::Exchange
-            };
-            SendError::new(stage, Box::new(err))
-        })
+    /// The answer, with the request's slot: hold it as long as the answer's body.
+    pub async fn response(self) -> Result<(http::Response<Incoming>, Slot), SendError> {
+        let Sending { future, slot } = self;
+        match future.await {
+            Ok(response) => Ok((response, slot)),
+            Err(err) => {
+                let stage = if err.is_connect() {
+                    Stage::Connect
+                } else {
+                    Stage::Exchange
+                };
+                Err(SendError::new(stage, Box::new(err)))
+            }
+        }
     }
 }

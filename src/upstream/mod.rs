@@ -153,6 +153,8 @@ pub enum Body {
     Client {
         body: http_body_util::BodyDataStream<hyper::body::Incoming>,
         size: BodySize,
+        /// The request's place in its connection's lane, given back when the body is dropped.
+        _slot: client::Slot,
     },
 }
 
@@ -269,6 +271,12 @@ impl Upstream {
         // hyper's client costs as much user time per request as all of nginx, Raw's doc).
         let raw = ((target.is_plain() || !config.http2) && proxy.is_none())
             .then(|| Raw::new(base.clone(), connector.clone(), config.max_idle_connections));
+        // A limit on each connection's requests only where HTTP/2 may be spoken.
+        let max_streams = if config.http2 && !target.is_plain() {
+            config.http2_max_concurrent_streams
+        } else {
+            usize::MAX
+        };
         let forward_auth = proxy
             .filter(|proxy| {
                 target.is_plain() && matches!(proxy.uri().scheme_str(), Some("http" | "https"))
@@ -280,7 +288,11 @@ impl Upstream {
             });
         Ok(Upstream {
             target,
-            client: client::Client::new(connector.clone(), config.max_idle_connections),
+            client: client::Client::new(
+                connector.clone(),
+                config.max_idle_connections,
+                max_streams,
+            ),
             connector,
             raw,
             forward_auth,
@@ -316,7 +328,7 @@ impl Upstream {
 
     /// Sends `request` on the pooled client.
     async fn send_by_client(&self, request: Outbound) -> Result<Response, SendError> {
-        let response = self.start_on_client(request)?.response().await?;
+        let (response, slot) = self.start_on_client(request)?.response().await?;
         let (parts, incoming) = response.into_parts();
         let size = if matches!(
             parts.status,
@@ -336,6 +348,7 @@ impl Upstream {
             body: Body::Client {
                 body: http_body_util::BodyDataStream::new(incoming),
                 size,
+                _slot: slot,
             },
         })
     }
