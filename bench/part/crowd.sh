@@ -1,9 +1,12 @@
 # bench/run, part "crowd": thousands of event streams open at once, each sent an event every
 # second (a model's answer waits that long between bursts), direct, through nginx and
 # through the gateway. Each proxy is started fresh for each round, so its RSS growth is
-# what the streams hold. Sourced by bench/run.
+# what the streams hold. Then the same crowd from an HTTPS upstream (nginx terminating TLS in
+# front of the same event source, HTTP/1.1 and HTTP/2 by ALPN with its default limit of 128
+# streams per connection): nginx with `proxy_pass https://`, the gateway with
+# `upstream.http2 = false` and with the default. Sourced by bench/run.
 
-CROWD_UP=18230; NGX_CROWD=18231; GW_CROWD=18232
+CROWD_UP=18230; NGX_CROWD=18231; GW_CROWD=18232; CROWD_TLS=18233; NGX_CROWD_TLS=18234
 CROWD_SECONDS=${CROWD_SECONDS:-10}
 start_bg "$KIT" sse-upstream 127.0.0.1:$CROWD_UP 1000000 1000
 cat >"$work/nginx-crowd.conf" <<CONF
@@ -22,6 +25,44 @@ http {
   }
 }
 CONF
+tls_files
+# One worker: it holds both sides of every stream of the HTTP/1.1 rows (two descriptors each).
+cat >"$work/nginx-crowd-tls-up.conf" <<CONF
+worker_processes 1;
+pid $work/nginx-crowd-tls-up.pid;
+error_log $work/nginx-crowd-tls-up.err warn;
+worker_rlimit_nofile $nofile;
+events { worker_connections $nofile; }
+http {
+  access_log off;
+  ssl_certificate $work/tls/up.pem; ssl_certificate_key $work/tls/up.key;
+  upstream sse { server 127.0.0.1:$CROWD_UP; keepalive 128; }
+  server {
+    listen 127.0.0.1:$CROWD_TLS ssl http2 backlog=4096;
+    location / { proxy_pass http://sse; proxy_http_version 1.1; proxy_set_header Connection "";
+                 proxy_buffering off; proxy_request_buffering off; proxy_read_timeout 1h; }
+  }
+}
+CONF
+cat >"$work/nginx-crowd-tls.conf" <<CONF
+worker_processes auto;
+pid $work/nginx-crowd-tls.pid;
+error_log $work/nginx-crowd-tls.err warn;
+worker_rlimit_nofile $nofile;
+events { worker_connections $nofile; }
+http {
+  access_log off;
+  upstream tls { server 127.0.0.1:$CROWD_TLS; keepalive 128; }
+  server {
+    listen 127.0.0.1:$NGX_CROWD_TLS backlog=4096;
+    location / { proxy_pass https://tls; proxy_http_version 1.1; proxy_set_header Connection "";
+                 proxy_buffering off; proxy_request_buffering off; proxy_read_timeout 1h;
+                 proxy_ssl_session_reuse on; proxy_ssl_server_name on; proxy_ssl_name localhost;
+                 proxy_ssl_verify on; proxy_ssl_trusted_certificate $work/tls/ca.pem; }
+  }
+}
+CONF
+nginx -c "$work/nginx-crowd-tls-up.conf"
 sleep 0.5
 kib() { local total=0 pid; for pid in "$@"; do total=$((total + $(rss "$pid"))); done; echo "$total"; }
 crowd_round() { # NAME PORT PID... -> one JSON line, with the proxy's RSS before and while holding
@@ -37,8 +78,8 @@ crowd_round() { # NAME PORT PID... -> one JSON line, with the proxy's RSS before
     wait "$client" || true
     tail -n1 "$out" | python3 -c 'import json,sys; r=json.loads(sys.stdin.read()); r["rss_before_kib"]=int(sys.argv[1]); r["rss_held_kib"]=int(sys.argv[2]); print(json.dumps(r))' "$before" "$held"
 }
-crowd_gateway() { # BINARY -> pid, a fresh gateway on $GW_CROWD
-    gateway $GW_CROWD http://127.0.0.1:$CROWD_UP routes.toml true 0 "$1"
+crowd_gateway() { # BINARY [BASE_URL] -> pid, a fresh gateway on $GW_CROWD
+    SSL_CERT_FILE=$work/tls/ca.pem gateway $GW_CROWD "${2:-http://127.0.0.1:$CROWD_UP}" routes.toml true 0 "$1"
 }
 stop() { kill "$@" 2>/dev/null; for _ in $(seq 100); do kill -0 "$@" 2>/dev/null || return 0; sleep 0.1; done; }
 for _ in $(seq "$ROUNDS"); do
@@ -53,7 +94,16 @@ for _ in $(seq "$ROUNDS"); do
         pid=$(crowd_gateway "$BASELINE"); sleep 1
         crowd_round base $GW_CROWD "$pid" >>"$work/crowd-base"; stop "$pid"
     fi
+    nginx -c "$work/nginx-crowd-tls.conf"; sleep 0.5
+    # shellcheck disable=SC2046 # one pid per word
+    crowd_round nginx_tls $NGX_CROWD_TLS $(pgrep -P "$(cat "$work/nginx-crowd-tls.pid")") >>"$work/crowd-nginx_tls"
+    nginx -c "$work/nginx-crowd-tls.conf" -s stop 2>/dev/null; sleep 1
+    pid=$(OA_BYPASS_UPSTREAM__HTTP2=false crowd_gateway "$GW" "https://localhost:$CROWD_TLS"); sleep 1
+    crowd_round gw_tls1 $GW_CROWD "$pid" >>"$work/crowd-gw_tls1"; stop "$pid"
+    pid=$(crowd_gateway "$GW" "https://localhost:$CROWD_TLS"); sleep 1
+    crowd_round gw_tls2 $GW_CROWD "$pid" >>"$work/crowd-gw_tls2"; stop "$pid"
 done
+nginx -c "$work/nginx-crowd-tls-up.conf" -s stop 2>/dev/null
 crowd_table() {
     python3 - "$work" "$STREAMS" "$CROWD_SECONDS" <<'PY'
 import json, os, statistics, sys
@@ -66,7 +116,10 @@ def med(rs, key):
 direct = runs("direct")
 print(f"\n| {streams:,} SSE streams open at once, an event a second each; lag over {seconds} s with all open | per-stream RSS (KiB) | time to open all (ms) | errors | lag p50 (µs) | lag p99 (µs) | added p99 (µs) |")
 print("|---|---|---|---|---|---|---|")
-for name, label in (("direct", "direct"), ("nginx", "nginx (two workers)"), ("gw", "oa-bypass"), ("base", "BASELINE")):
+for name, label in (("direct", "direct"), ("nginx", "nginx (two workers)"), ("gw", "oa-bypass"), ("base", "BASELINE"),
+                    ("nginx_tls", "HTTPS upstream: nginx, `proxy_pass https://` (HTTP/1.1)"),
+                    ("gw_tls1", "HTTPS upstream: oa-bypass, `upstream.http2 = false`"),
+                    ("gw_tls2", "HTTPS upstream: oa-bypass, default (HTTP/2)")):
     rs = runs(name)
     if not rs:
         continue
@@ -74,5 +127,7 @@ for name, label in (("direct", "direct"), ("nginx", "nginx (two workers)"), ("gw
     errors = sum(r["errors"] for r in rs)
     added = "" if name == "direct" else "%+d" % (med(rs, "lag_p99_us") - med(direct, "lag_p99_us"))
     print(f"| {label} | {per} | {med(rs, 'open_ms'):.0f} | {errors} | {med(rs, 'lag_p50_us'):.0f} | {med(rs, 'lag_p99_us'):.0f} | {added} |")
+if runs("nginx_tls"):
+    print("\nHTTPS rows: the event source sits behind nginx terminating TLS, whose hop is in their lag.")
 PY
 }

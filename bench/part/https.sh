@@ -6,17 +6,7 @@
 
 TLS_UP=18210; TLS_UP2=18211; NGX_TLS=18212; GW_TLS=18213; GW_TLS2=18214; GW_TLS_RAW=18217
 GW_TLS_BASE=18215; GW_TLS2_BASE=18216
-mkdir -p "$work/tls"
-(
-    cd "$work/tls"
-    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 \
-        -subj "/CN=oa-bypass bench CA" -keyout ca.key -out ca.pem 2>/dev/null
-    openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "/CN=localhost" \
-        -keyout up.key -out up.csr 2>/dev/null
-    printf 'subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >ext
-    openssl x509 -req -in up.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 -extfile ext \
-        -out up.pem 2>/dev/null
-)
+tls_files
 # HTTP/1.1 on one port; HTTP/2 by ALPN on the other (nginx 1.22 spells it on `listen`).
 cat >"$work/nginx-tls-up.conf" <<CONF
 worker_processes 1;
