@@ -6,6 +6,7 @@
 mod common;
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -291,24 +292,34 @@ async fn with_no_idle_connections_kept_each_request_connects_anew() {
 }
 
 /// An HTTPS upstream speaking HTTP/2 only, letting `max_streams` requests be open on each
-/// connection (SETTINGS_MAX_CONCURRENT_STREAMS). Each answer says in `x-connection` which
-/// connection carried it, sends one event at once, and ends `hold` later: a model's answer
-/// still streaming.
+/// connection (SETTINGS_MAX_CONCURRENT_STREAMS), or with `max_streams` at 0, HTTP/1.1 only.
+/// Each answer says in `x-connection` which connection carried it, sends one event at once,
+/// and ends `hold` later: a model's answer still streaming. Also returns how many
+/// connections are open.
 async fn streams_upstream(
     cert_pem: &str,
     key_pem: &str,
     max_streams: u32,
     hold: std::time::Duration,
-) -> std::net::SocketAddr {
-    let acceptor = tls_acceptor(cert_pem, key_pem, &[b"h2"]);
+) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let alpn: &[&[u8]] = if max_streams > 0 {
+        &[b"h2"]
+    } else {
+        &[b"http/1.1"]
+    };
+    let acceptor = tls_acceptor(cert_pem, key_pem, alpn);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let open = Arc::new(AtomicUsize::new(0));
+    let live = Arc::clone(&open);
     tokio::spawn(async move {
         let mut connections = 0;
         while let Ok((stream, _)) = listener.accept().await {
             connections += 1;
             let connection = connections;
             let acceptor = acceptor.clone();
+            let live = Arc::clone(&live);
+            live.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
                 let Ok(stream) = acceptor.accept(stream).await else {
                     return;
@@ -331,15 +342,38 @@ async fn streams_upstream(
                             .unwrap(),
                     )
                 });
-                let _ =
-                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                        .max_concurrent_streams(max_streams)
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                let io = hyper_util::rt::TokioIo::new(stream);
+                if max_streams > 0 {
+                    let _ = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .max_concurrent_streams(max_streams)
+                    .serve_connection(io, service)
+                    .await;
+                } else {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, service)
                         .await;
+                }
+                live.fetch_sub(1, Ordering::SeqCst);
             });
         }
     });
-    addr
+    (addr, open)
+}
+
+/// A gateway with one worker in front of `upstream`, trusting `cert`, with `envs` besides.
+fn gateway_trusting(cert: &str, upstream: std::net::SocketAddr, envs: &[(&str, &str)]) -> Binary {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, cert).unwrap();
+    let mut all = vec![
+        ("SSL_CERT_FILE", ca.to_str().unwrap()),
+        ("OA_BYPASS_SERVER__WORKERS", "1"),
+    ];
+    all.extend_from_slice(envs);
+    // The certificate is read at start-up: the directory may go once the gateway runs.
+    Binary::spawn(&manifest(upstream.port()), &all)
 }
 
 /// Streams beyond what one HTTP/2 connection may carry at once
@@ -351,18 +385,9 @@ async fn http2_streams_beyond_a_connections_limit_open_another_connection() {
     let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
     let (cert, key) = (made.cert.pem(), made.signing_key.serialize_pem());
     let hold = std::time::Duration::from_secs(3);
-    let upstream = streams_upstream(&cert, &key, 2, hold).await;
-    let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca.pem");
-    std::fs::write(&ca, &cert).unwrap();
-    let gateway = Binary::spawn(
-        &manifest(upstream.port()),
-        &[
-            ("SSL_CERT_FILE", ca.to_str().unwrap()),
-            ("OA_BYPASS_SERVER__WORKERS", "1"),
-            ("OA_BYPASS_UPSTREAM__HTTP2_MAX_CONCURRENT_STREAMS", "2"),
-        ],
-    );
+    let (upstream, _) = streams_upstream(&cert, &key, 2, hold).await;
+    let two = ("OA_BYPASS_UPSTREAM__HTTP2_MAX_CONCURRENT_STREAMS", "2");
+    let gateway = gateway_trusting(&cert, upstream, &[two]);
     let connection = |response: &reqwest::Response| -> u32 {
         assert_eq!(response.status(), 200);
         response.headers()["x-connection"]
@@ -394,4 +419,37 @@ async fn http2_streams_beyond_a_connections_limit_open_another_connection() {
     let first = common::get_with_key(gateway.url("/v1/models")).await;
     let second = common::get_with_key(gateway.url("/v1/models")).await;
     assert_eq!((connection(&first), connection(&second)), (1, 1));
+}
+
+/// An HTTPS upstream without HTTP/2 gets one lane: after a burst, the idle connections kept are
+/// `upstream.max_idle_connections`, not that many per lane of
+/// `http2_max_concurrent_streams` requests.
+#[tokio::test]
+async fn an_upstream_without_http2_keeps_the_idle_cap_after_a_burst() {
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let (cert, key) = (made.cert.pem(), made.signing_key.serialize_pem());
+    let hold = std::time::Duration::from_millis(500);
+    let (upstream, open) = streams_upstream(&cert, &key, 0, hold).await;
+    let two = ("OA_BYPASS_UPSTREAM__HTTP2_MAX_CONCURRENT_STREAMS", "2");
+    let one_idle = ("OA_BYPASS_UPSTREAM__MAX_IDLE_CONNECTIONS", "1");
+    let gateway = gateway_trusting(&cert, upstream, &[two, one_idle]);
+    let get = || async {
+        let answer = common::get_with_key(gateway.url("/v1/models")).await;
+        assert_eq!(answer.status(), 200);
+        answer.text().await.unwrap()
+    };
+    // The first answer says HTTP/1.1; then five at once, each on a connection of its own.
+    get().await;
+    let burst = futures_util::future::join_all((0..5).map(|_| get())).await;
+    assert!(burst.iter().all(|body| body.ends_with("data: [DONE]\n\n")));
+    // The connections the pool does not keep are closed as their answers end.
+    let mut left = usize::MAX;
+    for _ in 0..40 {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        left = open.load(Ordering::SeqCst);
+        if left == 1 {
+            break;
+        }
+    }
+    assert_eq!(left, 1, "connections left open after the burst");
 }

@@ -2,7 +2,7 @@
 //! by ALPN where the upstream offers it), proxies, and bodies that stream.
 
 use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
@@ -38,6 +38,9 @@ pub struct Client {
     /// Requests a lane carries at once: `upstream.http2_max_concurrent_streams` when HTTP/2
     /// may be spoken, else no limit (HTTP/1.1 takes a connection per request anyway).
     max_streams: usize,
+    /// The last answer came over HTTP/1.1 (the upstream offers no HTTP/2): one lane, so
+    /// `max_idle` bounds the idle connections as it does for the raw transport.
+    spoke_http1: AtomicBool,
     lanes: Mutex<Vec<Lane>>,
 }
 
@@ -55,6 +58,7 @@ impl Client {
             connector,
             max_idle,
             max_streams: max_streams.max(1),
+            spoke_http1: AtomicBool::new(false),
             lanes: Mutex::new(Vec::new()),
         }
     }
@@ -68,11 +72,16 @@ impl Client {
         *request.headers_mut() = headers;
         // Nothing in here can panic while the lock is held, so a poisoned lock is still sound.
         let mut lanes = self.lanes.lock().unwrap_or_else(PoisonError::into_inner);
+        let max_streams = if self.spoke_http1.load(Ordering::Relaxed) {
+            usize::MAX
+        } else {
+            self.max_streams
+        };
         // The first lane with room: earlier lanes fill first, so later ones drain and their
         // connections close when idle.
         let index = match lanes
             .iter()
-            .position(|lane| lane.open.load(Ordering::Relaxed) < self.max_streams)
+            .position(|lane| lane.open.load(Ordering::Relaxed) < max_streams)
         {
             Some(index) => index,
             None => {
@@ -85,6 +94,14 @@ impl Client {
         Sending {
             future: lane.client.request(request),
             slot,
+        }
+    }
+
+    /// Notes the protocol an answer came in: lanes matter only while it is HTTP/2.
+    pub fn answered_in(&self, version: http::Version) {
+        let http1 = version < http::Version::HTTP_2;
+        if self.spoke_http1.load(Ordering::Relaxed) != http1 {
+            self.spoke_http1.store(http1, Ordering::Relaxed);
         }
     }
 

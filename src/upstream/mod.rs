@@ -329,6 +329,7 @@ impl Upstream {
     /// Sends `request` on the pooled client.
     async fn send_by_client(&self, request: Outbound) -> Result<Response, SendError> {
         let (response, slot) = self.start_on_client(request)?.response().await?;
+        self.client.answered_in(response.version());
         let (parts, incoming) = response.into_parts();
         let size = if matches!(
             parts.status,
