@@ -94,6 +94,11 @@ fn bad_manifests_are_refused_with_one_clear_message() {
     );
     assert_refused(
         ROUTE,
+        &[("OA_BYPASS_UPSTREAM__HTTP2_MAX_CONCURRENT_STREAMS", "0")],
+        "upstream.http2_max_concurrent_streams: must be at least 1",
+    );
+    assert_refused(
+        ROUTE,
         &[("OA_BYPASS_SERVER__PORT", "eighty")],
         "server.port: invalid type: found string \"eighty\", expected u16 \
          (from environment variable OA_BYPASS_SERVER__PORT)",
