@@ -21,6 +21,12 @@ async fn tls_upstream(cert_pem: &str, key_pem: &str) -> std::net::SocketAddr {
     tls_upstream_with(cert_pem, key_pem, false).await
 }
 
+/// A self-signed certificate for `localhost` and its key, in PEM.
+fn certificate() -> (String, String) {
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    (made.cert.pem(), made.signing_key.serialize_pem())
+}
+
 /// TLS with the certificate and key given, offering `alpn`.
 fn tls_acceptor(cert_pem: &str, key_pem: &str, alpn: &[&[u8]]) -> tokio_rustls::TlsAcceptor {
     use rustls_pki_types::pem::PemObject;
@@ -125,8 +131,7 @@ fn manifest(port: u16) -> String {
 
 #[tokio::test]
 async fn an_https_upstream_is_reached_over_http2_when_it_offers_it() {
-    let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-    let (cert, key) = (made.cert.pem(), made.signing_key.serialize_pem());
+    let (cert, key) = certificate();
     let upstream = tls_upstream(&cert, &key).await;
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca.pem");
@@ -163,8 +168,8 @@ async fn an_https_upstream_is_reached_over_http2_when_it_offers_it() {
 
 #[tokio::test]
 async fn an_untrusted_upstream_certificate_is_a_clear_502() {
-    let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-    let upstream = tls_upstream(&made.cert.pem(), &made.signing_key.serialize_pem()).await;
+    let (cert, key) = certificate();
+    let upstream = tls_upstream(&cert, &key).await;
     let gateway = Binary::spawn(&manifest(upstream.port()), &[]);
     let response = common::get_with_key(gateway.url("/v1/models")).await;
     assert_eq!(response.status(), 502);
@@ -178,31 +183,33 @@ async fn an_untrusted_upstream_certificate_is_a_clear_502() {
     assert_eq!(error["error"]["code"], "upstream_unreachable");
 }
 
-/// `upstream.http2 = false`: HTTP/1.1 to an HTTPS upstream that offers HTTP/2, with the
-/// authority in `Host`, on one kept-alive TLS connection; a body too large for the fast engine
-/// to hold streams up over HTTP/1.1 too.
-/// A trusted TLS upstream (see [`tls_upstream_with`]) and a gateway with one worker speaking
-/// HTTP/1.1 to it (`upstream.http2 = false`), with `envs` besides; and the upstream's port.
-async fn http1_gateway(one_each: bool, envs: &[(&str, &str)]) -> (Binary, u16) {
-    let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-    let (cert, key) = (made.cert.pem(), made.signing_key.serialize_pem());
-    let upstream = tls_upstream_with(&cert, &key, one_each).await;
+/// A gateway with one worker in front of `upstream`, trusting `cert`, with `envs` besides.
+fn gateway_trusting(cert: &str, upstream: std::net::SocketAddr, envs: &[(&str, &str)]) -> Binary {
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca.pem");
-    std::fs::write(&ca, &cert).unwrap();
+    std::fs::write(&ca, cert).unwrap();
     let mut all = vec![
         ("SSL_CERT_FILE", ca.to_str().unwrap()),
-        ("OA_BYPASS_UPSTREAM__HTTP2", "false"),
         ("OA_BYPASS_SERVER__WORKERS", "1"),
     ];
     all.extend_from_slice(envs);
     // The certificate is read at start-up: the directory may go once the gateway runs.
-    (
-        Binary::spawn(&manifest(upstream.port()), &all),
-        upstream.port(),
-    )
+    Binary::spawn(&manifest(upstream.port()), &all)
 }
 
+/// A trusted TLS upstream (see [`tls_upstream_with`]) and a gateway with one worker speaking
+/// HTTP/1.1 to it (`upstream.http2 = false`), with `envs` besides; and the upstream's port.
+async fn http1_gateway(one_each: bool, envs: &[(&str, &str)]) -> (Binary, u16) {
+    let (cert, key) = certificate();
+    let upstream = tls_upstream_with(&cert, &key, one_each).await;
+    let mut all = vec![("OA_BYPASS_UPSTREAM__HTTP2", "false")];
+    all.extend_from_slice(envs);
+    (gateway_trusting(&cert, upstream, &all), upstream.port())
+}
+
+/// `upstream.http2 = false`: HTTP/1.1 to an HTTPS upstream that offers HTTP/2, with the
+/// authority in `Host`, on one kept-alive TLS connection; a body too large for the fast engine
+/// to hold streams up over HTTP/1.1 too.
 #[tokio::test]
 async fn with_http2_off_an_https_upstream_gets_http1_on_kept_alive_connections() {
     // The raw transport says at trace level what it sent, and on which connection.
@@ -362,28 +369,13 @@ async fn streams_upstream(
     (addr, open)
 }
 
-/// A gateway with one worker in front of `upstream`, trusting `cert`, with `envs` besides.
-fn gateway_trusting(cert: &str, upstream: std::net::SocketAddr, envs: &[(&str, &str)]) -> Binary {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca.pem");
-    std::fs::write(&ca, cert).unwrap();
-    let mut all = vec![
-        ("SSL_CERT_FILE", ca.to_str().unwrap()),
-        ("OA_BYPASS_SERVER__WORKERS", "1"),
-    ];
-    all.extend_from_slice(envs);
-    // The certificate is read at start-up: the directory may go once the gateway runs.
-    Binary::spawn(&manifest(upstream.port()), &all)
-}
-
 /// Streams beyond what one HTTP/2 connection may carry at once
 /// (`upstream.http2_max_concurrent_streams`, the upstream's limit) go on another connection
 /// at once, where hyper alone would hold them back until earlier answers end. A stream that
 /// ended gives its place back: later requests reuse the first connection.
 #[tokio::test]
 async fn http2_streams_beyond_a_connections_limit_open_another_connection() {
-    let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-    let (cert, key) = (made.cert.pem(), made.signing_key.serialize_pem());
+    let (cert, key) = certificate();
     let hold = std::time::Duration::from_secs(3);
     let (upstream, _) = streams_upstream(&cert, &key, 2, hold).await;
     let two = ("OA_BYPASS_UPSTREAM__HTTP2_MAX_CONCURRENT_STREAMS", "2");
@@ -426,8 +418,7 @@ async fn http2_streams_beyond_a_connections_limit_open_another_connection() {
 /// `http2_max_concurrent_streams` requests.
 #[tokio::test]
 async fn an_upstream_without_http2_keeps_the_idle_cap_after_a_burst() {
-    let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-    let (cert, key) = (made.cert.pem(), made.signing_key.serialize_pem());
+    let (cert, key) = certificate();
     let hold = std::time::Duration::from_millis(500);
     let (upstream, open) = streams_upstream(&cert, &key, 0, hold).await;
     let two = ("OA_BYPASS_UPSTREAM__HTTP2_MAX_CONCURRENT_STREAMS", "2");
