@@ -369,9 +369,13 @@ impl Config {
             }
             ManifestSource::BuiltIn | ManifestSource::Inline => BUILT_IN_MANIFEST.to_owned(),
         };
-        let env = Env::prefixed(ENV_PREFIX)
-            .split("__")
-            .filter(|key| !key.as_str().eq_ignore_ascii_case("config"));
+        // Two variables under the prefix are not settings: the manifest's path, and a debug
+        // build's log hold (observe::log::DEBUG_HOLD_ENV).
+        let env = Env::prefixed(ENV_PREFIX).split("__").filter(|key| {
+            !["config", "debug_log_hold_ms"]
+                .iter()
+                .any(|name| key.as_str().eq_ignore_ascii_case(name))
+        });
         let figment = Figment::new().merge(Toml::string(&text)).merge(env);
         Config::from_figment(figment, source)
     }

@@ -40,6 +40,24 @@ pub fn dropped_lines() -> u64 {
 /// The longest the exit waits for queued lines to be written, when the sink is stalled.
 const FLUSH_BOUND: Duration = Duration::from_secs(10);
 
+/// Debug builds only: milliseconds by which the writer holds back every batch. CI runs the
+/// tests that read logs again with it set, so a test that reads the log before the writer
+/// has written it fails every time, not one time in three. Release builds never read it.
+pub const DEBUG_HOLD_ENV: &str = "OA_BYPASS_DEBUG_LOG_HOLD_MS";
+
+/// How long the writer holds back each batch: nothing, but in a debug build with
+/// [`DEBUG_HOLD_ENV`] set.
+fn writer_hold() -> Duration {
+    let millis = if cfg!(debug_assertions) {
+        std::env::var(DEBUG_HOLD_ENV)
+            .ok()
+            .and_then(|value| value.parse().ok())
+    } else {
+        None
+    };
+    Duration::from_millis(millis.unwrap_or(0))
+}
+
 /// Installs the global subscriber: `RUST_LOG` if set, else `log.level`; text or JSON lines
 /// as `log.format` says; and, when traces are on, the layer that exports the gateway's spans.
 ///
@@ -50,7 +68,7 @@ pub fn init(config: &LogConfig, tracing: &TracingConfig) -> Result<Logging, Stri
         .or_else(|_| EnvFilter::builder().parse(&config.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let capacity = usize::try_from(config.buffer).unwrap_or(usize::MAX);
-    let (writer, guard) = writer::spawn(std::io::stdout(), capacity, FLUSH_BOUND)
+    let (writer, guard) = writer::spawn(std::io::stdout(), capacity, FLUSH_BOUND, writer_hold())
         .map_err(|err| format!("cannot start the log writer thread: {err}"))?;
     let _ = DROPPED.set(writer.clone());
     line::install(config.format, writer.clone());

@@ -9,6 +9,7 @@
 //! waiting for the sink up to a bound.
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
@@ -61,10 +62,14 @@ pub struct Flush {
 }
 
 /// Starts the writer thread over `sink`; up to `capacity` bytes of lines may wait for it.
+///
+/// `hold` delays every batch before it is written (zero in the gateway): with it, no line
+/// reaches the sink sooner than `hold` after it was logged, unless at exit.
 pub fn spawn(
     sink: impl Write + Send + 'static,
     capacity: usize,
     bound: Duration,
+    hold: Duration,
 ) -> io::Result<(BatchedLines, Flush)> {
     let (full, batches) = mpsc::sync_channel(capacity.div_ceil(BATCH).max(1));
     let shared = Arc::new(Shared {
@@ -77,7 +82,7 @@ pub fn spawn(
     let thread = std::thread::Builder::new()
         .name("oa-bypass-log".to_owned())
         .spawn(move || {
-            write_batches(&writer, &batches, sink);
+            write_batches(&writer, &batches, hold, sink);
             let _ = finished.send(());
         })?;
     let flush = Flush {
@@ -89,28 +94,88 @@ pub fn spawn(
     Ok((BatchedLines { shared }, flush))
 }
 
-/// The writer thread: full batches as they come, and every thread's partly filled batch
-/// each [`FLUSH_EVERY`] and at the end.
-fn write_batches(shared: &Shared, full: &Receiver<Message>, mut sink: impl Write) {
-    // A sink that fails loses its lines: stderr, where that could be told, is likely the
-    // same broken place.
-    let mut write = |bytes: &[u8]| {
-        let _ = sink.write_all(bytes).and_then(|()| sink.flush());
-    };
+/// The writer thread: full batches as they come, every thread's partly filled batch each
+/// [`FLUSH_EVERY`] (however many full ones arrive meanwhile), and everything at the end.
+fn write_batches(shared: &Shared, full: &Receiver<Message>, hold: Duration, sink: impl Write) {
+    let mut out = Outbox::new(sink, hold);
+    let mut collect_at = Instant::now() + FLUSH_EVERY;
     loop {
-        match full.recv_timeout(FLUSH_EVERY) {
-            Ok(Message::Batch(batch)) => write(&batch),
+        let wait = out.next_due().unwrap_or(collect_at).min(collect_at);
+        match full.recv_timeout(wait.saturating_duration_since(Instant::now())) {
+            Ok(Message::Batch(batch)) => out.push(batch),
             Ok(Message::Finish) | Err(RecvTimeoutError::Disconnected) => {
                 for message in full.try_iter() {
                     if let Message::Batch(batch) = message {
-                        write(&batch);
+                        out.push(batch);
                     }
                 }
-                write(&shared.collect());
+                out.push(shared.collect());
+                out.write_all();
                 return;
             }
-            Err(RecvTimeoutError::Timeout) => write(&shared.collect()),
+            Err(RecvTimeoutError::Timeout) => {}
         }
+        if Instant::now() >= collect_at {
+            out.push(shared.collect());
+            collect_at = Instant::now() + FLUSH_EVERY;
+        }
+        out.write_due();
+    }
+}
+
+/// Where the writer thread's batches go: straight to the sink, or with a hold, after it.
+struct Outbox<W> {
+    sink: W,
+    hold: Duration,
+    /// Held batches and when each is due, oldest first.
+    held: VecDeque<(Instant, Vec<u8>)>,
+}
+
+impl<W: Write> Outbox<W> {
+    fn new(sink: W, hold: Duration) -> Self {
+        Outbox {
+            sink,
+            hold,
+            held: VecDeque::new(),
+        }
+    }
+
+    fn push(&mut self, batch: Vec<u8>) {
+        if self.hold.is_zero() {
+            self.write(&batch);
+        } else if !batch.is_empty() {
+            self.held.push_back((Instant::now() + self.hold, batch));
+        }
+    }
+
+    /// When the oldest held batch is due.
+    fn next_due(&self) -> Option<Instant> {
+        self.held.front().map(|(due, _)| *due)
+    }
+
+    fn write_due(&mut self) {
+        let now = Instant::now();
+        while self.next_due().is_some_and(|due| due <= now) {
+            if let Some((_, batch)) = self.held.pop_front() {
+                self.write(&batch);
+            }
+        }
+    }
+
+    /// Writes out every held batch, due or not: the process is ending.
+    fn write_all(&mut self) {
+        while let Some((_, batch)) = self.held.pop_front() {
+            self.write(&batch);
+        }
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        // A sink that fails loses its lines: stderr, where that could be told, is likely the
+        // same broken place.
+        let _ = self.sink.write_all(bytes).and_then(|()| self.sink.flush());
     }
 }
 
@@ -234,7 +299,13 @@ mod tests {
     #[test]
     fn every_line_is_written_in_order_by_the_time_the_guard_is_dropped() {
         let sink = Recording::default();
-        let (lines, flush) = spawn(sink.clone(), 64 << 20, Duration::from_secs(10)).unwrap();
+        let (lines, flush) = spawn(
+            sink.clone(),
+            64 << 20,
+            Duration::from_secs(10),
+            Duration::ZERO,
+        )
+        .unwrap();
         let mut expected = Vec::new();
         for i in 0..10_000 {
             let line = format!("line {i}\n");
@@ -249,7 +320,13 @@ mod tests {
     #[test]
     fn a_partly_filled_batch_goes_out_without_more_lines() {
         let sink = Recording::default();
-        let (lines, _flush) = spawn(sink.clone(), 64 << 20, Duration::from_secs(10)).unwrap();
+        let (lines, _flush) = spawn(
+            sink.clone(),
+            64 << 20,
+            Duration::from_secs(10),
+            Duration::ZERO,
+        )
+        .unwrap();
         (&lines).write_all(b"alone\n").unwrap();
         // Bounded wait: the writer collects it within FLUSH_EVERY.
         for _ in 0..500 {
@@ -259,6 +336,87 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         panic!("a lone line was not written");
+    }
+
+    #[test]
+    fn a_quiet_threads_line_goes_out_while_another_thread_fills_batches() {
+        /// Drops what it is given, noting whether the quiet line was in it.
+        #[derive(Clone, Default)]
+        struct Watch(Arc<std::sync::atomic::AtomicBool>);
+        impl Write for Watch {
+            fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+                if bytes.windows(6).any(|w| w == b"quiet\n") {
+                    self.0.store(true, Ordering::Relaxed);
+                }
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let watch = Watch::default();
+        let (lines, _flush) = spawn(
+            watch.clone(),
+            64 << 20,
+            Duration::from_secs(10),
+            Duration::ZERO,
+        )
+        .unwrap();
+        let seen = || watch.0.load(Ordering::Relaxed);
+        std::thread::scope(|scope| {
+            // Full batches arrive far more often than every FLUSH_EVERY, for up to 10 s.
+            let flooding = scope.spawn(|| {
+                let line = [[b'x'; 255].as_slice(), b"\n"].concat();
+                let until = Instant::now() + Duration::from_secs(10);
+                while !seen() && Instant::now() < until {
+                    for _ in 0..64 {
+                        (&lines).write_all(&line).unwrap();
+                    }
+                }
+            });
+            (&lines).write_all(b"quiet\n").unwrap();
+            flooding.join().unwrap();
+        });
+        assert!(
+            seen(),
+            "a partly filled batch waited while another thread logged"
+        );
+    }
+
+    #[test]
+    fn with_a_hold_no_line_is_written_sooner_than_the_hold() {
+        /// Records when the first bytes arrived.
+        #[derive(Clone, Default)]
+        struct Arrival(Arc<Mutex<Option<Instant>>>);
+        impl Write for Arrival {
+            fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+                let mut first = self.0.lock().map_err(|_| io::ErrorKind::Other)?;
+                first.get_or_insert_with(Instant::now);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let hold = Duration::from_millis(300);
+        let arrival = Arrival::default();
+        let (lines, _flush) =
+            spawn(arrival.clone(), 64 << 20, Duration::from_secs(10), hold).unwrap();
+        let logged = Instant::now();
+        (&lines).write_all(b"held\n").unwrap();
+        let until = Instant::now() + Duration::from_secs(10);
+        let arrived = loop {
+            if let Some(at) = *arrival.0.lock().unwrap() {
+                break at;
+            }
+            assert!(Instant::now() < until, "a held line was never written");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(
+            arrived - logged >= hold,
+            "written after {:?}",
+            arrived - logged
+        );
     }
 
     /// A sink that blocks until told to go on.
@@ -277,7 +435,13 @@ mod tests {
     #[test]
     fn a_stalled_sink_costs_lines_counted_and_never_a_blocked_write() {
         let (_go_on, stalled) = mpsc::channel();
-        let (lines, flush) = spawn(Stalled(stalled), BATCH, Duration::from_millis(100)).unwrap();
+        let (lines, flush) = spawn(
+            Stalled(stalled),
+            BATCH,
+            Duration::from_millis(100),
+            Duration::ZERO,
+        )
+        .unwrap();
         // 100 batches of 8 lines: the writer holds one, the queue one more; the rest drop.
         let line = [[b'x'; 4095].as_slice(), b"\n"].concat();
         for _ in 0..800 {
