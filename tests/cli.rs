@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{bearer, client, run_binary, Binary, Upstream, KEY};
+use common::{bearer, client, run_binary, Binary, Upstream, KEY, LOG_DEADLINE};
 use futures_util::StreamExt;
 use poem::Response;
 
@@ -391,17 +391,18 @@ async fn the_key_never_reaches_the_logs_even_at_trace() {
             with_key(http.get(gateway.url("/v1/unknown"))),
             with_key(http.post(gateway.url("/v1/tiny"))).body("01234567890123"),
         ];
+        let sent = requests.len();
         for request in requests {
             let response = request.send().await.unwrap();
             let text = response.text().await.unwrap();
             assert!(!text.contains(KEY), "an answer echoed the key: {text}");
         }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let logs = gateway.logs();
-        assert!(
-            logs.contains("oa_bypass::request"),
-            "no request logs at all:\n{logs}"
-        );
+        gateway
+            .wait_for_logs(&format!("{sent} request lines"), |logs| {
+                logs.matches("oa_bypass::request").count() >= sent
+            })
+            .await;
+        let logs = gateway.settled_logs().await;
         // Trace lines themselves, not just many lines: debug alone would make those.
         let traced = logs.lines().filter(|line| line.contains(" TRACE ")).count();
         assert!(
@@ -427,9 +428,8 @@ async fn the_key_never_reaches_the_logs_even_at_trace() {
         .unwrap();
     assert_eq!(response.status(), 401);
     assert!(!response.text().await.unwrap().contains(KEY));
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let logs = guarded.logs();
-    assert!(logs.contains("status=401"), "{logs}");
+    guarded.wait_for_log("status=401", LOG_DEADLINE).await;
+    let logs = guarded.settled_logs().await;
     assert!(
         !logs.contains(KEY) && !logs.contains("SECRET"),
         "the key reached the logs"
@@ -521,12 +521,9 @@ async fn each_request_logs_one_line_with_route_status_bytes_and_outcome() {
     let gateway = Binary::spawn(&common::test_manifest(&upstream.base_url(), ""), &[]);
     let response = common::get_with_key(gateway.url("/v1/files/file-secret-id")).await;
     assert_eq!(response.text().await.unwrap(), "{\"ok\":true}");
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let logs = gateway.logs();
-    let line = logs
-        .lines()
-        .find(|line| line.contains("oa_bypass::request"))
-        .unwrap_or_else(|| panic!("no request line:\n{logs}"));
+    let line = gateway
+        .wait_for_log("oa_bypass::request", LOG_DEADLINE)
+        .await;
     for field in [
         "method=GET",
         "route=/v1/files/{file_id}",
@@ -538,6 +535,7 @@ async fn each_request_logs_one_line_with_route_status_bytes_and_outcome() {
     ] {
         assert!(line.contains(field), "{field} missing from {line}");
     }
+    let logs = gateway.settled_logs().await;
     assert!(!logs.contains("file-secret-id"), "the raw path was logged");
 }
 

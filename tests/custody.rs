@@ -6,9 +6,7 @@
 
 mod common;
 
-use std::time::Duration;
-
-use common::{client, json_response, run_binary, Binary, Recorded, Upstream, KEY};
+use common::{client, json_response, run_binary, Binary, Recorded, Upstream, KEY, LOG_DEADLINE};
 use oa_bypass::config::hash_line;
 use poem::Response;
 use serde_json::json;
@@ -79,14 +77,18 @@ async fn the_upstream_never_sees_the_clients_key_and_held_keys_take_turns() {
             .collect();
         assert!(!all.iter().any(|value| value.contains(KEY)), "{all:?}");
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let logs = gateway.logs();
+    // Six request lines, three of them naming key A.
+    let logs = gateway
+        .wait_for_logs("six request lines", |logs| {
+            logs.matches("oa_bypass::request").count() >= 6
+        })
+        .await;
     assert_eq!(
         logs.matches("upstream_key=\"OA_TEST_HELD_A\"").count(),
         3,
         "{logs}"
     );
-    let metrics = common::scrape(gateway.url("/metrics")).await;
+    let metrics = common::scrape_settled(gateway.url("/metrics")).await;
     assert!(
         metrics.contains(
             r#"oa_bypass_upstream_key_requests_total{mount="default",key="OA_TEST_HELD_B"} 3"#
@@ -137,16 +139,15 @@ async fn a_429_rests_its_key_while_the_other_serves() {
     // The first went up with A and its 429 came back as it was; then B took every turn.
     assert_eq!(statuses, [429, 200, 200, 200, 200, 200]);
     assert_eq!(keys_seen(&upstream), ["A", "B", "B", "B", "B", "B"]);
-    let metrics = common::scrape(gateway.url("/metrics")).await;
+    let metrics = common::scrape_settled(gateway.url("/metrics")).await;
     assert!(
         metrics.contains(
             r#"oa_bypass_upstream_key_rests_total{mount="default",key="OA_TEST_HELD_A"} 1"#
         ),
         "{metrics}"
     );
-    let logs = gateway.logs();
-    assert!(logs.contains("this key rests"), "{logs}");
-    assert!(logs.contains("rest_ms=30000"), "{logs}");
+    let rest = gateway.wait_for_log("this key rests", LOG_DEADLINE).await;
+    assert!(rest.contains("rest_ms=30000"), "{rest}");
 }
 
 #[tokio::test]
@@ -201,24 +202,24 @@ async fn a_reload_reads_the_key_variables_again() {
     common::get_with_key(gateway.url("/v1/models")).await;
     std::fs::write(gateway.manifest_path(), one_key("OA_TEST_HELD_B")).unwrap();
     gateway.signal("HUP");
-    assert!(
-        gateway.logged("manifest reloaded").await,
-        "{}",
-        gateway.logs()
-    );
+    gateway
+        .wait_for_log("manifest reloaded", LOG_DEADLINE)
+        .await;
     common::get_with_key(gateway.url("/v1/models")).await;
     assert_eq!(keys_seen(&upstream), ["A", "B"]);
     // A variable that is not set is refused on reload, naming it; the keys in use stay.
     std::fs::write(gateway.manifest_path(), one_key("OA_TEST_HELD_UNSET")).unwrap();
     gateway.signal("HUP");
-    assert!(
-        gateway.logged("manifest reload refused").await,
-        "{}",
-        gateway.logs()
-    );
-    assert!(gateway.logs().contains(
-        "upstream.keys_env[0]: environment variable OA_TEST_HELD_UNSET is not set or empty"
-    ));
+    // The refusal, and on the line after it the reason.
+    gateway
+        .wait_for_log("manifest reload refused", LOG_DEADLINE)
+        .await;
+    gateway
+        .wait_for_log(
+            "upstream.keys_env[0]: environment variable OA_TEST_HELD_UNSET is not set or empty",
+            LOG_DEADLINE,
+        )
+        .await;
     common::get_with_key(gateway.url("/v1/models")).await;
     assert_eq!(keys_seen(&upstream), ["A", "B", "B"]);
 }
@@ -304,11 +305,15 @@ async fn neither_the_clients_key_nor_a_held_key_reaches_the_logs_even_at_trace()
                 "{text}"
             );
         }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let logs = gateway.logs();
+        // One line per request, and the rest of the 429's key.
+        gateway
+            .wait_for_logs("five request lines and a key's rest", |logs| {
+                logs.matches("oa_bypass::request").count() >= 5 && logs.contains("this key rests")
+            })
+            .await;
+        let logs = gateway.settled_logs().await;
         let traced = logs.lines().filter(|line| line.contains(" TRACE ")).count();
         assert!(traced >= 6, "trace logging was not on:\n{logs}");
-        assert!(logs.contains("this key rests"), "no 429 was drawn:\n{logs}");
         for secret in [KEY, "SECRET", HELD_A, HELD_B, "UPSTREAMSECRET"] {
             assert!(
                 !logs.contains(secret),

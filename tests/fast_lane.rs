@@ -414,7 +414,10 @@ fn post_chat(gateway: &Gateway) -> reqwest::RequestBuilder {
 async fn a_pooled_connection_the_upstream_closed_is_not_used() {
     // Every answer says keep-alive, then the upstream closes the connection anyway a moment
     // later, as servers do when their idle timeout is shorter than ours.
-    let (addr, connections) = raw_upstream(|_, stream| {
+    let closed = Arc::new(AtomicUsize::new(0));
+    let closing = Arc::clone(&closed);
+    let (addr, connections) = raw_upstream(move |_, stream| {
+        let closing = Arc::clone(&closing);
         Box::pin(async move {
             let _ = stream
                 .write_all(
@@ -422,16 +425,27 @@ async fn a_pooled_connection_the_upstream_closed_is_not_used() {
                 )
                 .await;
             tokio::time::sleep(Duration::from_millis(20)).await;
+            let _ = stream.shutdown().await;
+            closing.fetch_add(1, Ordering::SeqCst);
             false
         })
     })
     .await;
     let gateway = Gateway::start(&common::test_manifest(&format!("http://{addr}"), "")).await;
-    for _ in 0..3 {
+    for round in 1..=3 {
         let response = post_chat(&gateway).send().await.unwrap();
         assert_eq!(response.status(), 200);
         assert_eq!(response.text().await.unwrap(), "ok");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Closed before the next request, as between a user's requests (on loopback the
+        // close is then at the gateway's socket).
+        let until = tokio::time::Instant::now() + Duration::from_secs(10);
+        while closed.load(Ordering::SeqCst) < round {
+            assert!(
+                tokio::time::Instant::now() < until,
+                "the upstream never closed"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
     assert_eq!(connections.load(Ordering::SeqCst), 3);
 }

@@ -88,12 +88,19 @@ async fn an_upstream_answering_invalid_http_is_502() {
 async fn pooled_connections_the_upstream_closed_are_replaced_not_failed() {
     // Each connection answers one request as keep-alive, then the upstream closes it, as an
     // upstream does when its keep-alive timeout passes.
-    let (base, connections) = raw_upstream(|mut socket| async move {
-        if read_head(&mut socket).await.is_some() {
-            let _ = socket
-                .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
-                .await;
-            tokio::time::sleep(Duration::from_millis(20)).await;
+    let closed = Arc::new(AtomicUsize::new(0));
+    let closing = Arc::clone(&closed);
+    let (base, connections) = raw_upstream(move |mut socket| {
+        let closing = Arc::clone(&closing);
+        async move {
+            if read_head(&mut socket).await.is_some() {
+                let _ = socket
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
+                    .await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let _ = socket.shutdown().await;
+            closing.fetch_add(1, Ordering::SeqCst);
         }
     })
     .await;
@@ -104,7 +111,16 @@ async fn pooled_connections_the_upstream_closed_are_replaced_not_failed() {
             status, 200,
             "request {i} failed on a closed pooled connection"
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Closed before the next request (on loopback the close is then at the gateway's
+        // socket).
+        let until = tokio::time::Instant::now() + Duration::from_secs(10);
+        while closed.load(Ordering::SeqCst) <= i {
+            assert!(
+                tokio::time::Instant::now() < until,
+                "the upstream never closed"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
     assert_eq!(connections.load(Ordering::SeqCst), 20);
 }
@@ -146,12 +162,14 @@ async fn an_upstream_closing_right_after_each_answer_never_hangs_a_request() {
 async fn a_client_aborting_mid_upload_cancels_the_upstream_request() {
     let received = Arc::new(AtomicUsize::new(0));
     let (ended_tx, mut ended_rx) = tokio::sync::mpsc::channel::<usize>(1);
+    let (started_tx, mut started_rx) = tokio::sync::mpsc::channel::<()>(1);
     let counter = Arc::clone(&received);
     let (base, _) = raw_upstream(move |mut socket| {
         let counter = Arc::clone(&counter);
-        let ended_tx = ended_tx.clone();
+        let (ended_tx, started_tx) = (ended_tx.clone(), started_tx.clone());
         async move {
             let head = read_head(&mut socket).await.unwrap();
+            let _ = started_tx.send(()).await;
             let after_head = head.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
             let mut total = head.len() - after_head;
             let mut buf = vec![0u8; 65536];
@@ -175,7 +193,10 @@ async fn a_client_aborting_mid_upload_cancels_the_upstream_request() {
     );
     client_socket.write_all(head.as_bytes()).await.unwrap();
     client_socket.write_all(&vec![b'a'; 100_000]).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The client leaves once the upload is on its way upstream.
+    tokio::time::timeout(Duration::from_secs(10), started_rx.recv())
+        .await
+        .expect("the upload never reached the upstream");
     drop(client_socket);
     let seen = tokio::time::timeout(Duration::from_secs(10), ended_rx.recv())
         .await
@@ -235,8 +256,11 @@ async fn many_requests_and_streams_leave_no_leak() {
     );
     let pid = gateway.pid();
     let sample = || (open_fds(pid), common::proc_status_kib(pid, "VmRSS"));
+    // One client for every sequential round: its one kept-alive connection is open at each
+    // sample, rather than closing at the gateway's side while one is taken.
+    let http = client();
     let sequential = |n: usize| {
-        let http = client();
+        let http = http.clone();
         let url = gateway.url("/v1/models");
         async move {
             for _ in 0..n {
@@ -285,8 +309,18 @@ async fn many_requests_and_streams_leave_no_leak() {
                     .unwrap()
                     .unwrap();
             }
-            // Let the connections the clients dropped close on the gateway's side too.
-            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    };
+    // The connections the clients dropped close on the gateway's side too: up to 256 idle
+    // upstream connections stay pooled for reuse, by design. Waited for, up to 10 s.
+    let settled_fds = |bound: usize| async move {
+        let until = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let fds = open_fds(pid);
+            if fds <= bound || tokio::time::Instant::now() >= until {
+                return fds;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
 
@@ -315,8 +349,8 @@ async fn many_requests_and_streams_leave_no_leak() {
     let mut rss = Vec::new();
     for _ in 0..5 {
         concurrent_streams(1000).await;
-        let (fds, kib) = sample();
-        // Up to 256 idle upstream connections stay pooled for reuse, by design.
+        let fds = settled_fds(idle.0 + 256 + 16).await;
+        let kib = common::proc_status_kib(pid, "VmRSS");
         assert!(
             fds <= idle.0 + 256 + 16,
             "descriptors grew from {} to {fds}",

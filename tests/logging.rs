@@ -12,7 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{
-    bearer, binary_path, client, get_with_key, scrape, test_manifest, Binary, KillOnDrop, Upstream,
+    bearer, binary_path, client, get_with_key, scrape_settled, test_manifest, Binary, KillOnDrop,
+    Upstream, LOG_DEADLINE, LOG_HOLD_ENV,
 };
 use serde_json::Value;
 
@@ -27,8 +28,8 @@ fn completed_lines(logs: &str) -> usize {
 /// How a test's gateway stdout is read.
 enum Reader {
     /// Into the lines, by a thread that stops reading while the flag is set (a slow log
-    /// sink, on demand).
-    Pausable(Arc<Mutex<Vec<String>>>, Arc<AtomicBool>),
+    /// sink, on demand), and sets the last flag once stdout has ended.
+    Pausable(Arc<Mutex<Vec<String>>>, Arc<AtomicBool>, Arc<AtomicBool>),
     /// Never: once the pipe's 64 KiB are full, its writer blocks.
     Never,
 }
@@ -56,12 +57,14 @@ async fn spawn(
             .env("OA_BYPASS_SERVER__HOST", "127.0.0.1")
             .env("OA_BYPASS_SERVER__PORT", port.to_string())
             .env_remove("OA_BYPASS_CONFIG")
+            // These tests count what `log.buffer` holds; CI's hold would hold more besides.
+            .env_remove(LOG_HOLD_ENV)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),
     );
-    if let Reader::Pausable(lines, paused) = reader {
+    if let Reader::Pausable(lines, paused, ended) = reader {
         let mut stdout = BufReader::new(child.0.stdout.take().unwrap());
         std::thread::spawn(move || loop {
             while paused.load(Ordering::Relaxed) {
@@ -69,7 +72,7 @@ async fn spawn(
             }
             let mut line = String::new();
             match stdout.read_line(&mut line) {
-                Ok(0) | Err(_) => break,
+                Ok(0) | Err(_) => break ended.store(true, Ordering::Release),
                 Ok(_) => lines.lock().unwrap().push(line),
             }
         });
@@ -87,11 +90,12 @@ async fn spawn(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_under_load_loses_no_log_line() {
     let upstream = Upstream::echo().await;
-    let (lines, paused) = (
+    let (lines, paused, ended) = (
         Arc::new(Mutex::new(Vec::new())),
         Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
     );
-    let reader = Reader::Pausable(Arc::clone(&lines), Arc::clone(&paused));
+    let reader = Reader::Pausable(Arc::clone(&lines), Arc::clone(&paused), Arc::clone(&ended));
     let (mut gateway, base, _dir) = spawn(&upstream, "256MiB", reader).await;
 
     let answered = Arc::new(AtomicU64::new(0));
@@ -143,8 +147,12 @@ async fn sigterm_under_load_loses_no_log_line() {
     .await
     .unwrap();
     assert_eq!(status.code(), Some(0));
-    // The reader sees the pipe's end once the process is gone.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Every line is in once the reader has seen the pipe's end (bounded: 10 s).
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !ended.load(Ordering::Acquire) {
+        assert!(tokio::time::Instant::now() < until, "stdout never ended");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let logs = lines.lock().unwrap().concat();
     let logged = completed_lines(&logs);
     let answered = answered.load(Ordering::Relaxed) as usize;
@@ -188,7 +196,7 @@ async fn a_stalled_log_sink_drops_lines_and_counts_them_but_never_holds_requests
         .await
         .expect("requests waited for the stalled log sink");
 
-    let metrics = scrape(format!("{base}/metrics")).await;
+    let metrics = scrape_settled(format!("{base}/metrics")).await;
     let dropped: u64 = metrics
         .lines()
         .find_map(|line| line.strip_prefix("oa_bypass_log_lines_dropped_total "))
@@ -212,10 +220,9 @@ async fn the_level_filter_decides_for_request_lines_as_for_any_other_line() {
     for gateway in [&shown, &hidden] {
         assert_eq!(get_with_key(gateway.url("/v1/models")).await.status(), 200);
     }
-    assert!(shown.logged("oa_bypass::request").await, "{}", shown.logs());
-    // Both wrote their batches by now (every 100 ms): the filtered one has none to write.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let logs = hidden.logs();
+    shown.wait_for_log("oa_bypass::request", LOG_DEADLINE).await;
+    // Past the writer's delay, the filtered one has still written no request line.
+    let logs = hidden.settled_logs().await;
     assert!(logs.contains("oa-bypass listening"), "{logs}");
     assert!(!logs.contains("oa_bypass::request"), "{logs}");
 }

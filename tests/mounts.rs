@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{client, json_response, python, Binary, Gateway, Recorded, Upstream, KEY};
+use common::{
+    client, json_response, python, Binary, Gateway, Recorded, Upstream, KEY, LOG_DEADLINE,
+};
 use poem::Response;
 use serde_json::json;
 
@@ -130,7 +132,7 @@ async fn the_python_sdk_reaches_two_mounts_each_at_its_own_upstream() {
         "/openai/v1/models?limit=2&after=a%2Fb"
     );
 
-    let metrics = common::scrape(gateway.url("/metrics")).await;
+    let metrics = common::scrape_settled(gateway.url("/metrics")).await;
     assert!(
         metrics.contains(r#"oa_bypass_mount_requests_total{mount="groq",status="200"} 4"#),
         "{metrics}"
@@ -257,11 +259,9 @@ async fn a_mount_added_on_sighup_under_load_fails_no_request() {
     );
     std::fs::write(gateway.manifest_path(), after).unwrap();
     gateway.signal("HUP");
-    assert!(
-        gateway.logged("manifest reloaded").await,
-        "{}",
-        gateway.logs()
-    );
+    gateway
+        .wait_for_log("manifest reloaded", LOG_DEADLINE)
+        .await;
     let response = common::get_with_key(gateway.url("/added/v1/models")).await;
     assert_eq!(response.status(), 200);
     assert_eq!(added.last().path_and_query, "/v1/models");

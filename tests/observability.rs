@@ -211,8 +211,14 @@ async fn post(gateway: &Gateway, path: &str, key: &str, body: Value) -> (u16, By
     (status, response.bytes().await.unwrap())
 }
 
+/// The gateway's metrics, while requests may still be in flight.
 async fn scrape(gateway: &Gateway) -> String {
     common::scrape(gateway.url("/metrics")).await
+}
+
+/// The gateway's metrics once every answer so far has been finished and counted.
+async fn settled(gateway: &Gateway) -> String {
+    common::scrape_settled(gateway.url("/metrics")).await
 }
 
 #[tokio::test]
@@ -276,7 +282,7 @@ async fn metrics_count_real_traffic_and_token_usage_without_touching_the_bytes()
     }
     assert_eq!(statuses, [200, 200, 200, 200, 200, 429]);
 
-    let text = scrape(&gateway).await;
+    let text = settled(&gateway).await;
     let samples = parse_metrics(&text);
     let chat = r#"method="POST",route="/v1/chat/completions""#;
     assert_eq!(
@@ -421,8 +427,8 @@ async fn open_streams_and_upstream_errors_are_visible() {
     assert_eq!(sample(&samples, "oa_bypass_requests_in_flight{}"), 1.0);
     drop(tx);
     assert!(response.chunk().await.unwrap().is_none());
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let samples = parse_metrics(&scrape(&gateway).await);
+    // The gauges go once the relay is dropped, which can be just after the client's last read.
+    let samples = parse_metrics(&settled(&gateway).await);
     assert_eq!(sample(&samples, "oa_bypass_open_streams{}"), 0.0);
     assert_eq!(sample(&samples, "oa_bypass_requests_in_flight{}"), 0.0);
 
@@ -434,7 +440,7 @@ async fn open_streams_and_upstream_errors_are_visible() {
     let gateway = Gateway::start(&manifest(&format!("http://{closed}"), "")).await;
     let (status, _) = post(&gateway, "/v1/embeddings", KEY, json!({})).await;
     assert_eq!(status, 502);
-    let samples = parse_metrics(&scrape(&gateway).await);
+    let samples = parse_metrics(&settled(&gateway).await);
     assert_eq!(
         sample(
             &samples,
@@ -456,7 +462,7 @@ async fn tokens_by_key_uses_the_hash_prefix_only() {
         let (status, _) = post(&gateway, "/v1/chat/completions", key, json!({})).await;
         assert_eq!(status, 200);
     }
-    let text = scrape(&gateway).await;
+    let text = settled(&gateway).await;
     let samples = parse_metrics(&text);
     let prefix = |key: &str| common::sha256(key.as_bytes())[..8].to_owned();
     let by_key = |key: &str| {
@@ -591,9 +597,13 @@ async fn json_logs_carry_one_line_per_request_with_its_fields() {
         .await
         .unwrap();
     assert_eq!(response.status(), 401);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    gateway
+        .wait_for_logs("two request lines", |logs| {
+            logs.matches("\"target\":\"oa_bypass::request\"").count() >= 2
+        })
+        .await;
 
-    let logs = gateway.logs();
+    let logs = gateway.settled_logs().await;
     let lines: Vec<Value> = logs
         .lines()
         .map(|line| {
@@ -674,7 +684,7 @@ async fn upstream_errors_are_counted_by_kind() {
     let gateway = Gateway::start(&quick(silent)).await;
     let (status, _) = post(&gateway, "/v1/embeddings", KEY, json!({})).await;
     assert_eq!(status, 504);
-    let samples = parse_metrics(&scrape(&gateway).await);
+    let samples = parse_metrics(&settled(&gateway).await);
     assert_eq!(
         sample(
             &samples,
@@ -696,14 +706,11 @@ async fn upstream_errors_are_counted_by_kind() {
         response.bytes().await.is_err(),
         "a broken body must not look complete"
     );
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let samples = parse_metrics(&scrape(&gateway).await);
-    assert_eq!(
-        sample(
-            &samples,
-            r#"oa_bypass_upstream_errors_total{kind="reset",route="/v1/embeddings"}"#
-        ),
-        1.0
-    );
+    // Counted when the relay ends, which can be just after the client saw the break.
+    let metrics = common::scrape_until(gateway.url("/metrics"), "the reset", |text| {
+        text.contains(r#"oa_bypass_upstream_errors_total{route="/v1/embeddings",kind="reset"} 1"#)
+    })
+    .await;
+    let samples = parse_metrics(&metrics);
     assert_eq!(sample(&samples, "oa_bypass_requests_in_flight{}"), 0.0);
 }

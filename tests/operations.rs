@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{bearer, Binary, Upstream};
+use common::{bearer, Binary, Upstream, LOG_DEADLINE};
 use serde_json::json;
 
 /// Polls `done` every 20 ms until it holds; after 10 s, fails saying `what`, with the logs.
@@ -118,10 +118,9 @@ async fn serves_https_from_pem_files_and_swaps_them_on_sighup() {
     // A broken key file on the next SIGHUP: refused, the current certificate stays.
     std::fs::write(certs.path().join("key.pem"), "not a key").unwrap();
     gateway.signal("HUP");
-    wait_until(&gateway, "no refusal logged", || async {
-        gateway.logs().contains("TLS reload refused")
-    })
-    .await;
+    gateway
+        .wait_for_log("TLS reload refused", LOG_DEADLINE)
+        .await;
     let fresh = client_trusting(&cert_b, gateway.addr);
     let response = fresh
         .get(&url)
@@ -131,7 +130,7 @@ async fn serves_https_from_pem_files_and_swaps_them_on_sighup() {
         .unwrap();
     assert_eq!(response.status(), 200);
     assert!(
-        !gateway.logs().contains(&key_b[40..80]),
+        !gateway.settled_logs().await.contains(&key_b[40..80]),
         "key material in the logs"
     );
 }
@@ -264,17 +263,13 @@ async fn sighup_reloads_the_manifest_under_load_without_dropping_anything() {
     )
     .unwrap();
     gateway.signal("HUP");
-    wait_until(&gateway, "no refusal logged", || async {
-        gateway.logs().contains("manifest reload refused")
-    })
-    .await;
-    assert!(
-        gateway
-            .logs()
-            .contains("routes[1].method: \"FETCH\" is not one of"),
-        "{}",
-        gateway.logs()
-    );
+    // The refusal, and on the line after it the reason.
+    gateway
+        .wait_for_log("manifest reload refused", LOG_DEADLINE)
+        .await;
+    gateway
+        .wait_for_log("routes[1].method: \"FETCH\" is not one of", LOG_DEADLINE)
+        .await;
     assert_eq!(
         models.try_clone().unwrap().send().await.unwrap().status(),
         200

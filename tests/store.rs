@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::{
-    assert_429, client, get_with_key, json_response, scrape, Binary, KillOnDrop, Recorded,
-    Upstream, KEY,
+    assert_429, client, get_with_key, json_response, scrape_until, Binary, KillOnDrop, Recorded,
+    Upstream, KEY, LOG_DEADLINE,
 };
 use futures_util::StreamExt;
 use oa_bypass::config::hash_line;
@@ -172,8 +172,10 @@ async fn two_gateways_share_one_rate_limit() {
     assert_eq!(upstream.requests().len(), 10);
     // Both processes refused some: the limit is one, not one each.
     assert!(statuses[..10].contains(&200) && statuses[10..].iter().all(|&s| s == 429));
-    let metrics = scrape(gateways[1].url("/metrics")).await;
-    assert!(metrics.contains("oa_bypass_limits_store_up 1"), "{metrics}");
+    scrape_until(gateways[1].url("/metrics"), "the store up", |metrics| {
+        metrics.contains("oa_bypass_limits_store_up 1")
+    })
+    .await;
 }
 
 /// An upstream whose answers are event streams that send one event and stay open.
@@ -292,8 +294,19 @@ async fn a_rest_set_through_one_gateway_is_honoured_by_the_other_and_nothing_sec
     let other = Binary::spawn(&manifest, &env);
     // The first request through `one` takes A and draws the 429.
     assert_eq!(get_models(&one).await.status(), 429);
-    // `other` has never used A; without the store its first turn would be A's.
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // `other` has never used A; without the store its first turn would be A's. Once the rest
+    // is in Redis, `other`'s store thread reads it within its sync interval (250 ms, waited
+    // out twice over for a loaded machine).
+    let until = Instant::now() + Duration::from_secs(10);
+    while !redis
+        .dump()
+        .iter()
+        .any(|(key, _)| key.contains(":rest:default:"))
+    {
+        assert!(Instant::now() < until, "the rest never reached Redis");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let statuses = [
         get_models(&other).await.status().as_u16(),
         get_models(&other).await.status().as_u16(),
@@ -364,18 +377,21 @@ async fn with_redis_stopped_open_serves_and_warns_closed_refuses_and_both_recove
             .unwrap()
             .contains("limits.store_failure"));
     }
-    assert!(
-        open.logged("serving without shared limits").await,
-        "{}",
-        open.logs()
-    );
-    let metrics = scrape(open.url("/metrics")).await;
-    let errors = metrics
-        .lines()
-        .find_map(|line| line.strip_prefix("oa_bypass_limits_store_errors_total "))
-        .unwrap_or_else(|| panic!("no store error metric:\n{metrics}"));
-    assert!(errors.parse::<f64>().unwrap() >= 1.0, "{errors}");
-    assert!(metrics.contains("oa_bypass_limits_store_up 0"));
+    open.wait_for_log("serving without shared limits", LOG_DEADLINE)
+        .await;
+    // The store's thread counts the error and marks it down.
+    scrape_until(
+        open.url("/metrics"),
+        "a store error, and the store down",
+        |metrics| {
+            let errors = metrics
+                .lines()
+                .find_map(|line| line.strip_prefix("oa_bypass_limits_store_errors_total "));
+            errors.is_some_and(|errors| errors.trim().parse::<f64>().is_ok_and(|n| n >= 1.0))
+                && metrics.contains("oa_bypass_limits_store_up 0")
+        },
+    )
+    .await;
     let ready = client().get(open.url("/ready")).send().await.unwrap();
     assert_eq!(ready.status(), 200, "open still serves, so it is ready");
     let ready = client().get(closed.url("/ready")).send().await.unwrap();
@@ -398,7 +414,9 @@ async fn with_redis_stopped_open_serves_and_warns_closed_refuses_and_both_recove
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(closed.logged("limits.store answers").await);
+    closed
+        .wait_for_log("limits.store answers", LOG_DEADLINE)
+        .await;
     let ready = client().get(closed.url("/ready")).send().await.unwrap();
     assert_eq!(ready.status(), 200);
     // And the limit is kept in the store again: its rate key is there.

@@ -154,7 +154,7 @@ async fn a_stream_that_did_not_ask_is_counted_and_gets_the_events_it_asked_for()
         assert!(!got.contains("prompt_tokens"), "{got}");
         assert_eq!(events[2], "data: [DONE]");
 
-        let metrics = common::scrape(gateway.url("/metrics")).await;
+        let metrics = common::scrape_settled(gateway.url("/metrics")).await;
         assert_eq!(
             tokens(&metrics, "input"),
             Some(11),
@@ -291,6 +291,6 @@ print("".join(chunk.choices[0].delta.content or "" for chunk in stream))
 "#;
     let stdout = common::python::run(&python, &["-c", script, &gateway.url("/v1")]).await;
     assert_eq!(stdout.trim(), "Hello");
-    let metrics = common::scrape(gateway.url("/metrics")).await;
+    let metrics = common::scrape_settled(gateway.url("/metrics")).await;
     assert_eq!(tokens(&metrics, "input"), Some(11));
 }

@@ -237,10 +237,16 @@ async fn graceful_shutdown_lets_an_open_stream_finish() {
     body.next().await.unwrap().unwrap();
 
     gateway.shutdown();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    // New connections are refused while the old stream still runs.
-    let refused = client().get(gateway.url("/health")).send().await;
-    assert!(refused.is_err(), "the gateway still accepted connections");
+    // New connections are refused while the old stream still runs: once the accept loop has
+    // seen the signal, within 10 s.
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    while client().get(gateway.url("/health")).send().await.is_ok() {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "the gateway still accepted connections"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     tx.send(Bytes::from_static(b"data: 2\n\n")).await.unwrap();
     drop(tx);

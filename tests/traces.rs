@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{Binary, KillOnDrop, Upstream};
+use common::{Binary, KillOnDrop, Upstream, LOG_DEADLINE};
 use serde_json::{json, Value};
 
 const PROMPT: &str = "SECRET-PROMPT-TEXT";
@@ -260,22 +260,17 @@ async fn a_collector_that_does_not_answer_costs_a_warning_not_a_request() {
         // Several export rounds fail in between.
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    let warned = || {
-        gateway
-            .logs()
-            .matches("OpenTelemetry spans dropped")
-            .count()
-    };
-    for _ in 0..100 {
-        if warned() > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    gateway
+        .wait_for_log("OpenTelemetry spans dropped", LOG_DEADLINE)
+        .await;
     // More batches fail meanwhile; the warning stays one.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let logs = gateway.logs();
-    assert_eq!(warned(), 1, "{logs}");
+    let logs = gateway.settled_logs().await;
+    assert_eq!(
+        logs.matches("OpenTelemetry spans dropped").count(),
+        1,
+        "{logs}"
+    );
     assert!(!logs.contains(common::KEY));
 }
 
@@ -296,19 +291,15 @@ async fn a_reload_keeps_the_exporter_the_process_started_with() {
     // The manifest loses its endpoint; the exporter made at start stays, and so do the spans.
     std::fs::write(gateway.manifest_path(), manifest(&upstream, "")).unwrap();
     gateway.signal("HUP");
-    for _ in 0..100 {
-        if gateway.logs().contains("manifest reloaded") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let logs = gateway.logs();
-    assert!(
-        logs.contains(
-            "tracing.otlp_endpoint changed in the manifest; it applies at the next restart"
-        ),
-        "{logs}"
-    );
+    gateway
+        .wait_for_log("manifest reloaded", LOG_DEADLINE)
+        .await;
+    gateway
+        .wait_for_log(
+            "tracing.otlp_endpoint changed in the manifest; it applies at the next restart",
+            LOG_DEADLINE,
+        )
+        .await;
     let trace_id = "5b8efff798038103d269b633813fc60c";
     let response = common::client()
         .post(gateway.url("/v1/chat/completions"))

@@ -14,11 +14,11 @@ use common::{bearer, Binary};
 use http_body_util::{BodyExt, Full};
 
 /// An HTTPS upstream answering every request with what it saw: HTTP version, method, path,
-/// `Host` and body length, and how many connections it has accepted so far. With `one_each`,
-/// it answers one bodiless request per connection, then closes it (see
-/// [`one_answer_then_close`]).
+/// `Host` and body length, and how many connections it has accepted so far. With
+/// `closing`, it answers one bodiless request per connection, then closes it (see
+/// [`one_answer_then_close`]) and counts it there.
 async fn tls_upstream(cert_pem: &str, key_pem: &str) -> std::net::SocketAddr {
-    tls_upstream_with(cert_pem, key_pem, false).await
+    tls_upstream_with(cert_pem, key_pem, None).await
 }
 
 /// A self-signed certificate for `localhost` and its key, in PEM.
@@ -45,7 +45,11 @@ fn tls_acceptor(cert_pem: &str, key_pem: &str, alpn: &[&[u8]]) -> tokio_rustls::
     tokio_rustls::TlsAcceptor::from(Arc::new(config))
 }
 
-async fn tls_upstream_with(cert_pem: &str, key_pem: &str, one_each: bool) -> std::net::SocketAddr {
+async fn tls_upstream_with(
+    cert_pem: &str,
+    key_pem: &str,
+    closing: Option<Arc<AtomicUsize>>,
+) -> std::net::SocketAddr {
     let acceptor = tls_acceptor(cert_pem, key_pem, &[b"h2", b"http/1.1"]);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -53,6 +57,7 @@ async fn tls_upstream_with(cert_pem: &str, key_pem: &str, one_each: bool) -> std
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let acceptor = acceptor.clone();
+            let closing = closing.clone();
             let connections = accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
             tokio::spawn(async move {
                 let Ok(stream) = acceptor.accept(stream).await else {
@@ -80,8 +85,9 @@ async fn tls_upstream_with(cert_pem: &str, key_pem: &str, one_each: bool) -> std
                         )
                     },
                 );
-                if one_each {
+                if let Some(closed) = closing {
                     one_answer_then_close(stream, connections).await;
+                    closed.fetch_add(1, Ordering::SeqCst);
                     return;
                 }
                 let io = hyper_util::rt::TokioIo::new(stream);
@@ -199,9 +205,9 @@ fn gateway_trusting(cert: &str, upstream: std::net::SocketAddr, envs: &[(&str, &
 
 /// A trusted TLS upstream (see [`tls_upstream_with`]) and a gateway with one worker speaking
 /// HTTP/1.1 to it (`upstream.http2 = false`), with `envs` besides; and the upstream's port.
-async fn http1_gateway(one_each: bool, envs: &[(&str, &str)]) -> (Binary, u16) {
+async fn http1_gateway(closing: Option<Arc<AtomicUsize>>, envs: &[(&str, &str)]) -> (Binary, u16) {
     let (cert, key) = certificate();
-    let upstream = tls_upstream_with(&cert, &key, one_each).await;
+    let upstream = tls_upstream_with(&cert, &key, closing).await;
     let mut all = vec![("OA_BYPASS_UPSTREAM__HTTP2", "false")];
     all.extend_from_slice(envs);
     (gateway_trusting(&cert, upstream, &all), upstream.port())
@@ -214,7 +220,7 @@ async fn http1_gateway(one_each: bool, envs: &[(&str, &str)]) -> (Binary, u16) {
 async fn with_http2_off_an_https_upstream_gets_http1_on_kept_alive_connections() {
     // The raw transport says at trace level what it sent, and on which connection.
     let trace = ("RUST_LOG", "info,oa_bypass::upstream::raw=trace");
-    let (gateway, port) = http1_gateway(false, &[trace]).await;
+    let (gateway, port) = http1_gateway(None, &[trace]).await;
     let post = |body: String| {
         common::client()
             .post(gateway.url("/v1/embeddings"))
@@ -244,15 +250,12 @@ async fn with_http2_off_an_https_upstream_gets_http1_on_kept_alive_connections()
 
     // Whole bodies went on the raw transport (one TLS connection, then pooled), not
     // hyper's client.
-    // Log lines leave in batches: wait for the sixth.
-    let mut logs = gateway.logs();
-    for _ in 0..100 {
-        if logs.matches("raw transport: request sent").count() >= 6 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        logs = gateway.logs();
-    }
+    gateway
+        .wait_for_logs("six requests sent", |logs| {
+            logs.matches("raw transport: request sent").count() >= 6
+        })
+        .await;
+    let logs = gateway.settled_logs().await;
     assert_eq!(
         logs.matches("raw transport: request sent").count(),
         6,
@@ -270,15 +273,24 @@ async fn with_http2_off_an_https_upstream_gets_http1_on_kept_alive_connections()
 /// again: every request is answered, each on a new connection.
 #[tokio::test]
 async fn with_http2_off_a_connection_the_upstream_closed_is_replaced() {
-    let (gateway, _) = http1_gateway(true, &[]).await;
+    let closed = Arc::new(AtomicUsize::new(0));
+    let (gateway, _) = http1_gateway(Some(Arc::clone(&closed)), &[]).await;
     for round in 1..=4 {
         let response = common::get_with_key(gateway.url("/v1/models")).await;
         assert_eq!(response.status(), 200, "round {round}");
         let seen: serde_json::Value = response.json().await.unwrap();
         assert_eq!(seen["version"], "HTTP/1.1");
         assert_eq!(seen["connections"], round, "{seen}");
-        // Time for the close to arrive, as it would between a user's requests.
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        // The upstream has closed it (on loopback, the close is then at the gateway's
+        // socket), as it would have between a user's requests.
+        let until = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while closed.load(Ordering::SeqCst) < round {
+            assert!(
+                tokio::time::Instant::now() < until,
+                "the upstream never closed"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
 }
 
@@ -287,7 +299,7 @@ async fn with_http2_off_a_connection_the_upstream_closed_is_replaced() {
 #[tokio::test]
 async fn with_no_idle_connections_kept_each_request_connects_anew() {
     let no_idle = ("OA_BYPASS_UPSTREAM__MAX_IDLE_CONNECTIONS", "0");
-    let (gateway, _) = http1_gateway(false, &[no_idle]).await;
+    let (gateway, _) = http1_gateway(None, &[no_idle]).await;
     for round in 1..=3 {
         let seen: serde_json::Value = common::get_with_key(gateway.url("/v1/models"))
             .await
@@ -407,7 +419,8 @@ async fn http2_streams_beyond_a_connections_limit_open_another_connection() {
     for answer in open {
         assert!(answer.text().await.unwrap().ends_with("data: [DONE]\n\n"));
     }
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // Places are given back as the relays are dropped, which can be just after the reads.
+    common::scrape_settled(gateway.url("/metrics")).await;
     let first = common::get_with_key(gateway.url("/v1/models")).await;
     let second = common::get_with_key(gateway.url("/v1/models")).await;
     assert_eq!((connection(&first), connection(&second)), (1, 1));

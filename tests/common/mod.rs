@@ -394,10 +394,84 @@ pub async fn scrape(url: impl reqwest::IntoUrl) -> String {
     response.text().await.unwrap()
 }
 
+/// Scrapes `url` (a gateway's `/metrics`) until `holds` is true of what it shows, and returns
+/// that; after [`LOG_DEADLINE`], fails the test with `what` and the last scrape. An answer's
+/// counters are written when its body is finished, which can be just after the client read it.
+pub async fn scrape_until(
+    url: impl reqwest::IntoUrl + Clone,
+    what: &str,
+    holds: impl Fn(&str) -> bool,
+) -> String {
+    let until = tokio::time::Instant::now() + LOG_DEADLINE;
+    loop {
+        let metrics = scrape(url.clone()).await;
+        if holds(&metrics) {
+            return metrics;
+        }
+        if tokio::time::Instant::now() >= until {
+            panic!("{what} never showed in the metrics:\n{metrics}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Scrapes `url` once no request is in flight and no stream open: every answer's end-of-body
+/// counters (durations, bytes, tokens) are written before its gauges are let go.
+pub async fn scrape_settled(url: impl reqwest::IntoUrl + Clone) -> String {
+    scrape_until(url, "no request in flight", |metrics| {
+        metrics.contains("\noa_bypass_requests_in_flight 0\n")
+            && metrics.contains("\noa_bypass_open_streams 0\n")
+    })
+    .await
+}
+
 pub const KEY: &str = "sk-test-0123456789abcdefSECRET";
 
 pub fn bearer() -> String {
     format!("Bearer {KEY}")
+}
+
+/// How long a test waits for a line to be logged: far past the log writer's delay, even with
+/// CI's guard holding each batch back ([`LOG_HOLD_ENV`]).
+pub const LOG_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Debug builds of the gateway hold each log batch back this many milliseconds when set;
+/// `.ci/run` sets it for a second run of the tests that read logs, so one that reads too
+/// early fails every time.
+pub const LOG_HOLD_ENV: &str = "OA_BYPASS_DEBUG_LOG_HOLD_MS";
+
+/// The longest a logged line can take to reach the captured output: the writer collects
+/// partly filled batches every 100 ms, holds each back by [`LOG_HOLD_ENV`] if set, and the
+/// next collection can wait out a hold too; with a margin for a loaded machine.
+pub fn log_settle_time() -> Duration {
+    let hold = std::env::var(LOG_HOLD_ENV)
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .map_or(Duration::ZERO, Duration::from_millis);
+    2 * hold + Duration::from_millis(600)
+}
+
+/// `.ci/run` names a file here: each test that reads a gateway's log adds its name, and CI runs
+/// those tests again with [`LOG_HOLD_ENV`] set.
+const LOG_READERS_ENV: &str = "OA_TEST_LOG_READERS";
+
+/// Adds the running test's name (its thread's) to the file [`LOG_READERS_ENV`] names.
+fn note_log_reader() {
+    let Ok(path) = std::env::var(LOG_READERS_ENV) else {
+        return;
+    };
+    let name = std::thread::current().name().map(str::to_owned);
+    // Only libtest's threads are named after their test.
+    let Some(name) = name.filter(|name| name != "main" && !name.starts_with("tokio-")) else {
+        return;
+    };
+    // One short line per append: concurrent tests' lines do not interleave.
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap();
+    std::io::Write::write_all(&mut file, format!("{name}\n").as_bytes()).unwrap();
 }
 
 /// The built gateway binary, spawned with a manifest file; its logs are kept for the test.
@@ -504,19 +578,75 @@ impl Binary {
         self.child.id()
     }
 
+    /// What the process has written so far. Lines leave its log writer in batches, so a
+    /// test asserting what is there waits for it: [`Binary::wait_for_log`],
+    /// [`Binary::wait_for_logs`], or [`Binary::settled_logs`] for what must be absent. Read
+    /// it directly only once the process has exited.
     pub fn logs(&self) -> String {
+        note_log_reader();
+        self.read_logs()
+    }
+
+    fn read_logs(&self) -> String {
         self.logs.lock().unwrap().join("\n")
     }
 
-    /// Waits up to 5 s for a log line containing `text`; whether one came.
-    pub async fn logged(&self, text: &str) -> bool {
-        for _ in 0..100 {
-            if self.logs().contains(text) {
-                return true;
+    /// Waits up to `deadline` for a log line containing `pattern` and returns that line;
+    /// past the deadline, fails the test with the whole log.
+    pub async fn wait_for_log(&self, pattern: &str, deadline: Duration) -> String {
+        note_log_reader();
+        let until = tokio::time::Instant::now() + deadline;
+        // Each line is looked at once: a gateway under load logs many.
+        let mut checked = 0;
+        loop {
+            {
+                let lines = self.logs.lock().unwrap();
+                if let Some(line) = lines[checked..].iter().find(|line| line.contains(pattern)) {
+                    return line.clone();
+                }
+                checked = lines.len();
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            if tokio::time::Instant::now() >= until {
+                panic!(
+                    "no line with {pattern:?} in the log within {deadline:?}:\n{}",
+                    self.read_logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        false
+    }
+
+    /// Waits up to [`LOG_DEADLINE`] until the whole log satisfies `holds`, and returns it;
+    /// past the deadline, fails the test with `what` and the whole log.
+    pub async fn wait_for_logs(&self, what: &str, holds: impl Fn(&str) -> bool) -> String {
+        self.wait_for_logs_within(what, LOG_DEADLINE, holds).await
+    }
+
+    async fn wait_for_logs_within(
+        &self,
+        what: &str,
+        deadline: Duration,
+        holds: impl Fn(&str) -> bool,
+    ) -> String {
+        note_log_reader();
+        let until = tokio::time::Instant::now() + deadline;
+        loop {
+            let logs = self.read_logs();
+            if holds(&logs) {
+                return logs;
+            }
+            if tokio::time::Instant::now() >= until {
+                panic!("no {what} in the log within {deadline:?}:\n{logs}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The log once every line logged before this call has been written: for asserting that
+    /// something is absent. Waits past the writer's longest delay, [`log_settle_time`].
+    pub async fn settled_logs(&self) -> String {
+        tokio::time::sleep(log_settle_time()).await;
+        self.logs()
     }
 
     pub fn signal(&self, signal: &str) {
