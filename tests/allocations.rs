@@ -6,7 +6,10 @@
 //! are raw sockets reading into fixed buffers: what is counted is the gateway's.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+// The shared test parts; this binary uses few of them.
+#[allow(unused_imports)]
+#[path = "it/support/mod.rs"]
+mod support;
 
 use std::alloc::System;
 use std::net::SocketAddr;
@@ -109,7 +112,7 @@ async fn a_forwarded_request_allocates_within_budget() {
 async fn allocations_per_request(fast_lane: bool) -> f64 {
     let upstream = raw_upstream().await;
     // The chat route as the shipped manifest has it: the usage tap reads every answer.
-    let gateway = common::Gateway::start(&format!(
+    let gateway = support::Gateway::start(&format!(
         r#"
 [server]
 workers = 1
@@ -130,7 +133,7 @@ usage = true
     let request = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nhost: {}\r\nauthorization: {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{REQUEST_BODY}",
         gateway.addr,
-        common::bearer(),
+        support::bearer(),
         REQUEST_BODY.len()
     );
     let mut client = TcpStream::connect(gateway.addr).await.unwrap();

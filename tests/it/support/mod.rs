@@ -1,0 +1,14 @@
+//! Real parts for integration tests, by concern: upstreams on loopback ports, the gateway
+//! (in-process or as the built binary), clients of it, and the manifests and key tests use.
+#![allow(dead_code)]
+
+mod client;
+mod gateway;
+mod manifests;
+pub mod python;
+mod upstreams;
+
+pub use client::*;
+pub use gateway::*;
+pub use manifests::*;
+pub use upstreams::*;
