@@ -81,9 +81,19 @@ pub fn app_for_workers(config: &Config, workers: usize) -> Result<Arc<App>, Conf
 }
 
 impl App {
+    /// What the workers serve, for [`crate::server::serve`].
+    pub fn serving(&self) -> Arc<Serving> {
+        Arc::clone(&self.serving)
+    }
+
     /// The metrics, which outlive reloads.
-    pub fn metrics(&self) -> &Arc<Metrics> {
+    pub(crate) fn metrics(&self) -> &Arc<Metrics> {
         &self.serving.metrics
+    }
+
+    /// Counts a reload refused before [`App::reload`] saw it (a manifest that did not load).
+    pub fn count_refused_reload(&self) {
+        self.metrics().count_reload(false);
     }
 
     /// How many manifests have been loaded.

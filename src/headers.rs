@@ -84,7 +84,7 @@ fn listed(name: &[u8]) -> Option<Listed> {
 /// Whether a header's name as it arrived (any case) is `lowercase`. Why not
 /// `eq_ignore_ascii_case`: names that differ mostly differ in their first bytes, and this
 /// stops there rather than comparing them whole.
-pub fn is_named(name: &[u8], lowercase: &[u8]) -> bool {
+pub(crate) fn is_named(name: &[u8], lowercase: &[u8]) -> bool {
     name.len() == lowercase.len()
         && name
             .iter()
@@ -93,21 +93,26 @@ pub fn is_named(name: &[u8], lowercase: &[u8]) -> bool {
 }
 
 /// Azure-style key header, which OpenAI-compatible upstreams also accept.
-pub const API_KEY: HeaderName = HeaderName::from_static("api-key");
+pub(crate) const API_KEY: HeaderName = HeaderName::from_static("api-key");
 /// Anthropic's key header.
-pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+pub(crate) const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 /// Google's key header.
-pub const X_GOOG_API_KEY: HeaderName = HeaderName::from_static("x-goog-api-key");
+pub(crate) const X_GOOG_API_KEY: HeaderName = HeaderName::from_static("x-goog-api-key");
 
 /// The items of a comma-separated list header (RFC 9110 §5.6.1), across all its lines,
 /// trimmed; values that are not text are skipped.
-pub fn list_items<'a>(headers: &'a HeaderMap, name: &HeaderName) -> impl Iterator<Item = &'a str> {
+pub(crate) fn list_items<'a>(
+    headers: &'a HeaderMap,
+    name: &HeaderName,
+) -> impl Iterator<Item = &'a str> {
     list_items_of(headers.get_all(name).iter().map(HeaderValue::as_bytes))
         .filter_map(|item| std::str::from_utf8(item).ok())
 }
 
 /// [`list_items`] of values given as bytes (a head read in place).
-pub fn list_items_of<'a>(values: impl Iterator<Item = &'a [u8]>) -> impl Iterator<Item = &'a [u8]> {
+pub(crate) fn list_items_of<'a>(
+    values: impl Iterator<Item = &'a [u8]>,
+) -> impl Iterator<Item = &'a [u8]> {
     values
         .filter(|value| is_text(value))
         .flat_map(|value| value.split(|byte| *byte == b','))
@@ -117,7 +122,7 @@ pub fn list_items_of<'a>(values: impl Iterator<Item = &'a [u8]>) -> impl Iterato
 
 /// What an answer's `Content-Type` says about how the gateway relays it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Media {
+pub(crate) enum Media {
     /// `text/event-stream`: server-sent events.
     EventStream,
     /// `application/json`.
@@ -128,7 +133,7 @@ pub enum Media {
 
 impl Media {
     /// The media type of a `Content-Type` value, parameters aside, in any case.
-    pub fn of(content_type: Option<&[u8]>) -> Media {
+    pub(crate) fn of(content_type: Option<&[u8]>) -> Media {
         let media = content_type
             .and_then(text)
             .map(|ct| ct.split(';').next().unwrap_or("").trim());
@@ -141,7 +146,7 @@ impl Media {
 }
 
 /// A `Content-Length` value: digits only (RFC 9110 §8.6), no sign, no list.
-pub fn content_length(value: &[u8]) -> Option<u64> {
+pub(crate) fn content_length(value: &[u8]) -> Option<u64> {
     if value.is_empty() || value.len() > 19 {
         return None;
     }
@@ -154,7 +159,7 @@ pub fn content_length(value: &[u8]) -> Option<u64> {
 
 /// A value as text, by [`HeaderValue::to_str`]'s rule (visible ASCII, space and tab), for
 /// values read as bytes.
-pub fn text(value: &[u8]) -> Option<&str> {
+pub(crate) fn text(value: &[u8]) -> Option<&str> {
     if is_text(value) {
         std::str::from_utf8(value).ok()
     } else {
@@ -172,7 +177,7 @@ fn is_text(value: &[u8]) -> bool {
 
 /// The headers of one message that belong to one connection and must not be forwarded: those
 /// RFC 9110 §7.6.1 lists, and every header its `Connection` field names.
-pub struct HopByHop {
+pub(crate) struct HopByHop {
     /// Headers `Connection` names beyond the fixed list (rare: usually empty, which
     /// allocates nothing), lowercase.
     named: Vec<Box<str>>,
@@ -180,7 +185,7 @@ pub struct HopByHop {
 
 impl HopByHop {
     /// The rule for a message whose `Connection` values are `connection`.
-    pub fn of<'a>(connection: impl Iterator<Item = &'a [u8]>) -> HopByHop {
+    pub(crate) fn of<'a>(connection: impl Iterator<Item = &'a [u8]>) -> HopByHop {
         let mut named = Vec::new();
         for item in list_items_of(connection) {
             if is_named(item, b"close") || listed(item) == Some(Listed::HopByHop) {
@@ -196,7 +201,7 @@ impl HopByHop {
 
     /// Whether the header `name` (any case, as a head read in place spells it) belongs to
     /// the connection.
-    pub fn contains(&self, name: &[u8]) -> bool {
+    pub(crate) fn contains(&self, name: &[u8]) -> bool {
         listed(name) == Some(Listed::HopByHop) || self.names(name)
     }
 
@@ -209,7 +214,7 @@ impl HopByHop {
 }
 
 /// Removes hop-by-hop headers from an answer's map ([`HopByHop`]).
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let rule = HopByHop::of(connection_values(headers));
     let leaves = |name: &HeaderName| rule.contains(name.as_str().as_bytes());
     let going = Going::noted(headers.iter_mut(), |name, _| leaves(name));
@@ -221,7 +226,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// place). `Host` is the upstream's (RFC 9110 §7.2): `host` where the client's stood, or,
 /// without one, none (the client that sends the request sets it from its URL).
 /// Credentials are marked sensitive, so HTTP/2 never indexes them and `Debug` hides them.
-pub fn prepare_upstream_request(headers: &mut HeaderMap, host: Option<&HeaderValue>) {
+pub(crate) fn prepare_upstream_request(headers: &mut HeaderMap, host: Option<&HeaderValue>) {
     let rule = HopByHop::of(connection_values(headers));
     let mut hosts = 0;
     // One pass over what is there: most requests carry a credential and one or two

@@ -6,8 +6,7 @@ use std::process::ExitCode;
 
 use std::sync::Arc;
 
-use oa_bypass::engine::tls::Tls;
-use oa_bypass::{app, app_for_workers, config::Config, observe, server, App};
+use oa_bypass::{app, app_for_workers, config::Config, init_logging, server, App, Logging, Tls};
 
 const USAGE: &str = "\
 oa-bypass: a self-hosted passthrough gateway for the OpenAI API
@@ -136,11 +135,11 @@ fn main() -> ExitCode {
 
     let result = match cli.command {
         Command::Healthcheck => runtime().and_then(|rt| rt.block_on(healthcheck(&config))),
-        _ => match observe::log::init(&config.log, &config.tracing) {
+        _ => match init_logging(&config.log, &config.tracing) {
             Ok(logging) => {
                 let served = serve(config, cli.config);
                 // Spans still queued go out before the process ends.
-                let observe::log::Logging { lines, exporting } = logging;
+                let Logging { lines, exporting } = logging;
                 if let Some(exporting) = exporting {
                     exporting.shutdown();
                 }
@@ -209,7 +208,7 @@ fn serve(config: Config, explicit: Option<PathBuf>) -> Result<(), String> {
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut threads = Vec::with_capacity(workers);
     for (worker, (rt, listener)) in bound.into_iter().enumerate() {
-        let serving = Arc::clone(&app.serving);
+        let serving = app.serving();
         let settings = settings.clone();
         let mut stopped = stopped.clone();
         let thread = std::thread::Builder::new()
@@ -301,7 +300,7 @@ async fn reload_on_sighup(app: Arc<App>, tls: Option<Arc<Tls>>, explicit: Option
         tracing::info!("SIGHUP received; reloading the manifest");
         // A manifest that does not parse is counted here; App::reload counts the rest.
         let loaded = Config::load(explicit.as_deref())
-            .inspect_err(|_| app.metrics().count_reload(false))
+            .inspect_err(|_| app.count_refused_reload())
             .and_then(|config| app.reload(&config));
         if let Err(err) = loaded {
             tracing::error!(

@@ -5,6 +5,8 @@
 //! This binary counts every allocation of the process, so the client and the upstream here
 //! are raw sockets reading into fixed buffers: what is counted is the gateway's.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+// A test binary has no library interface for `pub` to mark.
+#![allow(unreachable_pub)]
 
 // The shared test parts; this binary uses few of them.
 #[allow(unused_imports)]

@@ -12,6 +12,8 @@
 //!   benchkit hyper-proxy ADDR UPSTREAM_URL      -> a bare reverse proxy on hyper alone
 //!   benchkit tcp-relay ADDR UPSTREAM_ADDR       -> a bare byte relay: the floor of one more hop
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+// A helper binary has no library interface for `pub` to mark.
+#![allow(unreachable_pub)]
 
 mod clients;
 mod floors;

@@ -259,19 +259,6 @@ pub struct UpstreamConfig {
     pub keys: Vec<UpstreamKey>,
 }
 
-impl Config {
-    /// The upstream settings of the mount named `name` (`default`: `[upstream]`).
-    pub fn upstream_named(&self, name: &str) -> Option<&UpstreamConfig> {
-        if name == DEFAULT_MOUNT {
-            return Some(&self.upstream);
-        }
-        self.mounts
-            .iter()
-            .map(|mount| &mount.upstream)
-            .find(|upstream| upstream.mount == name)
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct LimitsConfig {
     pub max_json_body: u64,

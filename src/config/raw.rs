@@ -9,7 +9,7 @@ use super::units::{ByteSize, HumanDuration};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawConfig {
+pub(super) struct RawConfig {
     #[serde(default)]
     pub server: RawServer,
     #[serde(default)]
@@ -45,7 +45,7 @@ pub struct RawConfig {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawServer {
+pub(super) struct RawServer {
     pub host: String,
     pub port: u16,
     pub shutdown_grace: HumanDuration,
@@ -62,7 +62,7 @@ pub struct RawServer {
 /// `[server.tls]`: serve HTTPS with these PEM files.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawTls {
+pub(super) struct RawTls {
     pub cert: String,
     pub key: String,
 }
@@ -70,7 +70,7 @@ pub struct RawTls {
 /// `[server.acme]`: serve HTTPS with a certificate obtained and renewed over ACME.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawAcme {
+pub(super) struct RawAcme {
     pub domains: Vec<String>,
     pub cache_dir: String,
     #[serde(default)]
@@ -85,7 +85,7 @@ fn default_acme_directory() -> String {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawLog {
+pub(super) struct RawLog {
     pub format: String,
     pub level: String,
     pub buffer: ByteSize,
@@ -103,7 +103,7 @@ impl Default for RawLog {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawMetrics {
+pub(super) struct RawMetrics {
     pub enabled: bool,
     pub tokens_by_key: bool,
     pub max_models: u32,
@@ -139,7 +139,7 @@ impl Default for RawServer {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawUpstream {
+pub(super) struct RawUpstream {
     pub base_url: String,
     pub connect_timeout: HumanDuration,
     pub read_timeout: HumanDuration,
@@ -176,7 +176,7 @@ impl Default for RawUpstream {
 /// `[upstream]`'s.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawMount {
+pub(super) struct RawMount {
     pub prefix: String,
     pub base_url: String,
     pub connect_timeout: Option<HumanDuration>,
@@ -195,14 +195,14 @@ pub struct RawMount {
 /// A mount's own routes file: nothing but `[[routes]]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawRoutesFile {
+pub(super) struct RawRoutesFile {
     #[serde(default)]
     pub routes: Vec<figment::value::Value>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawLimits {
+pub(super) struct RawLimits {
     pub max_json_body: ByteSize,
     pub max_upload_body: ByteSize,
     pub requests_per_minute_per_key: u32,
@@ -237,7 +237,7 @@ impl Default for RawLimits {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawCors {
+pub(super) struct RawCors {
     pub allow_origins: Vec<String>,
 }
 
@@ -251,7 +251,7 @@ impl Default for RawCors {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawOpenApi {
+pub(super) struct RawOpenApi {
     pub enabled: bool,
     pub title: String,
     pub version: String,
@@ -263,7 +263,7 @@ pub struct RawOpenApi {
 
 /// Sections in the order people reach for them: the everyday APIs first, the
 /// administrative ones after (those not listed follow in alphabetical order).
-pub const DEFAULT_TAG_ORDER: [&str; 23] = [
+pub(super) const DEFAULT_TAG_ORDER: [&str; 23] = [
     "Responses",
     "Conversations",
     "Chat",
@@ -303,7 +303,7 @@ impl Default for RawOpenApi {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawRealtime {
+pub(super) struct RawRealtime {
     pub max_message: ByteSize,
     pub idle_timeout: HumanDuration,
 }
@@ -319,14 +319,14 @@ impl Default for RawRealtime {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawStreaming {
+pub(super) struct RawStreaming {
     /// Write an SSE comment to the client after this long without upstream bytes.
     pub keepalive: Option<HumanDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawTracing {
+pub(super) struct RawTracing {
     /// Answers carry a `Server-Timing` header: the gateway's time and the upstream's.
     pub server_timing: bool,
     pub otlp_endpoint: Option<String>,
@@ -334,13 +334,13 @@ pub struct RawTracing {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawUsage {
+pub(super) struct RawUsage {
     pub inject_stream_usage: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawAccess {
+pub(super) struct RawAccess {
     pub allowed_key_hashes: Vec<String>,
     pub allowed_ips: Vec<String>,
     pub trusted_proxies: Vec<String>,
@@ -350,7 +350,7 @@ pub struct RawAccess {
 /// One `[[routes]]` entry.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawRoute {
+pub(super) struct RawRoute {
     pub method: String,
     pub path: String,
     /// One kind or a list; a route that leaves it out takes no body.
@@ -386,13 +386,13 @@ pub struct RawRoute {
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
-pub enum OneOrMany {
+pub(super) enum OneOrMany {
     One(String),
     Many(Vec<String>),
 }
 
 impl OneOrMany {
-    pub fn into_vec(self) -> Vec<String> {
+    pub(super) fn into_vec(self) -> Vec<String> {
         match self {
             OneOrMany::One(one) => vec![one],
             OneOrMany::Many(many) => many,

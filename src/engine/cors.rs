@@ -16,13 +16,13 @@ use crate::config::CorsConfig;
 /// How long a browser may cache a preflight answer.
 const MAX_AGE_SECS: &str = "86400";
 
-pub struct Cors<E> {
+pub(crate) struct Cors<E> {
     inner: E,
     config: CorsConfig,
 }
 
 impl<E> Cors<E> {
-    pub fn new(inner: E, config: CorsConfig) -> Self {
+    pub(crate) fn new(inner: E, config: CorsConfig) -> Self {
         Cors { inner, config }
     }
 

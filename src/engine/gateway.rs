@@ -28,14 +28,14 @@ const READY_CHECK_TTL: Duration = Duration::from_secs(5);
 
 /// What `/ready` reports beside the manifest: state that outlives a reload.
 #[derive(Clone)]
-pub struct Status {
+pub(crate) struct Status {
     /// How many manifests have been loaded: 1 at start, one more per successful reload.
     pub generation: Arc<AtomicU64>,
     pub sessions: Sessions,
 }
 
 /// One worker's router for one manifest.
-pub fn router(
+pub(crate) fn router(
     config: &Config,
     pipeline: &Arc<Pipeline>,
     endpoints: &[(PathTemplate, Arc<PipelineEndpoint>)],
@@ -309,13 +309,13 @@ impl Endpoint for Ready {
 
 /// `/openapi.json` and `/docs` of one manifest, each built on its first request and shared
 /// by the workers.
-pub struct Docs {
+pub(crate) struct Docs {
     document: Arc<LazyDocument>,
     page: Arc<LazyDocument>,
 }
 
 impl Docs {
-    pub fn new(config: &Config) -> Docs {
+    pub(crate) fn new(config: &Config) -> Docs {
         let routes = config.clone();
         let document = LazyDocument::new("application/json", move || {
             let document = openapi::document(&routes)?;

@@ -18,7 +18,7 @@ use crate::realtime::ClientUpgrade;
 use crate::upstream::Io;
 
 /// The pipeline's endpoint of one path template, as poem's router serves it.
-pub struct TemplateRoute(pub Arc<pipeline::Endpoint>);
+pub(crate) struct TemplateRoute(pub Arc<pipeline::Endpoint>);
 
 impl Endpoint for TemplateRoute {
     type Output = Response;
@@ -71,7 +71,7 @@ fn client_upgrade(req: &Request) -> Option<ClientUpgrade> {
 }
 
 /// The pipeline's answer as poem's response.
-pub fn into_response(answer: Answer) -> Response {
+pub(crate) fn into_response(answer: Answer) -> Response {
     let body = match answer.body {
         AnswerBody::Full(body) => Body::from(body),
         AnswerBody::Relay(relay) => Body::from_bytes_stream(relay),

@@ -8,12 +8,12 @@
 //! - [`hyper`] and [`gateway`]: hyper for HTTP/1.1, HTTP/2, TLS and upgrades, behind poem's
 //!   router, with the gateway's own endpoints and [`cors`].
 
-pub mod cors;
-pub mod fast;
-pub mod gateway;
-pub mod hyper;
+pub(crate) mod cors;
+pub(crate) mod fast;
+pub(crate) mod gateway;
+pub(crate) mod hyper;
 pub mod server;
-pub mod tls;
+pub(crate) mod tls;
 
 use std::sync::Arc;
 
@@ -25,23 +25,24 @@ use crate::observe::metrics::Metrics;
 use crate::realtime::Sessions;
 
 /// What one worker serves one manifest with.
-pub struct Worker {
+pub(crate) struct Worker {
     /// Everything, through poem's router.
-    pub endpoint: BoxEndpoint<'static, Response>,
+    pub(crate) endpoint: BoxEndpoint<'static, Response>,
     /// The fast engine's routes (`None` with `server.fast_lane = false`).
-    pub fast: Option<Arc<fast::Routes>>,
+    pub(crate) fast: Option<Arc<fast::Routes>>,
 }
 
 /// The manifest each worker serves now, swapped whole on reload (requests in flight keep the
-/// one they started with), and the state the server reports to.
+/// one they started with), and the state the server reports to. Opaque outside the crate:
+/// what [`crate::App::serving`] hands to [`server::serve`].
 pub struct Serving {
     workers: Vec<ArcSwap<Worker>>,
-    pub sessions: Sessions,
-    pub metrics: Arc<Metrics>,
+    pub(crate) sessions: Sessions,
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 impl Serving {
-    pub fn new(workers: Vec<Worker>, sessions: Sessions, metrics: Arc<Metrics>) -> Serving {
+    pub(crate) fn new(workers: Vec<Worker>, sessions: Sessions, metrics: Arc<Metrics>) -> Serving {
         Serving {
             workers: workers.into_iter().map(ArcSwap::from_pointee).collect(),
             sessions,
@@ -50,24 +51,24 @@ impl Serving {
     }
 
     /// What `worker`'s new requests are served with.
-    pub fn worker(&self, worker: usize) -> Arc<Worker> {
+    pub(crate) fn worker(&self, worker: usize) -> Arc<Worker> {
         self.workers[worker % self.workers.len()].load_full()
     }
 
     /// The fast engine's routes of the manifest loaded now, for `worker`.
-    pub fn fast(&self, worker: usize) -> Option<Arc<fast::Routes>> {
+    pub(crate) fn fast(&self, worker: usize) -> Option<Arc<fast::Routes>> {
         self.workers[worker % self.workers.len()]
             .load()
             .fast
             .clone()
     }
 
-    pub fn workers(&self) -> usize {
+    pub(crate) fn workers(&self) -> usize {
         self.workers.len()
     }
 
     /// Serves `workers` (one per worker, in order) from now on.
-    pub fn swap(&self, workers: Vec<Worker>) {
+    pub(crate) fn swap(&self, workers: Vec<Worker>) {
         for (slot, worker) in self.workers.iter().zip(workers) {
             slot.store(Arc::new(worker));
         }

@@ -20,7 +20,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::config::{AcmeConfig, ServerConfig, TlsConfig};
 
 /// The ALPN protocol of the ACME TLS-ALPN-01 challenge (RFC 8737).
-pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+pub(crate) const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 /// Renew when the certificate has less than this left.
 const RENEW_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
 /// How often the renewal task looks at the certificate (and retries a failed renewal).

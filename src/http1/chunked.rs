@@ -5,7 +5,7 @@ use bytes::{BufMut, BytesMut};
 use super::response::BadResponse;
 
 /// Writes one chunk of a chunked body: size line, data, CRLF.
-pub fn put_chunk(out: &mut BytesMut, data: &[u8]) {
+pub(crate) fn put_chunk(out: &mut BytesMut, data: &[u8]) {
     if data.is_empty() {
         return;
     }
@@ -16,7 +16,7 @@ pub fn put_chunk(out: &mut BytesMut, data: &[u8]) {
 }
 
 /// The last chunk, without trailers.
-pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+pub(crate) const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 
 fn format_hex(mut n: usize) -> HexBuf {
     let mut digits = [0u8; 16];
@@ -47,7 +47,7 @@ impl HexBuf {
 /// ends in CRLF. Chunk extensions and trailers are read and dropped, as hyper's path drops
 /// them.
 #[derive(Debug, Default)]
-pub struct Chunked {
+pub(crate) struct Chunked {
     state: ChunkState,
     /// Data bytes left in the current chunk, or the size being read.
     size: u64,
@@ -78,7 +78,7 @@ enum ChunkState {
 
 /// What [`Chunked::step`] found at the front of the input.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Step {
+pub(crate) enum Step {
     /// `skip` bytes of framing, then `len` bytes of data.
     Data { skip: usize, len: usize },
     /// All of the input was framing; more is needed.
@@ -92,7 +92,7 @@ const MAX_LINE: usize = 4096;
 
 impl Chunked {
     /// Reads framing from the front of `input` up to the next data or the end.
-    pub fn step(&mut self, input: &[u8]) -> Result<Step, BadResponse> {
+    pub(crate) fn step(&mut self, input: &[u8]) -> Result<Step, BadResponse> {
         use ChunkState as S;
         let mut at = 0;
         while at < input.len() {

@@ -17,7 +17,7 @@ thread_local! {
 }
 
 /// Writes the current time as an HTTP date (RFC 9110 §5.6.7).
-pub fn put(out: &mut BytesMut) {
+pub(super) fn put(out: &mut BytesMut) {
     CACHED.with(|cached| {
         let mut cached = cached.borrow_mut();
         let now = SystemTime::now();

@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 /// keeps only its tail free: read into as it is, a message straddling the end takes two
 /// reads (one more syscall every few requests). While nothing else holds the storage,
 /// `reserve` moves what is left to the front instead of allocating.
-pub fn make_room(buf: &mut BytesMut, room: usize) {
+pub(crate) fn make_room(buf: &mut BytesMut, room: usize) {
     if buf.capacity() - buf.len() < room {
         buf.reserve(room);
     }
@@ -20,20 +20,24 @@ pub fn make_room(buf: &mut BytesMut, room: usize) {
 /// Writes all of `first`, then all of `second`: in one `writev` as a rule, with no copy of
 /// `second` behind `first`. Waits in the socket's own writer slot: no readiness future is
 /// registered per wait, and the future stays a few words long.
-pub async fn write_two(stream: &TcpStream, first: &[u8], second: &[u8]) -> std::io::Result<()> {
+pub(crate) async fn write_two(
+    stream: &TcpStream,
+    first: &[u8],
+    second: &[u8],
+) -> std::io::Result<()> {
     let (mut first, mut second) = (first, second);
     std::future::poll_fn(|cx| poll_write_two(stream, cx, &mut first, &mut second)).await
 }
 
 /// Moves `first`, then `second`, past the `written` bytes a vectored write took from them.
-pub fn advance_two(first: &mut &[u8], second: &mut &[u8], written: usize) {
+pub(crate) fn advance_two(first: &mut &[u8], second: &mut &[u8], written: usize) {
     let from_first = written.min(first.len());
     *first = &first[from_first..];
     *second = &second[written - from_first..];
 }
 
 /// [`write_two`] as a poll: `first` and `second` are advanced past what was written.
-pub fn poll_write_two(
+pub(crate) fn poll_write_two(
     stream: &TcpStream,
     cx: &mut std::task::Context<'_>,
     first: &mut &[u8],

@@ -18,19 +18,19 @@ mod io;
 mod request;
 mod response;
 
-pub use chunked::{put_chunk, Chunked, Step, LAST_CHUNK};
-pub use io::{advance_two, make_room, poll_write_two, write_two};
-pub use request::{parse_request, rejoin, write_request_head, RequestHead};
-pub use response::{
+pub(crate) use chunked::{put_chunk, Chunked, Step, LAST_CHUNK};
+pub(crate) use io::{advance_two, make_room, poll_write_two, write_two};
+pub(crate) use request::{parse_request, rejoin, write_request_head, RequestHead};
+pub(crate) use response::{
     parse_response, write_response_head, BadResponse, ClientFraming, Fields, Framing, ResponseHead,
 };
 
 /// Headers in one head, as hyper allows.
-pub const MAX_HEADERS: usize = 100;
+pub(crate) const MAX_HEADERS: usize = 100;
 
 /// What parsing a head gave.
 #[derive(Debug)]
-pub enum Parse<T> {
+pub(crate) enum Parse<T> {
     /// A whole head, taken off the front of the buffer.
     Complete(T),
     /// The head is not all there yet.
@@ -42,7 +42,7 @@ pub enum Parse<T> {
 
 /// Where one header's name and value sit in a head's bytes.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Span {
+pub(crate) struct Span {
     name: (usize, usize),
     value: (usize, usize),
 }

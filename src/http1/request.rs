@@ -11,7 +11,7 @@ use crate::headers::content_length;
 
 /// A request head the fast engine can serve.
 #[derive(Debug)]
-pub struct RequestHead {
+pub(crate) struct RequestHead {
     pub method: Method,
     /// The origin-form target as sent: path and query.
     pub target: http::uri::PathAndQuery,
@@ -29,7 +29,7 @@ pub struct RequestHead {
 impl RequestHead {
     /// The target without its first `skip` bytes (a path prefix the router took), sharing the
     /// head's storage; `None` when what is left is not a path.
-    pub fn target_after(&self, skip: usize) -> Option<http::uri::PathAndQuery> {
+    pub(crate) fn target_after(&self, skip: usize) -> Option<http::uri::PathAndQuery> {
         if skip == 0 {
             return Some(self.target.clone());
         }
@@ -42,7 +42,7 @@ impl RequestHead {
 /// Parses the request head at the front of `buf` and, when it is complete and plain, takes
 /// it off the buffer. Everything that could send it to hyper is decided before the buffer
 /// is touched.
-pub fn parse_request(buf: &mut BytesMut, spans: &mut Vec<Span>) -> Parse<RequestHead> {
+pub(crate) fn parse_request(buf: &mut BytesMut, spans: &mut Vec<Span>) -> Parse<RequestHead> {
     let mut raw = [const { MaybeUninit::uninit() }; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut []);
     let head_len = match request.parse_with_uninit_headers(buf, &mut raw) {
@@ -132,7 +132,7 @@ fn unsplit<T>(buf: &mut BytesMut, head: &Bytes) -> Parse<T> {
 
 /// A head's bytes followed by what came after it: what hyper must read when the lane hands
 /// a request over.
-pub fn rejoin(head: &[u8], rest: &[u8]) -> BytesMut {
+pub(crate) fn rejoin(head: &[u8], rest: &[u8]) -> BytesMut {
     let mut whole = BytesMut::with_capacity(head.len() + rest.len());
     whole.extend_from_slice(head);
     whole.extend_from_slice(rest);
@@ -163,7 +163,7 @@ fn connection_option(value: &[u8]) -> Option<bool> {
 /// the upstream should see them), then every header of `headers` as it stands (the pipeline
 /// has already applied the header rules and set `Host`), and `Content-Length` for a body the
 /// headers do not declare.
-pub fn write_request_head(
+pub(crate) fn write_request_head(
     out: &mut BytesMut,
     method: &Method,
     target: &str,

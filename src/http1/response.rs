@@ -16,7 +16,7 @@ fn slice(head: &Bytes, (start, len): (usize, usize)) -> Bytes {
 
 /// How the upstream delimits a response body (RFC 9112 §6.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Framing {
+pub(crate) enum Framing {
     Empty,
     Length(u64),
     Chunked,
@@ -26,7 +26,7 @@ pub enum Framing {
 
 /// An upstream response head.
 #[derive(Debug)]
-pub struct ResponseHead {
+pub(crate) struct ResponseHead {
     pub status: StatusCode,
     pub fields: Fields,
     pub framing: Framing,
@@ -37,7 +37,7 @@ pub struct ResponseHead {
 /// A head's header fields as they arrived: read, filtered and written in place, with no
 /// header map built in between.
 #[derive(Debug)]
-pub struct Fields {
+pub(crate) struct Fields {
     raw: Bytes,
     spans: Vec<Span>,
     /// Fields the gateway adds (rare: usually empty, which allocates nothing), after the
@@ -47,7 +47,7 @@ pub struct Fields {
 
 impl Fields {
     /// Every field, name and value, in the order received.
-    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         let arrived = self
             .spans
             .iter()
@@ -61,12 +61,12 @@ impl Fields {
     }
 
     /// Adds a field after the others.
-    pub fn append(&mut self, name: HeaderName, value: HeaderValue) {
+    pub(crate) fn append(&mut self, name: HeaderName, value: HeaderValue) {
         self.added.push((name, value));
     }
 
     /// The first value of the header `name`.
-    pub fn get(&self, name: &HeaderName) -> Option<&[u8]> {
+    pub(crate) fn get(&self, name: &HeaderName) -> Option<&[u8]> {
         match self.find(name) {
             Some(span) => Some(part(&self.raw, span.value)),
             None => self.added(name).map(HeaderValue::as_bytes),
@@ -74,7 +74,10 @@ impl Fields {
     }
 
     /// Every value of the header `name`, in order.
-    pub fn get_all<'a>(&'a self, name: &'a HeaderName) -> impl Iterator<Item = &'a [u8]> + 'a {
+    pub(crate) fn get_all<'a>(
+        &'a self,
+        name: &'a HeaderName,
+    ) -> impl Iterator<Item = &'a [u8]> + 'a {
         let name = name.as_str().as_bytes();
         self.iter()
             .filter(move |(field, _)| is_named(field, name))
@@ -82,7 +85,7 @@ impl Fields {
     }
 
     /// The first value of the header `name`, sharing the head's storage.
-    pub fn value(&self, name: &HeaderName) -> Option<HeaderValue> {
+    pub(crate) fn value(&self, name: &HeaderName) -> Option<HeaderValue> {
         match self.find(name) {
             Some(span) => HeaderValue::from_maybe_shared(slice(&self.raw, span.value)).ok(),
             None => self.added(name).cloned(),
@@ -105,7 +108,7 @@ impl Fields {
 
     /// Keeps the fields whose name `keep` accepts, in order. Why a field is blanked rather
     /// than taken out: nothing behind it has to move.
-    pub fn retain(&mut self, mut keep: impl FnMut(&[u8]) -> bool) {
+    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&[u8]) -> bool) {
         let raw = &self.raw;
         for span in &mut self.spans {
             if span.name.1 > 0 && !keep(part(raw, span.name)) {
@@ -118,7 +121,7 @@ impl Fields {
 
     /// The fields as a header map (values share the head's storage), for an engine that
     /// needs one.
-    pub fn to_header_map(&self) -> HeaderMap {
+    pub(crate) fn to_header_map(&self) -> HeaderMap {
         let mut map = HeaderMap::with_capacity(self.spans.len());
         for span in self.spans.iter().filter(|span| span.name.1 > 0) {
             let name = HeaderName::from_bytes(part(&self.raw, span.name));
@@ -172,7 +175,7 @@ impl Drop for Fields {
 
 /// Why an upstream's answer cannot be read.
 #[derive(Debug, thiserror::Error)]
-pub enum BadResponse {
+pub(crate) enum BadResponse {
     #[error("the upstream's response head is malformed: {0}")]
     Malformed(httparse::Error),
     #[error("the upstream's response head is not valid HTTP: {0}")]
@@ -185,7 +188,7 @@ pub enum BadResponse {
 
 /// Parses the response head at the front of `buf`; `Ok(None)` while it is incomplete.
 /// Interim (1xx) responses are parsed too; the caller skips them.
-pub fn parse_response(buf: &mut BytesMut) -> Result<Option<ResponseHead>, BadResponse> {
+pub(crate) fn parse_response(buf: &mut BytesMut) -> Result<Option<ResponseHead>, BadResponse> {
     let mut raw = [const { MaybeUninit::uninit() }; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut []);
     let parsed = httparse::ParserConfig::default()
@@ -272,7 +275,7 @@ pub fn parse_response(buf: &mut BytesMut) -> Result<Option<ResponseHead>, BadRes
 
 /// How the fast engine frames a body towards the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ClientFraming {
+pub(crate) enum ClientFraming {
     /// No body and no length (204, 304).
     Empty,
     Length(u64),
@@ -282,7 +285,7 @@ pub enum ClientFraming {
 /// Writes a response head: the status line, the fields as they stand (the framing fields
 /// are the writer's: the ones given are left out), `Date` when there is none, then the
 /// framing and `Connection: close` when this is the connection's last answer.
-pub fn write_response_head<'h>(
+pub(crate) fn write_response_head<'h>(
     out: &mut BytesMut,
     status: StatusCode,
     fields: impl Iterator<Item = (&'h [u8], &'h [u8])>,

@@ -4,7 +4,7 @@
 //! Nothing here decides anything about a request; the pipeline reports to it. Every label and
 //! field is bounded and free of keys, header values and bodies.
 
-pub mod log;
-pub mod metrics;
-pub mod traces;
-pub mod usage;
+pub(crate) mod log;
+pub(crate) mod metrics;
+pub(crate) mod traces;
+pub(crate) mod usage;

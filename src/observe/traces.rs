@@ -26,7 +26,7 @@ use super::usage::Usage;
 use crate::config::TracingConfig;
 
 /// The `tracing` target of the gateway's spans: only the traces layer takes it.
-pub const TARGET: &str = "oa_bypass::traces";
+pub(crate) const TARGET: &str = "oa_bypass::traces";
 
 /// The exporter's side: flushed and stopped by [`Exporting::shutdown`] on exit.
 pub struct Exporting {
@@ -43,11 +43,13 @@ impl Exporting {
 }
 
 /// The `tracing` layer that turns the gateway's spans into OpenTelemetry spans.
-pub type SpanLayer<S> =
+pub(crate) type SpanLayer<S> =
     tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::Tracer>;
 
 /// The exporter and the `tracing` layer that feeds it, when traces are on.
-pub fn exporter<S>(config: &TracingConfig) -> Result<Option<(SpanLayer<S>, Exporting)>, String>
+pub(crate) fn exporter<S>(
+    config: &TracingConfig,
+) -> Result<Option<(SpanLayer<S>, Exporting)>, String>
 where
     S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
 {
@@ -144,7 +146,7 @@ impl<E: SpanExporter> SpanExporter for WarnOnFailure<E> {
 }
 
 /// What a usage route's span says about the model call, known before it is sent.
-pub struct GenAi<'a> {
+pub(crate) struct GenAi<'a> {
     /// `gen_ai.operation.name`.
     pub operation: Cow<'static, str>,
     /// `gen_ai.provider.name`.
@@ -155,7 +157,7 @@ pub struct GenAi<'a> {
 
 /// The `gen_ai.operation.name` of a usage route: the convention's names for the APIs that
 /// have one, else the route's operation ID.
-pub fn operation(template: &str, operation_id: Option<&str>) -> Cow<'static, str> {
+pub(crate) fn operation(template: &str, operation_id: Option<&str>) -> Cow<'static, str> {
     match template {
         "/v1/chat/completions" | "/v1/responses" => Cow::Borrowed("chat"),
         "/v1/completions" => Cow::Borrowed("text_completion"),
@@ -166,7 +168,7 @@ pub fn operation(template: &str, operation_id: Option<&str>) -> Cow<'static, str
 
 /// `gen_ai.provider.name` for an upstream host: the convention's names for the providers it
 /// knows, `openai` for the rest (they speak its API).
-pub fn provider(host: &str) -> &'static str {
+pub(crate) fn provider(host: &str) -> &'static str {
     let host = host.to_ascii_lowercase();
     let known = [
         (".openai.azure.com", "azure.ai.openai"),
@@ -187,7 +189,7 @@ pub fn provider(host: &str) -> &'static str {
 
 /// The span of one forwarded request, from the upstream request to the answer's last byte.
 #[derive(Debug)]
-pub struct RequestSpan {
+pub(crate) struct RequestSpan {
     span: tracing::Span,
     started: Instant,
     first_chunk: bool,
@@ -196,7 +198,7 @@ pub struct RequestSpan {
 impl RequestSpan {
     /// Opens the span of a `method` request to `route`, continuing the client's W3C trace
     /// (`traceparent`, `tracestate`) when it sent one.
-    pub fn start(
+    pub(crate) fn start(
         method: &Method,
         route: &str,
         headers: &HeaderMap,
@@ -238,7 +240,7 @@ impl RequestSpan {
     }
 
     /// The span of the wait for the upstream's head: it ends when dropped.
-    pub fn upstream_wait(&self, method: &Method, server: Option<&str>) -> UpstreamSpan {
+    pub(crate) fn upstream_wait(&self, method: &Method, server: Option<&str>) -> UpstreamSpan {
         let span = tracing::info_span!(
             target: TARGET,
             parent: &self.span,
@@ -255,7 +257,7 @@ impl RequestSpan {
     }
 
     /// Marks the answer's first body chunk, once.
-    pub fn saw_chunk(&mut self) {
+    pub(crate) fn saw_chunk(&mut self) {
         if !std::mem::replace(&mut self.first_chunk, true) {
             let after = self.started.elapsed().as_secs_f64();
             self.span
@@ -266,7 +268,7 @@ impl RequestSpan {
 
     /// Ends the span of an answer with `status`: the usage read from it, and whether it
     /// reached the client whole (`outcome`).
-    pub fn finish(self, status: u16, usage: Option<&Usage>, outcome: &str) {
+    pub(crate) fn finish(self, status: u16, usage: Option<&Usage>, outcome: &str) {
         let span = &self.span;
         span.set_attribute("http.response.status_code", i64::from(status));
         if let Some(usage) = usage {
@@ -303,11 +305,11 @@ impl RequestSpan {
 
 /// The client span of the wait for the upstream's head.
 #[derive(Debug)]
-pub struct UpstreamSpan(tracing::Span);
+pub(crate) struct UpstreamSpan(tracing::Span);
 
 impl UpstreamSpan {
     /// The upstream answered with `status`; the span ends here.
-    pub fn answered(self, status: u16) {
+    pub(crate) fn answered(self, status: u16) {
         self.0
             .set_attribute("http.response.status_code", i64::from(status));
         if status >= 500 {
@@ -317,7 +319,7 @@ impl UpstreamSpan {
     }
 
     /// No answer came (`why`: the error's kind); the span ends here.
-    pub fn failed(self, why: &'static str) {
+    pub(crate) fn failed(self, why: &'static str) {
         self.0.set_attribute("error.type", why);
         self.0.set_status(Status::error(why));
     }

@@ -15,7 +15,7 @@ use crate::config::{AccessConfig, CredentialHeader};
 use crate::headers;
 
 /// Subprotocol prefix browsers use to carry the API key on WebSockets.
-pub const KEY_SUBPROTOCOL: &str = "openai-insecure-api-key.";
+pub(crate) const KEY_SUBPROTOCOL: &str = "openai-insecure-api-key.";
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// The keys a request presents where `credential` says a client puts one. `authorization`:
@@ -62,19 +62,19 @@ fn presented_keys(headers: &HeaderMap, credential: CredentialHeader) -> impl Ite
 
 /// The first key the request presents where `credential` says ([`presented_keys`]).
 /// `None`: the request carries no credential.
-pub fn presented_key(headers: &HeaderMap, credential: CredentialHeader) -> Option<&str> {
+pub(crate) fn presented_key(headers: &HeaderMap, credential: CredentialHeader) -> Option<&str> {
     presented_keys(headers, credential).next()
 }
 
 /// Who made a request, as far as logs and metrics may say: the SHA-256 of its key, shown as
 /// the first 8 hex digits. The key itself is never kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct KeyId {
+pub(crate) struct KeyId {
     pub hash: [u8; 32],
 }
 
 impl KeyId {
-    pub fn of(key: &str) -> KeyId {
+    pub(crate) fn of(key: &str) -> KeyId {
         KeyId {
             hash: Sha256::digest(key.as_bytes()).into(),
         }
@@ -82,7 +82,7 @@ impl KeyId {
 
     /// The first 8 hex digits of the hash: enough to tell a team's keys apart, far too few
     /// to test guesses of a key against.
-    pub fn prefix(&self) -> KeyPrefix {
+    pub(crate) fn prefix(&self) -> KeyPrefix {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let mut out = [0; 8];
         for (pair, byte) in out.chunks_exact_mut(2).zip(&self.hash) {
@@ -95,7 +95,7 @@ impl KeyId {
 
 /// A key's hash prefix as text, kept on the stack: every request's log line has one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct KeyPrefix([u8; 8]);
+pub(crate) struct KeyPrefix([u8; 8]);
 
 impl std::ops::Deref for KeyPrefix {
     type Target = str;

@@ -24,7 +24,7 @@ pub(super) struct MethodRoute {
 }
 
 /// Every method of one path template: what an engine's router maps a path to.
-pub struct Endpoint {
+pub(crate) struct Endpoint {
     pub(super) pipeline: Arc<Pipeline>,
     pub(super) template: Arc<str>,
     /// How long its mount's prefix is: that much of the path stays behind.
@@ -33,7 +33,7 @@ pub struct Endpoint {
 }
 
 /// A request's head as an engine hands it over.
-pub struct Request {
+pub(crate) struct Request {
     pub method: Method,
     /// Path and query as sent, without the path secret in front.
     pub target: PathAndQuery,
@@ -45,13 +45,8 @@ pub struct Request {
 }
 
 impl Endpoint {
-    /// The path template, as the manifest writes it.
-    pub fn template(&self) -> &str {
-        &self.template
-    }
-
     /// Where the template's first route stands in the manifest, for messages.
-    pub fn manifest_index(&self) -> usize {
+    pub(crate) fn manifest_index(&self) -> usize {
         self.methods.first().map_or(0, |route| route.spec.index)
     }
 
@@ -59,7 +54,7 @@ impl Endpoint {
     /// upstream contacted. `Err` is the gateway's answer, already counted and logged.
     // The refusal is an answer like any other, a few words over clippy's bound: not boxed.
     #[allow(clippy::result_large_err)]
-    pub fn admit(&self, request: Request) -> Result<Admitted<'_>, Answer> {
+    pub(crate) fn admit(&self, request: Request) -> Result<Admitted<'_>, Answer> {
         let start = Instant::now();
         let Request {
             method,
@@ -168,7 +163,7 @@ fn check_path_params(route: &RouteSpec, path: &str) -> Result<(), GatewayError> 
 }
 
 /// A request through phases 1–4, waiting for its body.
-pub struct Admitted<'a> {
+pub(crate) struct Admitted<'a> {
     pub(super) endpoint: &'a Endpoint,
     pub(super) route: &'a MethodRoute,
     pub(super) method: Method,

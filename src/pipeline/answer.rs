@@ -18,14 +18,14 @@ use crate::observe::metrics::UpstreamErrorKind;
 use crate::upstream::{BodySize, Head, SendError, Stage};
 
 /// A request's answer, for an engine to write.
-pub struct Answer {
+pub(crate) struct Answer {
     pub status: StatusCode,
     pub head: Head,
     pub body: AnswerBody,
 }
 
 /// An answer's body.
-pub enum AnswerBody {
+pub(crate) enum AnswerBody {
     /// Made by the gateway (an error, a refusal the upstream sent whole, a 101).
     Full(Bytes),
     /// The upstream's, as it arrives. Boxed: an answer moves through several hands on its way
@@ -35,7 +35,7 @@ pub enum AnswerBody {
 
 impl Answer {
     /// The gateway's own answer for `err`, in OpenAI's shape.
-    pub fn error(err: &GatewayError) -> Answer {
+    pub(crate) fn error(err: &GatewayError) -> Answer {
         Answer {
             status: err.status(),
             head: Head::Map(err.headers()),
@@ -46,7 +46,7 @@ impl Answer {
 
 impl AnswerBody {
     /// How much body there is, as the engine frames it.
-    pub fn size(&self) -> BodySize {
+    pub(crate) fn size(&self) -> BodySize {
         match self {
             AnswerBody::Full(body) => BodySize::Known(body.len() as u64),
             AnswerBody::Relay(relay) => relay.size(),
@@ -58,7 +58,7 @@ impl AnswerBody {
 /// connection only go ([`HopByHop`]); an event stream is marked so that a proxy in front of
 /// the gateway (nginx, an ingress) passes it on as it comes ([`unbuffered`]). Returns the
 /// answer's media type, which phase 8 reads too.
-pub fn head_rules(head: &mut Head) -> Media {
+pub(crate) fn head_rules(head: &mut Head) -> Media {
     strip_connection_headers(head);
     let media = Media::of(head.get(&header::CONTENT_TYPE));
     if media == Media::EventStream {
@@ -69,7 +69,7 @@ pub fn head_rules(head: &mut Head) -> Media {
 
 /// Removes the headers of an answer that belonged to its connection only ([`HopByHop`]),
 /// whichever form the head is in.
-pub fn strip_connection_headers(head: &mut Head) {
+pub(crate) fn strip_connection_headers(head: &mut Head) {
     match head {
         Head::Map(map) => strip_hop_by_hop(map),
         Head::Wire(fields) => {
@@ -94,7 +94,7 @@ fn unbuffered(head: &mut Head) {
 /// `Server-Timing` (`tracing.server_timing`): the gateway's own time until the answer's head
 /// (everything but the upstream's part) and the upstream's time to its head, in
 /// milliseconds, for devtools and curl to show the gateway's overhead.
-pub fn server_timing(head: &mut Head, until_head: Duration, upstream: Duration) {
+pub(crate) fn server_timing(head: &mut Head, until_head: Duration, upstream: Duration) {
     let ms = |duration: Duration| duration.as_secs_f64() * 1000.0;
     let gateway = ms(until_head.saturating_sub(upstream));
     let value = format!("gateway;dur={gateway:.3}, upstream;dur={:.3}", ms(upstream));
@@ -105,13 +105,13 @@ pub fn server_timing(head: &mut Head, until_head: Duration, upstream: Duration) 
 }
 
 /// Drops the answer's `Content-Length`, for a body the gateway changes on its way.
-pub fn undeclare_length(head: &mut Head) {
+pub(crate) fn undeclare_length(head: &mut Head) {
     head.retain(|name| !is_named(name, b"content-length"));
 }
 
 /// Says who failed when the request could not be sent or its head never came back: the
 /// client (its upload over the limit, stalled, or broken), else the upstream.
-pub fn classify(
+pub(crate) fn classify(
     err: SendError,
     upload: Option<&UploadProgress>,
     limit: Bound<u64>,
@@ -137,7 +137,7 @@ pub fn classify(
 
 /// How the client's upload went wrong (`err` is what reading it said): over the limit,
 /// stalled past `body_idle`, or broken.
-pub fn upload_failed(
+pub(crate) fn upload_failed(
     upload: &UploadProgress,
     limit: Bound<u64>,
     body_idle: Duration,
@@ -157,7 +157,7 @@ pub fn upload_failed(
 }
 
 /// The timeouts a classified failure names.
-pub struct Timeouts {
+pub(crate) struct Timeouts {
     /// The mount's key path, which `connect_timeout` is under.
     pub at: Arc<str>,
     /// The mount's `connect_timeout`.
@@ -168,7 +168,7 @@ pub struct Timeouts {
 
 /// The upstream's share of a failure, for `oa_bypass_upstream_errors_total`; `None` when the
 /// client or the gateway's own limits were the cause.
-pub fn upstream_error_kind(err: &GatewayError) -> Option<UpstreamErrorKind> {
+pub(crate) fn upstream_error_kind(err: &GatewayError) -> Option<UpstreamErrorKind> {
     match err {
         GatewayError::UpstreamUnreachable(_) => Some(UpstreamErrorKind::Connect),
         GatewayError::UpstreamConnectTimeout { .. } | GatewayError::UpstreamTimeout { .. } => {

@@ -24,14 +24,14 @@ use crate::routes::{BodyKind, RouteSpec};
 
 /// A limit in force for one request, with the setting that controls it for messages.
 #[derive(Debug, Clone, Copy)]
-pub struct Bound<T> {
+pub(crate) struct Bound<T> {
     pub value: T,
     pub setting: Setting,
 }
 
 /// Where a limit comes from: a global setting, or one route's own.
 #[derive(Debug, Clone, Copy)]
-pub enum Setting {
+pub(crate) enum Setting {
     Global(&'static str),
     Route { index: usize, key: &'static str },
 }
@@ -47,7 +47,7 @@ impl std::fmt::Display for Setting {
 
 /// The `[limits]` body sizes and `server.body_read_timeout`.
 #[derive(Debug, Clone)]
-pub struct BodyRules {
+pub(crate) struct BodyRules {
     max_json_body: u64,
     max_upload_body: u64,
     /// The longest silence allowed inside a request body.
@@ -55,7 +55,7 @@ pub struct BodyRules {
 }
 
 impl BodyRules {
-    pub fn new(limits: &LimitsConfig, server: &ServerConfig) -> BodyRules {
+    pub(crate) fn new(limits: &LimitsConfig, server: &ServerConfig) -> BodyRules {
         BodyRules {
             max_json_body: limits.max_json_body,
             max_upload_body: limits.max_upload_body,
@@ -91,7 +91,7 @@ impl BodyRules {
 
     /// Refuses a body that cannot be sent: declared over the limit, or of a content type the
     /// route does not take. Returns the limit the body is held to as it streams.
-    pub fn check(
+    pub(crate) fn check(
         &self,
         route: &RouteSpec,
         headers: &HeaderMap,
@@ -130,7 +130,7 @@ impl BodyRules {
 }
 
 /// The request says its body is JSON.
-pub fn sends_json(headers: &HeaderMap) -> bool {
+pub(crate) fn sends_json(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
@@ -179,7 +179,7 @@ impl IdleTimer {
 
 /// A request's body on its way up, as far as the phases after the body policy need it.
 #[derive(Debug)]
-pub enum Upload {
+pub(crate) enum Upload {
     /// Read whole before sending, this many bytes: nothing is left to wait on or count.
     Whole(u64),
     /// Streamed as it arrives: counted, and watched by the wait for the answer's head.
@@ -188,7 +188,7 @@ pub enum Upload {
 
 impl Upload {
     /// When the request last showed any life: its start, or its latest uploaded chunk.
-    pub fn last_activity(&self, start: Instant) -> Instant {
+    pub(crate) fn last_activity(&self, start: Instant) -> Instant {
         match self {
             Upload::Whole(_) => start,
             Upload::Streaming(progress) => progress.last_activity(),
@@ -196,7 +196,7 @@ impl Upload {
     }
 
     /// The body's bytes that went up.
-    pub fn bytes(&self) -> u64 {
+    pub(crate) fn bytes(&self) -> u64 {
         match self {
             Upload::Whole(bytes) => *bytes,
             Upload::Streaming(progress) => progress.bytes(),
@@ -204,7 +204,7 @@ impl Upload {
     }
 
     /// How a streaming upload has gone, for telling who failed.
-    pub fn progress(&self) -> Option<&UploadProgress> {
+    pub(crate) fn progress(&self) -> Option<&UploadProgress> {
         match self {
             Upload::Whole(_) => None,
             Upload::Streaming(progress) => Some(progress),
@@ -215,7 +215,7 @@ impl Upload {
 /// What the upload has done so far, shared between the upload stream and the task waiting
 /// for the upstream's response headers.
 #[derive(Debug)]
-pub struct UploadProgress {
+pub(crate) struct UploadProgress {
     start: Instant,
     /// Milliseconds since `start` at which the last chunk went up.
     last_chunk_ms: AtomicU64,
@@ -226,12 +226,8 @@ pub struct UploadProgress {
 }
 
 impl UploadProgress {
-    pub fn new() -> Arc<UploadProgress> {
-        UploadProgress::starting_at(Instant::now())
-    }
-
     /// Progress of a request that began at `start`.
-    pub fn starting_at(start: Instant) -> Arc<UploadProgress> {
+    pub(crate) fn starting_at(start: Instant) -> Arc<UploadProgress> {
         Arc::new(UploadProgress {
             start,
             last_chunk_ms: AtomicU64::new(0),
@@ -243,36 +239,36 @@ impl UploadProgress {
     }
 
     /// When the request last showed any life: its start or its latest uploaded chunk.
-    pub fn last_activity(&self) -> Instant {
+    pub(crate) fn last_activity(&self) -> Instant {
         self.start + Duration::from_millis(self.last_chunk_ms.load(Ordering::Relaxed))
     }
 
-    pub fn bytes(&self) -> u64 {
+    pub(crate) fn bytes(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed)
     }
 
-    pub fn over_limit(&self) -> bool {
+    pub(crate) fn over_limit(&self) -> bool {
         self.over_limit.load(Ordering::Relaxed)
     }
 
-    pub fn client_failed(&self) -> bool {
+    pub(crate) fn client_failed(&self) -> bool {
         self.client_failed.load(Ordering::Relaxed)
     }
 
     /// The client went silent mid-body for longer than `server.body_read_timeout`.
-    pub fn client_stalled(&self) -> bool {
+    pub(crate) fn client_stalled(&self) -> bool {
         self.client_stalled.load(Ordering::Relaxed)
     }
 
     /// The upload failed on the client's side: over the limit, stalled or broken.
-    pub fn went_wrong(&self) -> bool {
+    pub(crate) fn went_wrong(&self) -> bool {
         self.over_limit() || self.client_stalled() || self.client_failed()
     }
 }
 
 /// The client's request body, counted, cut at `limit` bytes, and abandoned when the client
 /// goes silent for `idle_timeout` (a slow-drip upload must not hold an upstream connection).
-pub struct UploadBody<S> {
+pub(crate) struct UploadBody<S> {
     inner: S,
     limit: u64,
     seen: u64,
@@ -282,7 +278,7 @@ pub struct UploadBody<S> {
 }
 
 impl<S> UploadBody<S> {
-    pub fn new(
+    pub(crate) fn new(
         inner: S,
         limit: u64,
         idle_timeout: Duration,
@@ -357,7 +353,7 @@ where
 /// A streamed request body read whole, through its counted upload ([`UploadBody`]), so the
 /// size limit and the idle timeout still hold: for `usage.inject_stream_usage`, which edits
 /// it, and for traces, which name its model.
-pub async fn read_whole(
+pub(crate) async fn read_whole(
     mut body: impl Stream<Item = io::Result<Bytes>> + Unpin,
 ) -> io::Result<Bytes> {
     let mut whole = bytes::BytesMut::new();
@@ -375,8 +371,12 @@ mod tests {
     #[tokio::test]
     async fn a_body_that_never_waits_never_arms_its_timer() {
         let chunks = futures_util::stream::iter([Ok(Bytes::from_static(b"{}"))]);
-        let mut upload =
-            UploadBody::new(chunks, 1024, Duration::from_secs(5), UploadProgress::new());
+        let mut upload = UploadBody::new(
+            chunks,
+            1024,
+            Duration::from_secs(5),
+            UploadProgress::starting_at(Instant::now()),
+        );
         while upload.next().await.is_some() {}
         assert!(upload.idle.sleep.is_none());
     }

@@ -30,7 +30,7 @@ enum Unanswered {
 }
 
 /// The client's body, in the form its engine reads it.
-pub enum ClientBody {
+pub(crate) enum ClientBody {
     /// All of it, read before sending (possibly empty).
     Whole(Bytes),
     /// As it arrives.
@@ -38,18 +38,13 @@ pub enum ClientBody {
 }
 
 impl<'a> Admitted<'a> {
-    /// The most of the body that may be read.
-    pub fn body_limit(&self) -> u64 {
-        self.limit.value
-    }
-
     /// The longest silence allowed inside the body (`server.body_read_timeout`).
-    pub fn body_idle(&self) -> Duration {
+    pub(crate) fn body_idle(&self) -> Duration {
         self.endpoint.pipeline.bodies.idle
     }
 
     /// The answer when the client stalled mid-body while its engine read it whole.
-    pub fn body_stalled(self) -> Answer {
+    pub(crate) fn body_stalled(self) -> Answer {
         let err = GatewayError::ClientBodyTimeout {
             timeout: self.body_idle(),
         };
@@ -64,7 +59,7 @@ impl<'a> Admitted<'a> {
     /// `async fn` would keep its own copy of what it was given for as long as the request
     /// waits.
     #[allow(clippy::manual_async_fn)] // An `async fn` holds its arguments twice; see below.
-    pub fn forward<'t, 's>(
+    pub(crate) fn forward<'t, 's>(
         mut self,
         body: ClientBody,
         upgrade: Option<ClientUpgrade>,

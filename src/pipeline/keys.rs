@@ -43,7 +43,7 @@ struct HeldKey {
 }
 
 /// The keys of one upstream, taken in turn.
-pub struct KeyPool {
+pub(crate) struct KeyPool {
     keys: Vec<HeldKey>,
     header: HeaderName,
     next: AtomicUsize,
@@ -58,7 +58,7 @@ pub struct KeyPool {
 impl KeyPool {
     /// The pool of `upstream`'s keys, resting in step with the other replicas through
     /// `store`; `None` without keys.
-    pub fn new(upstream: &UpstreamConfig, store: Option<&Arc<Store>>) -> Option<KeyPool> {
+    pub(crate) fn new(upstream: &UpstreamConfig, store: Option<&Arc<Store>>) -> Option<KeyPool> {
         let keys = &upstream.keys;
         let credential = upstream.credential_header;
         let mut pool = KeyPool::unshared(credential, keys)?;
@@ -109,7 +109,7 @@ impl KeyPool {
 
     /// Whether this pool holds exactly what `keys` in `credential`, sharing rests through
     /// `store`, would.
-    pub fn made_from(
+    pub(crate) fn made_from(
         &self,
         credential: CredentialHeader,
         keys: &[UpstreamKey],
@@ -125,7 +125,7 @@ impl KeyPool {
 
     /// The key for the next request: the next in turn that is not resting; when all rest,
     /// the one that wakes first.
-    pub fn pick(&self) -> Option<usize> {
+    pub(crate) fn pick(&self) -> Option<usize> {
         let count = self.keys.len();
         if count == 0 {
             return None;
@@ -147,13 +147,13 @@ impl KeyPool {
     }
 
     /// The variable key `index` came from: what logs and metrics say.
-    pub fn var(&self, index: usize) -> Option<&Arc<str>> {
+    pub(crate) fn var(&self, index: usize) -> Option<&Arc<str>> {
         self.keys.get(index).map(|key| &key.var)
     }
 
     /// The client's credentials out of `headers`, key `index` in: the upstream never sees
     /// the client's key. A WebSocket's key subprotocol goes too; its other subprotocols stay.
-    pub fn lend(&self, index: usize, headers: &mut HeaderMap) {
+    pub(crate) fn lend(&self, index: usize, headers: &mut HeaderMap) {
         for name in &CLIENT_CREDENTIALS {
             headers.remove(name);
         }
@@ -164,7 +164,11 @@ impl KeyPool {
     }
 
     /// Key `index` drew a 429 whose head `get` reads: it rests as long as the head says.
-    pub fn rest<'h>(&self, index: usize, get: impl Fn(&str) -> Option<&'h [u8]>) -> Duration {
+    pub(crate) fn rest<'h>(
+        &self,
+        index: usize,
+        get: impl Fn(&str) -> Option<&'h [u8]>,
+    ) -> Duration {
         let rest = cool_down(get).min(MAX_COOL_DOWN);
         if let Some(key) = self.keys.get(index) {
             let until = self.now().saturating_add(millis(rest));
@@ -206,7 +210,7 @@ fn strip_key_subprotocol(headers: &mut HeaderMap) {
 /// How long a 429's head asks the client to wait: `retry-after-ms`, else `retry-after`
 /// (seconds or an HTTP date, RFC 9110 §10.2.3), else OpenAI's `x-ratelimit-reset-*` of
 /// the limit that ran out (both when neither says which), else [`DEFAULT_COOL_DOWN`].
-pub fn cool_down<'h>(get: impl Fn(&str) -> Option<&'h [u8]>) -> Duration {
+pub(crate) fn cool_down<'h>(get: impl Fn(&str) -> Option<&'h [u8]>) -> Duration {
     let text = |name: &str| get(name).and_then(|value| std::str::from_utf8(value).ok());
     if let Some(ms) = text("retry-after-ms").and_then(|t| t.trim().parse::<f64>().ok()) {
         if ms.is_finite() && ms >= 0.0 {

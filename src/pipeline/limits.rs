@@ -22,12 +22,12 @@ use crate::config::{AdmissionConfig, StoreFailure};
 use crate::store::{self, Lease, Store, Verdict};
 
 /// The SHA-256 of a key.
-pub type KeyHash = [u8; 32];
+pub(crate) type KeyHash = [u8; 32];
 
 /// Holds a request's place under the concurrency caps until it is dropped (when its answer
 /// has been delivered, or its WebSocket session has ended).
 #[derive(Debug, Default)]
-pub struct Admission {
+pub(crate) struct Admission {
     _global: Option<OwnedSemaphorePermit>,
     _per_key: Option<KeySlot>,
     /// With a store: what to ask it ([`Limiter::settle`]), then the slots it leased. Boxed:
@@ -46,7 +46,7 @@ enum Place {
 
 impl Admission {
     /// Whether the store has yet to be asked.
-    pub fn is_pending(&self) -> bool {
+    pub(crate) fn is_pending(&self) -> bool {
         matches!(self.place.as_deref(), Some(Place::Ask { .. }))
     }
 }
@@ -71,7 +71,7 @@ impl Drop for KeySlot {
 }
 
 /// The limits of one `[limits]`: kept here, or in the store.
-pub struct Limiter {
+pub(crate) struct Limiter {
     config: AdmissionConfig,
     /// With `limits.store`: the rates and caps, there (`None` also when none is set).
     shared: Option<store::Limits>,
@@ -91,7 +91,7 @@ fn quota(per_minute: NonZeroU32, burst: Option<NonZeroU32>) -> Quota {
 
 impl Limiter {
     /// The limits of `config`, in `store` when there is one.
-    pub fn new(config: &AdmissionConfig, store: Option<Arc<Store>>) -> Limiter {
+    pub(crate) fn new(config: &AdmissionConfig, store: Option<Arc<Store>>) -> Limiter {
         let shared = store.as_ref().and_then(|store| {
             let settings = shared_settings(config);
             (settings != store::Settings::default()).then(|| store.limits(settings))
@@ -120,13 +120,17 @@ impl Limiter {
     }
 
     /// The store limits and cool-downs are shared through, if any.
-    pub fn store(&self) -> Option<&Store> {
+    pub(crate) fn store(&self) -> Option<&Store> {
         self.store.as_deref()
     }
 
     /// Admits a request from `ip` presenting the key hashed as `key_hash`, or says why not.
     /// With a store, the answer is pending until [`Limiter::settle`].
-    pub fn admit(&self, ip: Option<IpAddr>, key_hash: &KeyHash) -> Result<Admission, GatewayError> {
+    pub(crate) fn admit(
+        &self,
+        ip: Option<IpAddr>,
+        key_hash: &KeyHash,
+    ) -> Result<Admission, GatewayError> {
         if self.shared.is_some() {
             return Ok(Admission {
                 place: Some(Box::new(Place::Ask { ip, key: *key_hash })),
@@ -199,7 +203,7 @@ impl Limiter {
 
     /// Asks the store about an admission [`Limiter::admit`] left pending: one round trip.
     /// While the store is unreachable, `limits.store_failure` decides.
-    pub async fn settle(&self, admission: &mut Admission) -> Result<(), GatewayError> {
+    pub(crate) async fn settle(&self, admission: &mut Admission) -> Result<(), GatewayError> {
         let (Some(shared), Some(place)) = (&self.shared, admission.place.as_deref_mut()) else {
             return Ok(());
         };

@@ -28,17 +28,17 @@
 //! Nothing here names an engine: requests and answers are `http` types, bodies are `Bytes`
 //! or streams, and an engine may lend the request a timer ([`Timer`]).
 
-pub mod access;
+pub(crate) mod access;
 mod admit;
-pub mod answer;
-pub mod body;
-pub mod error;
+pub(crate) mod answer;
+pub(crate) mod body;
+pub(crate) mod error;
 mod forward;
-pub mod keys;
-pub mod limits;
+pub(crate) mod keys;
+pub(crate) mod limits;
 mod mount;
 mod outbound;
-pub mod relay;
+pub(crate) mod relay;
 mod stream_usage;
 mod timer;
 mod trace;
@@ -50,17 +50,16 @@ use std::time::Duration;
 use http::{HeaderMap, Method};
 use tokio::time::Instant;
 
-pub use access::KeyId;
 use admit::MethodRoute;
-pub use admit::{Admitted, Endpoint, Request};
-pub use answer::{Answer, AnswerBody};
+pub(crate) use admit::{Admitted, Endpoint, Request};
+pub(crate) use answer::{Answer, AnswerBody};
 use body::BodyRules;
-pub use error::GatewayError;
-pub use forward::ClientBody;
+pub(crate) use error::GatewayError;
+pub(crate) use forward::ClientBody;
 use keys::KeyPool;
 use limits::Limiter;
-pub use mount::Mount;
-pub use timer::Timer;
+pub(crate) use mount::Mount;
+pub(crate) use timer::Timer;
 
 use crate::config::{AccessConfig, Config, ConfigError, UpstreamConfig, DEFAULT_MOUNT};
 use crate::observe::log;
@@ -71,7 +70,7 @@ use crate::upstream::Upstream;
 
 /// What one worker serves one manifest with: the settings every phase reads, the worker's
 /// upstream (and so its connection pools), and what all workers share.
-pub struct Pipeline {
+pub(crate) struct Pipeline {
     access: AccessConfig,
     limiter: Arc<Limiter>,
     bodies: BodyRules,
@@ -94,7 +93,7 @@ pub struct Pipeline {
 impl Pipeline {
     /// The pipeline of `config`. The limiter, metrics, sessions and key pools (`pools`, by
     /// mount name) outlive a reload; the TLS settings are read once per manifest.
-    pub fn new(
+    pub(crate) fn new(
         config: &Config,
         limiter: Arc<Limiter>,
         metrics: Arc<Metrics>,
@@ -129,7 +128,7 @@ impl Pipeline {
 
     /// An endpoint for every path template `config` serves: the manifest's routes, then each
     /// mount's under its prefix. What the engines' routers map paths to.
-    pub fn endpoints(
+    pub(crate) fn endpoints(
         self: &Arc<Self>,
         config: &Config,
     ) -> Result<Vec<(PathTemplate, Arc<Endpoint>)>, ConfigError> {
@@ -184,12 +183,12 @@ impl Pipeline {
     }
 
     /// The limits store, for `/ready`.
-    pub fn store(&self) -> Option<&crate::store::Store> {
+    pub(crate) fn store(&self) -> Option<&crate::store::Store> {
         self.limiter.store()
     }
 
     /// `[upstream]`'s transports, for `/ready`.
-    pub fn upstream(&self) -> &Upstream {
+    pub(crate) fn upstream(&self) -> &Upstream {
         &self.default_mount.upstream
     }
 
@@ -204,7 +203,7 @@ impl Pipeline {
     /// Phase 1 alone, for the gateway's own endpoints (docs, metrics): `Err` is the 403.
     // An answer is a few words over clippy's bound; boxing each refusal would buy nothing.
     #[allow(clippy::result_large_err)]
-    pub fn screen(
+    pub(crate) fn screen(
         &self,
         method: &Method,
         peer: Option<SocketAddr>,
@@ -216,7 +215,7 @@ impl Pipeline {
     }
 
     /// The answer to a path no route has: phase 2 for a request no endpoint took.
-    pub fn unknown_route(&self, method: &Method, path: &str, start: Instant) -> Answer {
+    pub(crate) fn unknown_route(&self, method: &Method, path: &str, start: Instant) -> Answer {
         self.metrics
             .count_request(&Arc::from("(no route)"), method, 404);
         log::rejected(

@@ -11,7 +11,7 @@ use crate::upstream::Upstream;
 
 use super::keys::KeyPool;
 
-pub struct Mount {
+pub(crate) struct Mount {
     /// `default`, or the mount's name: a bounded label.
     pub name: Arc<str>,
     /// Its key path (`upstream`, `mounts.groq`), for messages that name a setting.
@@ -28,7 +28,7 @@ pub struct Mount {
 }
 
 impl Mount {
-    pub fn new(
+    pub(crate) fn new(
         config: &UpstreamConfig,
         keys: Option<Arc<KeyPool>>,
         tls: &rustls::ClientConfig,
@@ -48,7 +48,7 @@ impl Mount {
 
     /// Its name for log lines: the default mount (`[upstream]`) goes unnamed, as before
     /// mounts. A shared copy, so naming a request allocates nothing.
-    pub fn log_name(&self) -> Option<Arc<str>> {
+    pub(crate) fn log_name(&self) -> Option<Arc<str>> {
         (&*self.name != crate::config::DEFAULT_MOUNT).then(|| Arc::clone(&self.name))
     }
 }

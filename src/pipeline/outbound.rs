@@ -15,14 +15,14 @@ use crate::upstream::{Outbound, OutboundBody, Target};
 
 /// The client's headers as the upstream gets them, for a request or a WebSocket handshake;
 /// with `Host` when the upstream is plain HTTP/1 (otherwise what sends it sets it).
-pub fn headers(mut headers: HeaderMap, host: Option<&HeaderValue>) -> HeaderMap {
+pub(super) fn headers(mut headers: HeaderMap, host: Option<&HeaderValue>) -> HeaderMap {
     prepare_upstream_request(&mut headers, host);
     headers
 }
 
 /// The upstream's path and query for the client's, without the first `strip` bytes of its
 /// path (a mount's prefix, which the router matched).
-pub fn path(
+pub(super) fn path(
     target: &Target,
     path_and_query: &PathAndQuery,
     strip: usize,
@@ -44,7 +44,7 @@ pub fn path(
 
 /// The whole request: URL, headers (with `Host` for a plain upstream, and the key the
 /// gateway lends in place of the client's when it holds the mount's keys), body.
-pub fn request(
+pub(super) fn request(
     mount: &Mount,
     lent: Option<usize>,
     method: Method,

@@ -32,7 +32,7 @@ const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// How a forwarded request ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// The whole answer reached the client.
     Complete,
     /// The client went away before the answer ended; the upstream request was dropped.
@@ -56,7 +56,7 @@ impl Outcome {
 
 /// The log line and the end-of-answer metrics of one forwarded request.
 #[derive(Debug)]
-pub struct RequestLog {
+pub(crate) struct RequestLog {
     pub method: Method,
     pub route: Arc<str>,
     pub status: u16,
@@ -73,9 +73,9 @@ pub struct RequestLog {
     pub usage: Option<UsageTap>,
     pub metrics: Arc<RouteMetrics>,
     /// The request's place under the concurrency limits, released with this line.
-    pub admission: Admission,
+    _admission: Admission,
     /// Its place in `requests_in_flight` (and `open_streams` for an event stream).
-    pub gauges: (GaugeGuard, Option<GaugeGuard>),
+    _gauges: (GaugeGuard, Option<GaugeGuard>),
     /// Its span, when traces are on.
     pub trace: Option<RequestSpan>,
     /// The mount's name, when not the default.
@@ -85,7 +85,7 @@ pub struct RequestLog {
 }
 
 /// What a forwarded request brings to its log line, gathered through the phases before it.
-pub struct Opening {
+pub(crate) struct Opening {
     pub method: Method,
     pub route: Arc<str>,
     pub metrics: Arc<RouteMetrics>,
@@ -107,7 +107,12 @@ pub struct Opening {
 impl RequestLog {
     /// Opens the line of an answer with `status`, `head` and `media`: whether the usage tap
     /// reads it, and whether it is a stream. It is written when the body is done.
-    pub fn open(opening: Opening, status: StatusCode, head: &Head, media: Media) -> RequestLog {
+    pub(crate) fn open(
+        opening: Opening,
+        status: StatusCode,
+        head: &Head,
+        media: Media,
+    ) -> RequestLog {
         let is_event_stream = media == Media::EventStream;
         let usage =
             (opening.usage && status.is_success() && media != Media::Other).then(UsageTap::new);
@@ -127,14 +132,14 @@ impl RequestLog {
             outcome: Outcome::ClientAborted,
             usage,
             metrics: opening.metrics,
-            admission: opening.admission,
-            gauges: (opening.in_flight, stream_gauge),
+            _admission: opening.admission,
+            _gauges: (opening.in_flight, stream_gauge),
             trace: opening.trace,
         }
     }
 
     /// Counts a chunk of the answer on its way to the client, and lets the usage tap read it.
-    pub fn saw(&mut self, chunk: &[u8]) {
+    pub(crate) fn saw(&mut self, chunk: &[u8]) {
         self.bytes_out += chunk.len() as u64;
         self.tap(chunk);
     }
@@ -201,7 +206,7 @@ impl Drop for RequestLog {
 /// stream with an error, so the engine aborts the connection instead of finishing the body
 /// cleanly: the client must see that the answer is incomplete. The request's log line is
 /// written when this stream is dropped, with what was actually delivered.
-pub struct Relay {
+pub(crate) struct Relay {
     inner: upstream::Body,
     idle: IdleTimer,
     /// The upstream's declared length: an engine stops polling once that much is written,
@@ -219,7 +224,7 @@ impl Relay {
     /// `keepalive`: how long the upstream of an event stream may be silent before the client
     /// gets an SSE comment, if at all. `usage_chunk`: the usage-only chunk is kept back, and
     /// the body's length is then not the upstream's (its head must not declare one).
-    pub fn new(
+    pub(crate) fn new(
         inner: upstream::Body,
         idle_timeout: Duration,
         keepalive: Option<Duration>,
@@ -251,7 +256,7 @@ impl Relay {
     }
 
     /// How much body there is: what the upstream says, unless some of it is kept back.
-    pub fn size(&self) -> BodySize {
+    pub(crate) fn size(&self) -> BodySize {
         match self.usage_chunk {
             Some(_) => BodySize::Unknown,
             None => self.inner.size(),

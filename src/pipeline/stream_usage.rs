@@ -41,7 +41,7 @@ fn present<'de, D: Deserializer<'de>>(value: D) -> Result<Option<&'de RawValue>,
 
 /// The request with usage asked for, when it is a stream that did not ask for it; `None`
 /// when it goes upstream as it is.
-pub fn ask_for_usage(body: &[u8]) -> Option<Bytes> {
+pub(super) fn ask_for_usage(body: &[u8]) -> Option<Bytes> {
     let request: StreamRequest = serde_json::from_slice(body).ok()?;
     if request.stream?.get() != "true" {
         return None;
@@ -125,7 +125,7 @@ const HELD_AT_MOST: usize = 64 << 10;
 /// stream. Whole events pass on as soon as their blank line has come; only a partial event
 /// is held back, until it ends.
 #[derive(Default)]
-pub struct UsageChunkFilter {
+pub(crate) struct UsageChunkFilter {
     /// The start of an event whose end has not come.
     held: BytesMut,
     /// The current event's start has already passed on (it grew past [`HELD_AT_MOST`]).
@@ -134,7 +134,7 @@ pub struct UsageChunkFilter {
 
 impl UsageChunkFilter {
     /// What of `chunk` goes on to the client now (possibly nothing).
-    pub fn pass(&mut self, chunk: Bytes) -> Bytes {
+    pub(crate) fn pass(&mut self, chunk: Bytes) -> Bytes {
         if self.held.is_empty() && !self.passing {
             // Most chunks are whole events: passed on as they are, or without the usage one.
             if let Some(end) = last_event_end(&chunk) {
@@ -164,7 +164,7 @@ impl UsageChunkFilter {
     }
 
     /// What is left when the upstream's stream has ended: an event it never finished.
-    pub fn finish(&mut self) -> Bytes {
+    pub(crate) fn finish(&mut self) -> Bytes {
         self.passing = false;
         let rest = std::mem::take(&mut self.held);
         if is_usage_only(&rest) {

@@ -11,19 +11,19 @@ use std::pin::Pin;
 use tokio::time::{Instant, Sleep};
 
 /// One sleep, re-armed for whatever its owner waits for next.
-pub struct Timer<'s> {
+pub(crate) struct Timer<'s> {
     sleep: Pin<&'s mut Sleep>,
     /// When `sleep` fires; `None` once it has.
     armed: Option<Instant>,
 }
 
 impl<'s> Timer<'s> {
-    pub fn new(sleep: Pin<&'s mut Sleep>) -> Timer<'s> {
+    pub(crate) fn new(sleep: Pin<&'s mut Sleep>) -> Timer<'s> {
         Timer { sleep, armed: None }
     }
 
     /// Resolves once `deadline` has passed.
-    pub async fn expired(&mut self, deadline: Instant) {
+    pub(crate) async fn expired(&mut self, deadline: Instant) {
         loop {
             if self.armed.is_none_or(|armed| armed > deadline) {
                 self.sleep.as_mut().reset(deadline);

@@ -16,17 +16,17 @@ const MODEL_AT_MOST: usize = 256;
 
 /// The spans of a pipeline: present when traces are on. What a span says about the
 /// upstream (`gen_ai.provider.name`, `server.address`) is its mount's.
-pub struct Traced;
+pub(super) struct Traced;
 
 impl Traced {
     /// `None` when traces are off: then no span is ever made.
-    pub fn new(config: &Config) -> Option<Traced> {
+    pub(super) fn new(config: &Config) -> Option<Traced> {
         config.tracing.traces_on().then_some(Traced)
     }
 
     /// The span of a `method` request to `template` by `route`, with its whole JSON `body`
     /// when the engine or the pipeline read it whole (to name the model).
-    pub fn open(
+    pub(super) fn open(
         &self,
         method: &Method,
         template: &str,
@@ -45,7 +45,7 @@ impl Traced {
     }
 
     /// The span of the wait for `mount`'s head, inside `span`.
-    pub fn upstream_wait(
+    pub(super) fn upstream_wait(
         &self,
         span: &RequestSpan,
         method: &Method,

@@ -46,37 +46,37 @@ const HANDSHAKE_HEADERS: [HeaderName; 4] = [
 
 /// The client's side of a WebSocket once the engine has switched protocols: resolves to
 /// the raw connection. Made by the engine that owns the client's connection.
-pub type ClientUpgrade = Pin<Box<dyn Future<Output = io::Result<Box<dyn Io>>> + Send>>;
+pub(crate) type ClientUpgrade = Pin<Box<dyn Future<Output = io::Result<Box<dyn Io>>> + Send>>;
 
 /// Open realtime sessions, so shutdown can wait for them and then close them with 1001.
 #[derive(Clone, Default)]
-pub struct Sessions {
+pub(crate) struct Sessions {
     tracker: TaskTracker,
     closing: CancellationToken,
 }
 
 impl Sessions {
-    pub fn open(&self) -> usize {
+    pub(crate) fn open(&self) -> usize {
         self.tracker.len()
     }
 
     /// Resolves when every session has ended (call after [`Sessions::stop_accepting`]).
-    pub async fn finished(&self) {
+    pub(crate) async fn finished(&self) {
         self.tracker.wait().await;
     }
 
-    pub fn stop_accepting(&self) {
+    pub(crate) fn stop_accepting(&self) {
         self.tracker.close();
     }
 
     /// Tells every session to close both sides with 1001 (going away).
-    pub fn close_all(&self) {
+    pub(crate) fn close_all(&self) {
         self.closing.cancel();
     }
 }
 
 /// What a session's log line and metrics need, and what it holds while it lives.
-pub struct Session<G> {
+pub(crate) struct Session<G> {
     pub route: Arc<str>,
     pub metrics: Arc<RouteMetrics>,
     /// The first 8 hex digits of the key's SHA-256.
@@ -87,7 +87,7 @@ pub struct Session<G> {
 }
 
 /// How a handshake ended when it did not fail.
-pub enum Opened {
+pub(crate) enum Opened {
     /// The upstream accepted: switch the client's protocols with these headers; the session
     /// runs once the client's upgrade completes.
     Switching(HeaderMap),
@@ -96,7 +96,7 @@ pub enum Opened {
 }
 
 /// Why no session opened.
-pub enum Failed {
+pub(crate) enum Failed {
     /// No handshake within `upstream.connect_timeout`.
     TimedOut(Duration),
     /// The upstream could not be reached, or did not speak WebSocket.
@@ -104,14 +104,14 @@ pub enum Failed {
 }
 
 /// Connects realtime clients to the upstream and relays their sessions.
-pub struct Realtime {
+pub(crate) struct Realtime {
     idle_timeout: Duration,
     ws_config: WebSocketConfig,
     sessions: Sessions,
 }
 
 impl Realtime {
-    pub fn new(config: &RealtimeConfig, sessions: Sessions) -> Realtime {
+    pub(crate) fn new(config: &RealtimeConfig, sessions: Sessions) -> Realtime {
         let max = usize::try_from(config.max_message).unwrap_or(usize::MAX);
         let ws_config = WebSocketConfig::default()
             .max_message_size(Some(max))
@@ -129,7 +129,7 @@ impl Realtime {
     /// pipeline prepared them for the upstream), then, once the client's `upgrade` completes,
     /// relays frames until either side ends. `client_key` is the client's
     /// `Sec-WebSocket-Key` ([`client_key`]).
-    pub async fn open<G: Send + 'static>(
+    pub(crate) async fn open<G: Send + 'static>(
         &self,
         upstream: &Upstream,
         joined: PathAndQuery,
@@ -270,7 +270,7 @@ fn handshake_request(
 
 /// Checks the client asked for a WebSocket (RFC 6455 §4.2.1) and returns its key; `Err`
 /// says what is missing.
-pub fn client_key(headers: &HeaderMap) -> Result<String, &'static str> {
+pub(crate) fn client_key(headers: &HeaderMap) -> Result<String, &'static str> {
     let has_token = |name: HeaderName, token: &str| {
         headers::list_items(headers, &name).any(|item| item.eq_ignore_ascii_case(token))
     };

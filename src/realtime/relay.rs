@@ -20,14 +20,14 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
 /// The upstream connection: plain TCP for ws://, TLS for wss://, perhaps through a proxy.
-pub type UpstreamIo = Box<dyn crate::upstream::Io>;
+pub(super) type UpstreamIo = Box<dyn crate::upstream::Io>;
 
 /// How long a closing side may take to answer a close frame before it is dropped.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// What ended a session, for its log line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ending {
+pub(super) enum Ending {
     ClientClosed,
     UpstreamClosed,
     ClientGone,
@@ -37,7 +37,7 @@ pub enum Ending {
 }
 
 impl Ending {
-    pub fn as_str(self) -> &'static str {
+    pub(super) fn as_str(self) -> &'static str {
         match self {
             Ending::ClientClosed => "client_closed",
             Ending::UpstreamClosed => "upstream_closed",
@@ -50,7 +50,7 @@ impl Ending {
 }
 
 #[derive(Debug)]
-pub struct Summary {
+pub(super) struct Summary {
     pub ending: Ending,
     pub from_client: u64,
     pub from_upstream: u64,
@@ -161,7 +161,7 @@ enum First {
     Shutdown,
 }
 
-pub async fn run<C>(
+pub(super) async fn run<C>(
     client: WebSocketStream<C>,
     upstream: WebSocketStream<UpstreamIo>,
     idle: Duration,

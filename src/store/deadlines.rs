@@ -22,7 +22,7 @@ return 0
 ";
 
 /// Deadlines by name, in Unix milliseconds (0: none), as the store last said.
-pub struct Deadlines {
+pub(crate) struct Deadlines {
     names: Vec<String>,
     until_ms: Vec<AtomicU64>,
 }
@@ -34,12 +34,12 @@ impl Deadlines {
     }
 
     /// The store's name for cell `index` (what [`super::Store::publish_deadline`] takes).
-    pub fn name(&self, index: usize) -> Option<&str> {
+    pub(crate) fn name(&self, index: usize) -> Option<&str> {
         self.names.get(index).map(String::as_str)
     }
 
     /// Until when cell `index` rests, in Unix milliseconds (0: it does not).
-    pub fn until_ms(&self, index: usize) -> u64 {
+    pub(crate) fn until_ms(&self, index: usize) -> u64 {
         self.until_ms
             .get(index)
             .map_or(0, |cell| cell.load(Ordering::Relaxed))
@@ -47,7 +47,7 @@ impl Deadlines {
 }
 
 /// The store's name for the deadline of a key hashed as `hash` on the mount `mount`.
-pub fn name(mount: &str, hash: &[u8; 32]) -> String {
+pub(crate) fn name(mount: &str, hash: &[u8; 32]) -> String {
     format!("{PREFIX}rest:{mount}:{}", crate::config::hex(hash))
 }
 

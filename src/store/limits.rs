@@ -95,14 +95,14 @@ const RENEW_BATCH: usize = 1000;
 
 /// A rate: one request per `interval`, `burst` at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rate {
+pub(crate) struct Rate {
     pub interval: Duration,
     pub burst: u32,
 }
 
 /// The limits to keep in the store (`None`: that one is off).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Settings {
+pub(crate) struct Settings {
     pub per_ip: Option<Rate>,
     pub per_key: Option<Rate>,
     pub cap_all: Option<u32>,
@@ -111,7 +111,7 @@ pub struct Settings {
 
 /// The store's answer for one request.
 #[derive(Debug)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// Within every limit; the lease holds its slots (when a cap is set) until dropped.
     Admitted(Option<Lease>),
     /// The address's rate ran out: wait this long.
@@ -151,7 +151,7 @@ pub(super) struct Held {
 }
 
 /// Holds a request's concurrency slots in the store until dropped.
-pub struct Lease {
+pub(crate) struct Lease {
     number: u64,
     shared: Arc<Shared>,
 }
@@ -177,7 +177,7 @@ impl Drop for Lease {
 }
 
 /// The shared limits of one `[limits]`, asked of a store.
-pub struct Limits {
+pub(crate) struct Limits {
     store: Arc<Store>,
     settings: Settings,
 }
@@ -188,12 +188,12 @@ impl Limits {
     }
 
     /// The store these limits are kept in.
-    pub fn store(&self) -> &Store {
+    pub(crate) fn store(&self) -> &Store {
         &self.store
     }
 
     /// Asks the store whether a request from `ip` with the key hashed as `key` may go.
-    pub async fn admit(&self, ip: Option<IpAddr>, key: &[u8; 32]) -> Verdict {
+    pub(crate) async fn admit(&self, ip: Option<IpAddr>, key: &[u8; 32]) -> Verdict {
         let shared = &self.store.shared;
         if !shared.up.load(Ordering::Relaxed) {
             return Verdict::Unavailable;
@@ -262,7 +262,7 @@ impl Limits {
     }
 
     /// Under `store_failure = "open"`, while the store is down: a warning now and then.
-    pub fn serving_without(&self) {
+    pub(crate) fn serving_without(&self) {
         self.store.shared.warn_open();
     }
 }

@@ -28,8 +28,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::StoreConfig;
-pub use deadlines::{name as deadline_name, Deadlines};
-pub use limits::{Lease, Limits, Rate, Settings, Verdict};
+pub(crate) use deadlines::{name as deadline_name, Deadlines};
+pub(crate) use limits::{Lease, Limits, Rate, Settings, Verdict};
 
 /// What every Redis key of the gateway starts with.
 const PREFIX: &str = "oa-bypass:";
@@ -38,7 +38,7 @@ const WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// The store's counters on `/metrics`.
 #[derive(Clone, Default)]
-pub struct StoreMetrics {
+pub(crate) struct StoreMetrics {
     /// Calls that failed or timed out.
     pub errors: Counter,
     /// 1 while the store answers.
@@ -46,7 +46,7 @@ pub struct StoreMetrics {
 }
 
 /// A handle on the store; the background thread stops when the last one is dropped.
-pub struct Store {
+pub(crate) struct Store {
     shared: Arc<Shared>,
     /// Dropped with the store: its thread's runtime then ends.
     _stop: oneshot::Sender<()>,
@@ -83,7 +83,7 @@ enum Write {
 impl Store {
     /// Connects to the store of `settings`, or starts without it, down (the health check
     /// reconnects). Fails only when the URL cannot be used at all.
-    pub fn start(settings: &StoreConfig, metrics: StoreMetrics) -> Result<Store, String> {
+    pub(crate) fn start(settings: &StoreConfig, metrics: StoreMetrics) -> Result<Store, String> {
         let client = redis::Client::open(settings.url.as_str())
             .map_err(|err| format!("limits.store: {} cannot be used: {err}", settings.shown()))?;
         // rediss:// needs a process-wide TLS provider; the gateway's is ring.
@@ -148,22 +148,22 @@ impl Store {
     }
 
     /// Whether the store answers now: what `/ready` reports.
-    pub fn is_up(&self) -> bool {
+    pub(crate) fn is_up(&self) -> bool {
         self.shared.up.load(Ordering::Relaxed)
     }
 
     /// The settings it was started with.
-    pub fn settings(&self) -> &StoreConfig {
+    pub(crate) fn settings(&self) -> &StoreConfig {
         &self.shared.settings
     }
 
     /// The shared rate limits and caps of `limits`, asked of this store.
-    pub fn limits(self: &Arc<Self>, limits: limits::Settings) -> Limits {
+    pub(crate) fn limits(self: &Arc<Self>, limits: limits::Settings) -> Limits {
         Limits::new(Arc::clone(self), limits)
     }
 
     /// Cells for the cool-downs named `names`, kept in step with the other replicas.
-    pub fn deadlines(&self, names: Vec<String>) -> Arc<Deadlines> {
+    pub(crate) fn deadlines(&self, names: Vec<String>) -> Arc<Deadlines> {
         let cells = Arc::new(Deadlines::new(names));
         if let Ok(mut all) = self.shared.deadlines.lock() {
             all.retain(|cell| cell.strong_count() > 0);
@@ -173,7 +173,7 @@ impl Store {
     }
 
     /// Records that `name` rests for `rest` from now, for the others.
-    pub fn publish_deadline(&self, name: &str, rest: Duration) {
+    pub(crate) fn publish_deadline(&self, name: &str, rest: Duration) {
         let _ = self.shared.writes.send(Write::Deadline {
             name: name.to_owned(),
             until_ms: unix_ms().saturating_add(millis(rest)),
@@ -308,7 +308,7 @@ fn instance_name() -> String {
 }
 
 /// Now, in Unix milliseconds: the clock [`Deadlines`] are kept in.
-pub fn unix_ms() -> u64 {
+pub(crate) fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, millis)

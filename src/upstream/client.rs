@@ -15,10 +15,10 @@ use super::connect::Connector;
 use super::{SendError, Stage, POOL_IDLE_TIMEOUT};
 
 /// A request body as the pooled client takes it.
-pub type ClientBody = BoxBody<Bytes, io::Error>;
+pub(crate) type ClientBody = BoxBody<Bytes, io::Error>;
 
 /// A body of chunks as they come, for the pooled client.
-pub fn streaming<S>(chunks: S) -> ClientBody
+pub(crate) fn streaming<S>(chunks: S) -> ClientBody
 where
     S: futures_util::Stream<Item = io::Result<Bytes>> + Send + Sync + 'static,
 {
@@ -32,7 +32,7 @@ where
 /// connection, and holds back those beyond the server's stream limit (often 100 to 256)
 /// until others end (RFC 9113 §9.1 asks a client for one connection). A gateway's streams
 /// last minutes, so it opens another connection, in another lane, instead.
-pub struct Client {
+pub(super) struct Client {
     connector: Connector,
     max_idle: usize,
     /// Requests a lane carries at once: `upstream.http2_max_concurrent_streams` when HTTP/2
@@ -53,7 +53,7 @@ struct Lane {
 impl Client {
     /// A client keeping at most `max_idle` idle connections per lane
     /// (`upstream.max_idle_connections`), and `max_streams` requests on each lane.
-    pub fn new(connector: Connector, max_idle: usize, max_streams: usize) -> Client {
+    pub(super) fn new(connector: Connector, max_idle: usize, max_streams: usize) -> Client {
         Client {
             connector,
             max_idle,
@@ -65,7 +65,13 @@ impl Client {
 
     /// Starts one request; the future resolves to the answer's status, headers and body.
     /// Synchronous up to the wait, so that what waits holds only hyper's (boxed) future.
-    pub fn send(&self, method: Method, uri: Uri, headers: HeaderMap, body: ClientBody) -> Sending {
+    pub(super) fn send(
+        &self,
+        method: Method,
+        uri: Uri,
+        headers: HeaderMap,
+        body: ClientBody,
+    ) -> Sending {
         let mut request = http::Request::new(body);
         *request.method_mut() = method;
         *request.uri_mut() = uri;
@@ -98,7 +104,7 @@ impl Client {
     }
 
     /// Notes the protocol an answer came in: lanes matter only while it is HTTP/2.
-    pub fn answered_in(&self, version: http::Version) {
+    pub(super) fn answered_in(&self, version: http::Version) {
         let http1 = version < http::Version::HTTP_2;
         if self.spoke_http1.load(Ordering::Relaxed) != http1 {
             self.spoke_http1.store(http1, Ordering::Relaxed);
@@ -119,7 +125,7 @@ impl Client {
 }
 
 /// A request's place in its lane, from its start until its answer's body is dropped.
-pub struct Slot(Arc<AtomicUsize>);
+pub(crate) struct Slot(Arc<AtomicUsize>);
 
 impl Slot {
     fn take(open: &Arc<AtomicUsize>) -> Slot {
@@ -135,14 +141,14 @@ impl Drop for Slot {
 }
 
 /// A request sent by the pooled client, waiting for the answer's head.
-pub struct Sending {
+pub(super) struct Sending {
     future: legacy::ResponseFuture,
     slot: Slot,
 }
 
 impl Sending {
     /// The answer, with the request's slot: hold it as long as the answer's body.
-    pub async fn response(self) -> Result<(http::Response<Incoming>, Slot), SendError> {
+    pub(super) async fn response(self) -> Result<(http::Response<Incoming>, Slot), SendError> {
         let Sending { future, slot } = self;
         match future.await {
             Ok(response) => Ok((response, slot)),

@@ -27,12 +27,12 @@ use tokio::net::TcpStream;
 use tower_service::Service;
 
 /// A boxed error from any stage of connecting.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// What a connection is for, which decides the TLS protocols offered and how an HTTP proxy
 /// carries a plain `http://` destination.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Purpose {
+pub(crate) enum Purpose {
     /// Pooled HTTP requests: HTTP/2 by ALPN where offered; plain HTTP through an HTTP proxy
     /// in absolute form.
     Requests,
@@ -42,7 +42,7 @@ pub enum Purpose {
 
 /// Makes upstream connections. Cheap to clone: the settings are shared.
 #[derive(Clone)]
-pub struct Connector {
+pub(crate) struct Connector {
     /// `upstream.connect_timeout`.
     connect_timeout: Duration,
     tcp: HttpConnector,
@@ -56,7 +56,7 @@ impl Connector {
     /// A connector with `connect_timeout` for each TCP connection, the proxy `proxy` (else the
     /// standard variables), and `tls`'s root certificates; `http2` offers HTTP/2 by ALPN to
     /// HTTPS upstreams.
-    pub fn new(
+    pub(crate) fn new(
         connect_timeout: Duration,
         proxy: Option<&url::Url>,
         tls: &rustls::ClientConfig,
@@ -90,12 +90,12 @@ impl Connector {
     }
 
     /// The proxy that carries requests to `dst`, if one applies.
-    pub fn proxy_for(&self, dst: &Uri) -> Option<Intercept> {
+    pub(crate) fn proxy_for(&self, dst: &Uri) -> Option<Intercept> {
         self.proxies.intercept(dst)
     }
 
     /// `upstream.connect_timeout`, for the messages that name it.
-    pub fn connect_timeout(&self) -> Duration {
+    pub(crate) fn connect_timeout(&self) -> Duration {
         self.connect_timeout
     }
 
@@ -106,7 +106,7 @@ impl Connector {
     /// Why not hyper-util's connector, as everything else: its connecting future is boxed,
     /// and when a thousand streams open at once the boxes, freed once connected, leave holes
     /// among what the streams keep (about 1 KiB of memory per open stream, measured).
-    pub async fn tcp(&self, dst: &Uri) -> Result<TcpStream, BoxError> {
+    pub(crate) async fn tcp(&self, dst: &Uri) -> Result<TcpStream, BoxError> {
         let host = dst.host().ok_or("the URL has no host")?;
         let host = host.trim_start_matches('[').trim_end_matches(']');
         let port = dst
@@ -126,7 +126,7 @@ impl Connector {
     }
 
     /// TLS over `tcp` to `dst`, offering HTTP/1.1 only: for the raw transport.
-    pub async fn tls_http1(
+    pub(crate) async fn tls_http1(
         &self,
         dst: &Uri,
         tcp: TcpStream,
@@ -136,7 +136,7 @@ impl Connector {
 
     /// A connection to `dst` (scheme, host and port) for `purpose`: through a proxy when one
     /// applies, and TLS when `dst` is `https://` or `wss://`.
-    pub async fn connect(&self, dst: &Uri, purpose: Purpose) -> Result<Conn, BoxError> {
+    pub(crate) async fn connect(&self, dst: &Uri, purpose: Purpose) -> Result<Conn, BoxError> {
         let secure = matches!(dst.scheme_str(), Some("https" | "wss"));
         // The proxy rules and the tunnels speak http/https; ws/wss are the same destinations.
         let dst = with_port(&http_scheme(dst, secure)?)?;
@@ -211,12 +211,12 @@ impl Connector {
 }
 
 /// A byte stream to the upstream or a proxy: TCP, or TLS over one.
-pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+pub(crate) trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
 
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 
 /// An upstream connection, ready for HTTP or a WebSocket handshake.
-pub struct Conn {
+pub(crate) struct Conn {
     io: Box<dyn Io>,
     /// Requests go in absolute form to an HTTP proxy.
     proxied: bool,
@@ -225,7 +225,7 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn into_io(self) -> Box<dyn Io> {
+    pub(crate) fn into_io(self) -> Box<dyn Io> {
         self.io
     }
 }
@@ -251,7 +251,7 @@ impl Service<Uri> for Connector {
 /// An upstream connection as hyper's client takes it. It reports no connection details
 /// beyond proxying and HTTP/2: hyper-util would copy addresses into every response's
 /// extensions (a map, a box and a table per request) that the gateway never reads.
-pub struct HyperConn(TokioIo<Conn>);
+pub(crate) struct HyperConn(TokioIo<Conn>);
 
 impl Connection for HyperConn {
     fn connected(&self) -> Connected {

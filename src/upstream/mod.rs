@@ -13,10 +13,10 @@
 //! outbound proxy, TLS.
 
 mod client;
-pub mod connect;
+pub(crate) mod connect;
 mod raw;
 mod target;
-pub mod tls;
+pub(crate) mod tls;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -33,15 +33,15 @@ use http_body_util::BodyExt;
 
 use crate::config::{ConfigError, UpstreamConfig};
 use crate::http1::{Fields, Framing};
-pub use client::{streaming, ClientBody};
-pub use connect::{BoxError, Connector, Io, Purpose};
+pub(crate) use client::{streaming, ClientBody};
+pub(crate) use connect::{BoxError, Connector, Io, Purpose};
 use raw::{Raw, RawBody};
-pub use target::Target;
+pub(crate) use target::Target;
 
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// A request ready for the upstream: every rule of the pipeline has been applied to it.
-pub struct Outbound {
+pub(crate) struct Outbound {
     pub method: Method,
     /// Path and query as the upstream sees them ([`Target::join`]).
     pub target: PathAndQuery,
@@ -50,7 +50,7 @@ pub struct Outbound {
 }
 
 /// A request body on its way up.
-pub enum OutboundBody {
+pub(crate) enum OutboundBody {
     /// All of it, already read (possibly empty).
     Whole(Bytes),
     /// Chunks as the client sends them.
@@ -58,7 +58,7 @@ pub enum OutboundBody {
 }
 
 /// The upstream's answer up to its head, with its body to come.
-pub struct Response {
+pub(crate) struct Response {
     pub status: StatusCode,
     pub head: Head,
     pub body: Body,
@@ -66,14 +66,14 @@ pub struct Response {
 
 /// An answer's header fields: a map, or the head as it arrived on a raw connection (read,
 /// filtered and written in place by the fast engine, with no map built in between).
-pub enum Head {
+pub(crate) enum Head {
     Map(HeaderMap),
     Wire(Fields),
 }
 
 impl Head {
     /// The first value of `name`.
-    pub fn get(&self, name: &HeaderName) -> Option<&[u8]> {
+    pub(crate) fn get(&self, name: &HeaderName) -> Option<&[u8]> {
         match self {
             Head::Map(map) => map.get(name).map(HeaderValue::as_bytes),
             Head::Wire(fields) => fields.get(name),
@@ -81,7 +81,7 @@ impl Head {
     }
 
     /// The first value of `name`, sharing the head's storage.
-    pub fn value(&self, name: &HeaderName) -> Option<HeaderValue> {
+    pub(crate) fn value(&self, name: &HeaderName) -> Option<HeaderValue> {
         match self {
             Head::Map(map) => map.get(name).cloned(),
             Head::Wire(fields) => fields.value(name),
@@ -89,7 +89,7 @@ impl Head {
     }
 
     /// Every field, name and value.
-    pub fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+    pub(crate) fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         let (map, wire) = match self {
             Head::Map(map) => (Some(map), None),
             Head::Wire(fields) => (None, Some(fields)),
@@ -102,7 +102,7 @@ impl Head {
     }
 
     /// Keeps the fields whose name `keep` accepts.
-    pub fn retain(&mut self, mut keep: impl FnMut(&[u8]) -> bool) {
+    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&[u8]) -> bool) {
         match self {
             Head::Map(map) => {
                 let going: Vec<HeaderName> = map
@@ -119,7 +119,7 @@ impl Head {
     }
 
     /// Adds a field after the others.
-    pub fn append(&mut self, name: HeaderName, value: HeaderValue) {
+    pub(crate) fn append(&mut self, name: HeaderName, value: HeaderValue) {
         match self {
             Head::Map(map) => {
                 map.append(name, value);
@@ -129,7 +129,7 @@ impl Head {
     }
 
     /// The fields as a header map, for an engine that needs one.
-    pub fn into_map(self) -> HeaderMap {
+    pub(crate) fn into_map(self) -> HeaderMap {
         match self {
             Head::Map(map) => map,
             Head::Wire(fields) => fields.to_header_map(),
@@ -139,7 +139,7 @@ impl Head {
 
 /// How much body an answer has, as its framing says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BodySize {
+pub(crate) enum BodySize {
     /// None at all (204, 304): no length is sent either.
     None,
     Known(u64),
@@ -148,7 +148,7 @@ pub enum BodySize {
 }
 
 /// An answer's body as it arrives, whichever transport brought it.
-pub enum Body {
+pub(crate) enum Body {
     Raw(RawBody),
     Client {
         body: http_body_util::BodyDataStream<hyper::body::Incoming>,
@@ -159,7 +159,7 @@ pub enum Body {
 }
 
 impl Body {
-    pub fn size(&self) -> BodySize {
+    pub(crate) fn size(&self) -> BodySize {
         match self {
             Body::Raw(raw) => match raw.framing() {
                 Framing::Empty => BodySize::None,
@@ -186,7 +186,7 @@ impl Stream for Body {
 
 /// How far a request got before it failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stage {
+pub(crate) enum Stage {
     /// No connection could be made (refused, DNS, TLS, the proxy, the connect timeout).
     Connect,
     /// The connection broke or the upstream answered what is not HTTP.
@@ -195,18 +195,18 @@ pub enum Stage {
 
 /// Why a request got no answer head.
 #[derive(Debug)]
-pub struct SendError {
+pub(crate) struct SendError {
     pub stage: Stage,
     pub source: BoxError,
 }
 
 impl SendError {
-    pub fn new(stage: Stage, source: BoxError) -> SendError {
+    pub(crate) fn new(stage: Stage, source: BoxError) -> SendError {
         SendError { stage, source }
     }
 
     /// Whether the cause, or one of its causes, is an I/O timeout (the connect timeout).
-    pub fn timed_out(&self) -> bool {
+    pub(crate) fn timed_out(&self) -> bool {
         let mut current: Option<&(dyn std::error::Error + 'static)> = Some(self.source.as_ref());
         while let Some(cause) = current {
             if cause
@@ -223,7 +223,7 @@ impl SendError {
 
 /// An error and its causes on one line, each said once: hyper's own message ("client error
 /// (Connect)") says little until its source ("Connection refused") is shown beside it.
-pub fn chain(err: &dyn std::error::Error) -> String {
+pub(crate) fn chain(err: &dyn std::error::Error) -> String {
     let mut out = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {
@@ -238,7 +238,7 @@ pub fn chain(err: &dyn std::error::Error) -> String {
 }
 
 /// One upstream, for one worker: its transports keep that worker's connections.
-pub struct Upstream {
+pub(crate) struct Upstream {
     target: Target,
     connector: Connector,
     client: client::Client,
@@ -251,7 +251,7 @@ pub struct Upstream {
 
 impl Upstream {
     /// The upstream of `config`, with the root certificates of `tls`.
-    pub fn new(
+    pub(crate) fn new(
         config: &UpstreamConfig,
         tls: &rustls::ClientConfig,
     ) -> Result<Upstream, ConfigError> {
@@ -299,18 +299,18 @@ impl Upstream {
         })
     }
 
-    pub fn target(&self) -> &Target {
+    pub(crate) fn target(&self) -> &Target {
         &self.target
     }
 
     /// `upstream.connect_timeout`, for the messages that name it.
-    pub fn connect_timeout(&self) -> Duration {
+    pub(crate) fn connect_timeout(&self) -> Duration {
         self.connector.connect_timeout()
     }
 
     /// Sends `request` and waits for the answer's head. The transport is picked here, before
     /// the wait: the future holds the one chosen.
-    pub fn send(
+    pub(crate) fn send(
         &self,
         request: Outbound,
     ) -> impl Future<Output = Result<Response, SendError>> + Send + '_ {
@@ -380,7 +380,7 @@ impl Upstream {
 
     /// GETs the base URL the way forwarded requests go (same transport, proxy and TLS):
     /// `Ok` for any HTTP answer, else why none came. For `/ready`.
-    pub async fn probe(&self) -> Result<(), String> {
+    pub(crate) async fn probe(&self) -> Result<(), String> {
         let base = self.target.base().map_err(|err| err.to_string())?;
         let mut headers = HeaderMap::new();
         if let Some(host) = self.target.host() {
@@ -403,7 +403,7 @@ impl Upstream {
 
     /// A connection for a WebSocket session to `joined` ([`Target::join`]), through the
     /// proxy when one applies, TLS for `wss://`; and the session's URL.
-    pub async fn websocket(
+    pub(crate) async fn websocket(
         &self,
         joined: PathAndQuery,
     ) -> Result<(Box<dyn Io>, http::Uri), BoxError> {

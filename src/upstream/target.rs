@@ -6,7 +6,7 @@ use http::{HeaderValue, Uri};
 
 /// Where requests go: the base URL's scheme, authority and path.
 #[derive(Debug, Clone)]
-pub struct Target {
+pub(crate) struct Target {
     scheme: Scheme,
     /// Host and, when not the scheme's default, port; the base URL's user info is not sent.
     authority: Authority,
@@ -20,7 +20,7 @@ pub struct Target {
 
 impl Target {
     /// The target of `url`; `http2`: HTTP/2 may be negotiated with an `https://` upstream.
-    pub fn new(url: &url::Url, http2: bool) -> Result<Target, String> {
+    pub(crate) fn new(url: &url::Url, http2: bool) -> Result<Target, String> {
         let invalid = |err: &dyn std::fmt::Display| format!("upstream.base_url: not usable: {err}");
         let host = url.host_str().unwrap_or_default();
         let authority = match url.port() {
@@ -42,18 +42,18 @@ impl Target {
     }
 
     /// Plain `http://`: no TLS.
-    pub fn is_plain(&self) -> bool {
+    pub(crate) fn is_plain(&self) -> bool {
         self.scheme == Scheme::HTTP
     }
 
     /// The `Host` header a request carries to an upstream spoken to in HTTP/1 only.
-    pub fn host(&self) -> Option<&HeaderValue> {
+    pub(crate) fn host(&self) -> Option<&HeaderValue> {
         self.host.as_ref()
     }
 
     /// The upstream's path and query for a request: the base path followed by the client's
     /// own path and query, byte for byte.
-    pub fn join(&self, path_and_query: &PathAndQuery) -> Result<PathAndQuery, http::Error> {
+    pub(crate) fn join(&self, path_and_query: &PathAndQuery) -> Result<PathAndQuery, http::Error> {
         if self.path.is_empty() {
             return Ok(path_and_query.clone());
         }
@@ -64,18 +64,18 @@ impl Target {
     }
 
     /// The full URL of a path and query [`Target::join`] made.
-    pub fn uri(&self, joined: PathAndQuery) -> Result<Uri, http::Error> {
+    pub(crate) fn uri(&self, joined: PathAndQuery) -> Result<Uri, http::Error> {
         self.with_scheme(self.scheme.clone(), joined)
     }
 
     /// The same as a WebSocket URL: `ws://` or `wss://`.
-    pub fn websocket_uri(&self, joined: PathAndQuery) -> Result<Uri, http::Error> {
+    pub(crate) fn websocket_uri(&self, joined: PathAndQuery) -> Result<Uri, http::Error> {
         let scheme = if self.is_plain() { "ws" } else { "wss" };
         self.with_scheme(Scheme::try_from(scheme)?, joined)
     }
 
     /// The base URL itself.
-    pub fn base(&self) -> Result<Uri, http::Error> {
+    pub(crate) fn base(&self) -> Result<Uri, http::Error> {
         let root = if self.path.is_empty() {
             "/"
         } else {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use crate::config::ConfigError;
 
-pub fn client_config() -> Result<rustls::ClientConfig, ConfigError> {
+pub(crate) fn client_config() -> Result<rustls::ClientConfig, ConfigError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     // The system's store too, so a private CA installed on the host (or named by

@@ -5,6 +5,8 @@
 //! `browser` is `#[ignore]`d: it needs Chromium, which `.ci/run` installs, and runs there with
 //! `cargo test --test it -- --ignored browser::`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+// A test binary has no library interface for `pub` to mark.
+#![allow(unreachable_pub)]
 
 mod support;
 

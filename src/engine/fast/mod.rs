@@ -33,7 +33,7 @@ use crate::routes::PathTemplate;
 
 /// Largest request body the engine takes. It reads the body whole before sending, so one
 /// write carries the request; larger ones (uploads) stream through hyper.
-pub const MAX_BODY: u64 = 64 * 1024;
+pub(crate) const MAX_BODY: u64 = 64 * 1024;
 /// The client's read buffer and the write buffer start this small and grow when a message
 /// needs it: most requests and answer heads fit, and an open stream keeps less memory.
 const SMALL_BUFFER: usize = 2 * 1024;
@@ -45,7 +45,7 @@ const KEEP_BUFFER: usize = 64 * 1024;
 const MAX_AHEAD: usize = 128 * 1024;
 
 /// One manifest's routes for the fast engine, for one worker.
-pub struct Routes {
+pub(crate) struct Routes {
     /// The full request path (with the path secret in front, when there is one) of every
     /// template without parameters.
     routes: HashMap<String, Arc<Endpoint>>,
@@ -58,7 +58,7 @@ pub struct Routes {
 
 impl Routes {
     /// The fast engine's routes among `endpoints`.
-    pub fn new(
+    pub(crate) fn new(
         endpoints: &[(PathTemplate, Arc<Endpoint>)],
         config: &Config,
         metrics: &Arc<Metrics>,
@@ -96,7 +96,7 @@ impl Routes {
 }
 
 /// How a connection left the fast engine.
-pub enum Ended {
+pub(crate) enum Ended {
     /// Closed, or to be closed.
     Closed,
     /// For hyper from here on, with what was read of the request it is to serve first.
@@ -106,13 +106,13 @@ pub enum Ended {
 /// The server's "stop taking requests": connections close when idle, and answer the
 /// request in flight with `Connection: close`.
 #[derive(Debug, Default)]
-pub struct Drain {
+pub(crate) struct Drain {
     started: std::sync::atomic::AtomicBool,
     notify: tokio::sync::Notify,
 }
 
 impl Drain {
-    pub fn start(&self) {
+    pub(crate) fn start(&self) {
         self.started
             .store(true, std::sync::atomic::Ordering::Release);
         self.notify.notify_waiters();
@@ -124,14 +124,14 @@ impl Drain {
 }
 
 /// What a connection needs from the server.
-pub struct Settings {
+pub(crate) struct Settings {
     pub header_read_timeout: Duration,
     pub max_header_bytes: usize,
 }
 
 /// Serves `client` until it closes or a request must go to hyper. `routes` gives the routes
 /// of the manifest in force for each new request (`None`: hand over).
-pub async fn serve(
+pub(crate) async fn serve(
     client: &mut TcpStream,
     remote: SocketAddr,
     settings: &Settings,

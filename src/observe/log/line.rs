@@ -42,13 +42,13 @@ struct Scratch {
 }
 
 /// The fields of one line, appended in order.
-pub struct Fields<'a> {
+pub(super) struct Fields<'a> {
     line: &'a mut Vec<u8>,
     json: bool,
 }
 
 /// Writes one request line whose fields `fill` appends, if the level filter lets it through.
-pub fn write(fill: impl FnOnce(&mut Fields<'_>)) {
+pub(super) fn write(fill: impl FnOnce(&mut Fields<'_>)) {
     let Some((format, lines)) = OUT.get() else {
         return;
     };
@@ -118,7 +118,7 @@ impl Fields<'_> {
     }
 
     /// A value the text form writes as it is (a method, a route template).
-    pub fn bare(&mut self, name: &str, value: &str) {
+    pub(super) fn bare(&mut self, name: &str, value: &str) {
         self.name(name);
         if self.json {
             let _ = serde_json::to_writer(&mut *self.line, value);
@@ -128,7 +128,7 @@ impl Fields<'_> {
     }
 
     /// A string the text form quotes and escapes.
-    pub fn quoted(&mut self, name: &str, value: &str) {
+    pub(super) fn quoted(&mut self, name: &str, value: &str) {
         self.name(name);
         if self.json {
             let _ = serde_json::to_writer(&mut *self.line, value);
@@ -137,14 +137,14 @@ impl Fields<'_> {
         }
     }
 
-    pub fn number(&mut self, name: &str, value: u64) {
+    pub(super) fn number(&mut self, name: &str, value: u64) {
         self.name(name);
         let mut digits = itoa::Buffer::new();
         self.line.extend_from_slice(digits.format(value).as_bytes());
     }
 
     /// A duration in milliseconds with microsecond precision.
-    pub fn millis(&mut self, name: &str, value: Duration) {
+    pub(super) fn millis(&mut self, name: &str, value: Duration) {
         self.name(name);
         let millis = super::millis(value);
         if self.json {

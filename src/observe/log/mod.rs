@@ -33,7 +33,7 @@ pub struct Logging {
 static DROPPED: OnceLock<writer::BatchedLines> = OnceLock::new();
 
 /// How many log lines were dropped so far because the log sink could not keep up.
-pub fn dropped_lines() -> u64 {
+pub(crate) fn dropped_lines() -> u64 {
     DROPPED.get().map_or(0, writer::BatchedLines::dropped)
 }
 
@@ -43,7 +43,7 @@ const FLUSH_BOUND: Duration = Duration::from_secs(10);
 /// Debug builds only: milliseconds by which the writer holds back every batch. CI runs the
 /// tests that read logs again with it set, so a test that reads the log before the writer
 /// has written it fails every time, not one time in three. Release builds never read it.
-pub const DEBUG_HOLD_ENV: &str = "OA_BYPASS_DEBUG_LOG_HOLD_MS";
+pub(crate) const DEBUG_HOLD_ENV: &str = "OA_BYPASS_DEBUG_LOG_HOLD_MS";
 
 /// How long the writer holds back each batch: nothing, but in a debug build with
 /// [`DEBUG_HOLD_ENV`] set.
@@ -118,12 +118,12 @@ pub fn init(config: &LogConfig, tracing: &TracingConfig) -> Result<Logging, Stri
 }
 
 /// Milliseconds with microsecond precision, as a number in JSON logs.
-pub fn millis(duration: Duration) -> f64 {
+pub(crate) fn millis(duration: Duration) -> f64 {
     (duration.as_secs_f64() * 1_000_000.0).round() / 1000.0
 }
 
 /// What one forwarded request's line says, gathered when its answer is finished.
-pub struct RequestLine<'a> {
+pub(crate) struct RequestLine<'a> {
     pub method: &'a Method,
     pub route: &'a str,
     pub status: u16,
@@ -147,7 +147,7 @@ pub struct RequestLine<'a> {
 }
 
 /// Writes a forwarded request's line.
-pub fn request(line: &RequestLine<'_>) {
+pub(crate) fn request(line: &RequestLine<'_>) {
     line::write(|fields| {
         fields.bare("method", line.method.as_str());
         fields.bare("route", line.route);
@@ -180,7 +180,7 @@ pub fn request(line: &RequestLine<'_>) {
 }
 
 /// Logs a request the gateway answered itself, with the reason (never a key or a body).
-pub fn rejected(method: &Method, route: &str, status: u16, start: Instant, reason: &str) {
+pub(crate) fn rejected(method: &Method, route: &str, status: u16, start: Instant, reason: &str) {
     line::write(|fields| {
         fields.bare("method", method.as_str());
         fields.bare("route", route);
@@ -192,7 +192,7 @@ pub fn rejected(method: &Method, route: &str, status: u16, start: Instant, reaso
 }
 
 /// What a realtime (WebSocket) session's line says, written when the session ends.
-pub struct SessionLine<'a> {
+pub(crate) struct SessionLine<'a> {
     pub route: &'a str,
     pub elapsed: Duration,
     pub messages_in: u64,
@@ -204,7 +204,7 @@ pub struct SessionLine<'a> {
 }
 
 /// Writes a realtime session's line.
-pub fn session(line: &SessionLine<'_>) {
+pub(crate) fn session(line: &SessionLine<'_>) {
     line::write(|fields| {
         fields.bare("method", "GET");
         fields.bare("route", line.route);

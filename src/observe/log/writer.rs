@@ -23,7 +23,7 @@ use tracing_subscriber::fmt::MakeWriter;
 /// line costed about a fifth of the gateway's throughput at load.
 const BATCH: usize = 32 << 10;
 /// The longest a line waits in a partly filled batch.
-pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
+pub(super) const FLUSH_EVERY: Duration = Duration::from_millis(100);
 
 enum Message {
     Batch(Vec<u8>),
@@ -65,7 +65,7 @@ pub struct Flush {
 ///
 /// `hold` delays every batch before it is written (zero in the gateway): with it, no line
 /// reaches the sink sooner than `hold` after it was logged, unless at exit.
-pub fn spawn(
+pub(super) fn spawn(
     sink: impl Write + Send + 'static,
     capacity: usize,
     bound: Duration,

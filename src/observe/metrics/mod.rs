@@ -22,10 +22,10 @@ use crate::config::MetricsConfig;
 
 mod route;
 
-pub use route::{GaugeGuard, RouteMetrics};
+pub(crate) use route::{GaugeGuard, RouteMetrics};
 
 /// The media type of the exposition format `prometheus-client` writes.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub(crate) const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Model names longer than this are counted as `other`.
 const MAX_MODEL_LEN: usize = 128;
@@ -100,7 +100,7 @@ fn latency_histogram() -> Histogram {
 
 /// How an upstream exchange failed, for `oa_bypass_upstream_errors_total{kind}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UpstreamErrorKind {
+pub(crate) enum UpstreamErrorKind {
     /// No connection could be made (refused, DNS, TLS handshake).
     Connect,
     /// The connect timeout, or the upstream's silence past the read timeout.
@@ -120,7 +120,7 @@ impl UpstreamErrorKind {
 }
 
 /// A method as a label value: the manifest only has these five.
-pub fn method_label(method: &Method) -> &'static str {
+pub(crate) fn method_label(method: &Method) -> &'static str {
     match *method {
         Method::GET => "GET",
         Method::POST => "POST",
@@ -133,7 +133,7 @@ pub fn method_label(method: &Method) -> &'static str {
     }
 }
 
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     mount_requests: Family<MountLabels, Counter>,
@@ -164,7 +164,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(config: &MetricsConfig) -> Metrics {
+    pub(crate) fn new(config: &MetricsConfig) -> Metrics {
         let mut registry = Registry::with_prefix("oa_bypass");
         let requests = Family::default();
         registry.register(
@@ -341,14 +341,14 @@ impl Metrics {
     }
 
     /// Applies the settings of a (re)loaded manifest.
-    pub fn configure(&self, config: &MetricsConfig) {
+    pub(crate) fn configure(&self, config: &MetricsConfig) {
         self.tokens_by_key
             .store(config.tokens_by_key, Ordering::Relaxed);
         self.max_models.store(config.max_models, Ordering::Relaxed);
     }
 
     /// The exposition text.
-    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+    pub(crate) fn encode(&self) -> Result<String, std::fmt::Error> {
         // The log writer counts its drops itself; the counter catches up at each scrape.
         (self.log_dropped.inner()).fetch_max(log::dropped_lines(), Ordering::Relaxed);
         let mut out = String::with_capacity(16 << 10);
@@ -358,7 +358,7 @@ impl Metrics {
 
     /// The handles of one route and method, served by `mount`, looked up once when the
     /// route is built.
-    pub fn route(
+    pub(crate) fn route(
         self: &Arc<Self>,
         route: &Arc<str>,
         method: &Method,
@@ -382,7 +382,7 @@ impl Metrics {
     }
 
     /// A request went up with the held key from the variable `key`.
-    pub fn count_key_use(&self, mount: &Arc<str>, key: &Arc<str>) {
+    pub(crate) fn count_key_use(&self, mount: &Arc<str>, key: &Arc<str>) {
         let labels = HeldKeyLabels {
             mount: Arc::clone(mount),
             key: Arc::clone(key),
@@ -391,7 +391,7 @@ impl Metrics {
     }
 
     /// The held key from `key` drew a 429 and rests.
-    pub fn count_key_rest(&self, mount: &Arc<str>, key: &Arc<str>) {
+    pub(crate) fn count_key_rest(&self, mount: &Arc<str>, key: &Arc<str>) {
         let labels = HeldKeyLabels {
             mount: Arc::clone(mount),
             key: Arc::clone(key),
@@ -401,7 +401,7 @@ impl Metrics {
 
     /// Counts an answer under `route`: a manifest template, or one of the gateway's own
     /// fixed names (never a raw path).
-    pub fn count_request(&self, route: &Arc<str>, method: &Method, status: u16) {
+    pub(crate) fn count_request(&self, route: &Arc<str>, method: &Method, status: u16) {
         self.requests
             .get_or_create(&RequestLabels {
                 route: Arc::clone(route),
@@ -411,15 +411,15 @@ impl Metrics {
             .inc();
     }
 
-    pub fn count_lane_request(&self) {
+    pub(crate) fn count_lane_request(&self) {
         self.lane_requests.inc();
     }
 
-    pub fn count_lane_handover(&self) {
+    pub(crate) fn count_lane_handover(&self) {
         self.lane_handovers.inc();
     }
 
-    pub fn count_rate_limited(&self, setting: &'static str) {
+    pub(crate) fn count_rate_limited(&self, setting: &'static str) {
         let limit = setting.strip_prefix("limits.").unwrap_or(setting);
         self.rate_limited
             .get_or_create(&LimitLabels { limit })
@@ -427,27 +427,27 @@ impl Metrics {
     }
 
     /// The limits store's error counter and up gauge, for the store to keep.
-    pub fn limits_store(&self) -> (Counter, Gauge) {
+    pub(crate) fn limits_store(&self) -> (Counter, Gauge) {
         (self.store_errors.clone(), self.store_up.clone())
     }
 
-    pub fn count_reload(&self, ok: bool) {
+    pub(crate) fn count_reload(&self, ok: bool) {
         let result = if ok { "ok" } else { "error" };
         self.reloads.get_or_create(&ResultLabels { result }).inc();
     }
 
     /// Holds a place in `requests_in_flight` until dropped.
-    pub fn in_flight(&self) -> GaugeGuard {
+    pub(crate) fn in_flight(&self) -> GaugeGuard {
         GaugeGuard::new(&self.in_flight)
     }
 
     /// Holds a place in `open_streams` until dropped.
-    pub fn open_stream(&self) -> GaugeGuard {
+    pub(crate) fn open_stream(&self) -> GaugeGuard {
         GaugeGuard::new(&self.open_streams)
     }
 
     /// Holds a place in `realtime_sessions` until dropped.
-    pub fn realtime_session(&self) -> GaugeGuard {
+    pub(crate) fn realtime_session(&self) -> GaugeGuard {
         GaugeGuard::new(&self.realtime_sessions)
     }
 

@@ -17,7 +17,7 @@ use crate::observe::usage::{Usage, TOKEN_KINDS};
 
 /// Adds one to a gauge while alive.
 #[derive(Debug)]
-pub struct GaugeGuard(Gauge);
+pub(crate) struct GaugeGuard(Gauge);
 
 impl GaugeGuard {
     pub(super) fn new(gauge: &Gauge) -> GaugeGuard {
@@ -40,7 +40,7 @@ struct ModelCounters {
 }
 
 /// The metrics of one route and method, with its histograms already resolved.
-pub struct RouteMetrics {
+pub(crate) struct RouteMetrics {
     labels: RouteLabels,
     /// `requests_total` for status 200, the one nearly every answer has: resolved on first
     /// use instead of hashing the labels again per request.
@@ -84,11 +84,11 @@ impl RouteMetrics {
         }
     }
 
-    pub fn all(&self) -> &Metrics {
+    pub(crate) fn all(&self) -> &Metrics {
         &self.all
     }
 
-    pub fn count_status(&self, status: u16) {
+    pub(crate) fn count_status(&self, status: u16) {
         let counter = |status| {
             self.all
                 .requests
@@ -109,7 +109,7 @@ impl RouteMetrics {
 
     /// Counts an admitted request's answer under its mount alone (a failure after
     /// admission is counted under the route as a refusal).
-    pub fn count_mount_status(&self, status: u16) {
+    pub(crate) fn count_mount_status(&self, status: u16) {
         if status == 200 {
             let counter = || self.all.mount_requests(&self.mount, 200);
             self.mount_ok.get_or_init(counter).inc();
@@ -118,22 +118,22 @@ impl RouteMetrics {
         }
     }
 
-    pub fn observe_response_headers(&self, elapsed: Duration) {
+    pub(crate) fn observe_response_headers(&self, elapsed: Duration) {
         self.response_headers.observe(elapsed.as_secs_f64());
     }
 
-    pub fn observe_upstream_ttfb(&self, elapsed: Duration) {
+    pub(crate) fn observe_upstream_ttfb(&self, elapsed: Duration) {
         self.upstream_ttfb.observe(elapsed.as_secs_f64());
     }
 
     /// The end of one answer: its total duration and the bytes moved each way.
-    pub fn finish(&self, elapsed: Duration, bytes_in: u64, bytes_out: u64) {
+    pub(crate) fn finish(&self, elapsed: Duration, bytes_in: u64, bytes_out: u64) {
         self.duration.observe(elapsed.as_secs_f64());
         self.bytes_received.inc_by(bytes_in);
         self.bytes_sent.inc_by(bytes_out);
     }
 
-    pub fn count_upstream_error(&self, kind: UpstreamErrorKind) {
+    pub(crate) fn count_upstream_error(&self, kind: UpstreamErrorKind) {
         self.all
             .upstream_errors
             .get_or_create(&UpstreamErrorLabels {
@@ -144,7 +144,7 @@ impl RouteMetrics {
     }
 
     /// Adds the token counts of one answer.
-    pub fn count_tokens(&self, usage: &Usage, key_prefix: &str) {
+    pub(crate) fn count_tokens(&self, usage: &Usage, key_prefix: &str) {
         let by_key = self.all.tokens_by_key.load(Ordering::Relaxed);
         let key: Option<Arc<str>> = by_key.then(|| Arc::from(key_prefix));
         // A route mostly sees one model, so its label and counters are kept rather than

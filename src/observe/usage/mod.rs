@@ -21,7 +21,7 @@ use std::sync::LazyLock;
 use memchr::memmem::Finder;
 
 use report::UsageObject;
-pub use report::{Usage, TOKEN_KINDS};
+pub(crate) use report::{Usage, TOKEN_KINDS};
 
 /// Bytes kept after a `"usage"` key: the object with every detail is well under this.
 const USAGE_CAPTURE: usize = 4096;
@@ -111,7 +111,7 @@ enum Model {
 }
 
 /// Watches one answer go by. Feed it every chunk in order, then call [`UsageTap::finish`].
-pub struct UsageTap {
+pub(crate) struct UsageTap {
     /// The previous chunk's last bytes, to find a key split across two chunks.
     tail: Tail,
     /// A `usage` value that did not end in the chunk that began it.
@@ -135,7 +135,7 @@ impl Default for UsageTap {
 }
 
 impl UsageTap {
-    pub fn new() -> UsageTap {
+    pub(crate) fn new() -> UsageTap {
         UsageTap {
             tail: Tail::default(),
             usage: None,
@@ -144,7 +144,7 @@ impl UsageTap {
         }
     }
 
-    pub fn feed(&mut self, chunk: &[u8]) {
+    pub(crate) fn feed(&mut self, chunk: &[u8]) {
         // A copy stops at its cap by itself.
         if let Some(capture) = self.usage.as_mut() {
             capture.push(chunk);
@@ -243,7 +243,7 @@ impl UsageTap {
     }
 
     /// The usage of the whole answer, if it reported any, with the model when it named one.
-    pub fn finish(mut self) -> Option<Usage> {
+    pub(crate) fn finish(mut self) -> Option<Usage> {
         if let Some(capture) = self.usage.take() {
             self.settle(&capture);
         }

@@ -4,11 +4,11 @@
 use serde::Deserialize;
 
 /// The `kind` label of each count, in the order [`Usage::counts`] numbers them.
-pub const TOKEN_KINDS: [&str; 4] = ["input", "output", "cached_input", "reasoning"];
+pub(crate) const TOKEN_KINDS: [&str; 4] = ["input", "output", "cached_input", "reasoning"];
 
 /// Token counts of one answer.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Usage {
+pub(crate) struct Usage {
     pub model: Option<String>,
     pub input: u64,
     pub output: u64,
@@ -18,7 +18,7 @@ pub struct Usage {
 
 impl Usage {
     /// The non-zero counts with their place in [`TOKEN_KINDS`].
-    pub fn counts(&self) -> impl Iterator<Item = (usize, u64)> {
+    pub(crate) fn counts(&self) -> impl Iterator<Item = (usize, u64)> {
         [self.input, self.output, self.cached_input, self.reasoning]
             .into_iter()
             .enumerate()

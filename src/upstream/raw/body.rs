@@ -18,7 +18,7 @@ use crate::http1::{make_room, Chunked, Framing, ResponseHead, Step};
 use crate::upstream::connect::BoxError;
 
 /// The upstream's answer body on a raw connection.
-pub struct RawBody {
+pub(crate) struct RawBody {
     /// `None` once the body is over (and the connection pooled or closed).
     connection: Option<Connection>,
     framing: Framing,
@@ -60,7 +60,7 @@ impl RawBody {
     }
 
     /// How the upstream delimits this body.
-    pub fn framing(&self) -> Framing {
+    pub(crate) fn framing(&self) -> Framing {
         self.framing
     }
 

@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use super::connect::{BoxError, Connector};
 use super::{Outbound, OutboundBody, SendError, Stage};
 use crate::http1::{self, make_room, BadResponse, ResponseHead};
-pub use body::RawBody;
+pub(super) use body::RawBody;
 use pool::{Connection, Pool};
 use wire::Wire;
 
@@ -35,7 +35,7 @@ const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 const COPY_BODY_UP_TO: usize = 16 * 1024;
 
 /// Requests to one upstream on this worker's pooled HTTP/1.1 connections.
-pub struct Raw {
+pub(super) struct Raw {
     /// Where new connections go: `http://` for TCP, `https://` for TLS over it.
     dst: Uri,
     connector: Connector,
@@ -44,7 +44,7 @@ pub struct Raw {
 
 impl Raw {
     /// Requests to `dst`, keeping at most `max_idle` idle connections.
-    pub fn new(dst: Uri, connector: Connector, max_idle: usize) -> Raw {
+    pub(super) fn new(dst: Uri, connector: Connector, max_idle: usize) -> Raw {
         Raw {
             dst,
             connector,
@@ -55,7 +55,10 @@ impl Raw {
     /// Writes the request and reads the answer's head; the body follows in [`RawBody`]. A
     /// pooled connection that turns out closed when written to is replaced once: the
     /// upstream saw nothing.
-    pub async fn send(&self, request: Outbound) -> Result<(ResponseHead, RawBody), SendError> {
+    pub(super) async fn send(
+        &self,
+        request: Outbound,
+    ) -> Result<(ResponseHead, RawBody), SendError> {
         let Outbound {
             method,
             target,

@@ -13,14 +13,14 @@ use crate::upstream::POOL_IDLE_TIMEOUT;
 
 /// A connection with its read buffer, which goes back into the pool with it.
 #[derive(Debug)]
-pub struct Connection {
+pub(super) struct Connection {
     pub stream: Wire,
     pub buf: BytesMut,
 }
 
 /// The idle connections to one upstream.
 #[derive(Debug)]
-pub struct Pool {
+pub(super) struct Pool {
     idle: Mutex<Vec<Idle>>,
     /// `upstream.max_idle_connections`.
     max_idle: usize,
@@ -33,7 +33,7 @@ struct Idle {
 }
 
 impl Pool {
-    pub fn new(max_idle: usize) -> Pool {
+    pub(super) fn new(max_idle: usize) -> Pool {
         Pool {
             idle: Mutex::default(),
             max_idle,
@@ -42,7 +42,7 @@ impl Pool {
 
     /// The most recently used idle connection that is still open, else `None`. `now` is the
     /// exchange's own clock reading.
-    pub fn checkout(&self, now: Instant) -> Option<Connection> {
+    pub(super) fn checkout(&self, now: Instant) -> Option<Connection> {
         let Ok(mut idle) = self.idle.lock() else {
             return None;
         };
@@ -58,7 +58,7 @@ impl Pool {
 
     /// Puts a connection whose last answer was read whole back for the next exchange;
     /// `since` is when it last answered.
-    pub fn checkin(&self, connection: Connection, since: Instant) {
+    pub(super) fn checkin(&self, connection: Connection, since: Instant) {
         if self.max_idle == 0 {
             return;
         }

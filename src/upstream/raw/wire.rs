@@ -16,7 +16,7 @@ use tokio_rustls::client::TlsStream;
 use crate::http1;
 
 /// The bytes of one raw connection, as the transport reads and writes them.
-pub enum Wire {
+pub(super) enum Wire {
     Plain(TcpStream),
     /// Boxed: a TLS session's state is about a kilobyte, beside a TCP stream's few words.
     Tls(Box<TlsStream<TcpStream>>),
@@ -34,7 +34,7 @@ impl std::fmt::Debug for Wire {
 impl Wire {
     /// Writes all of `first`, then all of `second`. Not an `async fn`: its future is the
     /// reference and the two slices (the request's future holds it).
-    pub fn write_two<'a>(
+    pub(super) fn write_two<'a>(
         &'a mut self,
         first: &'a [u8],
         second: &'a [u8],
@@ -70,7 +70,7 @@ impl Wire {
     }
 
     /// Reads what has arrived into `buf`'s spare room: the number of bytes, 0 at the end.
-    pub fn poll_read_buf(
+    pub(super) fn poll_read_buf(
         &mut self,
         cx: &mut Context<'_>,
         buf: &mut BytesMut,
@@ -90,7 +90,7 @@ impl Wire {
 
     /// [`Wire::poll_read_buf`] as a future. Not an `async fn`: its future is the two
     /// references and nothing more (the request's future holds it).
-    pub fn read_buf<'a>(
+    pub(super) fn read_buf<'a>(
         &'a mut self,
         buf: &'a mut BytesMut,
     ) -> impl Future<Output = io::Result<usize>> + 'a {
@@ -101,7 +101,7 @@ impl Wire {
     /// it nor sent anything unasked. The event loop's readiness answers without a system call
     /// in the usual case; only a connection marked readable is read to tell. Over TLS, a
     /// record that carries no data (a session ticket) is taken in and the answer is still yes.
-    pub fn still_open(&mut self) -> bool {
+    pub(super) fn still_open(&mut self) -> bool {
         let mut cx = Context::from_waker(Waker::noop());
         match self {
             Wire::Plain(stream) => match stream.poll_read_ready(&mut cx) {

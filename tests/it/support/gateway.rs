@@ -30,7 +30,7 @@ impl Gateway {
         let (stop, stopped) = oneshot::channel::<()>();
         let handle = tokio::spawn(oa_bypass::server::serve(
             acceptor,
-            std::sync::Arc::clone(&app.serving),
+            app.serving(),
             async {
                 let _ = stopped.await;
             },
