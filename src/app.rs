@@ -20,6 +20,9 @@ use crate::realtime::Sessions;
 use crate::store::{Store, StoreMetrics};
 use crate::upstream;
 
+/// The pools of the keys the gateway holds, by mount name.
+type Pools = Vec<(Arc<str>, Arc<KeyPool>)>;
+
 /// The gateway, ready to serve.
 pub struct App {
     /// What each worker serves with now.
@@ -31,7 +34,7 @@ pub struct App {
     store: Mutex<Option<Arc<Store>>>,
     /// The pools of the keys the gateway holds, by mount: a reload that keeps a mount's keys
     /// keeps its pool, and so the rests of keys that drew a 429.
-    key_pools: Mutex<Vec<(Arc<str>, Arc<KeyPool>)>>,
+    key_pools: Mutex<Pools>,
     /// How many manifests have been loaded: 1 at start, one more per successful reload.
     generation: Arc<AtomicU64>,
     /// The `[server]` and `[log]` settings the process started with; they need a restart.
@@ -65,7 +68,7 @@ pub fn app_for_workers(config: &Config, workers: usize) -> Result<Arc<App>, Conf
             config.tracing.otlp_from_environment,
         ),
     };
-    let built = app.build_all(config, workers.max(1))?;
+    let built = app.build_all(&Arc::new(config.clone()), workers.max(1))?;
     let Serving {
         sessions, metrics, ..
     } = match Arc::try_unwrap(app.serving) {
@@ -118,9 +121,9 @@ impl App {
             let tracing = &mut config.to_mut().tracing;
             (tracing.otlp_endpoint, tracing.otlp_from_environment) = self.traces.clone();
         }
-        let config = &*config;
+        let config = Arc::new(config.into_owned());
         // Every worker's pipeline is built before any is swapped: all or nothing.
-        let result = self.build_all(config, self.serving.workers());
+        let result = self.build_all(&config, self.serving.workers());
         self.metrics().count_reload(result.is_ok());
         self.serving.swap(result?);
         self.metrics().configure(&config.metrics);
@@ -147,11 +150,11 @@ impl App {
     /// What each of `workers` serves `config` with. The upstream TLS settings are read once
     /// (reading the system's roots costs milliseconds), and `/openapi.json` and `/docs` are
     /// shared by the workers.
-    fn build_all(&self, config: &Config, workers: usize) -> Result<Vec<Worker>, ConfigError> {
+    fn build_all(&self, config: &Arc<Config>, workers: usize) -> Result<Vec<Worker>, ConfigError> {
         let tls = upstream::tls::client_config()?;
         let docs = config.openapi.enabled.then(|| Docs::new(config));
         let store = self.store(config.limits.admission.store.as_ref())?;
-        let pools = self.key_pools(config, store.as_ref());
+        let pools = self.key_pools(config, store.as_ref())?;
         let limiter = self.limiter(&config.limits.admission, store);
         (0..workers)
             .map(|_| self.build(config, &tls, docs.as_ref(), &pools, &limiter))
@@ -159,18 +162,20 @@ impl App {
     }
 
     /// A pool for each upstream whose keys the gateway holds, shared by the workers: the
-    /// one already made for the same keys, else a new one.
-    fn key_pools(
-        &self,
-        config: &Config,
-        store: Option<&Arc<Store>>,
-    ) -> Vec<(Arc<str>, Arc<KeyPool>)> {
+    /// one already made for the same keys, else a new one. Fails closed: with the pools'
+    /// state poisoned (a thread panicked holding it) the manifest is refused, and the one
+    /// serving keeps its pools; a held-key mount never goes without its keys.
+    fn key_pools(&self, config: &Config, store: Option<&Arc<Store>>) -> Result<Pools, ConfigError> {
         let Ok(mut kept) = self.key_pools.lock() else {
-            return Vec::new();
+            return Err(ConfigError::Invalid(vec![
+                "the keys the gateway holds: their state is poisoned (a thread panicked \
+                 holding it); restart the gateway"
+                    .to_owned(),
+            ]));
         };
         let upstreams =
             std::iter::once(&config.upstream).chain(config.mounts.iter().map(|m| &m.upstream));
-        let pools: Vec<(Arc<str>, Arc<KeyPool>)> = upstreams
+        let pools: Pools = upstreams
             .filter_map(|upstream| {
                 let same = kept.iter().find(|(name, pool)| {
                     **name == *upstream.mount
@@ -180,16 +185,16 @@ impl App {
                     Some((_, pool)) => Arc::clone(pool),
                     None => Arc::new(KeyPool::new(upstream, store)?),
                 };
-                Some((Arc::from(upstream.mount.as_str()), pool))
+                Some((Arc::clone(&upstream.mount), pool))
             })
             .collect();
         kept.clone_from(&pools);
-        pools
+        Ok(pools)
     }
 
     fn build(
         &self,
-        config: &Config,
+        config: &Arc<Config>,
         tls: &rustls::ClientConfig,
         docs: Option<&Docs>,
         pools: &[(Arc<str>, Arc<KeyPool>)],
@@ -204,7 +209,7 @@ impl App {
             tls,
             pools,
         )?);
-        let endpoints = pipeline.endpoints(config)?;
+        let endpoints = pipeline.endpoints()?;
         let status = Status {
             generation: Arc::clone(&self.generation),
             sessions: self.serving.sessions.clone(),

@@ -16,33 +16,54 @@ enum Listed {
     HopByHop,
     /// Reveals the client's address (RFC 7239 `Forwarded` and its de-facto kin).
     ClientAddress,
-    /// Can carry a key: `Authorization`, `api-key`, `x-api-key` (Anthropic),
-    /// `x-goog-api-key` (Google), and `Sec-WebSocket-Protocol` (browsers pass the key there
-    /// for WebSockets).
+    /// Can carry a key: one of [`CREDENTIALS`].
     Credential,
 }
+
+/// Every header a key can travel in, lowercase: the one list every rule about keys reads.
+/// The first [`KEY_HEADER_COUNT`] are where a client puts its key and a mount's
+/// `credential_header` may name (OpenAI's bearer token; Azure's, Anthropic's and Google's
+/// own headers); browsers carry a WebSocket's key in the last, as a subprotocol.
+pub(crate) const CREDENTIALS: [&str; 5] = [
+    "authorization",
+    "api-key",
+    "x-api-key",
+    "x-goog-api-key",
+    "sec-websocket-protocol",
+];
+
+/// How many of [`CREDENTIALS`] hold a key and nothing else.
+pub(crate) const KEY_HEADER_COUNT: usize = 4;
+
+/// The headers of [`CREDENTIALS`] that hold a key and nothing else, as names.
+pub(crate) static KEY_HEADERS: [HeaderName; KEY_HEADER_COUNT] = [
+    HeaderName::from_static(CREDENTIALS[0]),
+    HeaderName::from_static(CREDENTIALS[1]),
+    HeaderName::from_static(CREDENTIALS[2]),
+    HeaderName::from_static(CREDENTIALS[3]),
+];
 
 /// Every header name the rules know, lowercase, shortest first (see [`BY_LENGTH`]).
 const LISTED: [(&str, Listed); 19] = [
     ("te", Listed::HopByHop),
-    ("api-key", Listed::Credential),
+    (CREDENTIALS[1], Listed::Credential),
     ("trailer", Listed::HopByHop),
     ("upgrade", Listed::HopByHop),
     ("forwarded", Listed::ClientAddress),
-    ("x-api-key", Listed::Credential),
+    (CREDENTIALS[2], Listed::Credential),
     ("x-real-ip", Listed::ClientAddress),
     ("connection", Listed::HopByHop),
     ("keep-alive", Listed::HopByHop),
     ("x-client-ip", Listed::ClientAddress),
-    ("authorization", Listed::Credential),
+    (CREDENTIALS[0], Listed::Credential),
     ("true-client-ip", Listed::ClientAddress),
-    ("x-goog-api-key", Listed::Credential),
+    (CREDENTIALS[3], Listed::Credential),
     ("x-forwarded-for", Listed::ClientAddress),
     ("cf-connecting-ip", Listed::ClientAddress),
     ("proxy-connection", Listed::HopByHop),
     ("transfer-encoding", Listed::HopByHop),
     ("proxy-authorization", Listed::HopByHop),
-    ("sec-websocket-protocol", Listed::Credential),
+    (CREDENTIALS[4], Listed::Credential),
 ];
 
 const LONGEST: usize = LISTED[LISTED.len() - 1].0.len();
@@ -91,13 +112,6 @@ pub(crate) fn is_named(name: &[u8], lowercase: &[u8]) -> bool {
             .zip(lowercase)
             .all(|(byte, low)| byte.to_ascii_lowercase() == *low)
 }
-
-/// Azure-style key header, which OpenAI-compatible upstreams also accept.
-pub(crate) const API_KEY: HeaderName = HeaderName::from_static("api-key");
-/// Anthropic's key header.
-pub(crate) const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
-/// Google's key header.
-pub(crate) const X_GOOG_API_KEY: HeaderName = HeaderName::from_static("x-goog-api-key");
 
 /// The items of a comma-separated list header (RFC 9110 §5.6.1), across all its lines,
 /// trimmed; values that are not text are skipped.
@@ -388,6 +402,18 @@ mod tests {
     }
 
     #[test]
+    fn every_credential_header_is_listed_as_one() {
+        for name in CREDENTIALS {
+            assert_eq!(listed(name.as_bytes()), Some(Listed::Credential), "{name}");
+        }
+        let listed_credentials = LISTED
+            .iter()
+            .filter(|(_, kind)| *kind == Listed::Credential)
+            .count();
+        assert_eq!(listed_credentials, CREDENTIALS.len());
+    }
+
+    #[test]
     fn every_listed_name_is_found_in_any_case_and_no_other() {
         for (name, kind) in LISTED {
             assert_eq!(listed(name.as_bytes()), Some(kind), "{name}");
@@ -450,7 +476,7 @@ mod tests {
         left.sort_unstable();
         assert_eq!(left, ["api-key", "authorization", "openai-organization"]);
         assert!(headers[header::AUTHORIZATION].is_sensitive());
-        assert!(headers[API_KEY].is_sensitive());
+        assert!(headers[&KEY_HEADERS[1]].is_sensitive());
         assert_eq!(headers[header::AUTHORIZATION], "Bearer sk-test");
         assert!(!format!("{headers:?}").contains("sk-test"));
     }

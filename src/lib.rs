@@ -16,11 +16,14 @@ pub mod config;
 mod engine;
 mod headers;
 mod http1;
+mod message;
 mod observe;
 pub mod openapi;
 mod pipeline;
 mod realtime;
+
 pub mod routes;
+mod sse;
 mod store;
 mod upstream;
 

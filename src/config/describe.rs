@@ -232,7 +232,7 @@ impl Config {
             let _ = writeln!(out, "  {key:<34} {value}");
         }
         for mount in &self.mounts {
-            let at = &mount.upstream.at;
+            let key_path = &mount.upstream.key_path;
             let _ = writeln!(
                 out,
                 "\nmount {} under {}:",
@@ -270,7 +270,7 @@ impl Config {
                     },
                 ),
             ] {
-                let key = format!("{at}.{key}");
+                let key = format!("{key_path}.{key}");
                 let _ = writeln!(out, "  {key:<34} {value}");
             }
             for (key, value) in upstream_lines(&mount.upstream) {
@@ -321,11 +321,11 @@ fn upstream_lines(upstream: &UpstreamConfig) -> [(String, String); 2] {
     let vars: Vec<&str> = upstream.keys.iter().map(|key| key.var.as_str()).collect();
     [
         (
-            format!("{}.credential_header", upstream.at),
+            format!("{}.credential_header", upstream.key_path),
             upstream.credential_header.as_str().to_owned(),
         ),
         (
-            format!("{}.keys_env", upstream.at),
+            format!("{}.keys_env", upstream.key_path),
             if vars.is_empty() {
                 "(none: the client's key goes up)".to_owned()
             } else {

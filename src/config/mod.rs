@@ -18,6 +18,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use figment::providers::{Env, Format, Toml};
@@ -83,7 +84,8 @@ impl fmt::Display for ManifestSource {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub server: ServerConfig,
-    pub upstream: UpstreamConfig,
+    /// Shared with the pipeline's mounts, which read it on every request.
+    pub upstream: Arc<UpstreamConfig>,
     /// `[mounts.NAME]`, by name.
     pub mounts: Vec<MountConfig>,
     pub limits: LimitsConfig,
@@ -236,9 +238,9 @@ impl ServerConfig {
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
     /// The mount's name (`default` for `[upstream]`): a bounded label for logs and metrics.
-    pub mount: String,
-    /// Its key path in the manifest (`upstream`, `mounts.groq`), for messages.
-    pub at: String,
+    pub mount: Arc<str>,
+    /// Where it is in the manifest (`upstream`, `mounts.groq`), for messages.
+    pub key_path: Arc<str>,
     pub base_url: Url,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,

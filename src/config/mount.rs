@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use figment::providers::{Format, Toml};
 use figment::Figment;
@@ -13,40 +14,42 @@ use super::raw::{RawMount, RawRoutesFile, RawUpstream};
 use super::route::validate_route;
 use super::values::{describe_figment_error, parse_http_url, parse_proxy_url};
 use super::{ManifestSource, UpstreamConfig};
+use crate::headers;
 use crate::routes::{RouteSpec, RouteTable, GATEWAY_PATHS};
 
 /// The name `[upstream]` goes by in logs and metrics.
 pub const DEFAULT_MOUNT: &str = "default";
 
 /// `credential_header`: where the client's credential is read from, and where a key the
-/// gateway holds is written.
+/// gateway holds is written. In the order of [`headers::CREDENTIALS`], whose names they are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CredentialHeader {
     /// `Authorization: Bearer …` (OpenAI and most compatible APIs).
     Authorization,
-    /// `api-key` (Azure OpenAI).
+    /// Azure OpenAI's.
     ApiKey,
-    /// `x-api-key` (Anthropic).
+    /// Anthropic's.
     XApiKey,
-    /// `x-goog-api-key` (Google).
+    /// Google's.
     XGoogApiKey,
 }
 
 impl CredentialHeader {
-    pub const ALL: [CredentialHeader; 4] = [
+    pub const ALL: [CredentialHeader; headers::KEY_HEADER_COUNT] = [
         CredentialHeader::Authorization,
         CredentialHeader::ApiKey,
         CredentialHeader::XApiKey,
         CredentialHeader::XGoogApiKey,
     ];
 
+    /// The header's name, lowercase.
     pub fn as_str(self) -> &'static str {
-        match self {
-            CredentialHeader::Authorization => "authorization",
-            CredentialHeader::ApiKey => "api-key",
-            CredentialHeader::XApiKey => "x-api-key",
-            CredentialHeader::XGoogApiKey => "x-goog-api-key",
-        }
+        headers::CREDENTIALS[self as usize]
+    }
+
+    /// The header's name.
+    pub(crate) fn name(self) -> &'static http::HeaderName {
+        &headers::KEY_HEADERS[self as usize]
     }
 
     fn parse(text: &str) -> Option<CredentialHeader> {
@@ -75,7 +78,7 @@ impl fmt::Debug for UpstreamKey {
 pub struct MountConfig {
     /// `/groq`: no trailing slash.
     pub prefix: String,
-    pub upstream: UpstreamConfig,
+    pub upstream: Arc<UpstreamConfig>,
     /// The mount's own routes file, read; `None`: the manifest's own `[[routes]]`.
     pub routes: Option<RouteTable>,
 }
@@ -87,22 +90,22 @@ impl MountConfig {
     }
 }
 
-/// `[upstream]`, or a mount's upstream settings, checked; `at` is its key path.
+/// `[upstream]`, or a mount's upstream settings, checked; `key_path` is where they are in the manifest.
 pub(super) fn validate_upstream(
-    at: &str,
+    key_path: &str,
     name: &str,
     raw: &RawUpstream,
     allowed_keys: bool,
     problems: &mut Vec<String>,
 ) -> Option<UpstreamConfig> {
     let before = problems.len();
-    let base_url = parse_http_url(&format!("{at}.base_url"), &raw.base_url)
+    let base_url = parse_http_url(&format!("{key_path}.base_url"), &raw.base_url)
         .map_err(|err| problems.push(err))
         .ok();
     let proxy = raw
         .proxy
         .as_deref()
-        .map(|text| parse_proxy_url(&format!("{at}.proxy"), text))
+        .map(|text| parse_proxy_url(&format!("{key_path}.proxy"), text))
         .transpose()
         .map_err(|err| problems.push(err))
         .ok()
@@ -112,17 +115,17 @@ pub(super) fn validate_upstream(
         ("read_timeout", raw.read_timeout.0),
     ] {
         if value.is_zero() {
-            problems.push(format!("{at}.{key}: must be more than 0s"));
+            problems.push(format!("{key_path}.{key}: must be more than 0s"));
         }
     }
     if raw.http2_max_concurrent_streams == 0 {
         problems.push(format!(
-            "{at}.http2_max_concurrent_streams: must be at least 1"
+            "{key_path}.http2_max_concurrent_streams: must be at least 1"
         ));
     }
     let credential_header = CredentialHeader::parse(&raw.credential_header).unwrap_or_else(|| {
         problems.push(format!(
-            "{at}.credential_header: {:?} is not one of {}",
+            "{key_path}.credential_header: {:?} is not one of {}",
             raw.credential_header,
             CredentialHeader::ALL
                 .map(CredentialHeader::as_str)
@@ -132,15 +135,15 @@ pub(super) fn validate_upstream(
     });
     if !raw.keys_env.is_empty() && !allowed_keys {
         problems.push(format!(
-            "{at}.keys_env: the gateway would lend its keys to anyone; list the clients' keys \
+            "{key_path}.keys_env: the gateway would lend its keys to anyone; list the clients' keys \
              in access.allowed_key_hashes first"
         ));
     }
-    let keys = read_keys(at, &raw.keys_env, problems);
+    let keys = read_keys(key_path, &raw.keys_env, problems);
     let base_url = base_url.filter(|_| problems.len() == before)?;
     Some(UpstreamConfig {
-        mount: name.to_owned(),
-        at: at.to_owned(),
+        mount: Arc::from(name),
+        key_path: Arc::from(key_path),
         base_url,
         connect_timeout: raw.connect_timeout.0,
         read_timeout: raw.read_timeout.0,
@@ -156,11 +159,11 @@ pub(super) fn validate_upstream(
 
 /// The keys named by `keys_env`, from the environment: re-read at every load, so a reload
 /// picks up new values.
-fn read_keys(at: &str, vars: &[String], problems: &mut Vec<String>) -> Vec<UpstreamKey> {
+fn read_keys(key_path: &str, vars: &[String], problems: &mut Vec<String>) -> Vec<UpstreamKey> {
     let mut keys = Vec::with_capacity(vars.len());
     for (i, var) in vars.iter().enumerate() {
         if vars[..i].contains(var) {
-            problems.push(format!("{at}.keys_env[{i}]: {var} is listed twice"));
+            problems.push(format!("{key_path}.keys_env[{i}]: {var} is listed twice"));
             continue;
         }
         match std::env::var(var) {
@@ -169,7 +172,7 @@ fn read_keys(at: &str, vars: &[String], problems: &mut Vec<String>) -> Vec<Upstr
                 // Checked as it will be sent; the value itself is never shown.
                 if http::HeaderValue::from_str(&format!("Bearer {value}")).is_err() {
                     problems.push(format!(
-                        "{at}.keys_env[{i}]: the value of {var} cannot go in a header \
+                        "{key_path}.keys_env[{i}]: the value of {var} cannot go in a header \
                          (control characters or non-ASCII)"
                     ));
                 } else {
@@ -180,10 +183,10 @@ fn read_keys(at: &str, vars: &[String], problems: &mut Vec<String>) -> Vec<Upstr
                 }
             }
             Ok(_) | Err(std::env::VarError::NotPresent) => problems.push(format!(
-                "{at}.keys_env[{i}]: environment variable {var} is not set or empty"
+                "{key_path}.keys_env[{i}]: environment variable {var} is not set or empty"
             )),
             Err(std::env::VarError::NotUnicode(_)) => problems.push(format!(
-                "{at}.keys_env[{i}]: environment variable {var} is not UTF-8"
+                "{key_path}.keys_env[{i}]: environment variable {var} is not UTF-8"
             )),
         }
     }
@@ -208,7 +211,7 @@ pub(super) fn validate_mounts(
         .filter(|segment| !segment.is_empty())
         .collect();
     for (name, mount) in raw {
-        let at = format!("mounts.{name}");
+        let key_path = format!("mounts.{name}");
         let valid_name = !name.is_empty()
             && name != DEFAULT_MOUNT
             && name
@@ -216,17 +219,17 @@ pub(super) fn validate_mounts(
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
         if !valid_name {
             problems.push(format!(
-                "{at}: a mount's name is lowercase letters, digits and '_' (so \
+                "{key_path}: a mount's name is lowercase letters, digits and '_' (so \
                  OA_BYPASS_MOUNTS__<NAME>__* can set it), and not \"{DEFAULT_MOUNT}\""
             ));
             continue;
         }
         let before = problems.len();
-        check_prefix(&at, &mount.prefix, &top_segments, &mounts, problems);
+        check_prefix(&key_path, &mount.prefix, &top_segments, &mounts, problems);
         let routes = mount
             .routes
             .as_deref()
-            .and_then(|file| read_routes_file(&at, file, source, problems));
+            .and_then(|file| read_routes_file(&key_path, file, source, problems));
         let upstream = RawUpstream {
             base_url: mount.base_url,
             connect_timeout: mount.connect_timeout.unwrap_or(defaults.connect_timeout),
@@ -242,14 +245,14 @@ pub(super) fn validate_mounts(
             ready_check: false,
             credential_header: mount
                 .credential_header
-                .unwrap_or_else(|| "authorization".to_owned()),
+                .unwrap_or_else(|| CredentialHeader::Authorization.as_str().to_owned()),
             keys_env: mount.keys_env,
         };
-        let upstream = validate_upstream(&at, &name, &upstream, allowed_keys, problems);
+        let upstream = validate_upstream(&key_path, &name, &upstream, allowed_keys, problems);
         if let (Some(upstream), true) = (upstream, problems.len() == before) {
             mounts.push(MountConfig {
                 prefix: mount.prefix,
-                upstream,
+                upstream: Arc::new(upstream),
                 routes,
             });
         }
@@ -265,7 +268,7 @@ fn first_segment(path: &str) -> &str {
 /// one inside another) and from the first segment of the manifest's routes and the gateway's
 /// own paths, so no path could belong to two places.
 fn check_prefix(
-    at: &str,
+    key_path: &str,
     prefix: &str,
     top_segments: &[&str],
     earlier: &[MountConfig],
@@ -283,14 +286,14 @@ fn check_prefix(
         });
     if !plain {
         problems.push(format!(
-            "{at}.prefix: {prefix:?} is not a path like \"/groq\" (segments of letters, \
+            "{key_path}.prefix: {prefix:?} is not a path like \"/groq\" (segments of letters, \
              digits, '-', '_', '.', '~'; no trailing '/')"
         ));
         return;
     }
     if let Some(taken) = top_segments.iter().find(|top| **top == segments[0]) {
         problems.push(format!(
-            "{at}.prefix: {prefix:?} would shadow /{taken}, which the manifest's routes or \
+            "{key_path}.prefix: {prefix:?} would shadow /{taken}, which the manifest's routes or \
              the gateway itself already serve"
         ));
     }
@@ -303,8 +306,8 @@ fn check_prefix(
     for other in earlier {
         if inside(&other.prefix, prefix) || inside(prefix, &other.prefix) {
             problems.push(format!(
-                "{at}.prefix: {prefix:?} overlaps {}.prefix {:?}; prefixes must be apart",
-                other.upstream.at, other.prefix
+                "{key_path}.prefix: {prefix:?} overlaps {}.prefix {:?}; prefixes must be apart",
+                other.upstream.key_path, other.prefix
             ));
         }
     }
@@ -325,7 +328,7 @@ fn resolve(file: &str, source: &ManifestSource) -> PathBuf {
 }
 
 fn read_routes_file(
-    at: &str,
+    key_path: &str,
     file: &str,
     source: &ManifestSource,
     problems: &mut Vec<String>,
@@ -333,7 +336,7 @@ fn read_routes_file(
     let path = resolve(file, source);
     if !path.is_file() {
         problems.push(format!(
-            "{at}.routes: {} is not a file (a relative path is read beside the manifest)",
+            "{key_path}.routes: {} is not a file (a relative path is read beside the manifest)",
             path.display()
         ));
         return None;
@@ -342,7 +345,7 @@ fn read_routes_file(
     let raw: RawRoutesFile = match Figment::new().merge(Toml::file(&path)).extract() {
         Ok(raw) => raw,
         Err(err) => {
-            problems.extend(describe_figment_error(err, Some(at), &file_source));
+            problems.extend(describe_figment_error(err, Some(key_path), &file_source));
             return None;
         }
     };
@@ -351,7 +354,7 @@ fn read_routes_file(
     for (index, value) in raw.routes.into_iter().enumerate() {
         match validate_route(index, value, &file_source) {
             Ok(spec) if spec.upstream.is_some() => problems.push(format!(
-                "{at}.routes ({}): routes[{index}].upstream: a mount's routes all go to that \
+                "{key_path}.routes ({}): routes[{index}].upstream: a mount's routes all go to that \
                  mount; `upstream` is for the manifest's own routes",
                 path.display()
             )),
@@ -359,13 +362,13 @@ fn read_routes_file(
             Err(route_problems) => problems.extend(
                 route_problems
                     .into_iter()
-                    .map(|problem| format!("{at}.routes ({}): {problem}", path.display())),
+                    .map(|problem| format!("{key_path}.routes ({}): {problem}", path.display())),
             ),
         }
     }
     if specs.is_empty() && problems.len() == before {
         problems.push(format!(
-            "{at}.routes: {} declares no [[routes]]",
+            "{key_path}.routes: {} declares no [[routes]]",
             path.display()
         ));
     }
@@ -373,7 +376,7 @@ fn read_routes_file(
         return None;
     }
     RouteTable::new(specs)
-        .map_err(|err| problems.push(format!("{at}.routes ({}): {err}", path.display())))
+        .map_err(|err| problems.push(format!("{key_path}.routes ({}): {err}", path.display())))
         .ok()
 }
 
@@ -387,11 +390,8 @@ pub(super) fn check_route_upstreams(
         let Some(name) = &route.upstream else {
             continue;
         };
-        if !mounts.iter().any(|mount| &mount.upstream.mount == name) {
-            let declared: Vec<&str> = mounts
-                .iter()
-                .map(|mount| mount.upstream.mount.as_str())
-                .collect();
+        if !mounts.iter().any(|mount| *mount.upstream.mount == **name) {
+            let declared: Vec<&str> = mounts.iter().map(|mount| &*mount.upstream.mount).collect();
             problems.push(format!(
                 "routes[{}].upstream: {name:?} is not a mount (declared: {})",
                 route.index,
@@ -432,15 +432,11 @@ mod tests {
              credential_header = \"x-api-key\"\nconnect_timeout = \"3s\"\n",
         )
         .unwrap();
-        let names: Vec<&str> = config
-            .mounts
-            .iter()
-            .map(|m| m.upstream.mount.as_str())
-            .collect();
+        let names: Vec<&str> = config.mounts.iter().map(|m| &*m.upstream.mount).collect();
         assert_eq!(names, ["anthropic", "groq"]);
         let groq = &config.mounts[1];
         assert_eq!(groq.prefix, "/groq");
-        assert_eq!(groq.upstream.at, "mounts.groq");
+        assert_eq!(&*groq.upstream.key_path, "mounts.groq");
         assert_eq!(groq.upstream.read_timeout.as_secs(), 42);
         assert_eq!(groq.upstream.proxy.as_ref().unwrap().scheme(), "socks5h");
         assert_eq!(
@@ -454,7 +450,7 @@ mod tests {
             CredentialHeader::XApiKey
         );
         assert_eq!(anthropic.upstream.connect_timeout.as_secs(), 3);
-        assert_eq!(config.upstream.mount, "default");
+        assert_eq!(&*config.upstream.mount, "default");
     }
 
     #[test]

@@ -166,7 +166,7 @@ impl Default for RawUpstream {
             max_idle_connections: 256,
             http2_max_concurrent_streams: 100,
             ready_check: false,
-            credential_header: "authorization".to_owned(),
+            credential_header: super::CredentialHeader::Authorization.as_str().to_owned(),
             keys_env: Vec::new(),
         }
     }

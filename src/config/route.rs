@@ -15,10 +15,10 @@ pub(super) fn validate_route(
     value: figment::value::Value,
     source: &ManifestSource,
 ) -> Result<RouteSpec, Vec<String>> {
-    let at = format!("routes[{index}]");
+    let key_path = format!("routes[{index}]");
     let mut raw: RawRoute = value
         .deserialize()
-        .map_err(|err| describe_figment_error(err, Some(&at), source))?;
+        .map_err(|err| describe_figment_error(err, Some(&key_path), source))?;
     let mut problems = Vec::new();
 
     let method = if METHODS.contains(&raw.method.as_str()) {
@@ -28,29 +28,29 @@ pub(super) fn validate_route(
     };
     if method.is_none() {
         problems.push(format!(
-            "{at}.method: {:?} is not one of {}",
+            "{key_path}.method: {:?} is not one of {}",
             raw.method,
             METHODS.join(", ")
         ));
     }
 
     let template = PathTemplate::parse(&raw.path)
-        .map_err(|err| problems.push(format!("{at}.path: {:?} {err}", raw.path)))
+        .map_err(|err| problems.push(format!("{key_path}.path: {:?} {err}", raw.path)))
         .ok();
 
     let body_names = (raw.body.take()).map_or_else(|| vec!["none".to_owned()], |b| b.into_vec());
     let mut body = Vec::with_capacity(body_names.len());
     if body_names.is_empty() {
         problems.push(format!(
-            "{at}.body: the list is empty; use \"none\" for no body"
+            "{key_path}.body: the list is empty; use \"none\" for no body"
         ));
     }
     for name in &body_names {
         match BodyKind::parse(name) {
             Some(kind) if !body.contains(&kind) => body.push(kind),
-            Some(kind) => problems.push(format!("{at}.body: {kind:?} is listed twice")),
+            Some(kind) => problems.push(format!("{key_path}.body: {kind:?} is listed twice")),
             None => problems.push(format!(
-                "{at}.body: {name:?} is not one of {}",
+                "{key_path}.body: {name:?} is not one of {}",
                 BodyKind::ALL.map(BodyKind::as_str).join(", ")
             )),
         }
@@ -58,28 +58,28 @@ pub(super) fn validate_route(
     if body.contains(&BodyKind::WebSocket) {
         if body.len() > 1 {
             problems.push(format!(
-                "{at}.body: \"websocket\" cannot be combined with other kinds"
+                "{key_path}.body: \"websocket\" cannot be combined with other kinds"
             ));
         }
         if method.as_ref().is_some_and(|m| m != Method::GET) {
             problems.push(format!(
-                "{at}.method: a websocket route must be GET (WebSockets open with GET + Upgrade)"
+                "{key_path}.method: a websocket route must be GET (WebSockets open with GET + Upgrade)"
             ));
         }
     }
     if raw.stream_usage_option && !(raw.usage && body.contains(&BodyKind::Json)) {
         problems.push(format!(
-            "{at}.stream_usage_option: needs usage = true and a json body"
+            "{key_path}.stream_usage_option: needs usage = true and a json body"
         ));
     }
     if let Some(timeout) = raw.read_timeout {
         if timeout.0.is_zero() {
-            problems.push(format!("{at}.read_timeout: must be more than 0s"));
+            problems.push(format!("{key_path}.read_timeout: must be more than 0s"));
         }
     }
     if let Some(size) = raw.max_body {
         if size.0 == 0 {
-            problems.push(format!("{at}.max_body: must be more than 0 bytes"));
+            problems.push(format!("{key_path}.max_body: must be more than 0 bytes"));
         }
     }
     if let Some(id) = &raw.operation_id {
@@ -89,19 +89,19 @@ pub(super) fn validate_route(
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
         if !valid {
             problems.push(format!(
-                "{at}.operation_id: {id:?} may only hold letters, digits, '_', '-' and '.'"
+                "{key_path}.operation_id: {id:?} may only hold letters, digits, '_', '-' and '.'"
             ));
         }
     }
     for media_type in raw.produces.iter().flatten() {
         if !crate::routes::is_media_type(media_type) {
             problems.push(format!(
-                "{at}.produces: {media_type:?} is not a media type like \"application/zip\""
+                "{key_path}.produces: {media_type:?} is not a media type like \"application/zip\""
             ));
         }
     }
 
-    let examples = examples(&at, &raw, &body, &mut problems);
+    let examples = examples(&key_path, &raw, &body, &mut problems);
 
     match (method, template) {
         (Some(method), Some(template)) if problems.is_empty() => Ok(RouteSpec {
@@ -128,36 +128,46 @@ pub(super) fn validate_route(
 
 /// `example` and `stream_example` must be JSON for a route that takes JSON (the latter a
 /// streaming one); `form` entries read like curl's `-F`, for a route that takes multipart.
-fn examples(at: &str, raw: &RawRoute, body: &[BodyKind], problems: &mut Vec<String>) -> Examples {
+fn examples(
+    key_path: &str,
+    raw: &RawRoute,
+    body: &[BodyKind],
+    problems: &mut Vec<String>,
+) -> Examples {
     let mut json = |key: &str, text: &Option<String>| -> Option<serde_json::Value> {
         let text = text.as_deref()?;
         if !body.contains(&BodyKind::Json) {
-            problems.push(format!("{at}.{key}: the route takes no JSON body"));
+            problems.push(format!("{key_path}.{key}: the route takes no JSON body"));
             return None;
         }
         serde_json::from_str(text)
-            .map_err(|err| problems.push(format!("{at}.{key}: not JSON: {err}")))
+            .map_err(|err| problems.push(format!("{key_path}.{key}: not JSON: {err}")))
             .ok()
     };
     let example = json("example", &raw.example);
     let stream = json("stream_example", &raw.stream_example);
     if stream.is_some() && !raw.streaming {
         problems.push(format!(
-            "{at}.stream_example: needs streaming = true (the answer may be a stream)"
+            "{key_path}.stream_example: needs streaming = true (the answer may be a stream)"
         ));
     }
     let entries = raw.form.as_deref().unwrap_or_default();
     if !entries.is_empty() && !body.contains(&BodyKind::Multipart) {
-        problems.push(format!("{at}.form: the route takes no multipart body"));
+        problems.push(format!(
+            "{key_path}.form: the route takes no multipart body"
+        ));
     }
     let mut form: Vec<FormField> = Vec::with_capacity(entries.len());
     for (i, entry) in entries.iter().enumerate() {
         match FormField::parse(entry) {
             Ok(field) if form.iter().any(|f| f.name == field.name) => {
-                problems.push(format!("{at}.form[{i}]: {:?} is listed twice", field.name));
+                problems.push(format!(
+                    "{key_path}.form[{i}]: {:?} is listed twice",
+                    field.name
+                ));
             }
             Ok(field) => form.push(field),
-            Err(why) => problems.push(format!("{at}.form[{i}]: {entry:?} {why}")),
+            Err(why) => problems.push(format!("{key_path}.form[{i}]: {entry:?} {why}")),
         }
     }
     Examples {

@@ -5,6 +5,7 @@
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use url::Url;
@@ -158,7 +159,7 @@ pub(super) fn validate(raw: RawConfig, source: ManifestSource) -> Result<Config,
             tls,
             acme,
         },
-        upstream,
+        upstream: Arc::new(upstream),
         mounts,
         limits: LimitsConfig {
             max_json_body: raw.limits.max_json_body.0,
@@ -223,7 +224,7 @@ fn tag_order(
 ) -> Vec<String> {
     let exists = |tag: &str| {
         specs.iter().any(|spec| spec.tag_or_default() == tag)
-            || mounts.iter().any(|mount| mount.upstream.mount == tag)
+            || mounts.iter().any(|mount| &*mount.upstream.mount == tag)
     };
     let Some(written) = written else {
         return (DEFAULT_TAG_ORDER.iter())

@@ -13,9 +13,10 @@ use http::header;
 use http::uri::PathAndQuery;
 use poem::{Body, Endpoint, Request, Response};
 
-use crate::pipeline::{self, Answer, AnswerBody, ClientBody};
+use crate::message::Io;
+use crate::message::{Body as MessageBody, RequestBody};
+use crate::pipeline::{self, Answer};
 use crate::realtime::ClientUpgrade;
-use crate::upstream::Io;
 
 /// The pipeline's endpoint of one path template, as poem's router serves it.
 pub(crate) struct TemplateRoute(pub Arc<pipeline::Endpoint>);
@@ -41,9 +42,9 @@ impl Endpoint for TemplateRoute {
             has_body,
         };
         let body = if has_body {
-            ClientBody::Stream(body.into())
+            MessageBody::Stream(body.into())
         } else {
-            ClientBody::Whole(Bytes::new())
+            RequestBody::Whole(Bytes::new())
         };
         // Admitted here, so the future holds what the pipeline needs rather than the whole
         // request.
@@ -73,8 +74,8 @@ fn client_upgrade(req: &Request) -> Option<ClientUpgrade> {
 /// The pipeline's answer as poem's response.
 pub(crate) fn into_response(answer: Answer) -> Response {
     let body = match answer.body {
-        AnswerBody::Full(body) => Body::from(body),
-        AnswerBody::Relay(relay) => Body::from_bytes_stream(relay),
+        MessageBody::Whole(body) => Body::from(body),
+        MessageBody::Stream(relay) => Body::from_bytes_stream(relay),
     };
     let mut response = Response::builder().status(answer.status).body(body);
     *response.headers_mut() = answer.head.into_map();
@@ -99,10 +100,11 @@ mod tests {
         let metrics = Arc::new(Metrics::new(&config.metrics));
         let limiter = Arc::new(Limiter::new(&config.limits.admission, None));
         let tls = crate::upstream::tls::client_config().unwrap();
+        let config = Arc::new(config);
         let pipeline = Arc::new(
             Pipeline::new(&config, limiter, metrics, Sessions::default(), &tls, &[]).unwrap(),
         );
-        let endpoints = pipeline.endpoints(&config).unwrap();
+        let endpoints = pipeline.endpoints().unwrap();
         let (_, endpoint) = endpoints
             .iter()
             .find(|(template, _)| template.as_str() == "/v1/chat/completions")

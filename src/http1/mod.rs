@@ -22,7 +22,7 @@ pub(crate) use chunked::{put_chunk, Chunked, Step, LAST_CHUNK};
 pub(crate) use io::{advance_two, make_room, poll_write_two, write_two};
 pub(crate) use request::{parse_request, rejoin, write_request_head, RequestHead};
 pub(crate) use response::{
-    parse_response, write_response_head, BadResponse, ClientFraming, Fields, Framing, ResponseHead,
+    parse_response, write_response_head, BadResponse, Fields, Framing, ResponseHead,
 };
 
 /// Headers in one head, as hyper allows.

@@ -14,13 +14,16 @@ fn slice(head: &Bytes, (start, len): (usize, usize)) -> Bytes {
     head.slice(start..start + len)
 }
 
-/// How the upstream delimits a response body (RFC 9112 §6.3).
+/// How a body is delimited (RFC 9112 §6.3): as the upstream's answer says on the way in, and
+/// as the fast engine writes it on the way out. The one framing type of the gateway.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Framing {
+    /// No body, and no length either (204, 304).
     Empty,
     Length(u64),
+    /// Chunked; for an answer that came over HTTP/2, one whose length is not known ahead.
     Chunked,
-    /// Until the upstream closes the connection.
+    /// Until the connection closes.
     UntilClose,
 }
 
@@ -273,23 +276,15 @@ pub(crate) fn parse_response(buf: &mut BytesMut) -> Result<Option<ResponseHead>,
     }))
 }
 
-/// How the fast engine frames a body towards the client.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ClientFraming {
-    /// No body and no length (204, 304).
-    Empty,
-    Length(u64),
-    Chunked,
-}
-
 /// Writes a response head: the status line, the fields as they stand (the framing fields
 /// are the writer's: the ones given are left out), `Date` when there is none, then the
-/// framing and `Connection: close` when this is the connection's last answer.
+/// framing and `Connection: close` when this is the connection's last answer. A body that
+/// ends with the connection (`UntilClose`) gets no framing field: its end is the close.
 pub(crate) fn write_response_head<'h>(
     out: &mut BytesMut,
     status: StatusCode,
     fields: impl Iterator<Item = (&'h [u8], &'h [u8])>,
-    framing: ClientFraming,
+    framing: Framing,
     close: bool,
 ) {
     out.put_slice(b"HTTP/1.1 ");
@@ -318,13 +313,13 @@ pub(crate) fn write_response_head<'h>(
         out.put_slice(b"\r\n");
     }
     match framing {
-        ClientFraming::Length(len) => {
+        Framing::Length(len) => {
             out.put_slice(b"content-length: ");
             out.put_slice(itoa::Buffer::new().format(len).as_bytes());
             out.put_slice(b"\r\n");
         }
-        ClientFraming::Chunked => out.put_slice(b"transfer-encoding: chunked\r\n"),
-        ClientFraming::Empty => {}
+        Framing::Chunked => out.put_slice(b"transfer-encoding: chunked\r\n"),
+        Framing::Empty | Framing::UntilClose => {}
     }
     if close {
         out.put_slice(b"connection: close\r\n");
@@ -428,7 +423,7 @@ mod tests {
             &mut out,
             StatusCode::OK,
             map_fields(&headers),
-            ClientFraming::Length(2),
+            Framing::Length(2),
             false,
         );
         let text = String::from_utf8(out.to_vec()).unwrap();
@@ -447,7 +442,7 @@ mod tests {
             &mut out,
             StatusCode::BAD_GATEWAY,
             map_fields(&headers),
-            ClientFraming::Chunked,
+            Framing::Chunked,
             true,
         );
         let text = String::from_utf8(out.to_vec()).unwrap();

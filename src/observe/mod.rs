@@ -4,6 +4,7 @@
 //! Nothing here decides anything about a request; the pipeline reports to it. Every label and
 //! field is bounded and free of keys, header values and bodies.
 
+pub(crate) mod key;
 pub(crate) mod log;
 pub(crate) mod metrics;
 pub(crate) mod traces;

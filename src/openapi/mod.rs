@@ -39,13 +39,13 @@ fn tags(config: &Config) -> Vec<Value> {
     rest.dedup();
     order.extend(rest);
     for mount in &config.mounts {
-        if !order.contains(&mount.upstream.mount.as_str()) {
+        if !order.contains(&&*mount.upstream.mount) {
             order.push(&mount.upstream.mount);
         }
     }
     let mut tags = vec![json!({"name": GATEWAY_TAG, "description": "The gateway's own endpoints"})];
     for name in order {
-        let mount = (config.mounts.iter()).find(|mount| mount.upstream.mount == name);
+        let mount = (config.mounts.iter()).find(|mount| &*mount.upstream.mount == name);
         tags.push(match mount {
             Some(mount) => json!({
                 "name": name,
@@ -131,7 +131,7 @@ pub fn document(config: &Config) -> Result<Value, String> {
     }
     // Each mount's routes under its prefix, tagged with its name, signed in with its header.
     for mount in &config.mounts {
-        let name = &mount.upstream.mount;
+        let name = &*mount.upstream.mount;
         let security = json!([{security_scheme(mount.upstream.credential_header): []}]);
         for (template, routes) in mount.routes(&config.routes).by_template() {
             let mut item = Map::new();

@@ -4,15 +4,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::uri::PathAndQuery;
-use http::{HeaderMap, Method};
+use http::{HeaderMap, Method, StatusCode};
 use tokio::time::Instant;
 
-use super::access::{self, KeyId};
-use super::body::Bound;
+use super::body::{self, Bound, UploadProgress};
 use super::limits::Admission;
-use super::{Answer, GatewayError, Mount, Pipeline};
-use crate::observe::log;
-use crate::observe::metrics::RouteMetrics;
+use super::mount::Lent;
+use super::{access, answer, Answer, GatewayError, Mount, Pipeline};
+use crate::observe::key::KeyId;
+use crate::observe::log::Record;
+use crate::observe::metrics::{GaugeGuard, RouteMetrics};
+use crate::observe::traces::RequestSpan;
 use crate::routes::{check_path_param, RouteSpec};
 
 /// One method of a template: its manifest entry, the mount it goes to, and its metric
@@ -28,20 +30,44 @@ pub(crate) struct Endpoint {
     pub(super) pipeline: Arc<Pipeline>,
     pub(super) template: Arc<str>,
     /// How long its mount's prefix is: that much of the path stays behind.
-    pub(super) strip: usize,
+    pub(super) prefix_len: usize,
     pub(super) methods: Vec<MethodRoute>,
 }
 
 /// A request's head as an engine hands it over.
 pub(crate) struct Request {
-    pub method: Method,
+    pub(crate) method: Method,
     /// Path and query as sent, without the path secret in front.
-    pub target: PathAndQuery,
-    pub headers: HeaderMap,
+    pub(crate) target: PathAndQuery,
+    pub(crate) headers: HeaderMap,
     /// The peer's address: the client's, or a proxy's in front of it.
-    pub peer: Option<SocketAddr>,
+    pub(crate) peer: Option<SocketAddr>,
     /// A body follows (HTTP/2 may carry one without `Content-Length`).
-    pub has_body: bool,
+    pub(crate) has_body: bool,
+}
+
+/// A request through phases 1–4, waiting for its body; then, on its way upstream, what the
+/// steps of phases 5–8 share. One struct taken apart in place: the forwarded request's future
+/// holds it once, where a second struct moved out of it would take room of its own.
+pub(crate) struct Admitted<'a> {
+    pub(super) endpoint: &'a Endpoint,
+    pub(super) route: &'a MethodRoute,
+    pub(super) target: PathAndQuery,
+    pub(super) headers: HeaderMap,
+    pub(super) admission: Admission,
+    pub(super) limit: Bound<u64>,
+    /// Its log line, opened in phase 1.
+    pub(super) record: Record,
+    /// A streamed upload's progress: a whole body has nothing left to watch.
+    pub(super) upload: Option<Arc<UploadProgress>>,
+    /// Its place in `requests_in_flight`, from when it goes upstream.
+    pub(super) in_flight: Option<GaugeGuard>,
+    /// Its span, when traces are on. Boxed: a request carries its room only then.
+    pub(super) trace: Option<Box<RequestSpan>>,
+    /// The held key it went up with.
+    pub(super) lent: Option<Lent>,
+    /// The gateway asked for the stream's usage on the client's behalf.
+    pub(super) asked_for_usage: bool,
 }
 
 impl Endpoint {
@@ -55,7 +81,6 @@ impl Endpoint {
     // The refusal is an answer like any other, a few words over clippy's bound: not boxed.
     #[allow(clippy::result_large_err)]
     pub(crate) fn admit(&self, request: Request) -> Result<Admitted<'_>, Answer> {
-        let start = Instant::now();
         let Request {
             method,
             target,
@@ -63,48 +88,59 @@ impl Endpoint {
             peer,
             has_body,
         } = request;
+        let mut record = Record::open(method, Arc::clone(&self.template), Instant::now());
         let pipeline = &*self.pipeline;
         // 1. Client address and access.
-        if let Err(err) = pipeline
-            .access
-            .check_ip(peer.map(|peer| peer.ip()), &headers)
-        {
-            return Err(pipeline.refuse_address(&method, start, &err));
+        if let Err(err) = (pipeline.config.access).check_ip(peer.map(|peer| peer.ip()), &headers) {
+            return Err(pipeline.refuse_address(&record.method, record.start, &err));
         }
         // 2. Route and method.
-        let Some(route) = self
-            .methods
-            .iter()
-            .find(|route| route.spec.method == method)
-        else {
-            let err = GatewayError::MethodNotAllowed {
-                method: method.clone(),
-                template: self.template.to_string(),
-                allowed: self.methods.iter().map(|r| r.spec.method.clone()).collect(),
-            };
-            return Err(self.reject(&method, start, &err));
+        let Some(route) = self.route(&record.method) else {
+            return Err(self.reject(&record, &self.method_not_allowed(&record.method)));
         };
         let checked = check_path_params(&route.spec, target.path())
             // 3. Credential and limits.
             .and_then(|()| self.admit_key(&route.mount, &headers, peer))
             // 4. Body policy.
             .and_then(|(admission, key)| {
-                let limit = pipeline.bodies.check(&route.spec, &headers, has_body)?;
+                let limits = &pipeline.config.limits;
+                let limit = body::check(limits, &route.spec, &headers, has_body)?;
                 Ok((admission, key, limit))
             });
         match checked {
-            Ok((admission, key, limit)) => Ok(Admitted {
-                endpoint: self,
-                route,
-                method,
-                target,
-                headers,
-                key,
-                admission,
-                start,
-                limit,
-            }),
-            Err(err) => Err(self.reject(&method, start, &err)),
+            Ok((admission, key, limit)) => {
+                record.key = Some(key.prefix());
+                Ok(Admitted {
+                    endpoint: self,
+                    route,
+                    target,
+                    headers,
+                    admission,
+                    limit,
+                    record,
+                    upload: None,
+                    in_flight: None,
+                    trace: None,
+                    lent: None,
+                    asked_for_usage: false,
+                })
+            }
+            Err(err) => Err(self.reject(&record, &err)),
+        }
+    }
+
+    /// The route of `method` at this template.
+    fn route(&self, method: &Method) -> Option<&MethodRoute> {
+        self.methods
+            .iter()
+            .find(|route| route.spec.method == method)
+    }
+
+    fn method_not_allowed(&self, method: &Method) -> GatewayError {
+        GatewayError::MethodNotAllowed {
+            method: method.clone(),
+            template: self.template.to_string(),
+            allowed: self.methods.iter().map(|r| r.spec.method.clone()).collect(),
         }
     }
 
@@ -117,34 +153,50 @@ impl Endpoint {
         peer: Option<SocketAddr>,
     ) -> Result<(Admission, KeyId), GatewayError> {
         let pipeline = &*self.pipeline;
+        let access = &pipeline.config.access;
+        let credential = mount.settings.credential_header;
         // The first key presented; none at all is refused before anything else.
-        let Some(key) = access::presented_key(headers, mount.credential) else {
-            return Err(GatewayError::MissingCredential(mount.credential));
+        let Some(key) = access::presented_key(headers, credential) else {
+            return Err(GatewayError::MissingCredential(credential));
         };
         // A mount that lends its keys has `allowed_key_hashes` to check against (the
         // configuration refuses one without).
-        pipeline.access.check_key(headers, mount.credential)?;
-        let ip = peer.map(|peer| pipeline.access.client_ip(peer.ip(), headers));
+        access.check_key(headers, credential)?;
+        let ip = peer.map(|peer| access.client_ip(peer.ip(), headers));
         let key = KeyId::of(key);
         let admission = pipeline.limiter.admit(ip, &key.hash)?;
         Ok((admission, key))
     }
 
-    /// The gateway's answer to a request it refuses, counted under this route (and under the
-    /// limit that refused it) and logged.
-    pub(super) fn reject(&self, method: &Method, start: Instant, err: &GatewayError) -> Answer {
-        if let GatewayError::RateLimited { setting, .. } | GatewayError::TooBusy { setting, .. } =
-            err
-        {
-            self.pipeline.metrics.count_rate_limited(setting);
+    /// The gateway's answer to a request it refuses, counted under this route and logged
+    /// with the error as its reason.
+    pub(super) fn reject(&self, record: &Record, err: &GatewayError) -> Answer {
+        self.pipeline.refuse(record, err, &err.to_string())
+    }
+
+    /// The answer to a request of `route` that failed after admission: [`Endpoint::reject`]'s,
+    /// counted under its mount too, and as the upstream's failure when it was one.
+    pub(super) fn failed(
+        &self,
+        route: &MethodRoute,
+        record: &Record,
+        err: &GatewayError,
+    ) -> Answer {
+        if let Some(kind) = answer::upstream_error_kind(err) {
+            route.metrics.count_upstream_error(kind);
         }
-        let answer = Answer::error(err);
-        let status = answer.status.as_u16();
-        self.pipeline
-            .metrics
-            .count_request(&self.template, method, status);
-        log::rejected(method, &self.template, status, start, &err.to_string());
+        let answer = self.reject(record, err);
+        route.metrics.count_mount_status(answer.status.as_u16());
         answer
+    }
+
+    /// Counts the answer to an admitted request of `route`: its status, and the time to its
+    /// head.
+    pub(super) fn answered(&self, route: &MethodRoute, record: &Record, status: StatusCode) {
+        route.metrics.count_status(status.as_u16());
+        route
+            .metrics
+            .observe_response_headers(record.start.elapsed());
     }
 }
 
@@ -160,17 +212,4 @@ fn check_path_params(route: &RouteSpec, path: &str) -> Result<(), GatewayError> 
         })?;
     }
     Ok(())
-}
-
-/// A request through phases 1–4, waiting for its body.
-pub(crate) struct Admitted<'a> {
-    pub(super) endpoint: &'a Endpoint,
-    pub(super) route: &'a MethodRoute,
-    pub(super) method: Method,
-    pub(super) target: PathAndQuery,
-    pub(super) headers: HeaderMap,
-    pub(super) key: KeyId,
-    pub(super) admission: Admission,
-    pub(super) start: Instant,
-    pub(super) limit: Bound<u64>,
 }

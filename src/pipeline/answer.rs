@@ -6,31 +6,27 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::StatusCode;
 
 use super::body::{Bound, UploadProgress};
 use super::error::GatewayError;
 use super::relay::Relay;
+use crate::config::UpstreamConfig;
 use crate::headers::{is_named, strip_hop_by_hop, HopByHop, Media};
+use crate::http1::Framing;
+use crate::message::{Body, Head};
 use crate::observe::metrics::UpstreamErrorKind;
-use crate::upstream::{BodySize, Head, SendError, Stage};
+use crate::upstream::{SendError, Stage};
 
-/// A request's answer, for an engine to write.
+/// A request's answer, for an engine to write. Its body is whole when the gateway made it (an
+/// error, a refusal the upstream sent whole, a 101), and the upstream's as it arrives
+/// otherwise. The relay is boxed: an answer moves through several hands on its way to an
+/// engine, and the relay is most of its size.
 pub(crate) struct Answer {
-    pub status: StatusCode,
-    pub head: Head,
-    pub body: AnswerBody,
-}
-
-/// An answer's body.
-pub(crate) enum AnswerBody {
-    /// Made by the gateway (an error, a refusal the upstream sent whole, a 101).
-    Full(Bytes),
-    /// The upstream's, as it arrives. Boxed: an answer moves through several hands on its way
-    /// to an engine, and the relay is most of its size.
-    Relay(Box<Relay>),
+    pub(crate) status: StatusCode,
+    pub(crate) head: Head,
+    pub(crate) body: Body<Box<Relay>>,
 }
 
 impl Answer {
@@ -39,17 +35,15 @@ impl Answer {
         Answer {
             status: err.status(),
             head: Head::Map(err.headers()),
-            body: AnswerBody::Full(err.json()),
+            body: Body::Whole(err.json()),
         }
     }
-}
 
-impl AnswerBody {
-    /// How much body there is, as the engine frames it.
-    pub(crate) fn size(&self) -> BodySize {
-        match self {
-            AnswerBody::Full(body) => BodySize::Known(body.len() as u64),
-            AnswerBody::Relay(relay) => relay.size(),
+    /// How the body is delimited, as the engine frames it.
+    pub(crate) fn framing(&self) -> Framing {
+        match &self.body {
+            Body::Whole(body) => Framing::Length(body.len() as u64),
+            Body::Stream(relay) => relay.framing(),
         }
     }
 }
@@ -110,25 +104,21 @@ pub(crate) fn undeclare_length(head: &mut Head) {
 }
 
 /// Says who failed when the request could not be sent or its head never came back: the
-/// client (its upload over the limit, stalled, or broken), else the upstream.
+/// client (its upload over the limit, stalled past `body_idle`, or broken), else `upstream`.
 pub(crate) fn classify(
     err: SendError,
     upload: Option<&UploadProgress>,
     limit: Bound<u64>,
-    timeouts: &Timeouts,
+    body_idle: Duration,
+    upstream: &UpstreamConfig,
 ) -> GatewayError {
     if let Some(failed) = upload.filter(|upload| upload.went_wrong()) {
-        return upload_failed(
-            failed,
-            limit,
-            timeouts.body_idle,
-            std::io::Error::other(err.source),
-        );
+        return upload_failed(failed, limit, body_idle, std::io::Error::other(err.source));
     }
     match err.stage {
         Stage::Connect if err.timed_out() => GatewayError::UpstreamConnectTimeout {
-            at: Arc::clone(&timeouts.at),
-            timeout: timeouts.connect,
+            key_path: Arc::clone(&upstream.key_path),
+            timeout: upstream.connect_timeout,
         },
         Stage::Connect => GatewayError::UpstreamUnreachable(err.source),
         Stage::Exchange => GatewayError::UpstreamFailed(err.source),
@@ -154,16 +144,6 @@ pub(crate) fn upload_failed(
     } else {
         GatewayError::ClientBody(err)
     }
-}
-
-/// The timeouts a classified failure names.
-pub(crate) struct Timeouts {
-    /// The mount's key path, which `connect_timeout` is under.
-    pub at: Arc<str>,
-    /// The mount's `connect_timeout`.
-    pub connect: std::time::Duration,
-    /// `server.body_read_timeout`.
-    pub body_idle: Duration,
 }
 
 /// The upstream's share of a failure, for `oa_bypass_upstream_errors_total`; `None` when the
@@ -208,7 +188,7 @@ mod tests {
         let answer = Answer::error(&err);
         assert_eq!(answer.status, StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(answer.head.get(&header::ALLOW), Some(&b"POST"[..]));
-        let AnswerBody::Full(body) = answer.body else {
+        let Body::Whole(body) = answer.body else {
             panic!("an error's body is whole")
         };
         let body: serde_json::Value = serde_json::from_slice(&body).unwrap();

@@ -18,7 +18,7 @@ use http::{header, HeaderMap};
 use tokio::time::{Instant, Sleep};
 
 use super::error::GatewayError;
-use crate::config::{LimitsConfig, ServerConfig};
+use crate::config::LimitsConfig;
 use crate::headers;
 use crate::routes::{BodyKind, RouteSpec};
 
@@ -45,88 +45,69 @@ impl std::fmt::Display for Setting {
     }
 }
 
-/// The `[limits]` body sizes and `server.body_read_timeout`.
-#[derive(Debug, Clone)]
-pub(crate) struct BodyRules {
-    max_json_body: u64,
-    max_upload_body: u64,
-    /// The longest silence allowed inside a request body.
-    pub idle: Duration,
+/// The body limit for a request: the route's own, else the upload limit when the route takes
+/// uploads and the client is not sending JSON, else the JSON limit.
+fn limit(limits: &LimitsConfig, route: &RouteSpec, headers: &HeaderMap) -> Bound<u64> {
+    if let Some(value) = route.max_body {
+        return Bound {
+            value,
+            setting: Setting::Route {
+                index: route.index,
+                key: "max_body",
+            },
+        };
+    }
+    let takes_uploads = route.body.iter().any(|kind| kind.is_upload());
+    if takes_uploads && !sends_json(headers) {
+        Bound {
+            value: limits.max_upload_body,
+            setting: Setting::Global("limits.max_upload_body"),
+        }
+    } else {
+        Bound {
+            value: limits.max_json_body,
+            setting: Setting::Global("limits.max_json_body"),
+        }
+    }
 }
 
-impl BodyRules {
-    pub(crate) fn new(limits: &LimitsConfig, server: &ServerConfig) -> BodyRules {
-        BodyRules {
-            max_json_body: limits.max_json_body,
-            max_upload_body: limits.max_upload_body,
-            idle: server.body_read_timeout,
-        }
+/// Phase 4: refuses a body that cannot be sent, declared over the limit or of a content type
+/// the route does not take. Returns the limit the body is held to as it streams.
+pub(crate) fn check(
+    limits: &LimitsConfig,
+    route: &RouteSpec,
+    headers: &HeaderMap,
+    has_body: bool,
+) -> Result<Bound<u64>, GatewayError> {
+    let limit = limit(limits, route, headers);
+    let declared_length = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| headers::content_length(value.as_bytes()));
+    if let Some(declared) = declared_length.filter(|len| *len > limit.value) {
+        return Err(GatewayError::BodyTooLarge {
+            limit: limit.value,
+            setting: limit.setting.to_string(),
+            declared: Some(declared),
+        });
     }
-
-    /// The body limit for a request: the route's own, else the upload limit when the route
-    /// takes uploads and the client is not sending JSON, else the JSON limit.
-    fn limit(&self, route: &RouteSpec, headers: &HeaderMap) -> Bound<u64> {
-        if let Some(value) = route.max_body {
-            return Bound {
-                value,
-                setting: Setting::Route {
-                    index: route.index,
-                    key: "max_body",
-                },
-            };
-        }
-        let takes_uploads = route.body.iter().any(|kind| kind.is_upload());
-        if takes_uploads && !sends_json(headers) {
-            Bound {
-                value: self.max_upload_body,
-                setting: Setting::Global("limits.max_upload_body"),
-            }
-        } else {
-            Bound {
-                value: self.max_json_body,
-                setting: Setting::Global("limits.max_json_body"),
-            }
-        }
-    }
-
-    /// Refuses a body that cannot be sent: declared over the limit, or of a content type the
-    /// route does not take. Returns the limit the body is held to as it streams.
-    pub(crate) fn check(
-        &self,
-        route: &RouteSpec,
-        headers: &HeaderMap,
-        has_body: bool,
-    ) -> Result<Bound<u64>, GatewayError> {
-        let limit = self.limit(route, headers);
-        let declared_length = headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|value| headers::content_length(value.as_bytes()));
-        if let Some(declared) = declared_length.filter(|len| *len > limit.value) {
-            return Err(GatewayError::BodyTooLarge {
-                limit: limit.value,
-                setting: limit.setting.to_string(),
-                declared: Some(declared),
+    if has_body {
+        let declared = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok());
+        if let Some(content_type) = declared.filter(|ct| route.refuses_content_type(ct)) {
+            return Err(GatewayError::UnsupportedMediaType {
+                declared: content_type.chars().take(100).collect(),
+                accepted: route
+                    .body
+                    .iter()
+                    .filter(|kind| **kind != BodyKind::None)
+                    .map(|kind| kind.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
             });
         }
-        if has_body {
-            let declared = headers
-                .get(header::CONTENT_TYPE)
-                .and_then(|value| value.to_str().ok());
-            if let Some(content_type) = declared.filter(|ct| route.refuses_content_type(ct)) {
-                return Err(GatewayError::UnsupportedMediaType {
-                    declared: content_type.chars().take(100).collect(),
-                    accepted: route
-                        .body
-                        .iter()
-                        .filter(|kind| **kind != BodyKind::None)
-                        .map(|kind| kind.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                });
-            }
-        }
-        Ok(limit)
     }
+    Ok(limit)
 }
 
 /// The request says its body is JSON.
@@ -174,41 +155,6 @@ impl IdleTimer {
             sleep.as_mut().reset(Instant::now() + timeout);
         }
         sleep.as_mut().poll(cx)
-    }
-}
-
-/// A request's body on its way up, as far as the phases after the body policy need it.
-#[derive(Debug)]
-pub(crate) enum Upload {
-    /// Read whole before sending, this many bytes: nothing is left to wait on or count.
-    Whole(u64),
-    /// Streamed as it arrives: counted, and watched by the wait for the answer's head.
-    Streaming(Arc<UploadProgress>),
-}
-
-impl Upload {
-    /// When the request last showed any life: its start, or its latest uploaded chunk.
-    pub(crate) fn last_activity(&self, start: Instant) -> Instant {
-        match self {
-            Upload::Whole(_) => start,
-            Upload::Streaming(progress) => progress.last_activity(),
-        }
-    }
-
-    /// The body's bytes that went up.
-    pub(crate) fn bytes(&self) -> u64 {
-        match self {
-            Upload::Whole(bytes) => *bytes,
-            Upload::Streaming(progress) => progress.bytes(),
-        }
-    }
-
-    /// How a streaming upload has gone, for telling who failed.
-    pub(crate) fn progress(&self) -> Option<&UploadProgress> {
-        match self {
-            Upload::Whole(_) => None,
-            Upload::Streaming(progress) => Some(progress),
-        }
     }
 }
 

@@ -108,10 +108,13 @@ pub enum GatewayError {
     UpstreamUnreachable(#[source] Box<dyn std::error::Error + Send + Sync>),
 
     #[error(
-        "The upstream did not accept a connection within {at}.connect_timeout ({})",
+        "The upstream did not accept a connection within {key_path}.connect_timeout ({})",
         format_duration(*.timeout)
     )]
-    UpstreamConnectTimeout { at: Arc<str>, timeout: Duration },
+    UpstreamConnectTimeout {
+        key_path: Arc<str>,
+        timeout: Duration,
+    },
 
     #[error(
         "The upstream did not answer within {setting} ({})",

@@ -25,14 +25,6 @@ const DEFAULT_COOL_DOWN: Duration = Duration::from_secs(10);
 /// The longest rest a 429 can give a key: a wrong header should not bench it for days.
 const MAX_COOL_DOWN: Duration = Duration::from_secs(24 * 3600);
 
-/// Every header a client may carry a credential in: all go before a held key is written.
-const CLIENT_CREDENTIALS: [HeaderName; 4] = [
-    http::header::AUTHORIZATION,
-    HeaderName::from_static("api-key"),
-    HeaderName::from_static("x-api-key"),
-    HeaderName::from_static("x-goog-api-key"),
-];
-
 struct HeldKey {
     /// The environment variable it came from.
     var: Arc<str>,
@@ -154,7 +146,8 @@ impl KeyPool {
     /// The client's credentials out of `headers`, key `index` in: the upstream never sees
     /// the client's key. A WebSocket's key subprotocol goes too; its other subprotocols stay.
     pub(crate) fn lend(&self, index: usize, headers: &mut HeaderMap) {
-        for name in &CLIENT_CREDENTIALS {
+        // Every header a client may carry its key in goes before a held key is written.
+        for name in &headers::KEY_HEADERS {
             headers.remove(name);
         }
         strip_key_subprotocol(headers);

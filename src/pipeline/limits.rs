@@ -29,7 +29,8 @@ pub(crate) type KeyHash = [u8; 32];
 #[derive(Debug, Default)]
 pub(crate) struct Admission {
     _global: Option<OwnedSemaphorePermit>,
-    _per_key: Option<KeySlot>,
+    /// Boxed: a request carries its room only with `max_concurrent_per_key` set.
+    _per_key: Option<Box<KeySlot>>,
     /// With a store: what to ask it ([`Limiter::settle`]), then the slots it leased. Boxed:
     /// without a store, every request would carry its room.
     place: Option<Box<Place>>,
@@ -187,10 +188,10 @@ impl Limiter {
                     });
                 }
                 *count += 1;
-                Some(KeySlot {
+                Some(Box::new(KeySlot {
                     key: *key_hash,
                     counts: Arc::clone(&self.per_key_counts),
-                })
+                }))
             }
             None => None,
         };

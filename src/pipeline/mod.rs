@@ -30,15 +30,16 @@
 
 pub(crate) mod access;
 mod admit;
-pub(crate) mod answer;
-pub(crate) mod body;
-pub(crate) mod error;
+mod answer;
+mod body;
+mod error;
 mod forward;
 pub(crate) mod keys;
 pub(crate) mod limits;
 mod mount;
 mod outbound;
-pub(crate) mod relay;
+mod relay;
+mod session;
 mod stream_usage;
 mod timer;
 mod trace;
@@ -52,34 +53,27 @@ use tokio::time::Instant;
 
 use admit::MethodRoute;
 pub(crate) use admit::{Admitted, Endpoint, Request};
-pub(crate) use answer::{Answer, AnswerBody};
-use body::BodyRules;
+pub(crate) use answer::Answer;
 pub(crate) use error::GatewayError;
-pub(crate) use forward::ClientBody;
 use keys::KeyPool;
 use limits::Limiter;
-pub(crate) use mount::Mount;
+use mount::Mount;
+pub(crate) use relay::Relay;
 pub(crate) use timer::Timer;
 
-use crate::config::{AccessConfig, Config, ConfigError, UpstreamConfig, DEFAULT_MOUNT};
-use crate::observe::log;
+use crate::config::{Config, ConfigError, UpstreamConfig, DEFAULT_MOUNT};
+use crate::observe::log::Record;
 use crate::observe::metrics::Metrics;
 use crate::realtime::{Realtime, Sessions};
 use crate::routes::{PathTemplate, RouteSpec, RouteTable};
 use crate::upstream::Upstream;
 
-/// What one worker serves one manifest with: the settings every phase reads, the worker's
-/// upstream (and so its connection pools), and what all workers share.
+/// What one worker serves one manifest with: the manifest's settings (shared by the workers
+/// and read where a phase needs one), the worker's upstreams (and so its connection pools),
+/// and what all workers share.
 pub(crate) struct Pipeline {
-    access: AccessConfig,
+    config: Arc<Config>,
     limiter: Arc<Limiter>,
-    bodies: BodyRules,
-    /// `streaming.keepalive`.
-    keepalive: Option<Duration>,
-    /// `tracing.server_timing`.
-    server_timing: bool,
-    /// `usage.inject_stream_usage`.
-    inject_stream_usage: bool,
     /// Present when traces are on.
     traces: Option<trace::Traced>,
     /// `[upstream]`.
@@ -94,30 +88,26 @@ impl Pipeline {
     /// The pipeline of `config`. The limiter, metrics, sessions and key pools (`pools`, by
     /// mount name) outlive a reload; the TLS settings are read once per manifest.
     pub(crate) fn new(
-        config: &Config,
+        config: &Arc<Config>,
         limiter: Arc<Limiter>,
         metrics: Arc<Metrics>,
         sessions: Sessions,
         tls: &rustls::ClientConfig,
         pools: &[(Arc<str>, Arc<KeyPool>)],
     ) -> Result<Pipeline, ConfigError> {
-        let mount = |upstream: &UpstreamConfig| {
+        let mount = |settings: &Arc<UpstreamConfig>| {
             let keys = pools
                 .iter()
-                .find(|(name, _)| **name == *upstream.mount)
+                .find(|(name, _)| **name == *settings.mount)
                 .map(|(_, pool)| Arc::clone(pool));
-            Mount::new(upstream, keys, tls).map(Arc::new)
+            Mount::new(settings, keys, tls).map(Arc::new)
         };
         let mounts = (config.mounts.iter())
             .map(|settings| mount(&settings.upstream))
             .collect::<Result<_, _>>()?;
         Ok(Pipeline {
-            access: config.access.clone(),
+            config: Arc::clone(config),
             limiter,
-            bodies: BodyRules::new(&config.limits, &config.server),
-            keepalive: config.streaming.keepalive,
-            server_timing: config.tracing.server_timing,
-            inject_stream_usage: config.usage.inject_stream_usage,
             traces: trace::Traced::new(config),
             default_mount: mount(&config.upstream)?,
             mounts,
@@ -126,12 +116,12 @@ impl Pipeline {
         })
     }
 
-    /// An endpoint for every path template `config` serves: the manifest's routes, then each
+    /// An endpoint for every path template the manifest serves: its routes, then each
     /// mount's under its prefix. What the engines' routers map paths to.
     pub(crate) fn endpoints(
         self: &Arc<Self>,
-        config: &Config,
     ) -> Result<Vec<(PathTemplate, Arc<Endpoint>)>, ConfigError> {
+        let config = &self.config;
         let mut endpoints = self.endpoints_of(&config.routes, "", |route| {
             let named = route.upstream.as_deref().unwrap_or(DEFAULT_MOUNT);
             Arc::clone(self.mount(named))
@@ -160,7 +150,9 @@ impl Pipeline {
                 })?;
                 let mount = mount_of(route);
                 let name: Arc<str> = Arc::from(spec.template.as_str());
-                let metrics = self.metrics.route(&name, &route.method, &mount.name);
+                let metrics = self
+                    .metrics
+                    .route(&name, &route.method, &mount.settings.mount);
                 methods.push(MethodRoute {
                     spec,
                     mount,
@@ -174,7 +166,7 @@ impl Pipeline {
             let endpoint = Endpoint {
                 pipeline: Arc::clone(self),
                 template: Arc::from(template.as_str()),
-                strip: prefix.len(),
+                prefix_len: prefix.len(),
                 methods,
             };
             endpoints.push((template, Arc::new(endpoint)));
@@ -196,7 +188,7 @@ impl Pipeline {
     /// (validation refuses routes that name one).
     fn mount(&self, name: &str) -> &Arc<Mount> {
         (self.mounts.iter())
-            .find(|mount| &*mount.name == name)
+            .find(|mount| &*mount.settings.mount == name)
             .unwrap_or(&self.default_mount)
     }
 
@@ -209,51 +201,57 @@ impl Pipeline {
         peer: Option<SocketAddr>,
         headers: &HeaderMap,
     ) -> Result<(), Answer> {
-        self.access
+        self.config
+            .access
             .check_ip(peer.map(|peer| peer.ip()), headers)
             .map_err(|err| self.refuse_address(method, Instant::now(), &err))
     }
 
     /// The answer to a path no route has: phase 2 for a request no endpoint took.
     pub(crate) fn unknown_route(&self, method: &Method, path: &str, start: Instant) -> Answer {
-        self.metrics
-            .count_request(&Arc::from("(no route)"), method, 404);
-        log::rejected(
-            method,
-            "(no route)",
-            404,
-            start,
-            "no route matches the path",
-        );
-        Answer::error(&GatewayError::UnknownRoute {
+        let err = GatewayError::UnknownRoute {
             method: method.clone(),
             path: path.to_owned(),
-        })
+        };
+        let record = Record::open(method.clone(), Arc::from(NO_ROUTE), start);
+        self.refuse(&record, &err, "no route matches the path")
     }
 
     fn refuse_address(&self, method: &Method, start: Instant, err: &GatewayError) -> Answer {
-        let status = err.status().as_u16();
+        let record = Record::open(method.clone(), Arc::from(ACCESS), start);
+        self.refuse(&record, err, "client address not in access.allowed_ips")
+    }
+
+    /// The gateway's answer to a request it refuses for `err`: counted under its record's
+    /// route (and under the limit that refused it), and its line written with `reason`.
+    fn refuse(&self, record: &Record, err: &GatewayError, reason: &str) -> Answer {
+        if let GatewayError::RateLimited { setting, .. } | GatewayError::TooBusy { setting, .. } =
+            err
+        {
+            self.metrics.count_rate_limited(setting);
+        }
+        let answer = Answer::error(err);
+        let status = answer.status.as_u16();
         self.metrics
-            .count_request(&Arc::from("(access)"), method, status);
-        log::rejected(
-            method,
-            "(access)",
-            status,
-            start,
-            "client address not in access.allowed_ips",
-        );
-        Answer::error(err)
+            .count_request(&record.route, &record.method, status);
+        record.write_refused(status, reason);
+        answer
     }
 
     /// How long an event stream's upstream may be silent before the client gets a
     /// keep-alive: the route's `keepalive`, or `streaming.keepalive`.
     fn keepalive(&self, route: &RouteSpec) -> Option<Duration> {
-        route.keepalive.or(self.keepalive)
+        route.keepalive.or(self.config.streaming.keepalive)
+    }
+
+    /// The longest silence allowed inside a request body (`server.body_read_timeout`).
+    fn body_idle(&self) -> Duration {
+        self.config.server.body_read_timeout
     }
 
     /// The mount's `read_timeout`, or the route's own.
     fn read_timeout(route: &RouteSpec, mount: &Mount) -> Duration {
-        route.read_timeout.unwrap_or(mount.read_timeout)
+        route.read_timeout.unwrap_or(mount.settings.read_timeout)
     }
 
     /// Which setting [`Pipeline::read_timeout`] came from, for the message when it ends a
@@ -261,7 +259,12 @@ impl Pipeline {
     fn read_timeout_setting(route: &RouteSpec, mount: &Mount) -> String {
         match route.read_timeout {
             Some(_) => format!("routes[{}].read_timeout", route.index),
-            None => format!("{}.read_timeout", mount.at),
+            None => format!("{}.read_timeout", mount.settings.key_path),
         }
     }
 }
+
+/// The route a request's line and metrics name when no route took it.
+const NO_ROUTE: &str = "(no route)";
+/// The route a request's line and metrics name when its address was refused.
+const ACCESS: &str = "(access)";

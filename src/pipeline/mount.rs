@@ -1,54 +1,114 @@
 //! One upstream as the pipeline reaches it: `[upstream]` or a `[mounts.NAME]`, with its
-//! transports (this worker's), read timeout, credential header and, when the gateway holds
+//! settings (shared with the manifest), this worker's transports and, when the gateway holds
 //! the keys, their pool (shared by all workers). Phases 3, 5 and 6 read it from the route.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use crate::config::{ConfigError, CredentialHeader, UpstreamConfig};
+use http::{HeaderMap, HeaderName, StatusCode};
+
+use super::keys::KeyPool;
+use crate::config::{ConfigError, UpstreamConfig, DEFAULT_MOUNT};
+use crate::message::Head;
+use crate::observe::metrics::Metrics;
 use crate::observe::traces;
 use crate::upstream::Upstream;
 
-use super::keys::KeyPool;
-
 pub(crate) struct Mount {
-    /// `default`, or the mount's name: a bounded label.
-    pub name: Arc<str>,
-    /// Its key path (`upstream`, `mounts.groq`), for messages that name a setting.
-    pub at: Arc<str>,
-    pub upstream: Upstream,
-    pub read_timeout: Duration,
-    pub credential: CredentialHeader,
+    pub(crate) settings: Arc<UpstreamConfig>,
+    pub(crate) upstream: Upstream,
     /// Present when the gateway sends its own keys (`keys_env`).
-    pub keys: Option<Arc<KeyPool>>,
+    pub(crate) keys: Option<Arc<KeyPool>>,
     /// `gen_ai.provider.name` of its spans.
-    pub provider: &'static str,
-    /// `server.address` of its spans.
-    pub server: Option<String>,
+    pub(crate) provider: &'static str,
+}
+
+/// A held key a request went up with.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Lent {
+    index: usize,
 }
 
 impl Mount {
+    /// The mount of `settings`, lending the keys of `keys`. A mount whose settings hold keys
+    /// is refused without their pool: it would send the client's own key upstream.
     pub(crate) fn new(
-        config: &UpstreamConfig,
+        settings: &Arc<UpstreamConfig>,
         keys: Option<Arc<KeyPool>>,
         tls: &rustls::ClientConfig,
     ) -> Result<Mount, ConfigError> {
-        let host = config.base_url.host_str();
+        if !settings.keys.is_empty() && keys.is_none() {
+            return Err(ConfigError::Invalid(vec![format!(
+                "{}.keys_env: the keys could not be made ready; nothing is served without them",
+                settings.key_path
+            )]));
+        }
         Ok(Mount {
-            name: Arc::from(config.mount.as_str()),
-            at: Arc::from(config.at.as_str()),
-            upstream: Upstream::new(config, tls)?,
-            read_timeout: config.read_timeout,
-            credential: config.credential_header,
+            settings: Arc::clone(settings),
+            upstream: Upstream::new(settings, tls)?,
             keys,
-            provider: traces::provider(host.unwrap_or("")),
-            server: host.map(str::to_owned),
+            provider: traces::provider(settings.base_url.host_str().unwrap_or("")),
         })
     }
 
-    /// Its name for log lines: the default mount (`[upstream]`) goes unnamed, as before
-    /// mounts. A shared copy, so naming a request allocates nothing.
+    /// Its name for log lines: the default mount (`[upstream]`) goes unnamed. A shared copy,
+    /// so naming a request allocates nothing.
     pub(crate) fn log_name(&self) -> Option<Arc<str>> {
-        (&*self.name != crate::config::DEFAULT_MOUNT).then(|| Arc::clone(&self.name))
+        (*self.settings.mount != *DEFAULT_MOUNT).then(|| Arc::clone(&self.settings.mount))
+    }
+
+    /// `server.address` of its spans.
+    pub(crate) fn server(&self) -> Option<&str> {
+        self.settings.base_url.host_str()
+    }
+
+    /// When the gateway holds this mount's keys: every credential of the client's out of
+    /// `headers` (an HTTP request's, or a WebSocket handshake's), the next key in turn in,
+    /// counted under its variable. The one place a held key is lent.
+    pub(crate) fn lend_key(&self, headers: &mut HeaderMap, metrics: &Metrics) -> Option<Lent> {
+        let pool = self.keys.as_ref()?;
+        let index = pool.pick()?;
+        pool.lend(index, headers);
+        if let Some(var) = pool.var(index) {
+            metrics.count_key_use(&self.settings.mount, var);
+        }
+        Some(Lent { index })
+    }
+
+    /// The variable of the key `lent`, for the log line.
+    pub(crate) fn lent_var(&self, lent: Lent) -> Option<Arc<str>> {
+        self.keys.as_ref()?.var(lent.index).cloned()
+    }
+
+    /// The answer's head came back to a request that went up with the key `lent`: a 429
+    /// rests that key as long as the head says, counted and logged under its variable.
+    pub(crate) fn key_answered(
+        &self,
+        lent: Lent,
+        status: StatusCode,
+        head: &Head,
+        metrics: &Metrics,
+    ) {
+        if status != StatusCode::TOO_MANY_REQUESTS {
+            return;
+        }
+        let Some((pool, var)) = self
+            .keys
+            .as_ref()
+            .and_then(|pool| Some((pool, pool.var(lent.index)?)))
+        else {
+            return;
+        };
+        let rest = pool.rest(lent.index, |name| {
+            HeaderName::from_bytes(name.as_bytes())
+                .ok()
+                .and_then(|name| head.get(&name))
+        });
+        metrics.count_key_rest(&self.settings.mount, var);
+        tracing::warn!(
+            mount = %self.settings.mount,
+            upstream_key = %var,
+            rest_ms = u64::try_from(rest.as_millis()).unwrap_or(u64::MAX),
+            "the upstream answered 429; this key rests while the others serve"
+        );
     }
 }

@@ -13,134 +13,42 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::Stream;
-use http::header::HeaderName;
-use http::{HeaderValue, Method, StatusCode};
 use tokio::time::{Instant, Sleep};
 
-use super::access::KeyId;
-use super::body::{IdleTimer, Upload};
+use super::body::{IdleTimer, UploadProgress};
 use super::limits::Admission;
 use super::stream_usage::UsageChunkFilter;
-use crate::headers::Media;
-use crate::observe::log::{self, RequestLine};
+use crate::http1::Framing;
+use crate::observe::log::{Outcome, Record};
 use crate::observe::metrics::{GaugeGuard, RouteMetrics, UpstreamErrorKind};
 use crate::observe::traces::RequestSpan;
 use crate::observe::usage::UsageTap;
-use crate::upstream::{self, BodySize, Head};
+use crate::sse::Boundary;
+use crate::upstream::ResponseBody;
 
-const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-
-/// How a forwarded request ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Outcome {
-    /// The whole answer reached the client.
-    Complete,
-    /// The client went away before the answer ended; the upstream request was dropped.
-    ClientAborted,
-    /// The upstream failed mid-body; the client's connection was aborted.
-    UpstreamBodyError,
-    /// The upstream went silent mid-body past the read timeout.
-    UpstreamBodyTimeout,
-}
-
-impl Outcome {
-    fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Complete => "complete",
-            Outcome::ClientAborted => "client_aborted",
-            Outcome::UpstreamBodyError => "upstream_body_error",
-            Outcome::UpstreamBodyTimeout => "upstream_body_timeout",
-        }
-    }
-}
-
-/// The log line and the end-of-answer metrics of one forwarded request.
+/// A forwarded request's log record, and what its end reports to and lets go of: the
+/// end-of-answer metrics, the usage tap, the span, its places under the limits and gauges.
 #[derive(Debug)]
-pub(crate) struct RequestLog {
-    pub method: Method,
-    pub route: Arc<str>,
-    pub status: u16,
-    pub start: Instant,
-    /// From sending the request upstream to the upstream's response headers.
-    pub upstream_ttfb: Duration,
-    /// The upstream's `x-request-id`, which OpenAI support asks for.
-    pub upstream_request_id: Option<HeaderValue>,
-    pub key: KeyId,
-    pub upload: Upload,
-    pub bytes_out: u64,
-    pub outcome: Outcome,
+pub(super) struct RequestLog {
+    pub(super) record: Record,
+    /// A streamed upload's progress: what it sent is known only at the end.
+    pub(super) upload: Option<Arc<UploadProgress>>,
     /// Reads token usage from the answer on routes with `usage = true`.
-    pub usage: Option<UsageTap>,
-    pub metrics: Arc<RouteMetrics>,
-    /// The request's place under the concurrency limits, released with this line.
-    _admission: Admission,
-    /// Its place in `requests_in_flight` (and `open_streams` for an event stream).
-    _gauges: (GaugeGuard, Option<GaugeGuard>),
+    pub(super) usage: Option<UsageTap>,
+    pub(super) metrics: Arc<RouteMetrics>,
     /// Its span, when traces are on.
-    pub trace: Option<RequestSpan>,
-    /// The mount's name, when not the default.
-    pub mount: Option<Arc<str>>,
-    /// The variable of the key the gateway lent the request, if it lent one.
-    pub upstream_key: Option<Arc<str>>,
-}
-
-/// What a forwarded request brings to its log line, gathered through the phases before it.
-pub(crate) struct Opening {
-    pub method: Method,
-    pub route: Arc<str>,
-    pub metrics: Arc<RouteMetrics>,
-    pub key: KeyId,
-    pub start: Instant,
-    pub admission: Admission,
-    pub upload: Upload,
-    pub upstream_ttfb: Duration,
-    pub in_flight: GaugeGuard,
-    /// The route counts token usage (`usage = true`).
-    pub usage: bool,
-    pub trace: Option<RequestSpan>,
-    /// The mount's name, when not the default.
-    pub mount: Option<Arc<str>>,
-    /// The variable of the key the gateway lent the request, if it lent one.
-    pub upstream_key: Option<Arc<str>>,
+    pub(super) trace: Option<Box<RequestSpan>>,
+    /// Held until the line is written: dropping it releases the request's place under the
+    /// concurrency limits.
+    pub(super) _admission: Admission,
+    /// Its place in `requests_in_flight` (and `open_streams` for an event stream), likewise.
+    pub(super) _gauges: (GaugeGuard, Option<GaugeGuard>),
 }
 
 impl RequestLog {
-    /// Opens the line of an answer with `status`, `head` and `media`: whether the usage tap
-    /// reads it, and whether it is a stream. It is written when the body is done.
-    pub(crate) fn open(
-        opening: Opening,
-        status: StatusCode,
-        head: &Head,
-        media: Media,
-    ) -> RequestLog {
-        let is_event_stream = media == Media::EventStream;
-        let usage =
-            (opening.usage && status.is_success() && media != Media::Other).then(UsageTap::new);
-        let stream_gauge = is_event_stream.then(|| opening.metrics.all().open_stream());
-        RequestLog {
-            method: opening.method,
-            route: opening.route,
-            status: status.as_u16(),
-            start: opening.start,
-            upstream_ttfb: opening.upstream_ttfb,
-            upstream_request_id: head.value(&X_REQUEST_ID),
-            key: opening.key,
-            mount: opening.mount,
-            upstream_key: opening.upstream_key,
-            upload: opening.upload,
-            bytes_out: 0,
-            outcome: Outcome::ClientAborted,
-            usage,
-            metrics: opening.metrics,
-            _admission: opening.admission,
-            _gauges: (opening.in_flight, stream_gauge),
-            trace: opening.trace,
-        }
-    }
-
     /// Counts a chunk of the answer on its way to the client, and lets the usage tap read it.
-    pub(crate) fn saw(&mut self, chunk: &[u8]) {
-        self.bytes_out += chunk.len() as u64;
+    fn saw(&mut self, chunk: &[u8]) {
+        self.record.bytes_out += chunk.len() as u64;
         self.tap(chunk);
     }
 
@@ -157,46 +65,31 @@ impl RequestLog {
 
 impl Drop for RequestLog {
     fn drop(&mut self) {
-        let elapsed = self.start.elapsed();
-        let bytes_in = self.upload.bytes();
-        self.metrics.finish(elapsed, bytes_in, self.bytes_out);
-        match self.outcome {
+        let record = &mut self.record;
+        let elapsed = record.start.elapsed();
+        if let Some(upload) = &self.upload {
+            record.bytes_in = upload.bytes();
+        }
+        self.metrics
+            .finish(elapsed, record.bytes_in, record.bytes_out);
+        match record.outcome {
             Outcome::UpstreamBodyError => {
-                self.metrics.count_upstream_error(UpstreamErrorKind::Reset)
+                self.metrics.count_upstream_error(UpstreamErrorKind::Reset);
             }
-            Outcome::UpstreamBodyTimeout => self
-                .metrics
-                .count_upstream_error(UpstreamErrorKind::Timeout),
+            Outcome::UpstreamBodyTimeout => {
+                self.metrics
+                    .count_upstream_error(UpstreamErrorKind::Timeout);
+            }
             Outcome::Complete | Outcome::ClientAborted => {}
         }
-        let key = self.key.prefix();
         let usage = self.usage.take().and_then(UsageTap::finish);
-        if let Some(usage) = &usage {
-            self.metrics.count_tokens(usage, &key);
+        if let (Some(usage), Some(key)) = (&usage, &record.key) {
+            self.metrics.count_tokens(usage, key);
         }
         if let Some(trace) = self.trace.take() {
-            trace.finish(self.status, usage.as_ref(), self.outcome.as_str());
+            trace.finish(record.status, usage.as_ref(), record.outcome.as_str());
         }
-        log::request(&RequestLine {
-            method: &self.method,
-            route: &self.route,
-            status: self.status,
-            elapsed,
-            upstream_ttfb: self.upstream_ttfb,
-            bytes_in,
-            bytes_out: self.bytes_out,
-            outcome: self.outcome.as_str(),
-            upstream_request_id: self
-                .upstream_request_id
-                .as_ref()
-                .and_then(|value| value.to_str().ok()),
-            key_hash: &key,
-            mount: self.mount.as_deref(),
-            upstream_key: self.upstream_key.as_deref(),
-            model: usage.as_ref().and_then(|usage| usage.model.as_deref()),
-            input_tokens: usage.as_ref().map(|usage| usage.input),
-            output_tokens: usage.as_ref().map(|usage| usage.output),
-        });
+        record.write_forwarded(elapsed, usage.as_ref());
     }
 }
 
@@ -207,7 +100,7 @@ impl Drop for RequestLog {
 /// cleanly: the client must see that the answer is incomplete. The request's log line is
 /// written when this stream is dropped, with what was actually delivered.
 pub(crate) struct Relay {
-    inner: upstream::Body,
+    inner: ResponseBody,
     idle: IdleTimer,
     /// The upstream's declared length: an engine stops polling once that much is written,
     /// so reaching it is what "complete" means for such a body.
@@ -224,22 +117,21 @@ impl Relay {
     /// `keepalive`: how long the upstream of an event stream may be silent before the client
     /// gets an SSE comment, if at all. `usage_chunk`: the usage-only chunk is kept back, and
     /// the body's length is then not the upstream's (its head must not declare one).
-    pub(crate) fn new(
-        inner: upstream::Body,
+    pub(super) fn new(
+        inner: ResponseBody,
         idle_timeout: Duration,
         keepalive: Option<Duration>,
         usage_chunk: Option<UsageChunkFilter>,
         mut log: RequestLog,
     ) -> Relay {
-        let size = inner.size();
-        let expected_len = match size {
+        let expected_len = match inner.framing() {
             _ if usage_chunk.is_some() => None,
-            BodySize::Known(len) => Some(len),
-            BodySize::None => Some(0),
-            BodySize::Unknown => None,
+            Framing::Length(len) => Some(len),
+            Framing::Empty => Some(0),
+            Framing::Chunked | Framing::UntilClose => None,
         };
         if expected_len == Some(0) {
-            log.outcome = Outcome::Complete;
+            log.record.outcome = Outcome::Complete;
         }
         Relay {
             inner,
@@ -255,11 +147,74 @@ impl Relay {
         }
     }
 
-    /// How much body there is: what the upstream says, unless some of it is kept back.
-    pub(crate) fn size(&self) -> BodySize {
+    /// How the body is delimited: as the upstream framed it, unless some of it is kept back.
+    pub(crate) fn framing(&self) -> Framing {
         match self.usage_chunk {
-            Some(_) => BodySize::Unknown,
-            None => self.inner.size(),
+            Some(_) => Framing::Chunked,
+            None => self.inner.framing(),
+        }
+    }
+
+    /// A chunk from the upstream: counted, read by the tap, and passed on as the filter
+    /// lets it (`None`: nothing of it goes on yet).
+    fn pass(&mut self, chunk: Bytes) -> Option<Bytes> {
+        self.idle.saw_chunk();
+        let chunk = match self.usage_chunk.as_mut() {
+            None => {
+                self.log.saw(&chunk);
+                chunk
+            }
+            Some(filter) => {
+                self.log.tap(&chunk);
+                let passed = filter.pass(chunk);
+                if passed.is_empty() {
+                    return None;
+                }
+                self.log.record.bytes_out += passed.len() as u64;
+                passed
+            }
+        };
+        if Some(self.log.record.bytes_out) == self.expected_len {
+            self.log.record.outcome = Outcome::Complete;
+        }
+        if let Some(keepalive) = self.keepalive.as_mut() {
+            keepalive.saw(&chunk);
+        }
+        Some(chunk)
+    }
+
+    /// The upstream's body ended: what the filter still held, if anything, goes last.
+    fn end(&mut self) -> Option<Bytes> {
+        self.done = true;
+        self.log.record.outcome = Outcome::Complete;
+        // An event the upstream never ended goes on as it is.
+        let rest = (self.usage_chunk.as_mut())
+            .map(UsageChunkFilter::finish)
+            .filter(|rest| !rest.is_empty())?;
+        self.log.record.bytes_out += rest.len() as u64;
+        Some(rest)
+    }
+
+    /// The body ends in an error the client must see, as `outcome`.
+    fn fail(&mut self, outcome: Outcome, err: io::Error) -> Poll<Option<io::Result<Bytes>>> {
+        self.done = true;
+        self.log.record.outcome = outcome;
+        Poll::Ready(Some(Err(err)))
+    }
+
+    /// Nothing from the upstream yet: its silence past the read timeout ends the body, and a
+    /// silent event stream is owed a keep-alive.
+    fn poll_silence(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Bytes>>> {
+        if self.idle.poll_expired(cx).is_ready() {
+            let silent = io::Error::new(io::ErrorKind::TimedOut, "upstream went silent mid-body");
+            return self.fail(Outcome::UpstreamBodyTimeout, silent);
+        }
+        match self.keepalive.as_mut().map(|k| k.poll_due(cx)) {
+            Some(Poll::Ready(())) => {
+                self.log.record.bytes_out += KEEP_ALIVE.len() as u64;
+                Poll::Ready(Some(Ok(Bytes::from_static(KEEP_ALIVE))))
+            }
+            _ => Poll::Pending,
         }
     }
 }
@@ -274,70 +229,16 @@ impl Stream for Relay {
                 return Poll::Ready(None);
             }
             return match Pin::new(&mut this.inner).poll_next(cx) {
-                Poll::Ready(Some(Ok(chunk))) => {
-                    this.idle.saw_chunk();
-                    let chunk = match this.usage_chunk.as_mut() {
-                        None => {
-                            this.log.saw(&chunk);
-                            chunk
-                        }
-                        Some(filter) => {
-                            this.log.tap(&chunk);
-                            let passed = filter.pass(chunk);
-                            if passed.is_empty() {
-                                // Nothing for the client yet: on to the next chunk.
-                                continue;
-                            }
-                            this.log.bytes_out += passed.len() as u64;
-                            passed
-                        }
-                    };
-                    if Some(this.log.bytes_out) == this.expected_len {
-                        this.log.outcome = Outcome::Complete;
-                    }
-                    if let Some(keepalive) = this.keepalive.as_mut() {
-                        keepalive.saw(&chunk);
-                    }
-                    Poll::Ready(Some(Ok(chunk)))
-                }
-                Poll::Ready(Some(Err(err))) => {
-                    this.done = true;
-                    this.log.outcome = Outcome::UpstreamBodyError;
-                    Poll::Ready(Some(Err(io::Error::other(err))))
-                }
-                Poll::Ready(None) => {
-                    this.done = true;
-                    this.log.outcome = Outcome::Complete;
-                    // An event the upstream never ended goes on as it is.
-                    let rest = this
-                        .usage_chunk
-                        .as_mut()
-                        .map(UsageChunkFilter::finish)
-                        .unwrap_or_default();
-                    if rest.is_empty() {
-                        Poll::Ready(None)
-                    } else {
-                        this.log.bytes_out += rest.len() as u64;
-                        Poll::Ready(Some(Ok(rest)))
-                    }
-                }
-                Poll::Pending => match this.idle.poll_expired(cx) {
-                    Poll::Ready(()) => {
-                        this.done = true;
-                        this.log.outcome = Outcome::UpstreamBodyTimeout;
-                        Poll::Ready(Some(Err(io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            "upstream went silent mid-body",
-                        ))))
-                    }
-                    Poll::Pending => match this.keepalive.as_mut().map(|k| k.poll_due(cx)) {
-                        Some(Poll::Ready(())) => {
-                            this.log.bytes_out += KEEP_ALIVE.len() as u64;
-                            Poll::Ready(Some(Ok(Bytes::from_static(KEEP_ALIVE))))
-                        }
-                        _ => Poll::Pending,
-                    },
+                Poll::Ready(Some(Ok(chunk))) => match this.pass(chunk) {
+                    Some(chunk) => Poll::Ready(Some(Ok(chunk))),
+                    // Nothing for the client yet: on to the next chunk.
+                    None => continue,
                 },
+                Poll::Ready(Some(Err(err))) => {
+                    this.fail(Outcome::UpstreamBodyError, io::Error::other(err))
+                }
+                Poll::Ready(None) => Poll::Ready(this.end().map(Ok)),
+                Poll::Pending => this.poll_silence(cx),
             };
         }
     }
@@ -354,12 +255,8 @@ struct KeepAlive {
     sleep: Pin<Box<Sleep>>,
     /// Bytes came since the timer was last armed.
     stale: bool,
-    /// The last bytes relayed (up to four) and how many there are: enough to tell whether
-    /// the stream stands at an event boundary.
-    tail: [u8; 4],
-    tail_len: usize,
-    /// Everything relayed so far is in `tail`.
-    whole: bool,
+    /// Where the stream relayed so far stands.
+    boundary: Boundary,
 }
 
 impl KeepAlive {
@@ -368,28 +265,18 @@ impl KeepAlive {
             every,
             sleep: Box::pin(tokio::time::sleep(every)),
             stale: false,
-            tail: [0; 4],
-            tail_len: 0,
-            whole: true,
+            boundary: Boundary::default(),
         }
     }
 
     fn saw(&mut self, chunk: &[u8]) {
         self.stale = true;
-        self.whole &= self.tail_len + chunk.len() <= self.tail.len();
-        let mut joined = [0; 8];
-        joined[..self.tail_len].copy_from_slice(&self.tail[..self.tail_len]);
-        let take = chunk.len().min(4);
-        joined[self.tail_len..self.tail_len + take].copy_from_slice(&chunk[chunk.len() - take..]);
-        let end = self.tail_len + take;
-        let start = end.saturating_sub(4);
-        self.tail_len = end - start;
-        self.tail[..self.tail_len].copy_from_slice(&joined[start..end]);
+        self.boundary.feed(chunk);
     }
 
     /// Ready when a keep-alive is due now; it is then due again `every` later.
     fn poll_due(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        if !at_boundary(&self.tail[..self.tail_len], self.whole) {
+        if !self.boundary.between_events() {
             // The rest of the event is on its way; its bytes wake the relay.
             return Poll::Pending;
         }
@@ -399,70 +286,5 @@ impl KeepAlive {
         ready!(self.sleep.as_mut().poll(cx));
         self.sleep.as_mut().reset(Instant::now() + self.every);
         Poll::Ready(())
-    }
-}
-
-/// Whether a stream ending in `tail` stands between two events: nothing yet, or a line
-/// ending right after another (an empty line ends an event; lines end in CRLF, LF or CR).
-/// `whole`: `tail` is the stream from its first byte.
-fn at_boundary(tail: &[u8], whole: bool) -> bool {
-    let before = if let Some(rest) = tail.strip_suffix(b"\r\n") {
-        rest
-    } else if let Some(rest) = tail.strip_suffix(b"\n").or(tail.strip_suffix(b"\r")) {
-        rest
-    } else {
-        return tail.is_empty() && whole;
-    };
-    before.ends_with(b"\n") || before.ends_with(b"\r") || (before.is_empty() && whole)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The boundary after feeding `chunks` in turn.
-    fn boundary_after(chunks: &[&[u8]]) -> bool {
-        let mut keepalive = KeepAlive {
-            every: Duration::from_secs(1),
-            sleep: Box::pin(tokio::time::sleep_until(Instant::now())),
-            stale: false,
-            tail: [0; 4],
-            tail_len: 0,
-            whole: true,
-        };
-        for chunk in chunks {
-            keepalive.saw(chunk);
-        }
-        at_boundary(&keepalive.tail[..keepalive.tail_len], keepalive.whole)
-    }
-
-    #[tokio::test]
-    async fn a_keepalive_goes_only_between_events() {
-        let between: &[&[&[u8]]] = &[
-            &[],
-            &[b"data: {}\n\n"],
-            &[b"data: {}\r\n\r\n"],
-            &[b"data: {}\r\r"],
-            &[b"data: {}\n", b"\n"],
-            &[b"data: {}\r\n\r", b"\n"],
-            &[b"data: {}\n", b"", b"\n"],
-            &[b"\n"],
-            &[b"data: {}\n\n", b": ping\n\n"],
-        ];
-        for chunks in between {
-            assert!(boundary_after(chunks), "{chunks:?}");
-        }
-        let inside: &[&[&[u8]]] = &[
-            &[b"data: {"],
-            &[b"data: {}\n"],
-            &[b"data: {}\r\n"],
-            &[b"data: {}\n\ndata: x"],
-            &[b"data: {}\n\n", b"event: done\n"],
-            &[b"data: {}\n\n", b"d"],
-            &[b"xxxx", b"\n"],
-        ];
-        for chunks in inside {
-            assert!(!boundary_after(chunks), "{chunks:?}");
-        }
     }
 }

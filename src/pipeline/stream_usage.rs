@@ -7,10 +7,11 @@
 //! written in. A body that is not such a request (not JSON, not an object, `stream` not
 //! `true`, a duplicate key) is forwarded unchanged: this feature never refuses a request.
 
-use bytes::{Buf, Bytes, BytesMut};
-use memchr::memmem;
+use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
+
+use crate::sse::{self, event_end, last_event_end, names_usage_object};
 
 /// What asking for usage writes in: where `stream_options` is missing, where it is `null`,
 /// and where it lacks the member.
@@ -175,55 +176,6 @@ impl UsageChunkFilter {
     }
 }
 
-/// Where the first event in `buf` ends: just after the empty line that closes it. Lines end
-/// in CRLF, LF or CR; a CR as `buf`'s last byte is left for the bytes after it to decide.
-fn event_end(buf: &[u8]) -> Option<usize> {
-    let mut line_start = true;
-    let mut at = 0;
-    while at < buf.len() {
-        let eol = match buf[at] {
-            b'\n' => 1,
-            b'\r' => match buf.get(at + 1) {
-                Some(b'\n') => 2,
-                Some(_) => 1,
-                None => return None,
-            },
-            _ => {
-                line_start = false;
-                at += 1;
-                continue;
-            }
-        };
-        at += eol;
-        if line_start {
-            return Some(at);
-        }
-        line_start = true;
-    }
-    None
-}
-
-/// Where the last whole event in `chunk` ends, if one does.
-fn last_event_end(chunk: &[u8]) -> Option<usize> {
-    let mut end = None;
-    let mut from = 0;
-    while let Some(len) = event_end(&chunk[from..]) {
-        from += len;
-        end = Some(from);
-    }
-    end
-}
-
-/// Whether a `"usage"` key in `event` is followed by an object: a cheap look before parsing
-/// (every chunk of an asked-for stream says `"usage":null`).
-fn names_usage_object(event: &[u8]) -> bool {
-    memmem::find_iter(event, b"\"usage\"").any(|at| {
-        let rest = event[at + 7..].trim_ascii_start();
-        rest.strip_prefix(b":")
-            .is_some_and(|value| value.trim_ascii_start().starts_with(b"{"))
-    })
-}
-
 /// Whether `event` is the chunk that carries only the usage: its data is an object with an
 /// empty `choices` and a `usage` object.
 fn is_usage_only(event: &[u8]) -> bool {
@@ -236,27 +188,7 @@ fn is_usage_only(event: &[u8]) -> bool {
     if !names_usage_object(event) {
         return false;
     }
-    let mut data = Vec::new();
-    let mut lines = event;
-    while !lines.is_empty() {
-        let len = lines
-            .iter()
-            .position(|byte| matches!(byte, b'\n' | b'\r'))
-            .unwrap_or(lines.len());
-        let line = &lines[..len];
-        if let Some(value) = line.strip_prefix(b"data:") {
-            if !data.is_empty() {
-                data.push(b'\n');
-            }
-            data.extend_from_slice(value.strip_prefix(b" ").unwrap_or(value));
-        }
-        lines.advance(len);
-        let eol = lines
-            .iter()
-            .take_while(|byte| matches!(byte, b'\n' | b'\r'))
-            .count();
-        lines.advance(eol.min(2));
-    }
+    let data = sse::data(event);
     match serde_json::from_slice::<Chunk>(&data) {
         Ok(chunk) => chunk.choices.is_empty() && chunk.usage.is_some_and(|u| u.get() != "null"),
         Err(_) => false,

@@ -8,6 +8,7 @@ use serde::Deserialize;
 
 use super::Mount;
 use crate::config::Config;
+use crate::observe::log::Record;
 use crate::observe::traces::{self, GenAi, RequestSpan, UpstreamSpan};
 use crate::routes::RouteSpec;
 
@@ -24,24 +25,24 @@ impl Traced {
         config.tracing.traces_on().then_some(Traced)
     }
 
-    /// The span of a `method` request to `template` by `route`, with its whole JSON `body`
-    /// when the engine or the pipeline read it whole (to name the model).
+    /// The span of the request `record` opened, by `route`, with its whole JSON `body` when
+    /// the engine or the pipeline read it whole (to name the model).
     pub(super) fn open(
         &self,
-        method: &Method,
-        template: &str,
+        record: &Record,
         route: &RouteSpec,
         provider: &'static str,
         headers: &HeaderMap,
         body: Option<&[u8]>,
     ) -> RequestSpan {
         let model = body.and_then(request_model);
+        let template = &record.route;
         let gen_ai = route.usage.then(|| GenAi {
             operation: traces::operation(template, route.operation_id.as_deref()),
             provider,
             model: model.as_deref(),
         });
-        RequestSpan::start(method, template, headers, gen_ai)
+        RequestSpan::start(&record.method, template, headers, gen_ai)
     }
 
     /// The span of the wait for `mount`'s head, inside `span`.
@@ -51,7 +52,7 @@ impl Traced {
         method: &Method,
         mount: &Mount,
     ) -> UpstreamSpan {
-        span.upstream_wait(method, mount.server.as_deref())
+        span.upstream_wait(method, mount.server())
     }
 }
 

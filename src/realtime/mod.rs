@@ -32,9 +32,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::RealtimeConfig;
 use crate::headers;
+use crate::message::Io;
 use crate::observe::log::{self, SessionLine};
 use crate::observe::metrics::RouteMetrics;
-use crate::upstream::{BoxError, Io, Upstream};
+use crate::upstream::{BoxError, Upstream};
 
 /// Handshake headers that belong to one hop of a WebSocket connection (RFC 6455 §4).
 const HANDSHAKE_HEADERS: [HeaderName; 4] = [
@@ -178,7 +179,7 @@ impl Realtime {
                 held,
             } = session;
             let _held = held;
-            let _open = metrics.all().realtime_session();
+            let _open = metrics.gateway().realtime_session();
             let client = match upgrade.await {
                 Ok(client) => client,
                 Err(err) => {

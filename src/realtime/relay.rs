@@ -20,7 +20,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
 /// The upstream connection: plain TCP for ws://, TLS for wss://, perhaps through a proxy.
-pub(super) type UpstreamIo = Box<dyn crate::upstream::Io>;
+pub(super) type UpstreamIo = Box<dyn crate::message::Io>;
 
 /// How long a closing side may take to answer a close frame before it is dropped.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);

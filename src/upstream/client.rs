@@ -1,30 +1,16 @@
 //! The general transport: hyper-util's pooled client over [`Connector`], for HTTPS (HTTP/2
 //! by ALPN where the upstream offers it), proxies, and bodies that stream.
 
-use std::io;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use bytes::Bytes;
 use http::{HeaderMap, Method, Uri};
-use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
 use hyper_util::client::legacy;
 
 use super::connect::Connector;
 use super::{SendError, Stage, POOL_IDLE_TIMEOUT};
-
-/// A request body as the pooled client takes it.
-pub(crate) type ClientBody = BoxBody<Bytes, io::Error>;
-
-/// A body of chunks as they come, for the pooled client.
-pub(crate) fn streaming<S>(chunks: S) -> ClientBody
-where
-    S: futures_util::Stream<Item = io::Result<Bytes>> + Send + Sync + 'static,
-{
-    let frames = futures_util::StreamExt::map(chunks, |chunk| chunk.map(hyper::body::Frame::data));
-    http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(frames))
-}
+use crate::message::Chunks;
 
 /// hyper's pooled clients, in lanes of at most `max_streams` requests at once.
 ///
@@ -46,7 +32,7 @@ pub(super) struct Client {
 
 /// One hyper client, so one HTTP/2 connection, and the requests it carries now.
 struct Lane {
-    client: legacy::Client<Connector, ClientBody>,
+    client: legacy::Client<Connector, Chunks>,
     open: Arc<AtomicUsize>,
 }
 
@@ -70,7 +56,7 @@ impl Client {
         method: Method,
         uri: Uri,
         headers: HeaderMap,
-        body: ClientBody,
+        body: Chunks,
     ) -> Sending {
         let mut request = http::Request::new(body);
         *request.method_mut() = method;

@@ -26,6 +26,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tower_service::Service;
 
+use crate::message::Io;
+
 /// A boxed error from any stage of connecting.
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -209,11 +211,6 @@ impl Connector {
         }
     }
 }
-
-/// A byte stream to the upstream or a proxy: TCP, or TLS over one.
-pub(crate) trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
-
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 
 /// An upstream connection, ready for HTTP or a WebSocket handshake.
 pub(crate) struct Conn {

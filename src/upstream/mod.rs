@@ -26,15 +26,15 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::future::Either;
 use futures_util::{Stream, TryFutureExt};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Method, StatusCode};
-use http_body_util::BodyExt;
 
 use crate::config::{ConfigError, UpstreamConfig};
-use crate::http1::{Fields, Framing};
-pub(crate) use client::{streaming, ClientBody};
-pub(crate) use connect::{BoxError, Connector, Io, Purpose};
+use crate::http1::Framing;
+use crate::message::Io;
+use crate::message::{Body, Head, RequestBody};
+pub(crate) use connect::{BoxError, Connector, Purpose};
 use raw::{Raw, RawBody};
 pub(crate) use target::Target;
 
@@ -42,142 +42,49 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// A request ready for the upstream: every rule of the pipeline has been applied to it.
 pub(crate) struct Outbound {
-    pub method: Method,
+    pub(crate) method: Method,
     /// Path and query as the upstream sees them ([`Target::join`]).
-    pub target: PathAndQuery,
-    pub headers: HeaderMap,
-    pub body: OutboundBody,
-}
-
-/// A request body on its way up.
-pub(crate) enum OutboundBody {
-    /// All of it, already read (possibly empty).
-    Whole(Bytes),
-    /// Chunks as the client sends them.
-    Stream(ClientBody),
+    pub(crate) target: PathAndQuery,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: RequestBody,
 }
 
 /// The upstream's answer up to its head, with its body to come.
 pub(crate) struct Response {
-    pub status: StatusCode,
-    pub head: Head,
-    pub body: Body,
-}
-
-/// An answer's header fields: a map, or the head as it arrived on a raw connection (read,
-/// filtered and written in place by the fast engine, with no map built in between).
-pub(crate) enum Head {
-    Map(HeaderMap),
-    Wire(Fields),
-}
-
-impl Head {
-    /// The first value of `name`.
-    pub(crate) fn get(&self, name: &HeaderName) -> Option<&[u8]> {
-        match self {
-            Head::Map(map) => map.get(name).map(HeaderValue::as_bytes),
-            Head::Wire(fields) => fields.get(name),
-        }
-    }
-
-    /// The first value of `name`, sharing the head's storage.
-    pub(crate) fn value(&self, name: &HeaderName) -> Option<HeaderValue> {
-        match self {
-            Head::Map(map) => map.get(name).cloned(),
-            Head::Wire(fields) => fields.value(name),
-        }
-    }
-
-    /// Every field, name and value.
-    pub(crate) fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        let (map, wire) = match self {
-            Head::Map(map) => (Some(map), None),
-            Head::Wire(fields) => (None, Some(fields)),
-        };
-        let map = map.into_iter().flat_map(|map| {
-            map.iter()
-                .map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes()))
-        });
-        map.chain(wire.into_iter().flat_map(Fields::iter))
-    }
-
-    /// Keeps the fields whose name `keep` accepts.
-    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&[u8]) -> bool) {
-        match self {
-            Head::Map(map) => {
-                let going: Vec<HeaderName> = map
-                    .keys()
-                    .filter(|name| !keep(name.as_str().as_bytes()))
-                    .cloned()
-                    .collect();
-                for name in going {
-                    map.remove(name);
-                }
-            }
-            Head::Wire(fields) => fields.retain(keep),
-        }
-    }
-
-    /// Adds a field after the others.
-    pub(crate) fn append(&mut self, name: HeaderName, value: HeaderValue) {
-        match self {
-            Head::Map(map) => {
-                map.append(name, value);
-            }
-            Head::Wire(fields) => fields.append(name, value),
-        }
-    }
-
-    /// The fields as a header map, for an engine that needs one.
-    pub(crate) fn into_map(self) -> HeaderMap {
-        match self {
-            Head::Map(map) => map,
-            Head::Wire(fields) => fields.to_header_map(),
-        }
-    }
-}
-
-/// How much body an answer has, as its framing says.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum BodySize {
-    /// None at all (204, 304): no length is sent either.
-    None,
-    Known(u64),
-    /// Until the upstream says it is over (chunked, or until it closes).
-    Unknown,
+    pub(crate) status: StatusCode,
+    pub(crate) head: Head,
+    pub(crate) body: ResponseBody,
 }
 
 /// An answer's body as it arrives, whichever transport brought it.
-pub(crate) enum Body {
+pub(crate) enum ResponseBody {
     Raw(RawBody),
     Client {
         body: http_body_util::BodyDataStream<hyper::body::Incoming>,
-        size: BodySize,
-        /// The request's place in its connection's lane, given back when the body is dropped.
+        framing: Framing,
+        /// The request's place on its connection, given back when the body is dropped.
         _slot: client::Slot,
     },
 }
 
-impl Body {
-    pub(crate) fn size(&self) -> BodySize {
+impl ResponseBody {
+    /// How the body is delimited: as the upstream framed it on a raw connection; on the
+    /// pooled client, by its `Content-Length`, else `Chunked` (hyper has read the framing).
+    pub(crate) fn framing(&self) -> Framing {
         match self {
-            Body::Raw(raw) => match raw.framing() {
-                Framing::Empty => BodySize::None,
-                Framing::Length(len) => BodySize::Known(len),
-                Framing::Chunked | Framing::UntilClose => BodySize::Unknown,
-            },
-            Body::Client { size, .. } => *size,
+            ResponseBody::Raw(raw) => raw.framing(),
+            ResponseBody::Client { framing, .. } => *framing,
         }
     }
 }
 
-impl Stream for Body {
+impl Stream for ResponseBody {
     type Item = Result<Bytes, BoxError>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         match self.get_mut() {
-            Body::Raw(raw) => Pin::new(raw).poll_next(cx),
-            Body::Client { body, .. } => Pin::new(body)
+            ResponseBody::Raw(raw) => Pin::new(raw).poll_next(cx),
+            ResponseBody::Client { body, .. } => Pin::new(body)
                 .poll_next(cx)
                 .map_err(|err| Box::new(err) as BoxError),
         }
@@ -315,11 +222,11 @@ impl Upstream {
         request: Outbound,
     ) -> impl Future<Output = Result<Response, SendError>> + Send + '_ {
         match (&self.raw, &request.body) {
-            (Some(raw), OutboundBody::Whole(_)) => {
+            (Some(raw), Body::Whole(_)) => {
                 Either::Left(raw.send(request).map_ok(|(head, body)| Response {
                     status: head.status,
                     head: Head::Wire(head.fields),
-                    body: Body::Raw(body),
+                    body: ResponseBody::Raw(body),
                 }))
             }
             _ => Either::Right(self.send_by_client(request)),
@@ -331,24 +238,24 @@ impl Upstream {
         let (response, slot) = self.start_on_client(request)?.response().await?;
         self.client.answered_in(response.version());
         let (parts, incoming) = response.into_parts();
-        let size = if matches!(
+        let framing = if matches!(
             parts.status,
             StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED
         ) {
-            BodySize::None
+            Framing::Empty
         } else {
             parts
                 .headers
                 .get(header::CONTENT_LENGTH)
                 .and_then(|value| crate::headers::content_length(value.as_bytes()))
-                .map_or(BodySize::Unknown, BodySize::Known)
+                .map_or(Framing::Chunked, Framing::Length)
         };
         Ok(Response {
             status: parts.status,
             head: Head::Map(parts.headers),
-            body: Body::Client {
+            body: ResponseBody::Client {
                 body: http_body_util::BodyDataStream::new(incoming),
-                size,
+                framing,
                 _slot: slot,
             },
         })
@@ -362,12 +269,7 @@ impl Upstream {
             mut headers,
             body,
         } = request;
-        let body = match body {
-            OutboundBody::Whole(body) => http_body_util::Full::new(body)
-                .map_err(|never| match never {})
-                .boxed(),
-            OutboundBody::Stream(body) => body,
-        };
+        let body = body.into_chunks();
         let uri = self
             .target
             .uri(target)
@@ -393,7 +295,7 @@ impl Upstream {
                 .cloned()
                 .unwrap_or_else(|| PathAndQuery::from_static("/")),
             headers,
-            body: OutboundBody::Whole(Bytes::new()),
+            body: Body::Whole(Bytes::new()),
         };
         match self.send(request).await {
             Ok(_) => Ok(()),

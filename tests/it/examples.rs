@@ -107,7 +107,7 @@ async fn a_request_through_each_example_arrives_as_its_provider_expects() {
         let manifest = std::fs::read_to_string(examples().join(case.example)).unwrap();
         let config = oa_bypass::Config::load(Some(&examples().join(case.example))).unwrap();
         let mount = (config.mounts.iter())
-            .find(|mount| mount.upstream.mount == case.mount)
+            .find(|mount| &*mount.upstream.mount == case.mount)
             .unwrap();
         // The example's base path, on the local upstream.
         let base_path = mount.upstream.base_url.path().trim_end_matches('/');

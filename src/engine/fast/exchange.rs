@@ -12,10 +12,9 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::{Conn, Routes, MAX_AHEAD, SMALL_BUFFER};
-use crate::http1::{self, make_room, write_two, ClientFraming, RequestHead};
-use crate::pipeline::relay::Relay;
-use crate::pipeline::{Admitted, Answer, AnswerBody, ClientBody, Endpoint, Request, Timer};
-use crate::upstream::{BodySize, Head};
+use crate::http1::{self, make_room, write_two, Framing, RequestHead};
+use crate::message::{Body, Head};
+use crate::pipeline::{Admitted, Answer, Endpoint, Relay, Request, Timer};
 
 /// Why the body could not be read.
 enum Unread {
@@ -84,7 +83,7 @@ impl<'c> Conn<'c> {
             // (Pinned where it is made: moved into the `select!`, it would be copied.)
             let answer = {
                 let mut forwarding =
-                    std::pin::pin!(admitted.forward(ClientBody::Whole(body), None, Some(timer)));
+                    std::pin::pin!(admitted.forward(Body::Whole(body), None, Some(timer)));
                 tokio::select! {
                     biased;
                     answer = forwarding.as_mut() => answer,
@@ -102,10 +101,10 @@ impl<'c> Conn<'c> {
         mut answer: Answer,
         close: bool,
     ) -> impl Future<Output = bool> + use<'_, 'c> {
-        let framing = match answer.body.size() {
-            BodySize::None => ClientFraming::Empty,
-            BodySize::Known(len) => ClientFraming::Length(len),
-            BodySize::Unknown => ClientFraming::Chunked,
+        // A body its upstream ends by closing goes chunked here, so the connection is kept.
+        let framing = match answer.framing() {
+            Framing::UntilClose => Framing::Chunked,
+            framing => framing,
         };
         self.out.clear();
         http1::write_response_head(
@@ -122,12 +121,12 @@ impl<'c> Conn<'c> {
         async move {
             let complete = match answer.body {
                 // The head and the body in one `writev`.
-                AnswerBody::Full(body) => {
+                Body::Whole(body) => {
                     let written = write_two(self.client, &self.out, &body).await;
                     self.out.clear();
                     written.is_ok()
                 }
-                AnswerBody::Relay(mut relay) => self.relay(&mut relay, framing).await,
+                Body::Stream(mut relay) => self.relay(&mut relay, framing).await,
             };
             complete && !close
         }
@@ -172,7 +171,7 @@ impl<'c> Conn<'c> {
     /// Streams the upstream's answer to the client after the head waiting in `out`, chunk by
     /// chunk as it arrives. `false` when it could not be delivered whole: the connection is
     /// then closed without the body's end, so the client sees it incomplete.
-    async fn relay(&mut self, relay: &mut Relay, framing: ClientFraming) -> bool {
+    async fn relay(&mut self, relay: &mut Relay, framing: Framing) -> bool {
         loop {
             let ready = std::future::poll_fn(|cx| Poll::Ready(relay.poll_next_unpin(cx))).await;
             let next = match ready {
@@ -191,7 +190,7 @@ impl<'c> Conn<'c> {
                 }
             };
             match next {
-                Some(Ok(data)) if framing == ClientFraming::Chunked => {
+                Some(Ok(data)) if framing == Framing::Chunked => {
                     http1::put_chunk(&mut self.out, &data);
                     if self.flush().await.is_err() {
                         return false;
@@ -211,7 +210,7 @@ impl<'c> Conn<'c> {
                     return false;
                 }
                 None => {
-                    if framing == ClientFraming::Chunked {
+                    if framing == Framing::Chunked {
                         self.out.extend_from_slice(http1::LAST_CHUNK);
                     }
                     return self.flush().await.is_ok();

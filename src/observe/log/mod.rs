@@ -1,4 +1,5 @@
-//! Logging: the tracing subscriber, and the one line written per request.
+//! Logging: the tracing subscriber, and the one line written per request ([`Record`]) or per
+//! realtime session.
 //!
 //! A request line carries method, route template, status, durations, byte counts, the
 //! upstream's request ID, the key's hash prefix and the model when the usage tap read it. It
@@ -6,13 +7,14 @@
 //! ID the operator does not want in logs): the route template is logged instead.
 
 mod line;
+mod record;
 mod writer;
+
+pub(crate) use record::{Outcome, Record};
 
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use http::Method;
-use tokio::time::Instant;
 use tracing::Level;
 use tracing_subscriber::filter::{filter_fn, FilterExt, Targets};
 use tracing_subscriber::layer::SubscriberExt;
@@ -120,75 +122,6 @@ pub fn init(config: &LogConfig, tracing: &TracingConfig) -> Result<Logging, Stri
 /// Milliseconds with microsecond precision, as a number in JSON logs.
 pub(crate) fn millis(duration: Duration) -> f64 {
     (duration.as_secs_f64() * 1_000_000.0).round() / 1000.0
-}
-
-/// What one forwarded request's line says, gathered when its answer is finished.
-pub(crate) struct RequestLine<'a> {
-    pub method: &'a Method,
-    pub route: &'a str,
-    pub status: u16,
-    pub elapsed: Duration,
-    /// From sending the request upstream to the upstream's response headers.
-    pub upstream_ttfb: Duration,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-    pub outcome: &'static str,
-    /// The upstream's `x-request-id`, which OpenAI support asks for.
-    pub upstream_request_id: Option<&'a str>,
-    /// The first 8 hex digits of the key's SHA-256.
-    pub key_hash: &'a str,
-    /// The mount that served it, when not the default.
-    pub mount: Option<&'a str>,
-    /// The environment variable of the key the gateway sent, when it holds the keys.
-    pub upstream_key: Option<&'a str>,
-    pub model: Option<&'a str>,
-    pub input_tokens: Option<u64>,
-    pub output_tokens: Option<u64>,
-}
-
-/// Writes a forwarded request's line.
-pub(crate) fn request(line: &RequestLine<'_>) {
-    line::write(|fields| {
-        fields.bare("method", line.method.as_str());
-        fields.bare("route", line.route);
-        fields.number("status", u64::from(line.status));
-        fields.millis("duration_ms", line.elapsed);
-        fields.millis("upstream_ttfb_ms", line.upstream_ttfb);
-        fields.number("bytes_in", line.bytes_in);
-        fields.number("bytes_out", line.bytes_out);
-        fields.quoted("outcome", line.outcome);
-        if let Some(id) = line.upstream_request_id {
-            fields.quoted("upstream_request_id", id);
-        }
-        fields.quoted("key_hash", line.key_hash);
-        if let Some(mount) = line.mount {
-            fields.quoted("mount", mount);
-        }
-        if let Some(var) = line.upstream_key {
-            fields.quoted("upstream_key", var);
-        }
-        if let Some(model) = line.model {
-            fields.quoted("model", model);
-        }
-        if let Some(tokens) = line.input_tokens {
-            fields.number("input_tokens", tokens);
-        }
-        if let Some(tokens) = line.output_tokens {
-            fields.number("output_tokens", tokens);
-        }
-    });
-}
-
-/// Logs a request the gateway answered itself, with the reason (never a key or a body).
-pub(crate) fn rejected(method: &Method, route: &str, status: u16, start: Instant, reason: &str) {
-    line::write(|fields| {
-        fields.bare("method", method.as_str());
-        fields.bare("route", route);
-        fields.number("status", u64::from(status));
-        fields.millis("duration_ms", start.elapsed());
-        fields.quoted("outcome", "gateway_error");
-        fields.quoted("reason", reason);
-    });
 }
 
 /// What a realtime (WebSocket) session's line says, written when the session ends.

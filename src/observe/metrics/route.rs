@@ -84,7 +84,8 @@ impl RouteMetrics {
         }
     }
 
-    pub(crate) fn all(&self) -> &Metrics {
+    /// The gateway's metrics, of every route.
+    pub(crate) fn gateway(&self) -> &Metrics {
         &self.all
     }
 

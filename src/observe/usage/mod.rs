@@ -21,6 +21,8 @@ use std::sync::LazyLock;
 use memchr::memmem::Finder;
 
 use report::UsageObject;
+
+use crate::sse::{self, USAGE_FINDER, USAGE_KEY};
 pub(crate) use report::{Usage, TOKEN_KINDS};
 
 /// Bytes kept after a `"usage"` key: the object with every detail is well under this.
@@ -28,28 +30,11 @@ const USAGE_CAPTURE: usize = 4096;
 /// Bytes kept after a `"model"` key.
 const MODEL_CAPTURE: usize = 512;
 
-const USAGE_KEY: &[u8] = b"\"usage\"";
 const MODEL_KEY: &[u8] = b"\"model\"";
 /// Both keys are this long, so one tail serves both searches.
 const KEY_LEN: usize = 7;
-static USAGE_FINDER: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(USAGE_KEY));
+const _: () = assert!(USAGE_KEY.len() == KEY_LEN && MODEL_KEY.len() == KEY_LEN);
 static MODEL_FINDER: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(MODEL_KEY));
-
-/// Where `finder`'s key starts in `chunk`, leaving out the places inside a string (a quote
-/// with a backslash before it; `before` is the byte ahead of the chunk).
-fn key_starts<'a>(
-    finder: &'a Finder<'static>,
-    chunk: &'a [u8],
-    before: Option<u8>,
-) -> impl Iterator<Item = usize> + 'a {
-    finder.find_iter(chunk).filter(move |&start| {
-        let previous = match start.checked_sub(1) {
-            Some(at) => Some(chunk[at]),
-            None => before,
-        };
-        previous != Some(b'\\')
-    })
-}
 
 /// Bytes being copied after a key was seen, up to a cap.
 #[derive(Debug)]
@@ -154,11 +139,11 @@ impl UsageTap {
         }
         self.find_split_keys(chunk);
         let before = self.tail.as_slice().last().copied();
-        for start in key_starts(&USAGE_FINDER, chunk, before) {
+        for start in sse::usage_keys(chunk, before) {
             self.start_usage(&chunk[start + KEY_LEN..]);
         }
         if matches!(self.model, Model::Unseen) {
-            if let Some(start) = key_starts(&MODEL_FINDER, chunk, before).next() {
+            if let Some(start) = sse::keys(&MODEL_FINDER, chunk, before).next() {
                 self.start_model(&chunk[start + KEY_LEN..]);
             }
         }

@@ -20,8 +20,9 @@ use http::Uri;
 use tokio::time::Instant;
 
 use super::connect::{BoxError, Connector};
-use super::{Outbound, OutboundBody, SendError, Stage};
+use super::{Outbound, SendError, Stage};
 use crate::http1::{self, make_room, BadResponse, ResponseHead};
+use crate::message::Body;
 pub(super) use body::RawBody;
 use pool::{Connection, Pool};
 use wire::Wire;
@@ -65,7 +66,7 @@ impl Raw {
             headers,
             body,
         } = request;
-        let OutboundBody::Whole(body) = body else {
+        let Body::Whole(body) = body else {
             let refused = "the raw transport takes only whole bodies";
             return Err(SendError::new(Stage::Exchange, refused.into()));
         };

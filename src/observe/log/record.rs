@@ -1,0 +1,130 @@
+//! The one record of a request's log line: opened when the request's head arrives, filled in
+//! by the phase that learns each part, and written once, when its answer is done or the
+//! gateway refuses it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderValue, Method};
+use tokio::time::Instant;
+
+use super::line;
+use crate::observe::key::KeyPrefix;
+use crate::observe::usage::Usage;
+
+/// How a forwarded request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// The whole answer reached the client.
+    Complete,
+    /// The client went away before the answer ended; the upstream request was dropped.
+    ClientAborted,
+    /// The upstream failed mid-body; the client's connection was aborted.
+    UpstreamBodyError,
+    /// The upstream went silent mid-body past the read timeout.
+    UpstreamBodyTimeout,
+}
+
+impl Outcome {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Complete => "complete",
+            Outcome::ClientAborted => "client_aborted",
+            Outcome::UpstreamBodyError => "upstream_body_error",
+            Outcome::UpstreamBodyTimeout => "upstream_body_timeout",
+        }
+    }
+}
+
+/// What one request's line says. It never holds a key, a header value but the upstream's
+/// request ID, a body, or the raw path (which could hold an ID the operator does not want in
+/// logs): the route template stands for the path.
+#[derive(Debug, Clone)]
+pub(crate) struct Record {
+    pub(crate) method: Method,
+    /// The route template, or one of the gateway's own names for a path no route has.
+    pub(crate) route: Arc<str>,
+    pub(crate) start: Instant,
+    /// Whose request: its key's hash prefix, once phase 3 has read one.
+    pub(crate) key: Option<KeyPrefix>,
+    /// The mount that served it, when not the default.
+    pub(crate) mount: Option<Arc<str>>,
+    /// The environment variable of the key the gateway lent it, when it holds the keys.
+    pub(crate) upstream_key: Option<Arc<str>>,
+    pub(crate) status: u16,
+    /// From sending the request upstream to the upstream's response headers.
+    pub(crate) upstream_ttfb: Duration,
+    /// The upstream's `x-request-id`, which OpenAI support asks for.
+    pub(crate) upstream_request_id: Option<HeaderValue>,
+    pub(crate) bytes_in: u64,
+    pub(crate) bytes_out: u64,
+    pub(crate) outcome: Outcome,
+}
+
+impl Record {
+    /// The record of a `method` request to `route` whose head arrived at `start`.
+    pub(crate) fn open(method: Method, route: Arc<str>, start: Instant) -> Record {
+        Record {
+            method,
+            route,
+            start,
+            key: None,
+            mount: None,
+            upstream_key: None,
+            status: 0,
+            upstream_ttfb: Duration::ZERO,
+            upstream_request_id: None,
+            bytes_in: 0,
+            bytes_out: 0,
+            outcome: Outcome::ClientAborted,
+        }
+    }
+
+    /// Writes the line of a forwarded request, `elapsed` after it began, with the usage its
+    /// answer reported.
+    pub(crate) fn write_forwarded(&self, elapsed: Duration, usage: Option<&Usage>) {
+        line::write(|fields| {
+            fields.bare("method", self.method.as_str());
+            fields.bare("route", &self.route);
+            fields.number("status", u64::from(self.status));
+            fields.millis("duration_ms", elapsed);
+            fields.millis("upstream_ttfb_ms", self.upstream_ttfb);
+            fields.number("bytes_in", self.bytes_in);
+            fields.number("bytes_out", self.bytes_out);
+            fields.quoted("outcome", self.outcome.as_str());
+            let request_id = (self.upstream_request_id.as_ref()).and_then(|id| id.to_str().ok());
+            if let Some(id) = request_id {
+                fields.quoted("upstream_request_id", id);
+            }
+            if let Some(key) = &self.key {
+                fields.quoted("key_hash", key);
+            }
+            if let Some(mount) = &self.mount {
+                fields.quoted("mount", mount);
+            }
+            if let Some(var) = &self.upstream_key {
+                fields.quoted("upstream_key", var);
+            }
+            if let Some(usage) = usage {
+                if let Some(model) = &usage.model {
+                    fields.quoted("model", model);
+                }
+                fields.number("input_tokens", usage.input);
+                fields.number("output_tokens", usage.output);
+            }
+        });
+    }
+
+    /// Writes the line of a request the gateway answered `status` itself, with the reason
+    /// (never a key or a body).
+    pub(crate) fn write_refused(&self, status: u16, reason: &str) {
+        line::write(|fields| {
+            fields.bare("method", self.method.as_str());
+            fields.bare("route", &self.route);
+            fields.number("status", u64::from(status));
+            fields.millis("duration_ms", self.start.elapsed());
+            fields.quoted("outcome", "gateway_error");
+            fields.quoted("reason", reason);
+        });
+    }
+}
