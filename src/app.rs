@@ -261,3 +261,98 @@ impl App {
         Ok(Some(store))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+    use crate::config::hash_line;
+
+    const CLIENT_KEY: &str = "sk-client-key-NOT-FOR-UPSTREAM";
+    const HELD_KEY: &str = "sk-held-by-the-gateway";
+
+    /// An upstream that answers each request `{}` and sends every request head it reads.
+    async fn recording_upstream() -> (String, tokio::sync::mpsc::UnboundedReceiver<String>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (heads, seen) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let heads = heads.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match socket.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let _ = heads.send(String::from_utf8_lossy(&head).into_owned());
+                    let answer =
+                        "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}";
+                    let _ = socket.write_all(answer.as_bytes()).await;
+                });
+            }
+        });
+        (format!("http://{addr}"), seen)
+    }
+
+    /// A reload that meets the key pools' lock poisoned is refused, and the gateway keeps
+    /// serving with its pools: the client's key never goes up, the held one does.
+    #[tokio::test]
+    async fn a_poisoned_key_pool_lock_fails_closed() {
+        std::env::set_var("OA_TEST_POISONED_HELD", HELD_KEY);
+        let (upstream, mut seen) = recording_upstream().await;
+        let manifest = format!(
+            "[upstream]\nbase_url = \"{upstream}\"\nkeys_env = [\"OA_TEST_POISONED_HELD\"]\n\
+             [access]\nallowed_key_hashes = [\"{}\"]\n\
+             [[routes]]\nmethod = \"GET\"\npath = \"/v1/models\"\n",
+            hash_line(CLIENT_KEY)
+        );
+        let config = Config::from_manifest_str(&manifest).unwrap();
+        let app = app(&config).unwrap();
+
+        // A thread panics while it holds the pools' lock.
+        std::thread::scope(|scope| {
+            let holder = scope.spawn(|| {
+                let _held = app.key_pools.lock();
+                panic!("a thread panicked holding the key pools");
+            });
+            assert!(holder.join().is_err());
+        });
+        assert!(app.key_pools.is_poisoned());
+        let refused = app.reload(&config).unwrap_err().to_string();
+        assert!(refused.contains("poisoned"), "{refused}");
+
+        let listener = crate::server::Listener::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let addr = listener.local_addr();
+        let serving = app.serving();
+        let settings = config.server.clone();
+        tokio::spawn(crate::server::serve(
+            listener,
+            serving,
+            std::future::pending(),
+            settings,
+        ));
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let request = format!(
+            "GET /v1/models HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {CLIENT_KEY}\r\n\
+             Connection: close\r\n\r\n"
+        );
+        client.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let head = seen.recv().await.unwrap();
+        assert!(
+            !head.contains(CLIENT_KEY),
+            "the client's key went up:\n{head}"
+        );
+        assert!(head.contains(&format!("Bearer {HELD_KEY}")), "{head}");
+    }
+}

@@ -112,3 +112,31 @@ impl Mount {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{hash_line, Config};
+
+    #[test]
+    fn a_mount_holding_keys_is_not_built_without_their_pool() {
+        std::env::set_var("OA_TEST_MOUNT_HELD", "sk-held");
+        let manifest = format!(
+            "[upstream]\nbase_url = \"http://127.0.0.1:9\"\nkeys_env = [\"OA_TEST_MOUNT_HELD\"]\n\
+             [access]\nallowed_key_hashes = [\"{}\"]\n\
+             [[routes]]\nmethod = \"GET\"\npath = \"/v1/models\"\n",
+            hash_line("sk-client")
+        );
+        let config = Config::from_manifest_str(&manifest).unwrap();
+        let tls = crate::upstream::tls::client_config().unwrap();
+        let Err(refused) = Mount::new(&config.upstream, None, &tls) else {
+            panic!("a held-key mount was built without its keys");
+        };
+        assert!(
+            refused.to_string().contains("upstream.keys_env"),
+            "{refused}"
+        );
+        let pool = KeyPool::new(&config.upstream, None).map(Arc::new);
+        assert!(Mount::new(&config.upstream, pool, &tls).is_ok());
+    }
+}
