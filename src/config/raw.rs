@@ -1,5 +1,9 @@
 //! The manifest exactly as written: serde shapes of routes.toml with their defaults.
 //!
+//! Each key the manifest takes is declared here once: its name, its type, its default (the
+//! `Default` impl beside it) and a doc line. `--check` shows every one, and both READMEs
+//! document every one: tests in `config::describe` hold both against this list.
+//!
 //! Unknown keys are refused here (`deny_unknown_fields`), so a typo fails at start-up instead
 //! of being silently ignored. Nothing in this module checks meaning; `config::validate` does.
 
@@ -8,6 +12,7 @@ use serde::Deserialize;
 use super::units::{ByteSize, HumanDuration};
 
 #[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawConfig {
     #[serde(default)]
@@ -44,23 +49,36 @@ pub(super) struct RawConfig {
 }
 
 #[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawServer {
+    /// The address to listen on.
     pub host: String,
+    /// The port to listen on; 0 picks one.
     pub port: u16,
+    /// How long requests and streams may finish after SIGTERM.
     pub shutdown_grace: HumanDuration,
+    /// The time a client has to send its request head.
     pub header_read_timeout: HumanDuration,
+    /// The longest silence inside a request body.
     pub body_read_timeout: HumanDuration,
+    /// The largest request head.
     pub max_header_bytes: ByteSize,
+    /// Connections at once; 0: unlimited.
     pub max_connections: u32,
+    /// Worker threads; 0: one per core.
     pub workers: u32,
+    /// The fast HTTP/1 engine for plain requests to routes without path parameters.
     pub fast_lane: bool,
+    /// HTTPS from PEM files.
     pub tls: Option<RawTls>,
+    /// HTTPS with a certificate obtained and renewed over ACME.
     pub acme: Option<RawAcme>,
 }
 
 /// `[server.tls]`: serve HTTPS with these PEM files.
 #[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawTls {
     pub cert: String,
@@ -69,6 +87,7 @@ pub(super) struct RawTls {
 
 /// `[server.acme]`: serve HTTPS with a certificate obtained and renewed over ACME.
 #[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawAcme {
     pub domains: Vec<String>,
@@ -84,10 +103,14 @@ fn default_acme_directory() -> String {
 }
 
 #[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawLog {
+    /// `text` or `json` lines.
     pub format: String,
+    /// A level filter (`RUST_LOG` wins).
     pub level: String,
+    /// Log lines that may wait for a slow stdout before further ones are dropped.
     pub buffer: ByteSize,
 }
 
@@ -102,10 +125,14 @@ impl Default for RawLog {
 }
 
 #[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawMetrics {
+    /// Serve `/metrics`.
     pub enabled: bool,
+    /// Count tokens per key hash prefix too.
     pub tokens_by_key: bool,
+    /// Distinct model labels before the rest count as `other`.
     pub max_models: u32,
 }
 
@@ -138,17 +165,26 @@ impl Default for RawServer {
 }
 
 #[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawUpstream {
+    /// Where requests go; their path and query are appended unchanged.
     pub base_url: String,
+    /// The longest wait for a connection.
     pub connect_timeout: HumanDuration,
+    /// The longest silence before the answer's head or between two body chunks.
     pub read_timeout: HumanDuration,
+    /// The outbound proxy (`http`, `https`, `socks5`, `socks5h`).
     pub proxy: Option<String>,
     /// HTTP/2 by ALPN where an `https://` upstream offers it; false: HTTP/1.1 only.
     pub http2: bool,
+    /// Idle connections each worker keeps.
     pub max_idle_connections: u32,
+    /// Requests on one HTTP/2 connection before another opens.
     pub http2_max_concurrent_streams: u32,
+    /// `/ready` also checks that the upstream answers.
     pub ready_check: bool,
+    /// Where the client's key is read, and a held key written.
     pub credential_header: String,
     /// Names of environment variables holding the keys the gateway sends in place of the
     /// client's; empty: the client's own key goes up.
@@ -175,6 +211,7 @@ impl Default for RawUpstream {
 /// One `[mounts.NAME]` table: an upstream behind `prefix`. Unset settings take
 /// `[upstream]`'s.
 #[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawMount {
     pub prefix: String,
@@ -194,6 +231,7 @@ pub(super) struct RawMount {
 
 /// A mount's own routes file: nothing but `[[routes]]`.
 #[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawRoutesFile {
     #[serde(default)]
@@ -201,19 +239,30 @@ pub(super) struct RawRoutesFile {
 }
 
 #[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawLimits {
+    /// The largest JSON (and SDP) body.
     pub max_json_body: ByteSize,
+    /// The largest multipart or binary body.
     pub max_upload_body: ByteSize,
+    /// A token bucket per key (by its hash); 0: off.
     pub requests_per_minute_per_key: u32,
+    /// A token bucket per client address; 0: off.
     pub requests_per_minute_per_ip: u32,
+    /// Requests allowed at once above the steady rate; 0: the rate.
     pub burst: u32,
+    /// Requests in flight in all; 0: off.
     pub max_concurrent_requests: u32,
+    /// Requests in flight per key; 0: off.
     pub max_concurrent_per_key: u32,
     /// `redis://…` or `rediss://…`; empty: limits are per process.
     pub store: String,
+    /// While the store is down: `open` serves unlimited, `closed` answers 503.
     pub store_failure: String,
+    /// The longest wait for the store.
     pub store_timeout: HumanDuration,
+    /// How long a dead replica's slots stay taken.
     pub store_lease: HumanDuration,
 }
 
@@ -236,8 +285,10 @@ impl Default for RawLimits {
 }
 
 #[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawCors {
+    /// Origins browsers may call from; empty: CORS off.
     pub allow_origins: Vec<String>,
 }
 
@@ -250,10 +301,14 @@ impl Default for RawCors {
 }
 
 #[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawOpenApi {
+    /// Serve `/openapi.json` and `/docs`.
     pub enabled: bool,
+    /// The document's title.
     pub title: String,
+    /// The document's version.
     pub version: String,
     /// The order of the document's sections; `None`: [`DEFAULT_TAG_ORDER`].
     pub tag_order: Option<Vec<String>>,
@@ -302,9 +357,12 @@ impl Default for RawOpenApi {
 }
 
 #[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawRealtime {
+    /// The largest WebSocket message.
     pub max_message: ByteSize,
+    /// A session silent this long closes with 1001.
     pub idle_timeout: HumanDuration,
 }
 
@@ -318,6 +376,7 @@ impl Default for RawRealtime {
 }
 
 #[derive(Debug, Default, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawStreaming {
     /// Write an SSE comment to the client after this long without upstream bytes.
@@ -325,30 +384,40 @@ pub(super) struct RawStreaming {
 }
 
 #[derive(Debug, Default, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawTracing {
     /// Answers carry a `Server-Timing` header: the gateway's time and the upstream's.
     pub server_timing: bool,
+    /// An OTLP/HTTP collector: a span per request.
     pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawUsage {
+    /// Streams ask the upstream for their usage; the added chunk is not passed on.
     pub inject_stream_usage: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawAccess {
+    /// Only these keys (`sha256:` hex) are forwarded; empty: any.
     pub allowed_key_hashes: Vec<String>,
+    /// Only these networks may call; empty: any.
     pub allowed_ips: Vec<String>,
+    /// Proxies whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<String>,
+    /// The API (and docs) live only under `/<secret>/…`.
     pub path_secret: Option<String>,
 }
 
 /// One `[[routes]]` entry.
 #[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawRoute {
     pub method: String,
@@ -385,6 +454,7 @@ pub(super) struct RawRoute {
 }
 
 #[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(untagged)]
 pub(super) enum OneOrMany {
     One(String),

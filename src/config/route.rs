@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use http::Method;
 
-use super::raw::RawRoute;
+use super::raw::{OneOrMany, RawRoute};
 use super::values::describe_figment_error;
 use super::{ManifestSource, METHODS};
 use crate::routes::{BodyKind, Examples, FormField, PathTemplate, RouteSpec};
@@ -21,86 +21,12 @@ pub(super) fn validate_route(
         .map_err(|err| describe_figment_error(err, Some(&key_path), source))?;
     let mut problems = Vec::new();
 
-    let method = if METHODS.contains(&raw.method.as_str()) {
-        raw.method.parse::<Method>().ok()
-    } else {
-        None
-    };
-    if method.is_none() {
-        problems.push(format!(
-            "{key_path}.method: {:?} is not one of {}",
-            raw.method,
-            METHODS.join(", ")
-        ));
-    }
-
+    let method = method(&key_path, &raw.method, &mut problems);
     let template = PathTemplate::parse(&raw.path)
         .map_err(|err| problems.push(format!("{key_path}.path: {:?} {err}", raw.path)))
         .ok();
-
-    let body_names = (raw.body.take()).map_or_else(|| vec!["none".to_owned()], |b| b.into_vec());
-    let mut body = Vec::with_capacity(body_names.len());
-    if body_names.is_empty() {
-        problems.push(format!(
-            "{key_path}.body: the list is empty; use \"none\" for no body"
-        ));
-    }
-    for name in &body_names {
-        match BodyKind::parse(name) {
-            Some(kind) if !body.contains(&kind) => body.push(kind),
-            Some(kind) => problems.push(format!("{key_path}.body: {kind:?} is listed twice")),
-            None => problems.push(format!(
-                "{key_path}.body: {name:?} is not one of {}",
-                BodyKind::ALL.map(BodyKind::as_str).join(", ")
-            )),
-        }
-    }
-    if body.contains(&BodyKind::WebSocket) {
-        if body.len() > 1 {
-            problems.push(format!(
-                "{key_path}.body: \"websocket\" cannot be combined with other kinds"
-            ));
-        }
-        if method.as_ref().is_some_and(|m| m != Method::GET) {
-            problems.push(format!(
-                "{key_path}.method: a websocket route must be GET (WebSockets open with GET + Upgrade)"
-            ));
-        }
-    }
-    if raw.stream_usage_option && !(raw.usage && body.contains(&BodyKind::Json)) {
-        problems.push(format!(
-            "{key_path}.stream_usage_option: needs usage = true and a json body"
-        ));
-    }
-    if let Some(timeout) = raw.read_timeout {
-        if timeout.0.is_zero() {
-            problems.push(format!("{key_path}.read_timeout: must be more than 0s"));
-        }
-    }
-    if let Some(size) = raw.max_body {
-        if size.0 == 0 {
-            problems.push(format!("{key_path}.max_body: must be more than 0 bytes"));
-        }
-    }
-    if let Some(id) = &raw.operation_id {
-        let valid = !id.is_empty()
-            && id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
-        if !valid {
-            problems.push(format!(
-                "{key_path}.operation_id: {id:?} may only hold letters, digits, '_', '-' and '.'"
-            ));
-        }
-    }
-    for media_type in raw.produces.iter().flatten() {
-        if !crate::routes::is_media_type(media_type) {
-            problems.push(format!(
-                "{key_path}.produces: {media_type:?} is not a media type like \"application/zip\""
-            ));
-        }
-    }
-
+    let body = body_kinds(&key_path, raw.body.take(), method.as_ref(), &mut problems);
+    check_settings(&key_path, &raw, &body, &mut problems);
     let examples = examples(&key_path, &raw, &body, &mut problems);
 
     match (method, template) {
@@ -123,6 +49,95 @@ pub(super) fn validate_route(
             examples: Arc::new(examples),
         }),
         _ => Err(problems),
+    }
+}
+
+/// The route's method, one of [`METHODS`].
+fn method(key_path: &str, written: &str, problems: &mut Vec<String>) -> Option<Method> {
+    let method = METHODS
+        .contains(&written)
+        .then(|| written.parse::<Method>().ok())
+        .flatten();
+    if method.is_none() {
+        problems.push(format!(
+            "{key_path}.method: {written:?} is not one of {}",
+            METHODS.join(", ")
+        ));
+    }
+    method
+}
+
+/// The body kinds the route takes: `none` when it names none, each at most once, and a
+/// WebSocket alone, on GET.
+fn body_kinds(
+    key_path: &str,
+    written: Option<OneOrMany>,
+    method: Option<&Method>,
+    problems: &mut Vec<String>,
+) -> Vec<BodyKind> {
+    let names = written.map_or_else(|| vec!["none".to_owned()], OneOrMany::into_vec);
+    if names.is_empty() {
+        problems.push(format!(
+            "{key_path}.body: the list is empty; use \"none\" for no body"
+        ));
+    }
+    let mut body = Vec::with_capacity(names.len());
+    for name in &names {
+        match BodyKind::parse(name) {
+            Some(kind) if !body.contains(&kind) => body.push(kind),
+            Some(kind) => problems.push(format!("{key_path}.body: {kind:?} is listed twice")),
+            None => problems.push(format!(
+                "{key_path}.body: {name:?} is not one of {}",
+                BodyKind::ALL.map(BodyKind::as_str).join(", ")
+            )),
+        }
+    }
+    if body.contains(&BodyKind::WebSocket) {
+        if body.len() > 1 {
+            problems.push(format!(
+                "{key_path}.body: \"websocket\" cannot be combined with other kinds"
+            ));
+        }
+        if method.is_some_and(|m| m != Method::GET) {
+            problems.push(format!(
+                "{key_path}.method: a websocket route must be GET (WebSockets open with GET + Upgrade)"
+            ));
+        }
+    }
+    body
+}
+
+/// The route's own settings: usage options that fit its body, limits above zero, an
+/// operationId and media types of the allowed shape.
+fn check_settings(key_path: &str, raw: &RawRoute, body: &[BodyKind], problems: &mut Vec<String>) {
+    if raw.stream_usage_option && !(raw.usage && body.contains(&BodyKind::Json)) {
+        problems.push(format!(
+            "{key_path}.stream_usage_option: needs usage = true and a json body"
+        ));
+    }
+    if raw.read_timeout.is_some_and(|timeout| timeout.0.is_zero()) {
+        problems.push(format!("{key_path}.read_timeout: must be more than 0s"));
+    }
+    if raw.max_body.is_some_and(|size| size.0 == 0) {
+        problems.push(format!("{key_path}.max_body: must be more than 0 bytes"));
+    }
+    if let Some(id) = &raw.operation_id {
+        let valid = !id.is_empty()
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+        if !valid {
+            problems.push(format!(
+                "{key_path}.operation_id: {id:?} may only hold letters, digits, '_', '-' and '.'"
+            ));
+        }
+    }
+    for media_type in raw.produces.iter().flatten() {
+        if !crate::routes::is_media_type(media_type) {
+            problems.push(format!(
+                "{key_path}.produces: {media_type:?} is not a media type like \"application/zip\""
+            ));
+        }
     }
 }
 

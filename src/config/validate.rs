@@ -25,7 +25,6 @@ use crate::routes::{RouteSpec, RouteTable};
 
 pub(super) fn validate(raw: RawConfig, source: ManifestSource) -> Result<Config, ConfigError> {
     let mut problems = Vec::new();
-
     let host = raw.server.host.parse::<IpAddr>().map_err(|_| {
         format!(
             "server.host: {:?} is not an IP address (use 0.0.0.0 for every IPv4 interface, \
@@ -33,8 +32,134 @@ pub(super) fn validate(raw: RawConfig, source: ManifestSource) -> Result<Config,
             raw.server.host
         )
     });
-    let allow_origins = raw.cors.allow_origins;
-    for origin in &allow_origins {
+    check_bounds(&raw, &mut problems);
+    let access = validate_access(raw.access, &mut problems);
+    let store = validate_store(&raw.limits, &mut problems);
+    let allowed_keys = !access.allowed_key_hashes.is_empty();
+    let upstream = validate_upstream(
+        "upstream",
+        DEFAULT_MOUNT,
+        &raw.upstream,
+        allowed_keys,
+        &mut problems,
+    );
+    let log = validate_log(raw.log, &mut problems);
+    let server = server_config(&raw.server);
+    let (tls, acme) = certificate_source(raw.server.tls, raw.server.acme, &mut problems);
+    let tracing = tracing_config(raw.tracing, &mut problems);
+    if raw.metrics.max_models == 0 {
+        problems.push("metrics.max_models: must be at least 1".to_owned());
+    }
+    let specs = validate_routes(raw.routes, &source, &mut problems);
+    let streaming = StreamingConfig {
+        keepalive: raw.streaming.keepalive.map(|t| t.0),
+    };
+    check_keepalives(
+        &streaming,
+        raw.upstream.read_timeout.0,
+        &specs,
+        &mut problems,
+    );
+    let mounts = validate_mounts(
+        raw.mounts,
+        &raw.upstream,
+        &specs,
+        allowed_keys,
+        &source,
+        &mut problems,
+    );
+    check_route_upstreams(&specs, &mounts, &mut problems);
+    check_something_served(&specs, &mounts, &mut problems);
+    let tag_order = tag_order(raw.openapi.tag_order, &specs, &mounts, &mut problems);
+    let schemas = (raw.openapi.schemas.as_deref())
+        .and_then(|path| schemas_file(path, &source, &mut problems));
+    let (host, upstream) = match (host, upstream) {
+        (Ok(host), Some(upstream)) if problems.is_empty() => (host, upstream),
+        (host, _) => {
+            problems.extend(host.err());
+            return Err(ConfigError::Invalid(problems));
+        }
+    };
+    let routes = RouteTable::new(specs).map_err(|err| ConfigError::one(err.to_string()))?;
+    Ok(Config {
+        server: ServerConfig {
+            host,
+            tls,
+            acme,
+            ..server
+        },
+        upstream: Arc::new(upstream),
+        mounts,
+        limits: limits_config(&raw.limits, store),
+        cors: CorsConfig {
+            allow_origins: raw.cors.allow_origins,
+        },
+        access,
+        streaming,
+        tracing,
+        usage: UsageConfig {
+            inject_stream_usage: raw.usage.inject_stream_usage,
+        },
+        realtime: RealtimeConfig {
+            max_message: raw.realtime.max_message.0,
+            idle_timeout: raw.realtime.idle_timeout.0,
+        },
+        openapi: OpenApiConfig {
+            enabled: raw.openapi.enabled,
+            title: raw.openapi.title,
+            version: raw.openapi.version,
+            tag_order,
+            schemas,
+        },
+        log,
+        metrics: metrics_config(&raw.metrics),
+        routes,
+        source,
+    })
+}
+
+/// `[server]`, but for the address and the certificate, which are checked on their own.
+fn server_config(raw: &raw::RawServer) -> ServerConfig {
+    ServerConfig {
+        host: IpAddr::from([0, 0, 0, 0]),
+        port: raw.port,
+        shutdown_grace: raw.shutdown_grace.0,
+        header_read_timeout: raw.header_read_timeout.0,
+        body_read_timeout: raw.body_read_timeout.0,
+        max_header_bytes: raw.max_header_bytes.0,
+        max_connections: NonZeroU32::new(raw.max_connections),
+        workers: NonZeroU32::new(raw.workers),
+        fast_lane: raw.fast_lane,
+        tls: None,
+        acme: None,
+    }
+}
+
+/// `[metrics]`.
+fn metrics_config(raw: &raw::RawMetrics) -> MetricsConfig {
+    MetricsConfig {
+        enabled: raw.enabled,
+        tokens_by_key: raw.tokens_by_key,
+        max_models: usize::try_from(raw.max_models).unwrap_or(usize::MAX),
+    }
+}
+
+/// Some route is served: the manifest's, or a mount's routes file of its own (a manifest of
+/// such mounts may declare none itself).
+fn check_something_served(specs: &[RouteSpec], mounts: &[MountConfig], problems: &mut Vec<String>) {
+    let mounts_serve = mounts.iter().any(|mount| mount.routes.is_some());
+    if specs.is_empty() && !mounts_serve && problems.is_empty() {
+        problems.push(
+            "routes: the manifest declares no [[routes]]; there would be nothing to serve"
+                .to_owned(),
+        );
+    }
+}
+
+/// The settings that only need to be within their bounds: origins that are origins, body
+/// limits and timeouts above zero, a head limit a server can keep.
+fn check_bounds(raw: &RawConfig, problems: &mut Vec<String>) {
+    for origin in &raw.cors.allow_origins {
         if origin != "*" && http::HeaderValue::from_str(origin).is_err() {
             problems.push(format!(
                 "cors.allow_origins: {origin:?} is not a valid origin (like \"https://app.example.com\" or \"*\")"
@@ -64,154 +189,79 @@ pub(super) fn validate(raw: RawConfig, source: ManifestSource) -> Result<Config,
     if raw.realtime.idle_timeout.0.is_zero() {
         problems.push("realtime.idle_timeout: must be more than 0s".to_owned());
     }
+}
 
-    let access = validate_access(raw.access, &mut problems);
-    let store = validate_store(&raw.limits, &mut problems);
-    let allowed_keys = !access.allowed_key_hashes.is_empty();
-    let upstream = validate_upstream(
-        "upstream",
-        DEFAULT_MOUNT,
-        &raw.upstream,
-        allowed_keys,
-        &mut problems,
-    );
-    let log = validate_log(raw.log, &mut problems);
-    let tls = raw.server.tls.map(|tls| TlsConfig {
+/// `server.tls` or `server.acme`, not both.
+fn certificate_source(
+    tls: Option<raw::RawTls>,
+    acme: Option<raw::RawAcme>,
+    problems: &mut Vec<String>,
+) -> (Option<TlsConfig>, Option<AcmeConfig>) {
+    let tls = tls.map(|tls| TlsConfig {
         cert: PathBuf::from(tls.cert),
         key: PathBuf::from(tls.key),
     });
-    let acme = raw
-        .server
-        .acme
-        .and_then(|acme| validate_acme(acme, &mut problems));
+    let acme = acme.and_then(|acme| validate_acme(acme, problems));
     if tls.is_some() && acme.is_some() {
         problems.push(
             "server.tls and server.acme: choose one source for the certificate, not both"
                 .to_owned(),
         );
     }
-    let otlp_endpoint = raw.tracing.otlp_endpoint.as_deref().and_then(|text| {
+    (tls, acme)
+}
+
+/// `[tracing]`: the collector's URL, or the `OTEL_EXPORTER_OTLP_*` variables that turn
+/// traces on without one.
+fn tracing_config(raw: raw::RawTracing, problems: &mut Vec<String>) -> TracingConfig {
+    let otlp_endpoint = raw.otlp_endpoint.as_deref().and_then(|text| {
         parse_http_url("tracing.otlp_endpoint", text)
             .map_err(|err| problems.push(err))
             .ok()
     });
-    if raw.metrics.max_models == 0 {
-        problems.push("metrics.max_models: must be at least 1".to_owned());
+    let from_environment = [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    ]
+    .iter()
+    .any(|name| std::env::var_os(name).is_some_and(|value| !value.is_empty()));
+    TracingConfig {
+        server_timing: raw.server_timing,
+        otlp_endpoint,
+        otlp_from_environment: from_environment,
     }
+}
 
-    let mut specs = Vec::with_capacity(raw.routes.len());
-    for (index, value) in raw.routes.into_iter().enumerate() {
-        match route::validate_route(index, value, &source) {
+/// Every `[[routes]]` entry, each problem named by its index.
+fn validate_routes(
+    routes: Vec<figment::value::Value>,
+    source: &ManifestSource,
+    problems: &mut Vec<String>,
+) -> Vec<RouteSpec> {
+    let mut specs = Vec::with_capacity(routes.len());
+    for (index, value) in routes.into_iter().enumerate() {
+        match route::validate_route(index, value, source) {
             Ok(spec) => specs.push(spec),
             Err(mut route_problems) => problems.append(&mut route_problems),
         }
     }
-    let streaming = StreamingConfig {
-        keepalive: raw.streaming.keepalive.map(|t| t.0),
-    };
-    check_keepalives(
-        &streaming,
-        raw.upstream.read_timeout.0,
-        &specs,
-        &mut problems,
-    );
-    let mounts = validate_mounts(
-        raw.mounts,
-        &raw.upstream,
-        &specs,
-        allowed_keys,
-        &source,
-        &mut problems,
-    );
-    check_route_upstreams(&specs, &mounts, &mut problems);
-    // A manifest of mounts with routes files of their own may declare none itself.
-    let mounts_serve = mounts.iter().any(|mount| mount.routes.is_some());
-    if specs.is_empty() && !mounts_serve && problems.is_empty() {
-        problems.push(
-            "routes: the manifest declares no [[routes]]; there would be nothing to serve"
-                .to_owned(),
-        );
+    specs
+}
+
+/// `[limits]`, where 0 means off for each rate and cap.
+fn limits_config(raw: &raw::RawLimits, store: Option<super::StoreConfig>) -> LimitsConfig {
+    LimitsConfig {
+        max_json_body: raw.max_json_body.0,
+        max_upload_body: raw.max_upload_body.0,
+        admission: AdmissionConfig {
+            requests_per_minute_per_key: NonZeroU32::new(raw.requests_per_minute_per_key),
+            requests_per_minute_per_ip: NonZeroU32::new(raw.requests_per_minute_per_ip),
+            burst: NonZeroU32::new(raw.burst),
+            max_concurrent_requests: NonZeroU32::new(raw.max_concurrent_requests),
+            max_concurrent_per_key: NonZeroU32::new(raw.max_concurrent_per_key),
+            store,
+        },
     }
-
-    let tag_order = tag_order(raw.openapi.tag_order, &specs, &mounts, &mut problems);
-    let schemas = (raw.openapi.schemas.as_deref())
-        .and_then(|path| schemas_file(path, &source, &mut problems));
-    let (host, upstream) = match (host, upstream) {
-        (Ok(host), Some(upstream)) if problems.is_empty() => (host, upstream),
-        (host, _) => {
-            problems.extend(host.err());
-            return Err(ConfigError::Invalid(problems));
-        }
-    };
-    let routes = RouteTable::new(specs).map_err(|err| ConfigError::one(err.to_string()))?;
-
-    Ok(Config {
-        server: ServerConfig {
-            host,
-            port: raw.server.port,
-            shutdown_grace: raw.server.shutdown_grace.0,
-            header_read_timeout: raw.server.header_read_timeout.0,
-            body_read_timeout: raw.server.body_read_timeout.0,
-            max_header_bytes: raw.server.max_header_bytes.0,
-            max_connections: NonZeroU32::new(raw.server.max_connections),
-            workers: NonZeroU32::new(raw.server.workers),
-            fast_lane: raw.server.fast_lane,
-            tls,
-            acme,
-        },
-        upstream: Arc::new(upstream),
-        mounts,
-        limits: LimitsConfig {
-            max_json_body: raw.limits.max_json_body.0,
-            max_upload_body: raw.limits.max_upload_body.0,
-            // 0 means off for each of these.
-            admission: AdmissionConfig {
-                requests_per_minute_per_key: NonZeroU32::new(
-                    raw.limits.requests_per_minute_per_key,
-                ),
-                requests_per_minute_per_ip: NonZeroU32::new(raw.limits.requests_per_minute_per_ip),
-                burst: NonZeroU32::new(raw.limits.burst),
-                max_concurrent_requests: NonZeroU32::new(raw.limits.max_concurrent_requests),
-                max_concurrent_per_key: NonZeroU32::new(raw.limits.max_concurrent_per_key),
-                store,
-            },
-        },
-        cors: CorsConfig { allow_origins },
-        access,
-        streaming,
-        tracing: TracingConfig {
-            server_timing: raw.tracing.server_timing,
-            otlp_endpoint,
-            otlp_from_environment: [
-                "OTEL_EXPORTER_OTLP_ENDPOINT",
-                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-            ]
-            .iter()
-            .any(|name| std::env::var_os(name).is_some_and(|value| !value.is_empty())),
-        },
-        usage: UsageConfig {
-            inject_stream_usage: raw.usage.inject_stream_usage,
-        },
-        realtime: RealtimeConfig {
-            max_message: raw.realtime.max_message.0,
-            idle_timeout: raw.realtime.idle_timeout.0,
-        },
-        openapi: OpenApiConfig {
-            enabled: raw.openapi.enabled,
-            title: raw.openapi.title,
-            version: raw.openapi.version,
-            tag_order,
-            schemas,
-        },
-        log,
-        metrics: MetricsConfig {
-            enabled: raw.metrics.enabled,
-            tokens_by_key: raw.metrics.tokens_by_key,
-            max_models: usize::try_from(raw.metrics.max_models).unwrap_or(usize::MAX),
-        },
-        routes,
-        source,
-    })
 }
 
 /// `openapi.tag_order` as written, each a tag some route or mount has; else the default

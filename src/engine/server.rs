@@ -27,8 +27,11 @@ use super::fast;
 use super::tls::{Tls, ACME_TLS_ALPN};
 use super::Serving;
 use crate::config::ServerConfig;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+use crate::realtime::Sessions;
+use std::pin::Pin;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
 
 type ResponseBody = http_body_util::combinators::BoxBody<Bytes, io::Error>;
 
@@ -91,28 +94,15 @@ impl Listener {
 }
 
 /// Serves `app` until `shutdown` resolves, then stops accepting and lets in-flight requests
-/// and streams finish for up to `grace` before dropping them.
+/// and streams finish for up to `server.shutdown_grace` before dropping them.
 pub async fn serve(
     listener: Listener,
     app: Arc<Serving>,
     shutdown: impl Future<Output = ()>,
     settings: ServerConfig,
 ) -> io::Result<()> {
-    let grace = settings.shutdown_grace;
-    let sessions = app.sessions.clone();
-    let max_header_bytes = usize::try_from(settings.max_header_bytes).unwrap_or(usize::MAX);
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // A client gets header_read_timeout to send its request head (slowloris), and a head may
-    // not outgrow max_header_bytes (hyper answers 431).
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_read_timeout)
-        .max_buf_size(max_header_bytes);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(max_header_bytes).unwrap_or(u32::MAX));
+    let settings = Arc::new(settings);
+    let builder = hyper_builder(&settings);
     // At max_connections, stop accepting: new clients wait in the listen backlog instead of
     // exhausting file descriptors.
     let connection_slots = settings
@@ -122,40 +112,13 @@ pub async fn serve(
     // Started when the server stops accepting: fast-engine connections close between requests,
     // as hyper's do under `graceful`.
     let drain = Arc::new(fast::Drain::default());
-    let fast_settings = Arc::new(fast::Settings {
-        header_read_timeout: settings.header_read_timeout,
-        max_header_bytes,
-    });
     // Flipped when the grace period is over: connections still open are dropped.
     let (hard_stop, hard_stopped) = watch::channel(false);
     let local = LocalAddr(listener.local.into());
     tokio::pin!(shutdown);
-
-    loop {
-        let slot = match &connection_slots {
-            Some(slots) => tokio::select! {
-                () = &mut shutdown => break,
-                permit = Arc::clone(slots).acquire_owned() => permit.ok(),
-            },
-            None => None,
-        };
-        let (stream, remote) = tokio::select! {
-            () = &mut shutdown => break,
-            accepted = listener.listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    // Out of file descriptors or similar: retrying at once would spin, so
-                    // pause and let in-flight requests free what they hold.
-                    tracing::warn!(error = %err, "accept failed; retrying shortly");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        // Events must leave the moment they are written, not wait for Nagle to coalesce them.
-        // A socket that refuses still works, only slower.
-        let _ = stream.set_nodelay(true);
-
+    while let Some((stream, remote, slot)) =
+        accept(&listener, connection_slots.as_ref(), shutdown.as_mut()).await
+    {
         let connection = Connection {
             app: Arc::clone(&app),
             worker: listener.worker,
@@ -165,68 +128,112 @@ pub async fn serve(
             watcher: graceful.watcher(),
             hard_stopped: hard_stopped.clone(),
         };
-        match &listener.tls {
-            None => {
-                let drain = Arc::clone(&drain);
-                let fast_settings = Arc::clone(&fast_settings);
-                tokio::spawn(async move {
-                    let _slot = slot;
-                    connection.serve_plain(stream, &fast_settings, &drain).await;
-                });
-            }
-            Some(tls) => {
-                let acceptor = tls.acceptor();
-                let handshake_timeout = settings.header_read_timeout;
-                tokio::spawn(async move {
-                    let _slot = slot;
-                    let handshake =
-                        tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await;
-                    let stream = match handshake {
-                        Ok(Ok(stream)) => stream,
-                        Ok(Err(err)) => {
-                            tracing::debug!(error = %err, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!("TLS handshake timed out (server.header_read_timeout)");
-                            return;
-                        }
-                    };
-                    // An ACME TLS-ALPN-01 validation only needs the handshake.
-                    if stream.get_ref().1.alpn_protocol() == Some(ACME_TLS_ALPN) {
-                        return;
-                    }
-                    connection.serve(stream, http::uri::Scheme::HTTPS).await;
-                });
-            }
-        }
+        let tls = listener.tls.as_ref().map(|tls| tls.acceptor());
+        connection.spawn(stream, slot, tls, &settings, &drain);
     }
-
     let worker = listener.worker;
     drop(listener);
     drain.start();
-    sessions.stop_accepting();
-    tracing::info!(
+    let stopping = Stopping {
         worker,
-        grace = %humantime::format_duration(grace),
-        realtime_sessions = sessions.open(),
-        "no longer accepting; waiting for in-flight requests"
-    );
-    let everything = futures_util::future::join(graceful.shutdown(), sessions.finished());
-    tokio::select! {
-        _ = everything => tracing::info!(worker, "all connections finished"),
-        () = tokio::time::sleep(grace) => {
-            tracing::warn!(
-                realtime_sessions = sessions.open(),
-                "server.shutdown_grace expired; closing the remaining connections"
-            );
-            // Realtime sessions close both sides with 1001 (going away) before they end.
-            sessions.close_all();
-            let _ = tokio::time::timeout(SESSION_CLOSE_WAIT, sessions.finished()).await;
-            let _ = hard_stop.send(true);
+        sessions: app.sessions.clone(),
+        grace: settings.shutdown_grace,
+    };
+    stopping.finish(graceful, hard_stop).await;
+    Ok(())
+}
+
+/// hyper's server for `settings`. A client gets `header_read_timeout` to send its request
+/// head (slowloris), and a head may not outgrow `max_header_bytes` (hyper answers 431).
+fn hyper_builder(settings: &ServerConfig) -> auto::Builder<TokioExecutor> {
+    let max_header_bytes = usize::try_from(settings.max_header_bytes).unwrap_or(usize::MAX);
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_read_timeout)
+        .max_buf_size(max_header_bytes);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(max_header_bytes).unwrap_or(u32::MAX));
+    builder
+}
+
+/// The next connection, with its place under `max_connections`; `None` once `shutdown` has
+/// resolved.
+async fn accept(
+    listener: &Listener,
+    slots: Option<&Arc<Semaphore>>,
+    mut shutdown: Pin<&mut impl Future<Output = ()>>,
+) -> Option<(TcpStream, SocketAddr, Option<OwnedSemaphorePermit>)> {
+    let slot = match slots {
+        Some(slots) => tokio::select! {
+            () = shutdown.as_mut() => return None,
+            permit = Arc::clone(slots).acquire_owned() => permit.ok(),
+        },
+        None => None,
+    };
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.as_mut() => return None,
+            accepted = listener.listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, remote)) => {
+                // Events must leave the moment they are written, not wait for Nagle to
+                // coalesce them. A socket that refuses still works, only slower.
+                let _ = stream.set_nodelay(true);
+                return Some((stream, remote, slot));
+            }
+            Err(err) => {
+                // Out of file descriptors or similar: retrying at once would spin, so pause
+                // and let in-flight requests free what they hold.
+                tracing::warn!(error = %err, "accept failed; retrying shortly");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
     }
-    Ok(())
+}
+
+/// A worker that has stopped accepting, letting what is in flight finish.
+struct Stopping {
+    worker: usize,
+    sessions: Sessions,
+    grace: Duration,
+}
+
+impl Stopping {
+    /// Waits for every connection and realtime session to end, for up to the grace; past
+    /// it, sessions close with 1001 and `hard_stop` drops the connections still open.
+    async fn finish(self, graceful: GracefulShutdown, hard_stop: watch::Sender<bool>) {
+        let Stopping {
+            worker,
+            sessions,
+            grace,
+        } = self;
+        sessions.stop_accepting();
+        tracing::info!(
+            worker,
+            grace = %humantime::format_duration(grace),
+            realtime_sessions = sessions.open(),
+            "no longer accepting; waiting for in-flight requests"
+        );
+        let everything = futures_util::future::join(graceful.shutdown(), sessions.finished());
+        tokio::select! {
+            _ = everything => tracing::info!(worker, "all connections finished"),
+            () = tokio::time::sleep(grace) => {
+                tracing::warn!(
+                    realtime_sessions = sessions.open(),
+                    "server.shutdown_grace expired; closing the remaining connections"
+                );
+                // Realtime sessions close both sides with 1001 (going away) before they end.
+                sessions.close_all();
+                let _ = tokio::time::timeout(SESSION_CLOSE_WAIT, sessions.finished()).await;
+                let _ = hard_stop.send(true);
+            }
+        }
+    }
 }
 
 /// Everything one accepted connection needs to be served.
@@ -241,12 +248,62 @@ struct Connection {
 }
 
 impl Connection {
+    /// Serves the connection in a task of its own, holding its place under `max_connections`
+    /// (`slot`): a plain one in the fast engine first, one for `tls` after its handshake.
+    fn spawn(
+        self,
+        stream: TcpStream,
+        slot: Option<OwnedSemaphorePermit>,
+        tls: Option<Arc<TlsAcceptor>>,
+        settings: &Arc<ServerConfig>,
+        drain: &Arc<fast::Drain>,
+    ) {
+        let settings = Arc::clone(settings);
+        match tls {
+            None => {
+                let drain = Arc::clone(drain);
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    self.serve_plain(stream, &settings, &drain).await;
+                });
+            }
+            Some(acceptor) => {
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    self.serve_tls(stream, &acceptor, settings.header_read_timeout)
+                        .await;
+                });
+            }
+        }
+    }
+
+    /// Serves a TLS connection with hyper once its handshake is done, within
+    /// `server.header_read_timeout`.
+    async fn serve_tls(self, stream: TcpStream, acceptor: &TlsAcceptor, timeout: Duration) {
+        let stream = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(err)) => {
+                tracing::debug!(error = %err, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!("TLS handshake timed out (server.header_read_timeout)");
+                return;
+            }
+        };
+        // An ACME TLS-ALPN-01 validation only needs the handshake.
+        if stream.get_ref().1.alpn_protocol() == Some(ACME_TLS_ALPN) {
+            return;
+        }
+        self.serve(stream, http::uri::Scheme::HTTPS).await;
+    }
+
     /// Serves a plain TCP connection: in the fast engine while its requests qualify, then, from
     /// the first that does not, with hyper.
     async fn serve_plain(
         self,
-        mut stream: tokio::net::TcpStream,
-        settings: &fast::Settings,
+        mut stream: TcpStream,
+        settings: &ServerConfig,
         drain: &fast::Drain,
     ) {
         if self.app.fast(self.worker).is_none() {
@@ -262,7 +319,7 @@ impl Connection {
         };
         match ended {
             fast::Ended::Handover(read) => {
-                self.app.metrics.count_lane_handover();
+                self.app.metrics.count_fast_engine_handover();
                 self.serve(Rewind::new(read, stream), http::uri::Scheme::HTTP)
                     .await;
             }

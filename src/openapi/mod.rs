@@ -100,52 +100,8 @@ pub fn document(config: &Config) -> Result<Value, String> {
         }
         op
     };
-    let mut paths = Map::new();
-    paths.insert(
-        "/".into(),
-        json!({"get": gateway_text_operation("gatewayRoot", "Liveness (same as /health)")}),
-    );
-    paths.insert(
-        "/health".into(),
-        json!({"get": gateway_text_operation("gatewayHealth", "Liveness: the gateway is up")}),
-    );
-    paths.insert(
-        DOCUMENT_PATH.into(),
-        json!({"get": {
-            "operationId": "gatewayOpenApiDocument",
-            "tags": [GATEWAY_TAG],
-            "summary": "This document",
-            "security": [],
-            "responses": {
-                "200": {"description": "OpenAPI document", "content": {JSON: {"schema": {"type": "object"}}}},
-                "default": {"$ref": "#/components/responses/Error"},
-            },
-        }}),
-    );
-    for (template, routes) in config.routes.by_template() {
-        let mut item = Map::new();
-        for route in routes {
-            item.insert(route.method.as_str().to_ascii_lowercase(), operation(route));
-        }
-        paths.insert(template.as_str().to_owned(), Value::Object(item));
-    }
-    // Each mount's routes under its prefix, tagged with its name, signed in with its header.
-    for mount in &config.mounts {
-        let name = &*mount.upstream.mount;
-        let security = json!([{security_scheme(mount.upstream.credential_header): []}]);
-        for (template, routes) in mount.routes(&config.routes).by_template() {
-            let mut item = Map::new();
-            for route in routes {
-                let mut op = operation(route);
-                op["operationId"] = json!(format!("{name}_{}", route.operation_id()));
-                op["tags"] = json!([name]);
-                op["security"] = security.clone();
-                item.insert(route.method.as_str().to_ascii_lowercase(), op);
-            }
-            paths.insert(format!("{}{template}", mount.prefix), Value::Object(item));
-        }
-    }
-
+    let mut paths = gateway_paths();
+    paths.extend(route_paths(config, operation));
     let tag_objects = tags(config);
     let paths = Value::Object(paths);
     let typed = spec.as_ref().map(|spec| spec.components_for(&paths));
@@ -199,6 +155,62 @@ pub fn document(config: &Config) -> Result<Value, String> {
         schemas.extend(typed);
     }
     Ok(document)
+}
+
+/// The gateway's own paths: liveness and this document.
+fn gateway_paths() -> Map<String, Value> {
+    let mut paths = Map::new();
+    paths.insert(
+        "/".into(),
+        json!({"get": gateway_text_operation("gatewayRoot", "Liveness (same as /health)")}),
+    );
+    paths.insert(
+        "/health".into(),
+        json!({"get": gateway_text_operation("gatewayHealth", "Liveness: the gateway is up")}),
+    );
+    paths.insert(
+        DOCUMENT_PATH.into(),
+        json!({"get": {
+            "operationId": "gatewayOpenApiDocument",
+            "tags": [GATEWAY_TAG],
+            "summary": "This document",
+            "security": [],
+            "responses": {
+                "200": {"description": "OpenAPI document", "content": {JSON: {"schema": {"type": "object"}}}},
+                "default": {"$ref": "#/components/responses/Error"},
+            },
+        }}),
+    );
+    paths
+}
+
+/// The paths of the manifest's routes, then each mount's under its prefix, tagged with its
+/// name and signed in with its header; each route's operation as `operation` makes it.
+fn route_paths(config: &Config, operation: impl Fn(&RouteSpec) -> Value) -> Map<String, Value> {
+    let mut paths = Map::new();
+    for (template, routes) in config.routes.by_template() {
+        let mut item = Map::new();
+        for route in routes {
+            item.insert(route.method.as_str().to_ascii_lowercase(), operation(route));
+        }
+        paths.insert(template.as_str().to_owned(), Value::Object(item));
+    }
+    for mount in &config.mounts {
+        let name = &*mount.upstream.mount;
+        let security = json!([{security_scheme(mount.upstream.credential_header): []}]);
+        for (template, routes) in mount.routes(&config.routes).by_template() {
+            let mut item = Map::new();
+            for route in routes {
+                let mut op = operation(route);
+                op["operationId"] = json!(format!("{name}_{}", route.operation_id()));
+                op["tags"] = json!([name]);
+                op["security"] = security.clone();
+                item.insert(route.method.as_str().to_ascii_lowercase(), op);
+            }
+            paths.insert(format!("{}{template}", mount.prefix), Value::Object(item));
+        }
+    }
+    paths
 }
 
 /// The gateway's error body, named apart from the official spec's `Error` (its inner object).

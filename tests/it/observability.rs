@@ -219,6 +219,8 @@ async fn settled(gateway: &Gateway) -> String {
     support::scrape_settled(gateway.url("/metrics")).await
 }
 
+// One scenario whose steps read in order; its setup is already in helpers.
+#[allow(clippy::too_many_lines)]
 #[tokio::test]
 async fn metrics_count_real_traffic_and_token_usage_without_touching_the_bytes() {
     let upstream = openai_like_upstream().await;

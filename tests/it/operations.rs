@@ -172,6 +172,8 @@ fn reload_manifest(upstream: &str, routes: &str) -> String {
     )
 }
 
+// One scenario whose steps read in order; its setup is already in helpers.
+#[allow(clippy::too_many_lines)]
 #[tokio::test]
 async fn sighup_reloads_the_manifest_under_load_without_dropping_anything() {
     let (upstream, events) = Upstream::streaming().await;

@@ -41,7 +41,7 @@ impl<'c> Conn<'c> {
         timer: &'f mut Timer<'s>,
     ) -> impl Future<Output = bool> + use<'f, 'c, 's> {
         let body_len = head.body_len;
-        let Some(target) = head.target_after(routes.secret_len) else {
+        let Some(target) = head.target_after(routes.secret_len()) else {
             return Either::Left(Either::Left(std::future::ready(false)));
         };
         let request = Request {

@@ -25,7 +25,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::config::Config;
+use crate::config::{Config, ServerConfig};
 use crate::http1::{self, make_room, Parse, RequestHead, Span};
 use crate::observe::metrics::Metrics;
 use crate::pipeline::{Endpoint, Timer};
@@ -49,18 +49,16 @@ pub(crate) struct Routes {
     /// The full request path (with the path secret in front, when there is one) of every
     /// template without parameters.
     routes: HashMap<String, Arc<Endpoint>>,
-    /// Length of `/{path_secret}`, taken off the path the pipeline sees.
-    secret_len: usize,
+    /// The manifest they are of.
+    config: Arc<Config>,
     metrics: Arc<Metrics>,
-    /// CORS is on: requests with an `Origin` go to hyper's engine, which adds its headers.
-    cors: bool,
 }
 
 impl Routes {
     /// The fast engine's routes among `endpoints`.
     pub(crate) fn new(
         endpoints: &[(PathTemplate, Arc<Endpoint>)],
-        config: &Config,
+        config: &Arc<Config>,
         metrics: &Arc<Metrics>,
     ) -> Routes {
         let prefix = config
@@ -76,17 +74,23 @@ impl Routes {
             .collect();
         Routes {
             routes,
-            secret_len: prefix.len(),
+            config: Arc::clone(config),
             metrics: Arc::clone(metrics),
-            cors: !config.cors.allow_origins.is_empty(),
         }
     }
 
-    /// The endpoint this request takes in the fast engine, if it does.
+    /// Length of `/{path_secret}`, taken off the path the pipeline sees.
+    fn secret_len(&self) -> usize {
+        (self.config.access.path_secret)
+            .as_ref()
+            .map_or(0, |secret| secret.len() + 1)
+    }
+
+    /// The endpoint this request takes in the fast engine, if it does. With CORS on, a
+    /// request with an `Origin` goes to hyper's engine, which adds the CORS headers.
     fn take(&self, request: &RequestHead) -> Option<&Endpoint> {
-        if request.body_len > MAX_BODY
-            || (self.cors && request.headers.contains_key(header::ORIGIN))
-        {
+        let cors = !self.config.cors.allow_origins.is_empty();
+        if request.body_len > MAX_BODY || (cors && request.headers.contains_key(header::ORIGIN)) {
             return None;
         }
         self.routes
@@ -123,18 +127,12 @@ impl Drain {
     }
 }
 
-/// What a connection needs from the server.
-pub(crate) struct Settings {
-    pub header_read_timeout: Duration,
-    pub max_header_bytes: usize,
-}
-
 /// Serves `client` until it closes or a request must go to hyper. `routes` gives the routes
 /// of the manifest in force for each new request (`None`: hand over).
 pub(crate) async fn serve(
     client: &mut TcpStream,
     remote: SocketAddr,
-    settings: &Settings,
+    settings: &ServerConfig,
     drain: &Drain,
     routes: impl Fn() -> Option<Arc<Routes>>,
 ) -> Ended {
@@ -170,7 +168,7 @@ pub(crate) async fn serve(
             return Ended::Handover(conn.unread(head));
         };
         let close = head.close || drain.started();
-        routes.metrics.count_lane_request();
+        routes.metrics.count_fast_engine_request();
         let keep = conn
             .exchange(&routes, endpoint, head, close, &mut timer)
             .await;
@@ -197,16 +195,17 @@ impl Conn<'_> {
     /// Waits for the next request head: `Err` when the connection ends or goes to hyper.
     async fn read_head(
         &mut self,
-        settings: &Settings,
+        settings: &ServerConfig,
         mut drained: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>,
         timer: &mut Timer<'_>,
     ) -> Result<RequestHead, Ended> {
+        let max_header_bytes = usize::try_from(settings.max_header_bytes).unwrap_or(usize::MAX);
         let mut deadline = None;
         loop {
             match http1::parse_request(&mut self.buf, &mut self.spans) {
                 // A head over the limit that arrived whole: hyper answers it 431, as it
                 // would one that arrives in pieces.
-                Parse::Complete(parsed) if parsed.raw.len() > settings.max_header_bytes => {
+                Parse::Complete(parsed) if parsed.raw.len() > max_header_bytes => {
                     return Err(Ended::Handover(self.unread(parsed)));
                 }
                 Parse::Complete(parsed) => return Ok(parsed),
@@ -214,7 +213,7 @@ impl Conn<'_> {
                     tracing::trace!("fast engine: a head for hyper's parser; handing over");
                     return Err(Ended::Handover(std::mem::take(&mut self.buf)));
                 }
-                Parse::Partial if self.buf.len() >= settings.max_header_bytes => {
+                Parse::Partial if self.buf.len() >= max_header_bytes => {
                     // hyper answers 431.
                     return Err(Ended::Handover(std::mem::take(&mut self.buf)));
                 }

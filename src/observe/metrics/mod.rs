@@ -15,7 +15,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 
 use super::log;
 use crate::config::MetricsConfig;
@@ -133,6 +133,117 @@ pub(crate) fn method_label(method: &Method) -> &'static str {
     }
 }
 
+/// A metric's name (after the `oa_bypass_` prefix) and help text.
+type Described = (&'static str, &'static str);
+
+const REQUESTS: Described = (
+    "requests",
+    "Requests answered, by route template, method and status",
+);
+
+const MOUNT_REQUESTS: Described = (
+    "mount_requests",
+    "Admitted requests by mount (`default` is [upstream]) and the status answered",
+);
+
+const KEY_REQUESTS: Described = (
+    "upstream_key_requests",
+    "Requests sent with a key the gateway holds, by mount and the key's variable",
+);
+
+const KEY_RESTS: Described = (
+    "upstream_key_rests",
+    "429s that made a held key rest, by mount and the key's variable",
+);
+
+const RESPONSE_HEADERS: Described = (
+    "response_headers_seconds",
+    "Time from receiving a request to sending the response headers",
+);
+
+const DURATION: Described = (
+    "request_duration_seconds",
+    "Time from receiving a request to the end of its answer",
+);
+
+const UPSTREAM_TTFB: Described = (
+    "upstream_ttfb_seconds",
+    "Time from sending a request upstream to the upstream's response headers",
+);
+
+const BYTES_RECEIVED: Described = ("received_bytes", "Request body bytes received from clients");
+
+const BYTES_SENT: Described = ("sent_bytes", "Response body bytes sent to clients");
+
+const IN_FLIGHT: Described = (
+    "requests_in_flight",
+    "Forwarded requests whose answer is not yet delivered",
+);
+
+const OPEN_STREAMS: Described = ("open_streams", "Server-sent event streams being relayed");
+
+const REALTIME_SESSIONS: Described = ("realtime_sessions", "Open WebSocket (realtime) sessions");
+
+const UPSTREAM_ERRORS: Described = (
+    "upstream_errors",
+    "Upstream failures by route and kind (connect, timeout, reset)",
+);
+
+const RATE_LIMITED: Described = (
+    "rate_limited",
+    "Requests refused with 429 by the [limits] setting that refused them",
+);
+
+const TOKENS: Described = (
+    "tokens",
+    "Tokens reported by the upstream's usage objects, by model, route and kind",
+);
+
+const KEY_TOKENS: Described = (
+    "key_tokens",
+    "Tokens by key (first 8 hex digits of the key's SHA-256), model and kind; only with metrics.tokens_by_key",
+);
+
+const RELOADS: Described = ("config_reloads", "Manifest reloads on SIGHUP, by result");
+
+const FAST_ENGINE_REQUESTS: Described = (
+    "fast_lane_requests",
+    "Requests the fast engine forwarded (server.fast_lane); the rest went through hyper",
+);
+
+const FAST_ENGINE_HANDOVERS: Described = (
+    "fast_lane_handovers",
+    "Connections the fast engine handed to hyper at a request it does not take",
+);
+
+const LOG_DROPPED: Described = (
+    "log_lines_dropped",
+    "Log lines dropped because the log sink did not keep up (log.buffer)",
+);
+
+const STORE_ERRORS: Described = (
+    "limits_store_errors",
+    "Calls to the limits store (limits.store) that failed or timed out",
+);
+
+const STORE_UP: Described = (
+    "limits_store_up",
+    "1 while the limits store (limits.store) answers; 0 while not, or when none is set",
+);
+
+/// `metric`, registered in `registry` as `described` says.
+fn registered<M: Metric + Clone>(registry: &mut Registry, described: Described, metric: M) -> M {
+    let (name, help) = described;
+    registry.register(name, help, metric.clone());
+    metric
+}
+
+/// A family of latency histograms.
+fn histograms<L: Clone + std::hash::Hash + Eq>() -> HistogramFamily<L> {
+    let new_histogram: fn() -> Histogram = latency_histogram;
+    Family::new_with_constructor(new_histogram)
+}
+
 pub(crate) struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
@@ -152,8 +263,8 @@ pub(crate) struct Metrics {
     tokens: Family<TokenLabels, Counter>,
     key_tokens: Family<KeyTokenLabels, Counter>,
     reloads: Family<ResultLabels, Counter>,
-    lane_requests: Counter,
-    lane_handovers: Counter,
+    fast_engine_requests: Counter,
+    fast_engine_handovers: Counter,
     log_dropped: Counter,
     store_errors: Counter,
     store_up: Gauge,
@@ -166,175 +277,41 @@ pub(crate) struct Metrics {
 impl Metrics {
     pub(crate) fn new(config: &MetricsConfig) -> Metrics {
         let mut registry = Registry::with_prefix("oa_bypass");
-        let requests = Family::default();
-        registry.register(
-            "requests",
-            "Requests answered, by route template, method and status",
-            requests.clone(),
-        );
-        let mount_requests = Family::default();
-        registry.register(
-            "mount_requests",
-            "Admitted requests by mount (`default` is [upstream]) and the status answered",
-            mount_requests.clone(),
-        );
-        let key_requests = Family::default();
-        registry.register(
-            "upstream_key_requests",
-            "Requests sent with a key the gateway holds, by mount and the key's variable",
-            key_requests.clone(),
-        );
-        let key_rests = Family::default();
-        registry.register(
-            "upstream_key_rests",
-            "429s that made a held key rest, by mount and the key's variable",
-            key_rests.clone(),
-        );
-        let new_histogram: fn() -> Histogram = latency_histogram;
-        let response_headers = Family::new_with_constructor(new_histogram);
-        registry.register(
-            "response_headers_seconds",
-            "Time from receiving a request to sending the response headers",
-            response_headers.clone(),
-        );
-        let duration = Family::new_with_constructor(new_histogram);
-        registry.register(
-            "request_duration_seconds",
-            "Time from receiving a request to the end of its answer",
-            duration.clone(),
-        );
-        let upstream_ttfb = Family::new_with_constructor(new_histogram);
-        registry.register(
-            "upstream_ttfb_seconds",
-            "Time from sending a request upstream to the upstream's response headers",
-            upstream_ttfb.clone(),
-        );
-        let bytes_received = Family::default();
-        registry.register(
-            "received_bytes",
-            "Request body bytes received from clients",
-            bytes_received.clone(),
-        );
-        let bytes_sent = Family::default();
-        registry.register(
-            "sent_bytes",
-            "Response body bytes sent to clients",
-            bytes_sent.clone(),
-        );
-        let in_flight = Gauge::default();
-        registry.register(
-            "requests_in_flight",
-            "Forwarded requests whose answer is not yet delivered",
-            in_flight.clone(),
-        );
-        let open_streams = Gauge::default();
-        registry.register(
-            "open_streams",
-            "Server-sent event streams being relayed",
-            open_streams.clone(),
-        );
-        let realtime_sessions = Gauge::default();
-        registry.register(
-            "realtime_sessions",
-            "Open WebSocket (realtime) sessions",
-            realtime_sessions.clone(),
-        );
-        let upstream_errors = Family::default();
-        registry.register(
-            "upstream_errors",
-            "Upstream failures by route and kind (connect, timeout, reset)",
-            upstream_errors.clone(),
-        );
-        let rate_limited = Family::default();
-        registry.register(
-            "rate_limited",
-            "Requests refused with 429 by the [limits] setting that refused them",
-            rate_limited.clone(),
-        );
-        let tokens = Family::default();
-        registry.register(
-            "tokens",
-            "Tokens reported by the upstream's usage objects, by model, route and kind",
-            tokens.clone(),
-        );
-        let key_tokens = Family::default();
-        registry.register(
-            "key_tokens",
-            "Tokens by key (first 8 hex digits of the key's SHA-256), model and kind; \
-             only with metrics.tokens_by_key",
-            key_tokens.clone(),
-        );
-        let reloads = Family::default();
-        registry.register(
-            "config_reloads",
-            "Manifest reloads on SIGHUP, by result",
-            reloads.clone(),
-        );
-        let lane_requests = Counter::default();
-        registry.register(
-            "fast_lane_requests",
-            "Requests the fast lane forwarded (server.fast_lane); the rest went through hyper",
-            lane_requests.clone(),
-        );
-        let lane_handovers = Counter::default();
-        registry.register(
-            "fast_lane_handovers",
-            "Connections the fast lane handed to hyper at a request it does not take",
-            lane_handovers.clone(),
-        );
-        let log_dropped = Counter::default();
-        registry.register(
-            "log_lines_dropped",
-            "Log lines dropped because the log sink did not keep up (log.buffer)",
-            log_dropped.clone(),
-        );
-        let store_errors = Counter::default();
-        registry.register(
-            "limits_store_errors",
-            "Calls to the limits store (limits.store) that failed or timed out",
-            store_errors.clone(),
-        );
-        let store_up = Gauge::default();
-        registry.register(
-            "limits_store_up",
-            "1 while the limits store (limits.store) answers; 0 while not, or when none is set",
-            store_up.clone(),
-        );
-        let info = Family::<InfoLabels, Gauge>::default();
-        info.get_or_create(&InfoLabels {
-            version: env!("CARGO_PKG_VERSION"),
-        })
-        .set(1);
-        registry.register("build_info", "The running version", info);
-
+        let r = &mut registry;
         let metrics = Metrics {
-            registry,
-            requests,
-            mount_requests,
-            key_requests,
-            key_rests,
-            response_headers,
-            duration,
-            upstream_ttfb,
-            bytes_received,
-            bytes_sent,
-            in_flight,
-            open_streams,
-            realtime_sessions,
-            upstream_errors,
-            rate_limited,
-            tokens,
-            key_tokens,
-            reloads,
-            lane_requests,
-            lane_handovers,
-            log_dropped,
-            store_errors,
-            store_up,
+            requests: registered(r, REQUESTS, Family::default()),
+            mount_requests: registered(r, MOUNT_REQUESTS, Family::default()),
+            key_requests: registered(r, KEY_REQUESTS, Family::default()),
+            key_rests: registered(r, KEY_RESTS, Family::default()),
+            response_headers: registered(r, RESPONSE_HEADERS, histograms()),
+            duration: registered(r, DURATION, histograms()),
+            upstream_ttfb: registered(r, UPSTREAM_TTFB, histograms()),
+            bytes_received: registered(r, BYTES_RECEIVED, Family::default()),
+            bytes_sent: registered(r, BYTES_SENT, Family::default()),
+            in_flight: registered(r, IN_FLIGHT, Gauge::default()),
+            open_streams: registered(r, OPEN_STREAMS, Gauge::default()),
+            realtime_sessions: registered(r, REALTIME_SESSIONS, Gauge::default()),
+            upstream_errors: registered(r, UPSTREAM_ERRORS, Family::default()),
+            rate_limited: registered(r, RATE_LIMITED, Family::default()),
+            tokens: registered(r, TOKENS, Family::default()),
+            key_tokens: registered(r, KEY_TOKENS, Family::default()),
+            reloads: registered(r, RELOADS, Family::default()),
+            fast_engine_requests: registered(r, FAST_ENGINE_REQUESTS, Counter::default()),
+            fast_engine_handovers: registered(r, FAST_ENGINE_HANDOVERS, Counter::default()),
+            log_dropped: registered(r, LOG_DROPPED, Counter::default()),
+            store_errors: registered(r, STORE_ERRORS, Counter::default()),
+            store_up: registered(r, STORE_UP, Gauge::default()),
             tokens_by_key: AtomicBool::new(false),
             max_models: AtomicUsize::new(0),
             models: Mutex::default(),
             other_model: Arc::from("other"),
+            registry: {
+                let info = Family::<InfoLabels, Gauge>::default();
+                let version = env!("CARGO_PKG_VERSION");
+                info.get_or_create(&InfoLabels { version }).set(1);
+                registry.register("build_info", "The running version", info);
+                registry
+            },
         };
         metrics.configure(config);
         metrics
@@ -411,12 +388,12 @@ impl Metrics {
             .inc();
     }
 
-    pub(crate) fn count_lane_request(&self) {
-        self.lane_requests.inc();
+    pub(crate) fn count_fast_engine_request(&self) {
+        self.fast_engine_requests.inc();
     }
 
-    pub(crate) fn count_lane_handover(&self) {
-        self.lane_handovers.inc();
+    pub(crate) fn count_fast_engine_handover(&self) {
+        self.fast_engine_handovers.inc();
     }
 
     pub(crate) fn count_rate_limited(&self, setting: &'static str) {
