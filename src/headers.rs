@@ -230,47 +230,30 @@ impl HopByHop {
 /// Removes hop-by-hop headers from an answer's map ([`HopByHop`]).
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let rule = HopByHop::of(connection_values(headers));
-    let leaves = |name: &HeaderName| rule.contains(name.as_str().as_bytes());
-    let going = Going::noted(headers.iter_mut(), |name, _| leaves(name));
-    going.remove_from(headers, leaves);
+    remove_where(
+        headers,
+        |name| rule.contains(name.as_str().as_bytes()),
+        |_, _| {},
+    );
 }
 
 /// Turns the client's request headers into the upstream's: hop-by-hop ones and those naming
 /// the client's address stay behind (the upstream never learns it; nothing is added in their
-/// place). `Host` is the upstream's (RFC 9110 §7.2): `host` where the client's stood, or,
-/// without one, none (the client that sends the request sets it from its URL).
-/// Credentials are marked sensitive, so HTTP/2 never indexes them and `Debug` hides them.
+/// place). `Host` is the upstream's (RFC 9110 §7.2): `host`, or, without one, none (the client
+/// that sends the request sets it from its URL). Credentials are marked sensitive, so HTTP/2
+/// never indexes them and `Debug` hides them.
 pub(crate) fn prepare_upstream_request(headers: &mut HeaderMap, host: Option<&HeaderValue>) {
     let rule = HopByHop::of(connection_values(headers));
-    let mut hosts = 0;
-    // One pass over what is there: most requests carry a credential and one or two
-    // headers that stay behind (`Connection`, client addresses), and a lookup per listed
-    // name would cost more than looking at each header once.
-    let going = Going::noted(headers.iter_mut(), |name, value| {
-        if name == header::HOST {
-            hosts += 1;
-            // Why in place: a lookup to remove it and another to insert cost more.
-            return match host {
-                Some(host) if hosts == 1 => {
-                    value.clone_from(host);
-                    false
-                }
-                _ => true,
-            };
-        }
-        let name = name.as_str().as_bytes();
-        let kind = listed(name);
-        if kind == Some(Listed::Credential) {
+    let stays = |name: &HeaderName| {
+        let bytes = name.as_str().as_bytes();
+        *name == header::HOST || stays_behind(&rule, bytes, listed(bytes))
+    };
+    remove_where(headers, stays, |name, value| {
+        if listed(name.as_str().as_bytes()) == Some(Listed::Credential) {
             value.set_sensitive(true);
         }
-        stays_behind(&rule, name, kind)
     });
-    let replaced = host.is_some() && hosts == 1;
-    going.remove_from(headers, |name| {
-        let bytes = name.as_str().as_bytes();
-        !(replaced && name == header::HOST) && stays_behind(&rule, bytes, listed(bytes))
-    });
-    if let (Some(host), false) = (host, replaced) {
+    if let Some(host) = host {
         headers.insert(header::HOST, host.clone());
     }
 }
@@ -281,7 +264,7 @@ fn stays_behind(rule: &HopByHop, name: &[u8], kind: Option<Listed>) -> bool {
     match kind {
         Some(Listed::HopByHop | Listed::ClientAddress) => true,
         Some(Listed::Credential) => false,
-        None => name == b"host" || rule.names(name),
+        None => rule.names(name),
     }
 }
 
@@ -292,51 +275,42 @@ fn connection_values(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
         .map(HeaderValue::as_bytes)
 }
 
-/// The names a pass over a map picked to remove.
-struct Going {
+/// Removes from `headers` every field whose name `leaves` picks; `touch` sees each value that
+/// is there on the way. Why one pass that notes names, rather than a lookup per listed name:
+/// most messages carry one or two such headers among many, and looking at each header once
+/// costs less.
+fn remove_where(
+    headers: &mut HeaderMap,
+    leaves: impl Fn(&HeaderName) -> bool,
+    mut touch: impl FnMut(&HeaderName, &mut HeaderValue),
+) {
     // Why on the stack: a message has one or two such headers.
-    found: [Option<HeaderName>; 4],
-    /// More were picked than `found` holds.
-    more: bool,
-}
-
-impl Going {
-    /// Visits every field once, noting the names `pick` picks.
-    fn noted<'a>(
-        fields: impl Iterator<Item = (&'a HeaderName, &'a mut HeaderValue)>,
-        mut pick: impl FnMut(&HeaderName, &mut HeaderValue) -> bool,
-    ) -> Going {
-        let mut going = Going {
-            found: Default::default(),
-            more: false,
-        };
-        let mut count = 0;
-        let mut last: Option<&HeaderName> = None;
-        for (name, value) in fields {
-            // A name with several values comes once per value.
-            if pick(name, value) && last != Some(name) {
-                match going.found.get_mut(count) {
-                    Some(slot) => *slot = Some(name.clone()),
-                    None => going.more = true,
-                }
-                count += 1;
-                last = Some(name);
+    let mut found: [Option<HeaderName>; 4] = Default::default();
+    let (mut count, mut more) = (0, false);
+    let mut last: Option<&HeaderName> = None;
+    for (name, value) in headers.iter_mut() {
+        touch(name, value);
+        // A name with several values comes once per value.
+        if leaves(name) && last != Some(name) {
+            match found.get_mut(count) {
+                Some(slot) => *slot = Some(name.clone()),
+                None => more = true,
             }
+            count += 1;
+            last = Some(name);
         }
-        going
     }
-
-    /// Removes the noted names from `headers`; when more were picked than noted, `pick`
-    /// finds the rest.
-    fn remove_from(self, headers: &mut HeaderMap, pick: impl Fn(&HeaderName) -> bool) {
-        for name in self.found.iter().flatten() {
+    for name in found.iter().flatten() {
+        headers.remove(name);
+    }
+    if more {
+        let rest: Vec<HeaderName> = headers
+            .keys()
+            .filter(|name| leaves(name))
+            .cloned()
+            .collect();
+        for name in rest {
             headers.remove(name);
-        }
-        if self.more {
-            let rest: Vec<HeaderName> = headers.keys().filter(|name| pick(name)).cloned().collect();
-            for name in rest {
-                headers.remove(name);
-            }
         }
     }
 }

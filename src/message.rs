@@ -57,7 +57,7 @@ impl RequestBody {
 /// filtered and written in place by the fast engine, with no map built in between).
 pub(crate) enum Head {
     Map(HeaderMap),
-    Wire(Fields),
+    Arrived(Fields),
 }
 
 impl Head {
@@ -65,7 +65,7 @@ impl Head {
     pub(crate) fn get(&self, name: &HeaderName) -> Option<&[u8]> {
         match self {
             Head::Map(map) => map.get(name).map(HeaderValue::as_bytes),
-            Head::Wire(fields) => fields.get(name),
+            Head::Arrived(fields) => fields.get(name),
         }
     }
 
@@ -73,7 +73,7 @@ impl Head {
     pub(crate) fn value(&self, name: &HeaderName) -> Option<HeaderValue> {
         match self {
             Head::Map(map) => map.get(name).cloned(),
-            Head::Wire(fields) => fields.value(name),
+            Head::Arrived(fields) => fields.value(name),
         }
     }
 
@@ -81,7 +81,7 @@ impl Head {
     pub(crate) fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         let (map, wire) = match self {
             Head::Map(map) => (Some(map), None),
-            Head::Wire(fields) => (None, Some(fields)),
+            Head::Arrived(fields) => (None, Some(fields)),
         };
         let map = map.into_iter().flat_map(|map| {
             map.iter()
@@ -103,7 +103,7 @@ impl Head {
                     map.remove(name);
                 }
             }
-            Head::Wire(fields) => fields.retain(keep),
+            Head::Arrived(fields) => fields.retain(keep),
         }
     }
 
@@ -113,7 +113,7 @@ impl Head {
             Head::Map(map) => {
                 map.append(name, value);
             }
-            Head::Wire(fields) => fields.append(name, value),
+            Head::Arrived(fields) => fields.append(name, value),
         }
     }
 
@@ -121,7 +121,7 @@ impl Head {
     pub(crate) fn into_map(self) -> HeaderMap {
         match self {
             Head::Map(map) => map,
-            Head::Wire(fields) => fields.to_header_map(),
+            Head::Arrived(fields) => fields.to_header_map(),
         }
     }
 }

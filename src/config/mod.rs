@@ -217,8 +217,8 @@ pub struct ServerConfig {
     /// Worker threads, each with its own event loop, listener and upstream pool; `None`:
     /// one per CPU core.
     pub workers: Option<NonZeroU32>,
-    /// Plain HTTP/1.1 requests to routes without parameters skip poem and hyper when the
-    /// upstream is `http://` and reached directly (`proxy::lane`).
+    /// Plain HTTP/1.1 requests to routes without parameters are served by the fast engine
+    /// (`engine::fast`) instead of poem and hyper.
     pub fast_lane: bool,
     pub tls: Option<TlsConfig>,
     pub acme: Option<AcmeConfig>,

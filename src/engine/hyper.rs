@@ -92,8 +92,8 @@ mod tests {
     use crate::realtime::Sessions;
 
     /// The future of a forwarded request lives in hyper's per-request slot and is copied when
-    /// boxed; it must stay small (it was 4.7 KB when it carried the realtime branch and the
-    /// whole client request).
+    /// boxed, for every request in flight: it holds what the request needs and no more
+    /// (docs/performance.md has its history).
     #[test]
     fn a_forwarded_request_future_stays_small() {
         let config = Config::from_manifest_str(BUILT_IN_MANIFEST).unwrap();

@@ -119,7 +119,7 @@ pub async fn serve(
     while let Some((stream, remote, slot)) =
         accept(&listener, connection_slots.as_ref(), shutdown.as_mut()).await
     {
-        let connection = Connection {
+        let connection = Accepted {
             app: Arc::clone(&app),
             worker: listener.worker,
             builder: builder.clone(),
@@ -237,7 +237,7 @@ impl Stopping {
 }
 
 /// Everything one accepted connection needs to be served.
-struct Connection {
+struct Accepted {
     app: Arc<Serving>,
     worker: usize,
     builder: auto::Builder<TokioExecutor>,
@@ -247,7 +247,7 @@ struct Connection {
     hard_stopped: watch::Receiver<bool>,
 }
 
-impl Connection {
+impl Accepted {
     /// Serves the connection in a task of its own, holding its place under `max_connections`
     /// (`slot`): a plain one in the fast engine first, one for `tls` after its handshake.
     fn spawn(
@@ -334,7 +334,7 @@ impl Connection {
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let Connection {
+        let Accepted {
             app,
             worker,
             builder,

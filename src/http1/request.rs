@@ -130,7 +130,7 @@ fn unsplit<T>(buf: &mut BytesMut, head: &Bytes) -> Parse<T> {
     Parse::Refer
 }
 
-/// A head's bytes followed by what came after it: what hyper must read when the lane hands
+/// A head's bytes followed by what came after it: what hyper must read when the fast engine hands
 /// a request over.
 pub(crate) fn rejoin(head: &[u8], rest: &[u8]) -> BytesMut {
     let mut whole = BytesMut::with_capacity(head.len() + rest.len());
@@ -143,7 +143,7 @@ fn slice(head: &Bytes, (start, len): (usize, usize)) -> Bytes {
     head.slice(start..start + len)
 }
 
-/// A request's `Connection` value the lane understands: `Some(true)` for `close`,
+/// A request's `Connection` value the fast engine understands: `Some(true)` for `close`,
 /// `Some(false)` for `keep-alive`; `None` for anything else (it names headers to drop, which
 /// hyper's path handles).
 fn connection_option(value: &[u8]) -> Option<bool> {

@@ -66,7 +66,7 @@ pub(crate) fn head_rules(head: &mut Head) -> Media {
 pub(crate) fn strip_connection_headers(head: &mut Head) {
     match head {
         Head::Map(map) => strip_hop_by_hop(map),
-        Head::Wire(fields) => {
+        Head::Arrived(fields) => {
             let rule = HopByHop::of(fields.get_all(&header::CONNECTION));
             fields.retain(|name| !rule.contains(name));
         }

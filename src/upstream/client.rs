@@ -12,40 +12,41 @@ use super::connect::Connector;
 use super::{SendError, Stage, POOL_IDLE_TIMEOUT};
 use crate::message::Chunks;
 
-/// hyper's pooled clients, in lanes of at most `max_streams` requests at once.
+/// hyper's pooled clients, one per HTTP/2 connection, each carrying at most `max_streams`
+/// requests at once.
 ///
-/// Why lanes: one hyper client sends every request to an origin on a single HTTP/2
+/// Why several: one hyper client sends every request to an origin on a single HTTP/2
 /// connection, and holds back those beyond the server's stream limit (often 100 to 256)
 /// until others end (RFC 9113 §9.1 asks a client for one connection). A gateway's streams
-/// last minutes, so it opens another connection, in another lane, instead.
+/// last minutes, so it opens another connection, with another client, instead.
 pub(super) struct Client {
     connector: Connector,
     max_idle: usize,
-    /// Requests a lane carries at once: `upstream.http2_max_concurrent_streams` when HTTP/2
-    /// may be spoken, else no limit (HTTP/1.1 takes a connection per request anyway).
+    /// Requests a connection carries at once: `upstream.http2_max_concurrent_streams` when
+    /// HTTP/2 may be spoken, else no limit (HTTP/1.1 takes a connection per request anyway).
     max_streams: usize,
-    /// The last answer came over HTTP/1.1 (the upstream offers no HTTP/2): one lane, so
+    /// The last answer came over HTTP/1.1 (the upstream offers no HTTP/2): one client, so
     /// `max_idle` bounds the idle connections as it does for the raw transport.
     spoke_http1: AtomicBool,
-    lanes: Mutex<Vec<Lane>>,
+    connections: Mutex<Vec<Multiplexed>>,
 }
 
 /// One hyper client, so one HTTP/2 connection, and the requests it carries now.
-struct Lane {
+struct Multiplexed {
     client: legacy::Client<Connector, Chunks>,
     open: Arc<AtomicUsize>,
 }
 
 impl Client {
-    /// A client keeping at most `max_idle` idle connections per lane
-    /// (`upstream.max_idle_connections`), and `max_streams` requests on each lane.
+    /// A client keeping at most `max_idle` idle connections per hyper client
+    /// (`upstream.max_idle_connections`), and `max_streams` requests on each connection.
     pub(super) fn new(connector: Connector, max_idle: usize, max_streams: usize) -> Client {
         Client {
             connector,
             max_idle,
             max_streams: max_streams.max(1),
             spoke_http1: AtomicBool::new(false),
-            lanes: Mutex::new(Vec::new()),
+            connections: Mutex::new(Vec::new()),
         }
     }
 
@@ -63,33 +64,34 @@ impl Client {
         *request.uri_mut() = uri;
         *request.headers_mut() = headers;
         // Nothing in here can panic while the lock is held, so a poisoned lock is still sound.
-        let mut lanes = self.lanes.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut connections = (self.connections.lock()).unwrap_or_else(PoisonError::into_inner);
         let max_streams = if self.spoke_http1.load(Ordering::Relaxed) {
             usize::MAX
         } else {
             self.max_streams
         };
-        // The first lane with room: earlier lanes fill first, so later ones drain and their
-        // connections close when idle.
-        let index = match lanes
+        // The first connection with room: earlier ones fill first, so later ones drain and
+        // close when idle.
+        let index = match connections
             .iter()
-            .position(|lane| lane.open.load(Ordering::Relaxed) < max_streams)
+            .position(|connection| connection.open.load(Ordering::Relaxed) < max_streams)
         {
             Some(index) => index,
             None => {
-                lanes.push(self.lane());
-                lanes.len() - 1
+                connections.push(self.connection());
+                connections.len() - 1
             }
         };
-        let lane = &lanes[index];
-        let slot = Slot::take(&lane.open);
+        let connection = &connections[index];
+        let slot = Slot::take(&connection.open);
         Sending {
-            future: lane.client.request(request),
+            future: connection.client.request(request),
             slot,
         }
     }
 
-    /// Notes the protocol an answer came in: lanes matter only while it is HTTP/2.
+    /// Notes the protocol an answer came in: several connections matter only while it is
+    /// HTTP/2.
     pub(super) fn answered_in(&self, version: http::Version) {
         let http1 = version < http::Version::HTTP_2;
         if self.spoke_http1.load(Ordering::Relaxed) != http1 {
@@ -97,20 +99,20 @@ impl Client {
         }
     }
 
-    fn lane(&self) -> Lane {
+    fn connection(&self) -> Multiplexed {
         let client = legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_max_idle_per_host(self.max_idle)
             .pool_timer(hyper_util::rt::TokioTimer::new())
             .build(self.connector.clone());
-        Lane {
+        Multiplexed {
             client,
             open: Arc::new(AtomicUsize::new(0)),
         }
     }
 }
 
-/// A request's place in its lane, from its start until its answer's body is dropped.
+/// A request's place on its connection, from its start until its answer's body is dropped.
 pub(crate) struct Slot(Arc<AtomicUsize>);
 
 impl Slot {

@@ -138,7 +138,7 @@ impl Connector {
 
     /// A connection to `dst` (scheme, host and port) for `purpose`: through a proxy when one
     /// applies, and TLS when `dst` is `https://` or `wss://`.
-    pub(crate) async fn connect(&self, dst: &Uri, purpose: Purpose) -> Result<Conn, BoxError> {
+    pub(crate) async fn connect(&self, dst: &Uri, purpose: Purpose) -> Result<Dialed, BoxError> {
         let secure = matches!(dst.scheme_str(), Some("https" | "wss"));
         // The proxy rules and the tunnels speak http/https; ws/wss are the same destinations.
         let dst = with_port(&http_scheme(dst, secure)?)?;
@@ -147,7 +147,7 @@ impl Connector {
             Some(proxy) => self.through(&proxy, &dst, secure, purpose).await?,
         };
         if !secure {
-            return Ok(Conn {
+            return Ok(Dialed {
                 io,
                 proxied,
                 h2: false,
@@ -159,7 +159,7 @@ impl Connector {
         };
         let tls = tls.connect(server_name(&dst)?, io).await?;
         let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-        Ok(Conn {
+        Ok(Dialed {
             io: Box::new(tls),
             proxied: false,
             h2,
@@ -213,7 +213,7 @@ impl Connector {
 }
 
 /// An upstream connection, ready for HTTP or a WebSocket handshake.
-pub(crate) struct Conn {
+pub(crate) struct Dialed {
     io: Box<dyn Io>,
     /// Requests go in absolute form to an HTTP proxy.
     proxied: bool,
@@ -221,16 +221,16 @@ pub(crate) struct Conn {
     h2: bool,
 }
 
-impl Conn {
+impl Dialed {
     pub(crate) fn into_io(self) -> Box<dyn Io> {
         self.io
     }
 }
 
 impl Service<Uri> for Connector {
-    type Response = HyperConn;
+    type Response = HyperDialed;
     type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<HyperConn, BoxError>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<HyperDialed, BoxError>> + Send>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         Poll::Ready(Ok(()))
@@ -240,7 +240,7 @@ impl Service<Uri> for Connector {
         let connector = self.clone();
         Box::pin(async move {
             let conn = connector.connect(&dst, Purpose::Requests).await?;
-            Ok(HyperConn(TokioIo::new(conn)))
+            Ok(HyperDialed(TokioIo::new(conn)))
         })
     }
 }
@@ -248,9 +248,9 @@ impl Service<Uri> for Connector {
 /// An upstream connection as hyper's client takes it. It reports no connection details
 /// beyond proxying and HTTP/2: hyper-util would copy addresses into every response's
 /// extensions (a map, a box and a table per request) that the gateway never reads.
-pub(crate) struct HyperConn(TokioIo<Conn>);
+pub(crate) struct HyperDialed(TokioIo<Dialed>);
 
-impl Connection for HyperConn {
+impl Connection for HyperDialed {
     fn connected(&self) -> Connected {
         let conn = self.0.inner();
         let connected = Connected::new().proxy(conn.proxied);
@@ -270,9 +270,9 @@ struct ProxyHop {
 }
 
 impl Service<Uri> for ProxyHop {
-    type Response = HyperConn;
+    type Response = HyperDialed;
     type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<HyperConn, BoxError>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<HyperDialed, BoxError>> + Send>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         Poll::Ready(Ok(()))
@@ -287,7 +287,7 @@ impl Service<Uri> for ProxyHop {
             } else {
                 Box::new(stream)
             };
-            Ok(HyperConn(TokioIo::new(Conn {
+            Ok(HyperDialed(TokioIo::new(Dialed {
                 io,
                 proxied: false,
                 h2: false,
@@ -331,7 +331,7 @@ fn server_name(uri: &Uri) -> Result<rustls::pki_types::ServerName<'static>, BoxE
     )?)
 }
 
-impl AsyncRead for Conn {
+impl AsyncRead for Dialed {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -341,7 +341,7 @@ impl AsyncRead for Conn {
     }
 }
 
-impl AsyncWrite for Conn {
+impl AsyncWrite for Dialed {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -371,7 +371,7 @@ impl AsyncWrite for Conn {
     }
 }
 
-impl Read for HyperConn {
+impl Read for HyperDialed {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -381,7 +381,7 @@ impl Read for HyperConn {
     }
 }
 
-impl Write for HyperConn {
+impl Write for HyperDialed {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

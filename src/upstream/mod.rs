@@ -225,7 +225,7 @@ impl Upstream {
             (Some(raw), Body::Whole(_)) => {
                 Either::Left(raw.send(request).map_ok(|(head, body)| Response {
                     status: head.status,
-                    head: Head::Wire(head.fields),
+                    head: Head::Arrived(head.fields),
                     body: ResponseBody::Raw(body),
                 }))
             }

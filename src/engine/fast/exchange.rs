@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::{Conn, Routes, MAX_AHEAD, SMALL_BUFFER};
+use super::{ClientConnection, Routes, MAX_AHEAD, SMALL_BUFFER};
 use crate::http1::{self, make_room, write_two, Framing, RequestHead};
 use crate::message::{Body, Head};
 use crate::pipeline::{Admitted, Answer, Endpoint, Relay, Request, Timer};
@@ -24,7 +24,7 @@ enum Unread {
     ClientGone,
 }
 
-impl<'c> Conn<'c> {
+impl<'c> ClientConnection<'c> {
     /// One request, from its head to the last byte of its answer: the pipeline admits it
     /// or answers it here, before anything waits. The future returned tells whether the
     /// connection can carry another request.

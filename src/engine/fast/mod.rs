@@ -140,7 +140,7 @@ pub(crate) async fn serve(
     // request.
     let mut drained = std::pin::pin!(drain.notify.notified());
     drained.as_mut().enable();
-    let mut conn = Conn {
+    let mut conn = ClientConnection {
         client,
         remote,
         buf: BytesMut::with_capacity(SMALL_BUFFER),
@@ -180,7 +180,7 @@ pub(crate) async fn serve(
 }
 
 /// One client connection in the fast engine.
-struct Conn<'c> {
+struct ClientConnection<'c> {
     client: &'c mut TcpStream,
     remote: SocketAddr,
     /// What the client sent and the engine has not used yet.
@@ -191,7 +191,7 @@ struct Conn<'c> {
     spans: Vec<Span>,
 }
 
-impl Conn<'_> {
+impl ClientConnection<'_> {
     /// Waits for the next request head: `Err` when the connection ends or goes to hyper.
     async fn read_head(
         &mut self,

@@ -21,7 +21,7 @@ use crate::config::LogFormat;
 const TARGET: &str = "oa_bypass::request";
 
 /// Where request lines go and in which form; unset until [`super::init`], so a process that
-/// never installs logging (a test's in-process gateway) writes none, as before.
+/// never installs logging (a test's in-process gateway) writes none.
 static OUT: OnceLock<(LogFormat, BatchedLines)> = OnceLock::new();
 
 pub(super) fn install(format: LogFormat, lines: BatchedLines) {
