@@ -230,11 +230,11 @@ impl HopByHop {
 /// Removes hop-by-hop headers from an answer's map ([`HopByHop`]).
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let rule = HopByHop::of(connection_values(headers));
-    remove_where(
-        headers,
-        |name| rule.contains(name.as_str().as_bytes()),
-        |_, _| {},
-    );
+    let fate = |name: &HeaderName| Fate {
+        leaves: rule.contains(name.as_str().as_bytes()),
+        kind: None,
+    };
+    remove_where(headers, fate, |_, _, _| {});
 }
 
 /// Turns the client's request headers into the upstream's: hop-by-hop ones and those naming
@@ -244,17 +244,36 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// never indexes them and `Debug` hides them.
 pub(crate) fn prepare_upstream_request(headers: &mut HeaderMap, host: Option<&HeaderValue>) {
     let rule = HopByHop::of(connection_values(headers));
-    let stays = |name: &HeaderName| {
+    let mut hosts = 0;
+    let fate = |name: &HeaderName| {
         let bytes = name.as_str().as_bytes();
-        *name == header::HOST || stays_behind(&rule, bytes, listed(bytes))
+        let kind = listed(bytes);
+        // `Host` is settled below, whatever `Connection` names.
+        let leaves = *name != header::HOST && stays_behind(&rule, bytes, kind);
+        Fate { leaves, kind }
     };
-    remove_where(headers, stays, |name, value| {
-        if listed(name.as_str().as_bytes()) == Some(Listed::Credential) {
+    remove_where(headers, fate, |name, fate, value| {
+        if *name == header::HOST {
+            hosts += 1;
+            // Why in place: a removal and an insertion cost more, on every request.
+            if let Some(host) = host {
+                value.clone_from(host);
+            }
+        } else if fate.kind == Some(Listed::Credential) {
             value.set_sensitive(true);
         }
     });
-    if let Some(host) = host {
-        headers.insert(header::HOST, host.clone());
+    match host {
+        // The client's one `Host` became the upstream's.
+        Some(_) if hosts == 1 => {}
+        // None, or several: the upstream's in place of all.
+        Some(host) => {
+            headers.insert(header::HOST, host.clone());
+        }
+        None if hosts > 0 => {
+            headers.remove(header::HOST);
+        }
+        None => {}
     }
 }
 
@@ -275,23 +294,31 @@ fn connection_values(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
         .map(HeaderValue::as_bytes)
 }
 
-/// Removes from `headers` every field whose name `leaves` picks; `touch` sees each value that
-/// is there on the way. Why one pass that notes names, rather than a lookup per listed name:
-/// most messages carry one or two such headers among many, and looking at each header once
-/// costs less.
+/// What the rules made of one header's name: whether it leaves, and what they list it as.
+#[derive(Debug, Clone, Copy)]
+struct Fate {
+    leaves: bool,
+    kind: Option<Listed>,
+}
+
+/// Removes from `headers` every field whose `fate` is to leave; `touch` sees each field that
+/// is there on the way, with its fate. Why one pass that notes names, rather than a lookup per
+/// listed name: most messages carry one or two such headers among many, and looking at each
+/// header once costs less.
 fn remove_where(
     headers: &mut HeaderMap,
-    leaves: impl Fn(&HeaderName) -> bool,
-    mut touch: impl FnMut(&HeaderName, &mut HeaderValue),
+    fate: impl Fn(&HeaderName) -> Fate,
+    mut touch: impl FnMut(&HeaderName, Fate, &mut HeaderValue),
 ) {
     // Why on the stack: a message has one or two such headers.
     let mut found: [Option<HeaderName>; 4] = Default::default();
     let (mut count, mut more) = (0, false);
     let mut last: Option<&HeaderName> = None;
     for (name, value) in headers.iter_mut() {
-        touch(name, value);
+        let fate = fate(name);
+        touch(name, fate, value);
         // A name with several values comes once per value.
-        if leaves(name) && last != Some(name) {
+        if fate.leaves && last != Some(name) {
             match found.get_mut(count) {
                 Some(slot) => *slot = Some(name.clone()),
                 None => more = true,
@@ -306,7 +333,7 @@ fn remove_where(
     if more {
         let rest: Vec<HeaderName> = headers
             .keys()
-            .filter(|name| leaves(name))
+            .filter(|name| fate(name).leaves)
             .cloned()
             .collect();
         for name in rest {

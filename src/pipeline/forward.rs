@@ -338,3 +338,35 @@ impl<'a> Admitted<'a> {
         }
     }
 }
+#[cfg(test)]
+mod size_probe {
+    #[test]
+    fn sizes() {
+        eprintln!(
+            "PROBE Admitted {}",
+            std::mem::size_of::<super::Admitted<'static>>()
+        );
+        eprintln!(
+            "PROBE Record {}",
+            std::mem::size_of::<crate::observe::log::Record>()
+        );
+        eprintln!(
+            "PROBE RequestLog {}",
+            std::mem::size_of::<super::RequestLog>()
+        );
+        eprintln!("PROBE Relay {}", std::mem::size_of::<super::Relay>());
+        eprintln!(
+            "PROBE Response {}",
+            std::mem::size_of::<crate::upstream::Response>()
+        );
+        eprintln!(
+            "PROBE ResponseBody {}",
+            std::mem::size_of::<crate::upstream::ResponseBody>()
+        );
+        eprintln!("PROBE Answer {}", std::mem::size_of::<super::Answer>());
+        eprintln!(
+            "PROBE UsageTap {}",
+            std::mem::size_of::<Option<crate::observe::usage::UsageTap>>()
+        );
+    }
+}
