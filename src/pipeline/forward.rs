@@ -320,8 +320,6 @@ impl<'a> Admitted<'a> {
     /// Phase 8's record of an answer with `status` and `media`: whether the usage tap reads
     /// it, and whether it holds a place among the open streams.
     fn into_log(self, status: StatusCode, media: Media) -> RequestLog {
-        let in_flight =
-            (self.in_flight).unwrap_or_else(|| self.route.metrics.gateway().in_flight());
         let usage_route = self.route.spec.usage;
         let usage =
             (usage_route && status.is_success() && media != Media::Other).then(UsageTap::new);
@@ -334,39 +332,7 @@ impl<'a> Admitted<'a> {
             metrics,
             trace: self.trace,
             _admission: self.admission,
-            _gauges: (in_flight, stream_gauge),
+            _gauges: (self.in_flight, stream_gauge),
         }
-    }
-}
-#[cfg(test)]
-mod size_probe {
-    #[test]
-    fn sizes() {
-        eprintln!(
-            "PROBE Admitted {}",
-            std::mem::size_of::<super::Admitted<'static>>()
-        );
-        eprintln!(
-            "PROBE Record {}",
-            std::mem::size_of::<crate::observe::log::Record>()
-        );
-        eprintln!(
-            "PROBE RequestLog {}",
-            std::mem::size_of::<super::RequestLog>()
-        );
-        eprintln!("PROBE Relay {}", std::mem::size_of::<super::Relay>());
-        eprintln!(
-            "PROBE Response {}",
-            std::mem::size_of::<crate::upstream::Response>()
-        );
-        eprintln!(
-            "PROBE ResponseBody {}",
-            std::mem::size_of::<crate::upstream::ResponseBody>()
-        );
-        eprintln!("PROBE Answer {}", std::mem::size_of::<super::Answer>());
-        eprintln!(
-            "PROBE UsageTap {}",
-            std::mem::size_of::<Option<crate::observe::usage::UsageTap>>()
-        );
     }
 }

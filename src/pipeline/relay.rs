@@ -41,8 +41,9 @@ pub(super) struct RequestLog {
     /// Held until the line is written: dropping it releases the request's place under the
     /// concurrency limits.
     pub(super) _admission: Admission,
-    /// Its place in `requests_in_flight` (and `open_streams` for an event stream), likewise.
-    pub(super) _gauges: (GaugeGuard, Option<GaugeGuard>),
+    /// Its places in `requests_in_flight` (taken when it went upstream) and, for an event
+    /// stream, `open_streams`, likewise.
+    pub(super) _gauges: (Option<GaugeGuard>, Option<GaugeGuard>),
 }
 
 impl RequestLog {

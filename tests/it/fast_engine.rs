@@ -314,14 +314,8 @@ async fn a_pooled_connection_the_upstream_closed_is_not_used() {
         assert_eq!(response.text().await.unwrap(), "ok");
         // Closed before the next request, as between a user's requests (on loopback the
         // close is then at the gateway's socket).
-        let until = tokio::time::Instant::now() + Duration::from_secs(10);
-        while closed.load(Ordering::SeqCst) < round {
-            assert!(
-                tokio::time::Instant::now() < until,
-                "the upstream never closed"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let closes = || closed.load(Ordering::SeqCst) >= round;
+        support::until("the upstream's close", support::LOG_DEADLINE, closes).await;
     }
     assert_eq!(connections.load(Ordering::SeqCst), 3);
 }

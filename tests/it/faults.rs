@@ -81,14 +81,8 @@ async fn pooled_connections_the_upstream_closed_are_replaced_not_failed() {
         );
         // Closed before the next request (on loopback the close is then at the gateway's
         // socket).
-        let until = tokio::time::Instant::now() + Duration::from_secs(10);
-        while closed.load(Ordering::SeqCst) <= i {
-            assert!(
-                tokio::time::Instant::now() < until,
-                "the upstream never closed"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let closes = || closed.load(Ordering::SeqCst) > i;
+        support::until("the upstream's close", support::LOG_DEADLINE, closes).await;
     }
     assert_eq!(upstream.accepted(), 20);
 }

@@ -142,11 +142,8 @@ async fn sigterm_under_load_loses_no_log_line() {
     .unwrap();
     assert_eq!(status.code(), Some(0));
     // Every line is in once the reader has seen the pipe's end (bounded: 10 s).
-    let until = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !ended.load(Ordering::Acquire) {
-        assert!(tokio::time::Instant::now() < until, "stdout never ended");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let stdout_ends = || ended.load(Ordering::Acquire);
+    support::until("the end of stdout", LOG_DEADLINE, stdout_ends).await;
     let logs = lines.lock().unwrap().concat();
     let logged = completed_lines(&logs);
     let answered = answered.load(Ordering::Relaxed) as usize;

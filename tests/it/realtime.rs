@@ -716,24 +716,16 @@ async fn open_sessions_show_in_metrics() {
     );
     ws.close(None).await.unwrap();
     while let Some(Ok(_)) = ws.next().await {}
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let text = scrape().await;
-        if realtime_metric(&text, "oa_bypass_realtime_sessions") == 0.0 {
-            let sent = realtime_metric(
-                &text,
-                "oa_bypass_sent_bytes_total{route=\"/v1/realtime\",method=\"GET\"}",
-            );
-            assert!(sent >= 25.0, "{text}");
-            assert!(text.contains(
-                "oa_bypass_requests_total{route=\"/v1/realtime\",method=\"GET\",status=\"101\"} 1"
-            ));
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the session never ended:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let text = support::scrape_until(gateway.url("/metrics"), "the session's end", |text| {
+        realtime_metric(text, "oa_bypass_realtime_sessions") == 0.0
+    })
+    .await;
+    let sent = realtime_metric(
+        &text,
+        "oa_bypass_sent_bytes_total{route=\"/v1/realtime\",method=\"GET\"}",
+    );
+    assert!(sent >= 25.0, "{text}");
+    assert!(text.contains(
+        "oa_bypass_requests_total{route=\"/v1/realtime\",method=\"GET\",status=\"101\"} 1"
+    ));
 }

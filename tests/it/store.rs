@@ -290,15 +290,8 @@ async fn a_rest_set_through_one_gateway_is_honoured_by_the_other_and_nothing_sec
     // `other` has never used A; without the store its first turn would be A's. Once the rest
     // is in Redis, `other`'s store thread reads it within its sync interval (250 ms, waited
     // out twice over for a loaded machine).
-    let until = Instant::now() + Duration::from_secs(10);
-    while !redis
-        .dump()
-        .iter()
-        .any(|(key, _)| key.contains(":rest:default:"))
-    {
-        assert!(Instant::now() < until, "the rest never reached Redis");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let rest_stored = || (redis.dump().iter()).any(|(key, _)| key.contains(":rest:default:"));
+    support::until("the rest in Redis", LOG_DEADLINE, rest_stored).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let statuses = [
         get_models(&other).await.status().as_u16(),
@@ -395,18 +388,13 @@ async fn with_redis_stopped_open_serves_and_warns_closed_refuses_and_both_recove
 
     // Back: both use it again without a restart.
     redis.restart();
-    let back = Instant::now();
-    loop {
-        if get_models(&closed).await.status() == 200 {
-            break;
-        }
-        assert!(
-            back.elapsed() < Duration::from_secs(10),
-            "closed never recovered:\n{}",
-            closed.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let recovered = || async {
+        let status = get_models(&closed).await.status();
+        (status == 200)
+            .then_some(())
+            .ok_or_else(|| status.to_string())
+    };
+    support::eventually("a 200 from `closed`", LOG_DEADLINE, recovered).await;
     closed
         .wait_for_log("limits.store answers", LOG_DEADLINE)
         .await;

@@ -211,16 +211,12 @@ async fn spans_follow_the_conventions_and_continue_the_clients_trace() {
     // A route without usage: an HTTP span, its own trace.
     let response = support::get_with_key(fast.url("/v1/models")).await;
     assert_eq!(response.status(), 200);
-    let models = loop {
-        let found = receiver
-            .all()
-            .into_iter()
-            .find(|span| span["name"] == "GET /v1/models");
-        if let Some(span) = found {
-            break span;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let exported = || {
+        let spans = receiver.all();
+        let found = spans.iter().find(|span| span["name"] == "GET /v1/models");
+        std::future::ready(found.cloned().ok_or_else(|| format!("{spans:#?}")))
     };
+    let models = support::eventually("the span of GET /v1/models", LOG_DEADLINE, exported).await;
     assert_eq!(models["parent_span_id"], "");
     assert!(models["attributes"].get("gen_ai.operation.name").is_none());
 

@@ -279,14 +279,8 @@ async fn with_http2_off_a_connection_the_upstream_closed_is_replaced() {
         assert_eq!(seen["connections"], round, "{seen}");
         // The upstream has closed it (on loopback, the close is then at the gateway's
         // socket), as it would have between a user's requests.
-        let until = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-        while closed.load(Ordering::SeqCst) < round {
-            assert!(
-                tokio::time::Instant::now() < until,
-                "the upstream never closed"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
+        let closes = || closed.load(Ordering::SeqCst) >= round;
+        support::until("the upstream's close", support::LOG_DEADLINE, closes).await;
     }
 }
 

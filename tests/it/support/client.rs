@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::{bearer, Gateway, LOG_DEADLINE};
+use super::{bearer, eventually, Gateway, LOG_DEADLINE};
 
 /// A plain HTTP client that ignores any proxy settings of the machine.
 pub fn client() -> reqwest::Client {
@@ -75,17 +75,16 @@ pub async fn scrape_until(
     what: &str,
     holds: impl Fn(&str) -> bool,
 ) -> String {
-    let until = tokio::time::Instant::now() + LOG_DEADLINE;
-    loop {
+    let what = format!("{what} in the metrics");
+    eventually(&what, LOG_DEADLINE, || async {
         let metrics = scrape(url.clone()).await;
         if holds(&metrics) {
-            return metrics;
+            Ok(metrics)
+        } else {
+            Err(metrics)
         }
-        if tokio::time::Instant::now() >= until {
-            panic!("{what} never showed in the metrics:\n{metrics}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await
 }
 
 /// Scrapes `url` once no request is in flight and no stream open: every answer's end-of-body

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-use super::{test_manifest, Upstream};
+use super::{eventually, test_manifest, Upstream, LOG_DEADLINE};
 
 /// The gateway, in-process, on 127.0.0.1:0.
 pub struct Gateway {
@@ -58,10 +58,6 @@ impl Gateway {
         }
     }
 }
-
-/// How long a test waits for a line to be logged: far past the log writer's delay, even with
-/// CI's guard holding each batch back ([`LOG_HOLD_ENV`]).
-pub const LOG_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Debug builds of the gateway hold each log batch back this many milliseconds when set;
 /// `.ci/run` sets it for a second run of the tests that read logs, so one that reads too
@@ -223,51 +219,29 @@ impl Binary {
     /// past the deadline, fails the test with the whole log.
     pub async fn wait_for_log(&self, pattern: &str, deadline: Duration) -> String {
         note_log_reader();
-        let until = tokio::time::Instant::now() + deadline;
         // Each line is looked at once: a gateway under load logs many.
         let mut checked = 0;
-        loop {
-            {
-                let lines = self.logs.lock().unwrap();
-                if let Some(line) = lines[checked..].iter().find(|line| line.contains(pattern)) {
-                    return line.clone();
-                }
-                checked = lines.len();
-            }
-            if tokio::time::Instant::now() >= until {
-                panic!(
-                    "no line with {pattern:?} in the log within {deadline:?}:\n{}",
-                    self.read_logs()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let what = format!("a line with {pattern:?} in the log");
+        eventually(&what, deadline, || {
+            let lines = self.logs.lock().unwrap();
+            let found = lines[checked..].iter().find(|line| line.contains(pattern));
+            let seen = found.cloned().ok_or_else(|| lines.join("\n"));
+            checked = lines.len();
+            std::future::ready(seen)
+        })
+        .await
     }
 
     /// Waits up to [`LOG_DEADLINE`] until the whole log satisfies `holds`, and returns it;
     /// past the deadline, fails the test with `what` and the whole log.
     pub async fn wait_for_logs(&self, what: &str, holds: impl Fn(&str) -> bool) -> String {
-        self.wait_for_logs_within(what, LOG_DEADLINE, holds).await
-    }
-
-    async fn wait_for_logs_within(
-        &self,
-        what: &str,
-        deadline: Duration,
-        holds: impl Fn(&str) -> bool,
-    ) -> String {
         note_log_reader();
-        let until = tokio::time::Instant::now() + deadline;
-        loop {
+        let what = format!("{what} in the log");
+        eventually(&what, LOG_DEADLINE, || {
             let logs = self.read_logs();
-            if holds(&logs) {
-                return logs;
-            }
-            if tokio::time::Instant::now() >= until {
-                panic!("no {what} in the log within {deadline:?}:\n{logs}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            std::future::ready(if holds(&logs) { Ok(logs) } else { Err(logs) })
+        })
+        .await
     }
 
     /// The log once every line logged before this call has been written: for asserting that

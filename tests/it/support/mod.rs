@@ -7,8 +7,10 @@ mod gateway;
 mod manifests;
 pub mod python;
 mod upstreams;
+mod wait;
 
 pub use client::*;
 pub use gateway::*;
 pub use manifests::*;
 pub use upstreams::*;
+pub use wait::*;
