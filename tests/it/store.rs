@@ -72,12 +72,13 @@ impl Redis {
         Ok(conn)
     }
 
-    /// Every key in the store, with its value as text (members and scores of sorted sets).
+    /// Every key in the store, with its value as text (members and scores of sorted sets);
+    /// those that expire while it reads are left out.
     fn dump(&self) -> Vec<(String, String)> {
         let mut conn = self.connection().unwrap();
         let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut conn).unwrap();
         keys.into_iter()
-            .map(|key| {
+            .filter_map(|key| {
                 let kind: String = redis::cmd("TYPE").arg(&key).query(&mut conn).unwrap();
                 let value = match kind.as_str() {
                     "zset" => {
@@ -90,10 +91,15 @@ impl Redis {
                             .unwrap();
                         members.join(" ")
                     }
-                    "string" => redis::cmd("GET").arg(&key).query(&mut conn).unwrap(),
+                    // None: it expired after KEYS listed it.
+                    "string" => redis::cmd("GET")
+                        .arg(&key)
+                        .query::<Option<String>>(&mut conn)
+                        .unwrap()?,
+                    "none" => return None,
                     other => panic!("the gateway wrote a {other} at {key}"),
                 };
-                (key, value)
+                Some((key, value))
             })
             .collect()
     }
