@@ -225,7 +225,7 @@ impl Binary {
         eventually(&what, deadline, || {
             let lines = self.logs.lock().unwrap();
             let found = lines[checked..].iter().find(|line| line.contains(pattern));
-            let seen = found.cloned().ok_or_else(|| lines.join("\n"));
+            let seen = found.cloned().ok_or(WholeLog(self));
             checked = lines.len();
             std::future::ready(seen)
         })
@@ -316,4 +316,13 @@ pub fn run_binary(args: &[&str], envs: &[(&str, &str)], dir: &Path) -> (i32, Str
         String::from_utf8_lossy(&output.stdout).into_owned(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
+}
+
+/// A process's whole log, read when it is shown: a failing wait's "what was seen".
+struct WholeLog<'a>(&'a Binary);
+
+impl std::fmt::Display for WholeLog<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.read_logs())
+    }
 }

@@ -9,11 +9,13 @@ use std::time::Duration;
 pub const LOG_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Polls `check` every 20 ms until it gives `Ok`, and returns that; past `within`, fails the
-/// test naming `what` it waited for and the last `Err`: what was seen instead.
-pub async fn eventually<T, F, Fut>(what: &str, within: Duration, mut check: F) -> T
+/// test naming `what` it waited for and the last `Err`: what was seen instead (shown only
+/// then, so it may be a view that reads what it shows when displayed).
+pub async fn eventually<T, E, F, Fut>(what: &str, within: Duration, mut check: F) -> T
 where
+    E: std::fmt::Display,
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
+    Fut: Future<Output = Result<T, E>>,
 {
     let until = tokio::time::Instant::now() + within;
     loop {
@@ -31,7 +33,7 @@ where
 /// [`eventually`] for a condition that has nothing to show but itself.
 pub async fn until(what: &str, within: Duration, mut holds: impl FnMut() -> bool) {
     eventually(what, within, || {
-        let seen = if holds() { Ok(()) } else { Err(String::new()) };
+        let seen = if holds() { Ok(()) } else { Err("") };
         std::future::ready(seen)
     })
     .await;
