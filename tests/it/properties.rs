@@ -25,7 +25,7 @@ fn template() -> impl Strategy<Value = String> {
 }
 
 thread_local! {
-    /// One runtime per test thread: building one for each case took longer than the case.
+    /// One runtime per test thread, shared by its cases.
     static RUNTIME: tokio::runtime::Runtime =
         tokio::runtime::Builder::new_current_thread().build().unwrap();
 }
