@@ -31,6 +31,7 @@ mod operations;
 mod outbound;
 mod passthrough;
 mod properties;
+mod readmes;
 mod realtime;
 mod sdk_python;
 mod server_timing;
