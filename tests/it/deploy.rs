@@ -276,14 +276,34 @@ fn the_release_tarball_holds_what_runs_the_binary_with_checksums() {
     let dir = tempfile::tempdir().unwrap();
     let target = "x86_64-unknown-linux-musl";
     let name = format!("oa-bypass-v9.9.9-{target}");
+    // A stand-in for the built binary (the debug build is 60 MB to compress): what is
+    // packed must be exactly what was given.
+    let binary = dir.path().join("built");
+    std::fs::write(&binary, "#!/bin/sh\necho stand-in\n").unwrap();
+    let dist = dir.path().join("dist");
     let status = Command::new("bash")
         .args([".github/ci/package-release", target, "v9.9.9"])
-        .arg(support::binary_path())
-        .env("OUT", dir.path())
+        .arg(&binary)
+        .env("OUT", &dist)
         .output()
         .unwrap();
     assert!(status.status.success(), "{status:?}");
-    let dist = dir.path();
+    let dist = dist.as_path();
+    let bare = std::fs::read(dist.join(format!("oa-bypass-{target}"))).unwrap();
+    assert_eq!(bare, std::fs::read(&binary).unwrap());
+    let packed = Command::new("tar")
+        .args([
+            "xzOf",
+            &format!("{name}.tar.gz"),
+            &format!("{name}/oa-bypass"),
+        ])
+        .current_dir(dist)
+        .output()
+        .unwrap();
+    assert_eq!(
+        packed.stdout, bare,
+        "the tarball's binary is not the one given"
+    );
     for file in [format!("oa-bypass-{target}"), format!("{name}.tar.gz")] {
         let check = Command::new("sha256sum")
             .args(["--check", &format!("{file}.sha256")])
