@@ -87,20 +87,26 @@ pub async fn sse(url: String, streams: usize) {
     );
 }
 
-/// Opens `streams` event streams at once (at most [`OPENING`] handshakes in flight), prints
-/// "holding N" once every one has its first event, then for `seconds` records each event's
+/// Opens `streams` event streams at once (at most 256 handshakes in flight, or
+/// `CROWD_OPENING`), prints "holding N" once every one has its first event, then for `seconds` records each event's
 /// lag (arrival less the upstream's stamp). One JSON line: how many opened, errors, the time
-/// to open them all, and the lag percentiles while all were open.
-pub async fn crowd(url: String, streams: usize, seconds: u64) {
-    /// Handshakes in flight at once: more would overflow the listeners' accept queues, and a
-    /// dropped SYN costs a second's retransmit, which says nothing about the proxy.
-    const OPENING: usize = 256;
+/// to open them all, and the lag percentiles while all were open. With `read_all` false,
+/// each client stops reading after its first event and holds its stream open unread, so the
+/// proxy's buffers and the sockets' fill up and push back.
+pub async fn crowd(url: String, streams: usize, seconds: u64, read_all: bool) {
+    // Handshakes in flight at once: more would overflow the listeners' accept queues, and a
+    // dropped SYN costs a second's retransmit, which says nothing about the proxy.
+    // `CROWD_OPENING=N` sets it (as many as the streams: no limit, as an asyncio client).
+    let opening: usize = std::env::var("CROWD_OPENING")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(256);
     let client = reqwest::Client::builder()
         .no_proxy()
         .pool_max_idle_per_host(0)
         .build()
         .unwrap();
-    let opening = Arc::new(tokio::sync::Semaphore::new(OPENING));
+    let opening = Arc::new(tokio::sync::Semaphore::new(opening));
     let (opened_tx, mut opened_rx) = tokio::sync::mpsc::unbounded_channel::<bool>();
     let (measure_tx, measure_rx) = tokio::sync::watch::channel(Phase::Opening);
     let start = Instant::now();
@@ -127,6 +133,10 @@ pub async fn crowd(url: String, streams: usize, seconds: u64) {
                 let first = body.next().await;
                 drop(permit);
                 let _ = opened_tx.send(matches!(first, Some(Ok(_))));
+                if !read_all {
+                    let _ = phase.wait_for(|phase| *phase == Phase::Done).await;
+                    return (Vec::new(), false);
+                }
                 let mut lags = Vec::new();
                 let mut buffer = Vec::new();
                 loop {

@@ -5,9 +5,10 @@
 //!   benchkit blob-upstream ADDR                 -> POST: reads the whole body; GET: streams
 //!                                                  ?bytes=N bytes
 //!   benchkit sse-client URL STREAMS             -> one JSON line: lag and time-to-first-byte
-//!   benchkit crowd URL STREAMS SECONDS          -> opens STREAMS streams at once, prints
+//!   benchkit crowd URL STREAMS SECONDS [READ]   -> opens STREAMS streams at once, prints
 //!                                                  "holding N", measures event lag for SECONDS,
-//!                                                  then one JSON line
+//!                                                  then one JSON line; READ=first: each client
+//!                                                  stops reading after its first event
 //!   benchkit startup BINARY PORT                -> ms from spawn to the first 200 on /health
 //!   benchkit hyper-proxy ADDR UPSTREAM_URL      -> a bare reverse proxy on hyper alone
 //!   benchkit tcp-relay ADDR UPSTREAM_ADDR       -> a bare byte relay: the floor of one more hop
@@ -46,7 +47,10 @@ async fn main() {
         Some("slow-upstream") => upstreams::slow(arg(1), Duration::from_millis(number(2))).await,
         Some("blob-upstream") => upstreams::blob(arg(1)).await,
         Some("sse-client") => clients::sse(arg(1), number(2) as usize).await,
-        Some("crowd") => clients::crowd(arg(1), number(2) as usize, number(3)).await,
+        Some("crowd") => {
+            let read_all = args.get(4).is_none_or(|read| read != "first");
+            clients::crowd(arg(1), number(2) as usize, number(3), read_all).await
+        }
         Some("startup") => clients::startup(arg(1), number(2) as u16).await,
         Some("hyper-proxy") => {
             let (addr, upstream) = (arg(1), arg(2));
