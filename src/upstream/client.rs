@@ -7,6 +7,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use http::{HeaderMap, Method, Uri};
 use hyper::body::Incoming;
 use hyper_util::client::legacy;
+use hyper_util::client::legacy::connect::{capture_connection, CaptureConnection};
+use tokio::sync::watch;
 
 use super::connect::Connector;
 use super::{SendError, Stage, POOL_IDLE_TIMEOUT};
@@ -35,6 +37,13 @@ pub(super) struct Client {
 struct Multiplexed {
     client: legacy::Client<Connector, Chunks>,
     open: Arc<AtomicUsize>,
+    /// Its first request has been sent.
+    opened: bool,
+    /// Its first request has its connection (or gave up). Until then the requests after it
+    /// wait, and then share that connection: hyper-util, not knowing yet that the upstream
+    /// speaks HTTP/2, opens one for each waiting request (3,800 for a burst of 8,000
+    /// streams, whose memory the process kept after they closed).
+    connected: Arc<watch::Sender<bool>>,
 }
 
 impl Client {
@@ -82,11 +91,23 @@ impl Client {
                 connections.len() - 1
             }
         };
-        let connection = &connections[index];
+        let connection = &mut connections[index];
+        let turn = if !connection.opened {
+            connection.opened = true;
+            Turn::Opens(Box::new(Opening {
+                capture: capture_connection(&mut request),
+                connected: Arc::clone(&connection.connected),
+            }))
+        } else if *connection.connected.borrow() {
+            Turn::Go
+        } else {
+            Turn::After(connection.connected.subscribe())
+        };
         let slot = Slot::take(&connection.open);
         Sending {
             future: connection.client.request(request),
             slot,
+            turn,
         }
     }
 
@@ -108,7 +129,53 @@ impl Client {
         Multiplexed {
             client,
             open: Arc::new(AtomicUsize::new(0)),
+            opened: false,
+            connected: Arc::new(watch::Sender::new(false)),
         }
+    }
+}
+
+/// When a request may go: at once, after its connection's first request has its connection,
+/// or as that first request.
+enum Turn {
+    Go,
+    After(watch::Receiver<bool>),
+    /// Boxed: one request in a hundred carries it.
+    Opens(Box<Opening>),
+}
+
+/// The first request of a connection, which tells the others when its connection is there.
+struct Opening {
+    capture: CaptureConnection,
+    connected: Arc<watch::Sender<bool>>,
+}
+
+impl Opening {
+    /// Sends the first request; the others go once it has its connection. hyper-util pools an
+    /// HTTP/2 connection before it tells, so they find it there.
+    async fn send(
+        mut self,
+        future: legacy::ResponseFuture,
+    ) -> Result<http::Response<Incoming>, legacy::Error> {
+        let mut future = std::pin::pin!(future);
+        // What it resolves to borrows a lock: dropped here, before any wait.
+        let connected = async {
+            let _connection = self.capture.wait_for_connection_metadata().await;
+        };
+        tokio::select! {
+            answer = &mut future => answer,
+            () = connected => {
+                self.connected.send_replace(true);
+                future.await
+            }
+        }
+    }
+}
+
+impl Drop for Opening {
+    /// Answered, failed or cancelled: the others never wait longer than the first request.
+    fn drop(&mut self) {
+        self.connected.send_replace(true);
     }
 }
 
@@ -132,13 +199,23 @@ impl Drop for Slot {
 pub(super) struct Sending {
     future: legacy::ResponseFuture,
     slot: Slot,
+    turn: Turn,
 }
 
 impl Sending {
     /// The answer, with the request's slot: hold it as long as the answer's body.
     pub(super) async fn response(self) -> Result<(http::Response<Incoming>, Slot), SendError> {
-        let Sending { future, slot } = self;
-        match future.await {
+        let Sending { future, slot, turn } = self;
+        let answer = match turn {
+            Turn::Go => future.await,
+            Turn::After(mut connected) => {
+                // The sender lives in the client's list, which outlives the request.
+                let _ = connected.wait_for(|connected| *connected).await;
+                future.await
+            }
+            Turn::Opens(opening) => Box::pin(opening.send(future)).await,
+        };
+        match answer {
             Ok(response) => Ok((response, slot)),
             Err(err) => {
                 let stage = if err.is_connect() {
