@@ -245,7 +245,7 @@ async fn client_gone(client: &TcpStream, buf: &mut bytes::BytesMut) {
         }
         // Room for what a client sends while its answer streams (usually nothing, or the
         // close): every open stream's connection holds this buffer.
-        make_room(buf, SMALL_BUFFER / 2);
+        make_room(buf, SMALL_BUFFER);
         match client.try_read_buf(buf) {
             Ok(0) => return Poll::Ready(()),
             // Data, or readiness that was stale: look again (which registers the waker).

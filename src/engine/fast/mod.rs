@@ -223,7 +223,7 @@ impl ClientConnection<'_> {
             let deadline =
                 *deadline.get_or_insert_with(|| Instant::now() + settings.header_read_timeout);
             let idle = self.buf.is_empty();
-            make_room(&mut self.buf, SMALL_BUFFER / 2);
+            make_room(&mut self.buf, SMALL_BUFFER);
             tokio::select! {
                 biased;
                 read = self.client.read_buf(&mut self.buf) => match read {

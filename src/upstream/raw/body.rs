@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 use futures_util::Stream;
 use tokio::time::Instant;
 
@@ -148,8 +148,7 @@ impl Stream for RawBody {
                     )))))
                 };
             }
-            rewind_when_drained(&mut connection.buf);
-            make_room(&mut connection.buf, BUFFER / 2);
+            make_room(&mut connection.buf, BUFFER);
             match connection.stream.poll_read_buf(cx, &mut connection.buf) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Ok(0)) => this.eof = true,
@@ -160,52 +159,5 @@ impl Stream for RawBody {
                 }
             }
         }
-    }
-}
-
-/// Before a read: a drained buffer starts again at the front of its storage, when nothing
-/// else holds that storage. Read into as it was, each event of a long stream landed past the
-/// last, touching the buffer's pages one after another: 8,000 streams grew from 15 to 19 KiB
-/// each over 40 s of events, and stay at 15 this way (docs/performance.md).
-fn rewind_when_drained(buf: &mut BytesMut) {
-    // Never allocates: while a chunk handed on still holds the storage, this fails and
-    // reading goes on in the tail, as before.
-    let _reclaimed = buf.is_empty() && buf.capacity() < BUFFER && buf.try_reclaim(BUFFER);
-}
-
-#[cfg(test)]
-mod tests {
-    use bytes::{BufMut, BytesMut};
-
-    use super::{rewind_when_drained, BUFFER};
-
-    /// Reads `event` into `buf` as the connection would, and hands it on.
-    fn read_event(buf: &mut BytesMut, event: &[u8]) -> bytes::Bytes {
-        rewind_when_drained(buf);
-        super::make_room(buf, BUFFER / 2);
-        buf.put_slice(event);
-        buf.split_to(event.len()).freeze()
-    }
-
-    #[test]
-    fn a_stream_whose_chunks_are_sent_reads_every_event_at_the_front() {
-        let mut buf = BytesMut::with_capacity(BUFFER);
-        let event = [b'x'; 250];
-        let first = read_event(&mut buf, &event).as_ptr();
-        // Each chunk is sent (dropped) before the next read, as the relay does.
-        for _ in 0..100 {
-            let chunk = read_event(&mut buf, &event);
-            assert_eq!(chunk.as_ptr(), first, "the event landed past the last one");
-        }
-    }
-
-    #[test]
-    fn a_chunk_still_held_keeps_its_storage_and_costs_no_allocation() {
-        let mut buf = BytesMut::with_capacity(BUFFER);
-        let event = [b'x'; 250];
-        let held = read_event(&mut buf, &event);
-        let second = read_event(&mut buf, &event);
-        // Read on in the tail of the same storage, behind the chunk not yet sent.
-        assert_eq!(second.as_ptr(), held.as_ptr().wrapping_add(event.len()));
     }
 }

@@ -154,7 +154,7 @@ async fn read_head(connection: &mut Connection) -> Result<ResponseHead, BoxError
             }
             None => {}
         }
-        make_room(&mut connection.buf, BUFFER / 2);
+        make_room(&mut connection.buf, BUFFER);
         if connection.stream.read_buf(&mut connection.buf).await? == 0 {
             return Err(Box::new(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
