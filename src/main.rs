@@ -6,84 +6,82 @@ use std::process::ExitCode;
 
 use std::sync::Arc;
 
+use clap::{Parser, Subcommand};
 use oa_bypass::{app, app_for_workers, config::Config, init_logging, server, App, Logging, Tls};
 
-const USAGE: &str = "\
-oa-bypass: a self-hosted passthrough gateway for the OpenAI API
-
-Usage:
-  oa-bypass [--config PATH]            serve (default: ./routes.toml, else the built-in manifest)
-  oa-bypass --check [--config PATH]    validate, print the route table and settings, exit 0 or 1
-  oa-bypass --print-openapi [--config PATH]  write the OpenAPI document to stdout
-  oa-bypass healthcheck [--config PATH]  GET /health on the local server (for container probes)
-  oa-bypass hash-key                   read a key on stdin, print its access.allowed_key_hashes line
-  oa-bypass --help | --version
-
-The manifest is --config PATH, else $OA_BYPASS_CONFIG, else ./routes.toml if present, else the
-copy built into this binary. Environment variables OA_BYPASS_<SECTION>__<KEY> override it,
-e.g. OA_BYPASS_SERVER__PORT=9000. RUST_LOG sets log levels (default: info).
-";
-
-#[derive(Debug, PartialEq, Eq)]
-enum Command {
-    Serve,
-    Check,
-    PrintOpenApi,
-    Healthcheck,
-    HashKey,
-    Help,
-    Version,
-}
-
+/// The command line. `--check` and `--print-openapi` stay flags, as scripts and the image's
+/// docs have them; the rest are subcommands.
+#[derive(Debug, Parser)]
+#[command(
+    name = "oa-bypass",
+    version,
+    about = "A self-hosted passthrough gateway for the OpenAI API",
+    after_help = "The manifest is --config PATH, else $OA_BYPASS_CONFIG, else ./routes.toml if \
+                  present, else the copy built into this binary. Environment variables \
+                  OA_BYPASS_<SECTION>__<KEY> override it, e.g. OA_BYPASS_SERVER__PORT=9000. \
+                  RUST_LOG sets log levels (default: info)."
+)]
 struct Cli {
-    command: Command,
+    /// The manifest (default: ./routes.toml, else the built-in one)
+    #[arg(long, global = true, value_name = "PATH")]
     config: Option<PathBuf>,
+    /// Validate, print the route table and settings, exit 0 or 1
+    #[arg(long, conflicts_with = "print_openapi")]
+    check: bool,
+    /// Write the OpenAPI document to stdout
+    #[arg(long)]
+    print_openapi: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
 }
 
-fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Cli, String> {
-    let mut command = Command::Serve;
-    let mut config = None;
-    let mut args = args.into_iter();
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--check" => command = Command::Check,
-            "--print-openapi" => command = Command::PrintOpenApi,
-            "healthcheck" => command = Command::Healthcheck,
-            "hash-key" => command = Command::HashKey,
-            "-h" | "--help" => command = Command::Help,
-            "-V" | "--version" => command = Command::Version,
-            "--config" => {
-                let path = args.next().ok_or("--config needs a path")?;
-                config = Some(PathBuf::from(path));
-            }
-            other => match other.strip_prefix("--config=") {
-                Some(path) => config = Some(PathBuf::from(path)),
-                None => return Err(format!("unknown argument {other:?}")),
-            },
+#[derive(Debug, PartialEq, Eq, Subcommand)]
+enum Command {
+    /// GET /health on the local server (for container probes)
+    Healthcheck,
+    /// Read a key on stdin, print its access.allowed_key_hashes line
+    HashKey,
+    /// A team's named keys ([keys.NAME] in the manifest)
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Debug, PartialEq, Eq, Subcommand)]
+enum KeysCommand {
+    /// Make a key for NAME: print it once, and the [keys.NAME] block with its hash
+    New { name: String },
+    /// Print each named key and what it may do (never a whole hash)
+    List,
+}
+
+impl Cli {
+    /// The command line, or clap's message and exit. `--config` goes anywhere, as it always
+    /// has; `--check` and `--print-openapi` take no subcommand.
+    fn parse_checked() -> Cli {
+        let cli = Cli::parse();
+        if let Err(err) = cli.checked() {
+            err.exit();
+        }
+        cli
+    }
+
+    fn checked(&self) -> Result<(), clap::Error> {
+        match (&self.command, self.check || self.print_openapi) {
+            (Some(_), true) => Err(<Cli as clap::CommandFactory>::command().error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "--check and --print-openapi take no subcommand",
+            )),
+            _ => Ok(()),
         }
     }
-    Ok(Cli { command, config })
 }
 
 fn main() -> ExitCode {
-    let cli = match parse_args(std::env::args().skip(1)) {
-        Ok(cli) => cli,
-        Err(message) => {
-            eprintln!("oa-bypass: {message}\n\n{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
+    let cli = Cli::parse_checked();
     match cli.command {
-        Command::Help => {
-            print!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Command::Version => {
-            println!("oa-bypass {}", env!("CARGO_PKG_VERSION"));
-            return ExitCode::SUCCESS;
-        }
-        Command::HashKey => return hash_key(),
-        Command::Serve | Command::Check | Command::PrintOpenApi | Command::Healthcheck => {}
+        Some(Command::HashKey) => return hash_key(),
+        Some(Command::Keys(KeysCommand::New { name })) => return new_key(&name),
+        Some(Command::Keys(KeysCommand::List) | Command::Healthcheck) | None => {}
     }
 
     let config = match Config::load(cli.config.as_deref()) {
@@ -93,7 +91,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if cli.command == Command::Check {
+    if cli.check {
         // Building the app also checks what only the router and the HTTP client can tell.
         if let Err(err) = app(&config) {
             eprintln!("oa-bypass: invalid configuration:\n{err}");
@@ -116,7 +114,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
 
-    if cli.command == Command::PrintOpenApi {
+    if cli.print_openapi {
         let document = oa_bypass::openapi::document(&config).and_then(|document| {
             serde_json::to_string_pretty(&document)
                 .map_err(|err| format!("cannot serialise the OpenAPI document: {err}"))
@@ -133,8 +131,13 @@ fn main() -> ExitCode {
         };
     }
 
+    if cli.command == Some(Command::Keys(KeysCommand::List)) {
+        print!("{}", config.describe_keys());
+        return ExitCode::SUCCESS;
+    }
+
     let result = match cli.command {
-        Command::Healthcheck => runtime().and_then(|rt| rt.block_on(healthcheck(&config))),
+        Some(Command::Healthcheck) => runtime().and_then(|rt| rt.block_on(healthcheck(&config))),
         _ => match init_logging(&config.log, &config.tracing) {
             Ok(logging) => {
                 let served = serve(config, cli.config);
@@ -337,6 +340,27 @@ fn hash_key() -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Makes a key for `name` and prints it once, with the `[keys.NAME]` block that allows it.
+/// Only the block's hash is kept anywhere: the key is shown here and nowhere else.
+fn new_key(name: &str) -> ExitCode {
+    match oa_bypass::config::new_key_block(name) {
+        Ok((key, block)) => {
+            println!("{key}");
+            eprintln!(
+                "\nGive the key above to {name}; it is not shown again. Add this to the manifest \
+                 (or set OA_BYPASS_KEYS__{}__HASH), then reload with SIGHUP:\n",
+                name.to_uppercase().replace('-', "_")
+            );
+            print!("\n{block}");
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            eprintln!("oa-bypass: {message}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 /// `GET /health` against the configured port on loopback: exit 0 when it answers 200. Over
 /// HTTPS when the gateway serves TLS; the certificate is not checked, since it names the
 /// public domain, not loopback, and this only asks our own process whether it is alive.
@@ -451,23 +475,47 @@ fn any_certificate() -> Result<rustls::ClientConfig, BoxError> {
 mod tests {
     use super::*;
 
-    fn args(list: &[&str]) -> Vec<String> {
-        list.iter().map(|s| s.to_string()).collect()
+    fn parse(list: &[&str]) -> Result<Cli, clap::Error> {
+        let cli = Cli::try_parse_from(std::iter::once("oa-bypass").chain(list.iter().copied()))?;
+        cli.checked().map(|()| cli)
     }
 
     #[test]
-    fn parses_check_with_config() {
-        let cli = parse_args(args(&["--check", "--config", "x.toml"])).unwrap();
-        assert_eq!(cli.command, Command::Check);
+    fn the_command_line_of_earlier_releases_still_parses() {
+        let cli = parse(&["--check", "--config", "x.toml"]).unwrap();
+        assert!(cli.check);
         assert_eq!(cli.config, Some(PathBuf::from("x.toml")));
-        let cli = parse_args(args(&["--config=y.toml"])).unwrap();
-        assert_eq!(cli.command, Command::Serve);
+        let cli = parse(&["--config=y.toml"]).unwrap();
+        assert!(!cli.check && cli.command.is_none());
         assert_eq!(cli.config, Some(PathBuf::from("y.toml")));
+        let cli = parse(&["healthcheck", "--config", "z.toml"]).unwrap();
+        assert_eq!(cli.command, Some(Command::Healthcheck));
+        let cli = parse(&["--config", "z.toml", "healthcheck"]).unwrap();
+        assert_eq!(cli.command, Some(Command::Healthcheck));
+        assert_eq!(
+            parse(&["hash-key"]).unwrap().command,
+            Some(Command::HashKey)
+        );
+        assert!(parse(&["--print-openapi"]).unwrap().print_openapi);
+        let cli = parse(&["keys", "new", "alice"]).unwrap();
+        assert_eq!(
+            cli.command,
+            Some(Command::Keys(KeysCommand::New {
+                name: "alice".into()
+            }))
+        );
     }
 
     #[test]
     fn refuses_unknown_arguments() {
-        assert!(parse_args(args(&["--chek"])).is_err());
-        assert!(parse_args(args(&["--config"])).is_err());
+        assert!(parse(&["--chek"]).is_err());
+        assert!(parse(&["--config"]).is_err());
+        assert!(parse(&["--check", "healthcheck"]).is_err());
+        assert!(parse(&["keys"]).is_err());
+    }
+
+    #[test]
+    fn the_cli_is_well_formed() {
+        <Cli as clap::CommandFactory>::command().debug_assert();
     }
 }

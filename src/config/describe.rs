@@ -23,6 +23,15 @@ fn line(key: &str, value: impl Into<String>) -> Line {
 }
 
 impl Config {
+    /// The named keys and what each may do, for `oa-bypass keys list`.
+    pub fn describe_keys(&self) -> String {
+        let mut out = String::new();
+        for (key, value) in super::keys::key_lines(&self.access.named_keys) {
+            let _ = writeln!(out, "{key:<34} {value}");
+        }
+        out
+    }
+
     /// The effective settings and route table, with secrets masked, for `--check`.
     pub fn describe(&self) -> String {
         let mut out = String::new();
@@ -54,6 +63,12 @@ impl Config {
                 .filter(|(key, _)| !key.ends_with(".ready_check"))
                 .chain([line(&format!("{key_path}.routes"), routes)]);
             for (key, value) in lines {
+                let _ = writeln!(out, "  {key:<34} {value}");
+            }
+        }
+        if !self.access.named_keys.is_empty() {
+            let _ = writeln!(out, "\nkeys ({}):", self.access.named_keys.len());
+            for (key, value) in super::keys::key_lines(&self.access.named_keys) {
                 let _ = writeln!(out, "  {key:<34} {value}");
             }
         }
@@ -409,6 +424,21 @@ mod tests {
                 assert!(
                     documented(text, section, key),
                     "{readme} lacks `{section}.{key}`"
+                );
+            }
+            // The Russian README translates the placeholder (as tests/it/readmes.rs knows).
+            let text = &text.replace("ИМЯ", "NAME");
+            let key = super::super::raw::RawKey {
+                hash: String::new(),
+                models: Some(Vec::new()),
+                tags: Some(Vec::new()),
+                expires: Some(String::new()),
+            };
+            let key = serde_json::to_value(key).unwrap();
+            for field in key.as_object().unwrap().keys() {
+                assert!(
+                    documented(text, "keys.NAME", field),
+                    "{readme} lacks `keys.NAME.{field}`"
                 );
             }
             // A mount takes `[upstream]`'s settings (the README says so), and its own are in

@@ -6,6 +6,7 @@
 //! never echoes the whole file.
 
 mod describe;
+mod keys;
 mod mount;
 mod raw;
 mod route;
@@ -28,6 +29,7 @@ use sha2::{Digest, Sha256};
 use url::Url;
 
 use crate::routes::RouteTable;
+pub use keys::{new_key_block, Day, ModelPattern, NamedKey, NamedKeys};
 pub use mount::{CredentialHeader, MountConfig, UpstreamKey, DEFAULT_MOUNT};
 use raw::RawConfig;
 pub use store::{StoreConfig, StoreFailure};
@@ -283,8 +285,10 @@ impl CorsConfig {
 /// The `[access]` settings, validated. All off by default, so the open passthrough works.
 #[derive(Debug, Clone, Default)]
 pub struct AccessConfig {
-    /// SHA-256 digests of the keys that may be forwarded; empty: any key.
+    /// SHA-256 digests of the keys that may be forwarded; empty (and no named keys): any key.
     pub allowed_key_hashes: Vec<[u8; 32]>,
+    /// `[keys.NAME]`: allowed keys with a name and rules of their own.
+    pub named_keys: NamedKeys,
     /// Client networks that may use the API; empty: any.
     pub allowed_ips: Vec<IpNet>,
     /// Peers whose `X-Forwarded-For` is believed.

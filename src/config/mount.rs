@@ -136,7 +136,7 @@ pub(super) fn validate_upstream(
     if !raw.keys_env.is_empty() && !allowed_keys {
         problems.push(format!(
             "{key_path}.keys_env: the gateway would lend its keys to anyone; list the clients' keys \
-             in access.allowed_key_hashes first"
+             in [keys] or access.allowed_key_hashes first"
         ));
     }
     let keys = read_keys(key_path, &raw.keys_env, problems);

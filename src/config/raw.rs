@@ -38,6 +38,9 @@ pub(super) struct RawConfig {
     pub usage: RawUsage,
     #[serde(default)]
     pub access: RawAccess,
+    /// `[keys.NAME]`: allowed keys with a name, and what each may call.
+    #[serde(default)]
+    pub keys: std::collections::BTreeMap<String, RawKey>,
     #[serde(default)]
     pub log: RawLog,
     #[serde(default)]
@@ -413,6 +416,21 @@ pub(super) struct RawAccess {
     pub trusted_proxies: Vec<String>,
     /// The API (and docs) live only under `/<secret>/…`.
     pub path_secret: Option<String>,
+}
+
+/// One `[keys.NAME]`.
+#[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawKey {
+    /// The key's `sha256:` hex (`oa-bypass keys new NAME` prints it).
+    pub hash: String,
+    /// Globs the request's model must match; unset: any.
+    pub models: Option<Vec<String>>,
+    /// The route tags it may call; unset: any.
+    pub tags: Option<Vec<String>>,
+    /// The last day (UTC, `YYYY-MM-DD`) the key works.
+    pub expires: Option<String>,
 }
 
 /// One `[[routes]]` entry.

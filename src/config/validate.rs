@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use url::Url;
 
+use super::keys::validate_keys;
 use super::mount::{check_route_upstreams, validate_mounts, validate_upstream, DEFAULT_MOUNT};
 use super::raw::{self, RawConfig, DEFAULT_TAG_ORDER};
 use super::route;
@@ -33,9 +34,9 @@ pub(super) fn validate(raw: RawConfig, source: ManifestSource) -> Result<Config,
         )
     });
     check_bounds(&raw, &mut problems);
-    let access = validate_access(raw.access, &mut problems);
+    let mut access = validate_access(raw.access, &mut problems);
     let store = validate_store(&raw.limits, &mut problems);
-    let allowed_keys = !access.allowed_key_hashes.is_empty();
+    let allowed_keys = !access.allowed_key_hashes.is_empty() || !raw.keys.is_empty();
     let upstream = validate_upstream(
         "upstream",
         DEFAULT_MOUNT,
@@ -69,6 +70,8 @@ pub(super) fn validate(raw: RawConfig, source: ManifestSource) -> Result<Config,
         &mut problems,
     );
     check_route_upstreams(&specs, &mounts, &mut problems);
+    let tags = route_tags(&specs, &mounts);
+    access.named_keys = validate_keys(raw.keys, &access.allowed_key_hashes, &tags, &mut problems);
     check_something_served(&specs, &mounts, &mut problems);
     let tag_order = tag_order(raw.openapi.tag_order, &specs, &mounts, &mut problems);
     let schemas = (raw.openapi.schemas.as_deref())
@@ -116,6 +119,21 @@ pub(super) fn validate(raw: RawConfig, source: ManifestSource) -> Result<Config,
         routes,
         source,
     })
+}
+
+/// Every tag of the routes served, the manifest's and the mounts' own, sorted.
+fn route_tags<'a>(specs: &'a [RouteSpec], mounts: &'a [MountConfig]) -> Vec<&'a str> {
+    let own = (mounts.iter())
+        .filter_map(|mount| mount.routes.as_ref())
+        .flat_map(|table| table.routes());
+    let mut tags: Vec<&str> = specs
+        .iter()
+        .chain(own)
+        .map(RouteSpec::tag_or_default)
+        .collect();
+    tags.sort_unstable();
+    tags.dedup();
+    tags
 }
 
 /// `[server]`, but for the address and the certificate, which are checked on their own.

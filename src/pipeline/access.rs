@@ -6,13 +6,14 @@
 //! key or a hash of one.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use http::header::{self, HeaderMap, HeaderName};
-use sha2::{Digest, Sha256};
 
 use super::error::GatewayError;
-use crate::config::{AccessConfig, CredentialHeader};
+use crate::config::{AccessConfig, CredentialHeader, NamedKey};
 use crate::headers;
+use crate::observe::key::KeyId;
 
 /// Subprotocol prefix browsers use to carry the API key on WebSockets.
 pub(crate) const KEY_SUBPROTOCOL: &str = "openai-insecure-api-key.";
@@ -59,33 +60,46 @@ fn presented_keys(headers: &HeaderMap, credential: CredentialHeader) -> impl Ite
         .filter(|key| !key.is_empty())
 }
 
-/// The first key the request presents where `credential` says ([`presented_keys`]).
-/// `None`: the request carries no credential.
-pub(crate) fn presented_key(headers: &HeaderMap, credential: CredentialHeader) -> Option<&str> {
-    presented_keys(headers, credential).next()
+/// Who presents a request's key: its hash, and its `[keys.NAME]` entry when it is a named key.
+pub(crate) struct Caller {
+    pub(crate) key: KeyId,
+    pub(crate) named: Option<Arc<NamedKey>>,
 }
 
 impl AccessConfig {
-    /// With `allowed_key_hashes` set, every key the request presents must be listed.
-    pub fn check_key(
+    /// Whether only listed keys may use the gateway: `allowed_key_hashes` or `[keys]`.
+    pub fn lists_keys(&self) -> bool {
+        !self.allowed_key_hashes.is_empty() || !self.named_keys.is_empty()
+    }
+
+    /// The caller of a request: the first key it presents where `credential` says. With keys
+    /// listed, every key it presents must be one of them. Each key is hashed once.
+    pub(crate) fn identify(
         &self,
         headers: &HeaderMap,
         credential: CredentialHeader,
-    ) -> Result<(), GatewayError> {
-        if self.allowed_key_hashes.is_empty() {
-            return Ok(());
-        }
-        let mut keys = presented_keys(headers, credential).peekable();
-        let allowed = keys.peek().is_some()
-            && keys.all(|key| {
-                let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
-                self.allowed_key_hashes.contains(&digest)
+    ) -> Result<Caller, GatewayError> {
+        let mut keys = presented_keys(headers, credential).map(KeyId::of);
+        // None at all is refused before anything else.
+        let Some(first) = keys.next() else {
+            return Err(GatewayError::MissingCredential(credential));
+        };
+        if !self.lists_keys() {
+            return Ok(Caller {
+                key: first,
+                named: None,
             });
-        if allowed {
-            Ok(())
-        } else {
-            Err(GatewayError::KeyNotAllowed)
         }
+        let listed = |key: &KeyId| {
+            self.allowed_key_hashes.contains(&key.hash) || self.named_keys.contains_key(&key.hash)
+        };
+        if !listed(&first) || !keys.all(|key| listed(&key)) {
+            return Err(GatewayError::KeyNotAllowed);
+        }
+        Ok(Caller {
+            named: self.named_keys.get(&first.hash).cloned(),
+            key: first,
+        })
     }
 
     /// The client's address: the peer, or, when the peer is a trusted proxy, the nearest
@@ -131,8 +145,11 @@ mod tests {
 
     #[test]
     fn credential_is_a_key_in_authorization_api_key_or_a_subprotocol() {
-        let has_credential =
-            |headers: &HeaderMap| presented_key(headers, CredentialHeader::Authorization).is_some();
+        let has_credential = |headers: &HeaderMap| {
+            presented_keys(headers, CredentialHeader::Authorization)
+                .next()
+                .is_some()
+        };
         assert!(has_credential(&map(&[("authorization", "Bearer sk-1")])));
         assert!(has_credential(&map(&[("api-key", "k")])));
         assert!(has_credential(&map(&[("authorization", "Basic abc")])));
@@ -156,7 +173,9 @@ mod tests {
             headers: &[(&'static str, &'static str)],
             credential: CredentialHeader,
         ) -> Option<String> {
-            presented_key(&map(headers), credential).map(str::to_owned)
+            presented_keys(&map(headers), credential)
+                .next()
+                .map(str::to_owned)
         }
         let anthropic = [
             ("x-api-key", "sk-ant"),
@@ -185,13 +204,13 @@ mod tests {
             ..AccessConfig::default()
         };
         assert!(access
-            .check_key(&map(&[("authorization", "Bearer sk-good")]), BEARER)
+            .identify(&map(&[("authorization", "Bearer sk-good")]), BEARER)
             .is_ok());
         assert!(access
-            .check_key(&map(&[("api-key", "sk-good")]), BEARER)
+            .identify(&map(&[("api-key", "sk-good")]), BEARER)
             .is_ok());
         assert!(access
-            .check_key(
+            .identify(
                 &map(&[(
                     "sec-websocket-protocol",
                     "realtime, openai-insecure-api-key.sk-good"
@@ -199,16 +218,38 @@ mod tests {
                 BEARER
             )
             .is_ok());
-        assert!(access
-            .check_key(&map(&[("authorization", "Bearer sk-bad")]), BEARER)
-            .is_err());
-        assert!(access
-            .check_key(
-                &map(&[("authorization", "Bearer sk-good"), ("api-key", "sk-bad")]),
-                BEARER
-            )
-            .is_err());
-        assert!(access.check_key(&map(&[]), BEARER).is_err());
+        let refused = |headers: &[(&'static str, &'static str)]| {
+            access
+                .identify(&map(headers), BEARER)
+                .err()
+                .map(|err| err.to_string())
+        };
+        assert!(refused(&[("authorization", "Bearer sk-bad")])
+            .is_some_and(|err| err.contains("not allowed")));
+        assert!(
+            refused(&[("authorization", "Bearer sk-good"), ("api-key", "sk-bad")])
+                .is_some_and(|err| err.contains("not allowed"))
+        );
+        assert!(refused(&[]).is_some_and(|err| err.contains("didn't provide")));
+    }
+
+    #[test]
+    fn a_named_key_is_allowed_and_known_by_its_name() {
+        let manifest = format!(
+            "[access]\nallowed_key_hashes = [\"{}\"]\n[keys.alice]\nhash = \"{}\"\n\
+             [[routes]]\nmethod = \"GET\"\npath = \"/v1/models\"\n",
+            hash_line("sk-anonymous"),
+            hash_line("sk-alice")
+        );
+        let config = crate::config::Config::from_manifest_str(&manifest).unwrap();
+        let who = |key: &'static str| {
+            let header = [("authorization", key)];
+            let caller = config.access.identify(&map(&header), BEARER).ok()?;
+            Some(caller.named.map(|named| named.name.to_string()))
+        };
+        assert_eq!(who("Bearer sk-alice"), Some(Some("alice".to_owned())));
+        assert_eq!(who("Bearer sk-anonymous"), Some(None));
+        assert_eq!(who("Bearer sk-bob"), None);
     }
 
     #[test]

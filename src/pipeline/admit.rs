@@ -2,16 +2,18 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use http::uri::PathAndQuery;
 use http::{HeaderMap, Method, StatusCode};
 use tokio::time::Instant;
 
+use super::access::Caller;
 use super::body::{self, Bound, UploadProgress};
 use super::limits::Admission;
 use super::mount::Lent;
-use super::{access, answer, Answer, GatewayError, Mount, Pipeline};
-use crate::observe::key::KeyId;
+use super::{answer, Answer, GatewayError, Mount, Pipeline};
+use crate::config::NamedKey;
 use crate::observe::log::Record;
 use crate::observe::metrics::{GaugeGuard, RouteMetrics};
 use crate::observe::traces::RequestSpan;
@@ -68,6 +70,8 @@ pub(crate) struct Admitted<'a> {
     pub(super) lent: Option<Lent>,
     /// The gateway asked for the stream's usage on the client's behalf.
     pub(super) asked_for_usage: bool,
+    /// The caller's `[keys.NAME]`, when its key has a name.
+    pub(super) named: Option<Arc<NamedKey>>,
 }
 
 impl Endpoint {
@@ -98,33 +102,40 @@ impl Endpoint {
         let Some(route) = self.route(&record.method) else {
             return Err(self.reject(&record, &self.method_not_allowed(&record.method)));
         };
-        let checked = check_path_params(&route.spec, target.path())
-            // 3. Credential and limits.
-            .and_then(|()| self.admit_key(&route.mount, &headers, peer))
+        // 2, its path parameters; then 3. Credential and limits: who calls, named in the
+        // line from here on.
+        let caller = check_path_params(&route.spec, target.path())
+            .and_then(|()| self.identify(route, &headers));
+        let caller = match caller {
+            Ok(caller) => caller,
+            Err(err) => return Err(self.reject(&record, &err)),
+        };
+        record.key = Some(caller.key.prefix());
+        record.key_name = caller.named.as_ref().map(|named| Arc::clone(&named.name));
+        let checked = self
+            .admit_caller(route, &caller, &headers, peer)
             // 4. Body policy.
-            .and_then(|(admission, key)| {
+            .and_then(|admission| {
                 let limits = &pipeline.config.limits;
                 let limit = body::check(limits, &route.spec, &headers, has_body)?;
-                Ok((admission, key, limit))
+                Ok((admission, limit))
             });
         match checked {
-            Ok((admission, key, limit)) => {
-                record.key = Some(key.prefix());
-                Ok(Admitted {
-                    endpoint: self,
-                    route,
-                    target,
-                    headers,
-                    admission,
-                    limit,
-                    record,
-                    upload: None,
-                    in_flight: None,
-                    trace: None,
-                    lent: None,
-                    asked_for_usage: false,
-                })
-            }
+            Ok((admission, limit)) => Ok(Admitted {
+                endpoint: self,
+                route,
+                target,
+                headers,
+                admission,
+                limit,
+                record,
+                upload: None,
+                in_flight: None,
+                trace: None,
+                lent: None,
+                asked_for_usage: false,
+                named: caller.named,
+            }),
             Err(err) => Err(self.reject(&record, &err)),
         }
     }
@@ -144,28 +155,29 @@ impl Endpoint {
         }
     }
 
-    /// Phase 3: a key is presented where the route's mount reads it, and allowed; then the
-    /// rate and concurrency limits.
-    fn admit_key(
+    /// Phase 3: a key is presented where the route's mount reads it, and allowed. A mount
+    /// that lends its keys has listed keys to check against (the configuration refuses one
+    /// without).
+    fn identify(&self, route: &MethodRoute, headers: &HeaderMap) -> Result<Caller, GatewayError> {
+        let access = &self.pipeline.config.access;
+        access.identify(headers, route.mount.settings.credential_header)
+    }
+
+    /// Phase 3 for a known caller: a named key within its last day and tags; then the rate
+    /// and concurrency limits.
+    fn admit_caller(
         &self,
-        mount: &Mount,
+        route: &MethodRoute,
+        caller: &Caller,
         headers: &HeaderMap,
         peer: Option<SocketAddr>,
-    ) -> Result<(Admission, KeyId), GatewayError> {
+    ) -> Result<Admission, GatewayError> {
+        if let Some(named) = &caller.named {
+            check_named(named, &route.spec)?;
+        }
         let pipeline = &*self.pipeline;
-        let access = &pipeline.config.access;
-        let credential = mount.settings.credential_header;
-        // The first key presented; none at all is refused before anything else.
-        let Some(key) = access::presented_key(headers, credential) else {
-            return Err(GatewayError::MissingCredential(credential));
-        };
-        // A mount that lends its keys has `allowed_key_hashes` to check against (the
-        // configuration refuses one without).
-        access.check_key(headers, credential)?;
-        let ip = peer.map(|peer| access.client_ip(peer.ip(), headers));
-        let key = KeyId::of(key);
-        let admission = pipeline.limiter.admit(ip, &key.hash)?;
-        Ok((admission, key))
+        let ip = peer.map(|peer| pipeline.config.access.client_ip(peer.ip(), headers));
+        pipeline.limiter.admit(ip, &caller.key.hash)
     }
 
     /// The gateway's answer to a request it refuses, counted under this route and logged
@@ -198,6 +210,25 @@ impl Endpoint {
             .metrics
             .observe_response_headers(record.start.elapsed());
     }
+}
+
+/// Phase 3 for a named key: within its last day (401), and allowed the route's tag (403).
+fn check_named(named: &NamedKey, route: &RouteSpec) -> Result<(), GatewayError> {
+    if named.expired_at(SystemTime::now()) {
+        return Err(GatewayError::KeyExpired {
+            name: Arc::clone(&named.name),
+            expired: named.expires.map(|day| day.to_string()).unwrap_or_default(),
+        });
+    }
+    let tag = route.tag_or_default();
+    if !named.allows_tag(tag) {
+        return Err(GatewayError::RouteNotAllowed {
+            name: Arc::clone(&named.name),
+            tag: tag.to_owned(),
+            allowed: named.tags.clone().unwrap_or_default(),
+        });
+    }
+    Ok(())
 }
 
 /// Phase 2's check of each path parameter (a route without parameters has nothing to check).

@@ -157,6 +157,9 @@ pub(crate) fn upstream_error_kind(err: &GatewayError) -> Option<UpstreamErrorKin
         GatewayError::UpstreamFailed(_) => Some(UpstreamErrorKind::Reset),
         GatewayError::MissingCredential(_)
         | GatewayError::KeyNotAllowed
+        | GatewayError::KeyExpired { .. }
+        | GatewayError::RouteNotAllowed { .. }
+        | GatewayError::ModelNotAllowed { .. }
         | GatewayError::AddressNotAllowed
         | GatewayError::RateLimited { .. }
         | GatewayError::TooBusy { .. }

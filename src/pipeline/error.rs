@@ -41,6 +41,31 @@ pub enum GatewayError {
     #[error("This API key is not allowed on this gateway (access.allowed_key_hashes)")]
     KeyNotAllowed,
 
+    #[error("The API key {name:?} expired at the end of {expired} (UTC) (keys.{name}.expires)")]
+    KeyExpired { name: Arc<str>, expired: String },
+
+    #[error(
+        "The API key {name:?} may not call {tag} routes; it may call {} (keys.{name}.tags)",
+        .allowed.join(", ")
+    )]
+    RouteNotAllowed {
+        name: Arc<str>,
+        tag: String,
+        allowed: Vec<String>,
+    },
+
+    #[error(
+        "The API key {name:?} may not use {}; it may use {} (keys.{name}.models)",
+        .model.as_deref().map_or_else(|| "a request that names no model".to_owned(), |m| format!("the model {m:?}")),
+        .allowed.join(", ")
+    )]
+    ModelNotAllowed {
+        name: Arc<str>,
+        /// `None`: the request names none the gateway could read.
+        model: Option<String>,
+        allowed: Vec<String>,
+    },
+
     #[error("Your address is not allowed to use this gateway (access.allowed_ips)")]
     AddressNotAllowed,
 
@@ -159,10 +184,12 @@ struct ErrorFields<'a> {
 impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
-            GatewayError::MissingCredential(_) | GatewayError::KeyNotAllowed => {
-                StatusCode::UNAUTHORIZED
-            }
-            GatewayError::AddressNotAllowed => StatusCode::FORBIDDEN,
+            GatewayError::MissingCredential(_)
+            | GatewayError::KeyNotAllowed
+            | GatewayError::KeyExpired { .. } => StatusCode::UNAUTHORIZED,
+            GatewayError::AddressNotAllowed
+            | GatewayError::RouteNotAllowed { .. }
+            | GatewayError::ModelNotAllowed { .. } => StatusCode::FORBIDDEN,
             GatewayError::RateLimited { .. } | GatewayError::TooBusy { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
             }
@@ -193,6 +220,9 @@ impl GatewayError {
                 ("invalid_request_error", Some("missing_api_key"))
             }
             GatewayError::KeyNotAllowed => ("invalid_request_error", Some("invalid_api_key")),
+            GatewayError::KeyExpired { .. } => ("invalid_request_error", Some("key_expired")),
+            GatewayError::RouteNotAllowed { .. } => ("permission_error", Some("route_not_allowed")),
+            GatewayError::ModelNotAllowed { .. } => ("permission_error", Some("model_not_allowed")),
             GatewayError::AddressNotAllowed => ("permission_error", Some("address_not_allowed")),
             GatewayError::RateLimited { .. } => ("requests", Some("rate_limit_exceeded")),
             GatewayError::TooBusy { .. } => ("requests", Some("concurrency_limit_exceeded")),
@@ -227,8 +257,11 @@ impl GatewayError {
     fn param(&self) -> Option<&str> {
         match self {
             GatewayError::InvalidPathParam { param, .. } => Some(param),
+            GatewayError::ModelNotAllowed { .. } => Some("model"),
             GatewayError::MissingCredential(_)
             | GatewayError::KeyNotAllowed
+            | GatewayError::KeyExpired { .. }
+            | GatewayError::RouteNotAllowed { .. }
             | GatewayError::AddressNotAllowed
             | GatewayError::RateLimited { .. }
             | GatewayError::TooBusy { .. }

@@ -21,7 +21,7 @@ use super::body::{self, UploadBody, UploadProgress};
 use super::relay::{Relay, RequestLog};
 use super::stream_usage::{self, UsageChunkFilter};
 use super::timer::{self, Timer};
-use super::{answer, outbound, Answer, GatewayError, Pipeline};
+use super::{answer, model, outbound, Answer, GatewayError, Pipeline};
 use crate::headers::Media;
 use crate::message::{Body, Chunks, RequestBody};
 use crate::observe::usage::UsageTap;
@@ -85,6 +85,7 @@ impl<'a> Admitted<'a> {
                 return Box::pin(self.open_session(upgrade)).await;
             }
             let reads_whole = self.reads_whole();
+            let boundary = self.scans_fields();
             let body = match self.take_body(body) {
                 // Boxed: only this path holds the read.
                 Body::Stream(counted) if reads_whole => {
@@ -93,9 +94,24 @@ impl<'a> Admitted<'a> {
                         Err(err) => return self.upload_failed(err),
                     }
                 }
+                // 4, for a key with `models`: a form's fields before its file. Boxed, as above.
+                Body::Stream(counted) if boundary.is_some() => {
+                    let boundary = boundary.unwrap_or_default();
+                    match Box::pin(model::hold_fields(counted, &boundary)).await {
+                        Ok(held) => match self.check_model(held.model.as_deref()) {
+                            Ok(()) => held.body,
+                            Err(err) => return self.endpoint.reject(&self.record, &err),
+                        },
+                        Err(err) => return self.upload_failed(err),
+                    }
+                }
                 Body::Whole(whole) => Body::Whole(whole),
                 Body::Stream(counted) => RequestBody::streaming(counted),
             };
+            // 4, for a key with `models`: the model a whole body names.
+            if let Err(err) = self.check_whole_model(&body) {
+                return self.endpoint.reject(&self.record, &err);
+            }
             // 5. The upstream request.
             let request = match self.upstream_request(body) {
                 Ok(request) => request,
@@ -113,14 +129,66 @@ impl<'a> Admitted<'a> {
     }
 
     /// Whether the body is read whole before it goes up: with `usage.inject_stream_usage` on
-    /// a `stream_usage_option` route (to edit it), and with traces on a usage route's JSON
-    /// (to name its model).
+    /// a `stream_usage_option` route (to edit it), with traces on a usage route's JSON (to
+    /// name its model), and for a key with `models`, JSON (to check its model).
     fn reads_whole(&self) -> bool {
         let pipeline = &*self.endpoint.pipeline;
+        let json = || body::sends_json(&self.headers);
         self.asks_usage()
-            || (pipeline.traces.is_some()
-                && self.route.spec.usage
-                && body::sends_json(&self.headers))
+            || (pipeline.traces.is_some() && self.route.spec.usage && json())
+            || (self.governs_model() && json())
+    }
+
+    /// The key's `models` govern this request: it has them.
+    fn governs_model(&self) -> bool {
+        (self.named.as_ref()).is_some_and(|named| named.models.is_some())
+    }
+
+    /// The boundary of a form whose fields are read for its model: a key with `models`
+    /// sending multipart.
+    fn scans_fields(&self) -> Option<String> {
+        self.governs_model()
+            .then(|| model::multipart_boundary(&self.headers))
+            .flatten()
+    }
+
+    /// [`Admitted::check_model`] for a body read whole: its JSON `model`, or its form's.
+    fn check_whole_model(&self, body: &RequestBody) -> Result<(), GatewayError> {
+        let Body::Whole(whole) = body else {
+            return Ok(());
+        };
+        if !self.governs_model() {
+            return Ok(());
+        }
+        let model = match model::multipart_boundary(&self.headers) {
+            Some(boundary) => match model::scan_fields(whole, &boundary) {
+                model::Fields::Model(model) => model,
+                model::Fields::NoModel | model::Fields::NeedMore => None,
+            },
+            None => model::in_json(whole),
+        };
+        self.check_model(model.as_deref())
+    }
+
+    /// Phase 4 for a key with `models`: the model the request names must match one. A usage
+    /// route's request must name one the gateway can read; elsewhere, one that names none
+    /// (files, vector stores…) is governed by the key's `tags` alone.
+    pub(super) fn check_model(&self, model: Option<&str>) -> Result<(), GatewayError> {
+        let Some(named) = &self.named else {
+            return Ok(());
+        };
+        let Some(models) = &named.models else {
+            return Ok(());
+        };
+        match model {
+            Some(model) if named.allows_model(model) => Ok(()),
+            None if !self.route.spec.usage => Ok(()),
+            model => Err(GatewayError::ModelNotAllowed {
+                name: Arc::clone(&named.name),
+                model: model.map(str::to_owned),
+                allowed: models.iter().map(|m| m.as_str().to_owned()).collect(),
+            }),
+        }
     }
 
     /// Whether the gateway asks a stream on this route for its usage.

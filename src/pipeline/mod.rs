@@ -36,6 +36,7 @@ mod error;
 mod forward;
 pub(crate) mod keys;
 pub(crate) mod limits;
+mod model;
 mod mount;
 mod outbound;
 mod relay;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use http::StatusCode;
 
 use super::admit::Admitted;
-use super::{answer, outbound, Answer, GatewayError};
+use super::{answer, model, outbound, Answer, GatewayError};
 use crate::message::{Body, Head};
 use crate::realtime::{self, ClientUpgrade, Session};
 
@@ -34,6 +34,8 @@ impl Admitted<'_> {
                 "this connection cannot switch to a WebSocket (it needs HTTP/1.1)".to_owned(),
             )
         })?;
+        // 4, for a key with `models`: the session's `?model=`.
+        self.check_model(model::in_query(&self.target).as_deref())?;
         let pipeline = &*self.endpoint.pipeline;
         let mount = &*self.route.mount;
         let prefix_len = self.endpoint.prefix_len;

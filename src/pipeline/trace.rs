@@ -1,19 +1,13 @@
 //! The request's span, when traces are on (`tracing.otlp_endpoint`): opened as the request
 //! goes upstream, named by the GenAI conventions on usage routes, ended with the answer.
 
-use std::borrow::Cow;
-
 use http::{HeaderMap, Method};
-use serde::Deserialize;
 
-use super::Mount;
+use super::{model, Mount};
 use crate::config::Config;
 use crate::observe::log::Record;
 use crate::observe::traces::{self, GenAi, RequestSpan, UpstreamSpan};
 use crate::routes::RouteSpec;
-
-/// The longest model name a span carries.
-const MODEL_AT_MOST: usize = 256;
 
 /// The spans of a pipeline: present when traces are on. What a span says about the
 /// upstream (`gen_ai.provider.name`, `server.address`) is its mount's.
@@ -35,7 +29,7 @@ impl Traced {
         headers: &HeaderMap,
         body: Option<&[u8]>,
     ) -> RequestSpan {
-        let model = body.and_then(request_model);
+        let model = body.and_then(model::in_json);
         let template = &record.route;
         let gen_ai = route.usage.then(|| GenAi {
             operation: traces::operation(template, route.operation_id.as_deref()),
@@ -54,15 +48,4 @@ impl Traced {
     ) -> UpstreamSpan {
         span.upstream_wait(method, mount.server())
     }
-}
-
-/// The `model` a JSON request names, if it is short enough to be a name.
-fn request_model(body: &[u8]) -> Option<String> {
-    #[derive(Deserialize)]
-    struct Named<'a> {
-        #[serde(borrow)]
-        model: Option<Cow<'a, str>>,
-    }
-    let model = serde_json::from_slice::<Named>(body).ok()?.model?;
-    (model.len() <= MODEL_AT_MOST).then(|| model.into_owned())
 }

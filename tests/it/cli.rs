@@ -190,7 +190,11 @@ fn help_and_version() {
     assert_eq!(stdout, format!("oa-bypass {}\n", env!("CARGO_PKG_VERSION")));
     let (code, _, stderr) = run_binary(&["--chekc"], &[], dir.path());
     assert_eq!(code, 2);
-    assert!(stderr.contains("unknown argument \"--chekc\""));
+    assert!(stderr.contains("unexpected argument '--chekc'"), "{stderr}");
+    assert!(
+        stderr.contains("a similar argument exists: '--check'"),
+        "{stderr}"
+    );
 }
 
 #[test]

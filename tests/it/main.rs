@@ -40,5 +40,6 @@ mod sse_keepalive;
 mod store;
 mod stream_usage;
 mod streaming;
+mod team_keys;
 mod traces;
 mod upstream_tls;

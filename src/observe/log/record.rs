@@ -47,6 +47,8 @@ pub(crate) struct Record {
     pub(crate) start: Instant,
     /// Whose request: its key's hash prefix, once phase 3 has read one.
     pub(crate) key: Option<KeyPrefix>,
+    /// Its key's name, when it is one of `[keys]`.
+    pub(crate) key_name: Option<Arc<str>>,
     /// The mount that served it, when not the default.
     pub(crate) mount: Option<Arc<str>>,
     /// The environment variable of the key the gateway lent it, when it holds the keys.
@@ -69,6 +71,7 @@ impl Record {
             route,
             start,
             key: None,
+            key_name: None,
             mount: None,
             upstream_key: None,
             status: 0,
@@ -99,6 +102,9 @@ impl Record {
             if let Some(key) = &self.key {
                 fields.quoted("key_hash", key);
             }
+            if let Some(name) = &self.key_name {
+                fields.quoted("key", name);
+            }
             if let Some(mount) = &self.mount {
                 fields.quoted("mount", mount);
             }
@@ -124,6 +130,9 @@ impl Record {
             fields.number("status", u64::from(status));
             fields.millis("duration_ms", self.start.elapsed());
             fields.quoted("outcome", "gateway_error");
+            if let Some(name) = &self.key_name {
+                fields.quoted("key", name);
+            }
             fields.quoted("reason", reason);
         });
     }

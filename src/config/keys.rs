@@ -1,0 +1,344 @@
+//! `[keys.NAME]`: the keys a team's people use, each with a name and what it may do.
+//!
+//! A named key is an allowed key, like a line of `access.allowed_key_hashes`, that also says
+//! who it is (the name shows in logs and errors) and what it may call: the route tags, the
+//! models (globs), and until when. The manifest holds the key's SHA-256, never the key.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::raw::RawKey;
+
+/// The validated `[keys]` table: each named key by the SHA-256 of its value.
+pub type NamedKeys = HashMap<[u8; 32], Arc<NamedKey>>;
+
+/// One `[keys.NAME]`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedKey {
+    /// `[a-z0-9_-]`, so it is safe in a log line, a metric label and a message.
+    pub name: Arc<str>,
+    /// The models its requests may name; `None`: any.
+    pub models: Option<Vec<ModelPattern>>,
+    /// The route tags it may call; `None`: any.
+    pub tags: Option<Vec<String>>,
+    /// The last day it works (UTC); it is refused from the next midnight.
+    pub expires: Option<Day>,
+}
+
+impl NamedKey {
+    /// Whether a request naming `model` may go up with this key.
+    pub fn allows_model(&self, model: &str) -> bool {
+        self.models
+            .as_ref()
+            .is_none_or(|models| models.iter().any(|pattern| pattern.matches(model)))
+    }
+
+    /// Whether this key may call a route tagged `tag`.
+    pub fn allows_tag(&self, tag: &str) -> bool {
+        self.tags
+            .as_ref()
+            .is_none_or(|tags| tags.iter().any(|allowed| allowed == tag))
+    }
+
+    /// Whether the key's last day is over at `now`.
+    pub fn expired_at(&self, now: SystemTime) -> bool {
+        self.expires.is_some_and(|day| {
+            let secs = now.duration_since(UNIX_EPOCH).map_or(0, |t| t.as_secs());
+            secs >= day.next_midnight()
+        })
+    }
+}
+
+/// A model name, or a glob of one where `*` stands for any run of characters
+/// (`gpt-4.1*`). Case matters, as it does to the API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelPattern(String);
+
+impl ModelPattern {
+    pub fn new(pattern: &str) -> ModelPattern {
+        ModelPattern(pattern.to_owned())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn matches(&self, model: &str) -> bool {
+        let mut parts = self.0.split('*');
+        let first = parts.next().unwrap_or_default();
+        let Some(mut rest) = model.strip_prefix(first) else {
+            return false;
+        };
+        let mut parts = parts.peekable();
+        if parts.peek().is_none() {
+            return rest.is_empty();
+        }
+        while let Some(part) = parts.next() {
+            if parts.peek().is_none() {
+                // The last part after a `*` anchors at the end.
+                return rest.len() >= part.len() && rest.ends_with(part);
+            }
+            match rest.find(part) {
+                Some(at) => rest = &rest[at + part.len()..],
+                None => return false,
+            }
+        }
+        true
+    }
+}
+
+/// A calendar day, as `YYYY-MM-DD`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Day {
+    pub year: i32,
+    pub month: u32,
+    pub day: u32,
+}
+
+impl Day {
+    /// Parses `YYYY-MM-DD`, a real date of the proleptic Gregorian calendar.
+    pub fn parse(text: &str) -> Option<Day> {
+        let mut fields = text.split('-');
+        let (year, month, day) = (fields.next()?, fields.next()?, fields.next()?);
+        let digits = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_digit());
+        if fields.next().is_some() || !digits(year, 4) || !digits(month, 2) || !digits(day, 2) {
+            return None;
+        }
+        let day = Day {
+            year: year.parse().ok()?,
+            month: month.parse().ok()?,
+            day: day.parse().ok()?,
+        };
+        ((1..=12).contains(&day.month)
+            && (1..=days_in_month(day.year, day.month)).contains(&day.day))
+        .then_some(day)
+    }
+
+    /// Seconds since the Unix epoch at the midnight (UTC) that ends this day.
+    pub fn next_midnight(&self) -> u64 {
+        let days = days_from_civil(self.year, self.month, self.day) + 1;
+        u64::try_from(days).unwrap_or(0) * 86_400
+    }
+}
+
+impl std::fmt::Display for Day {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:04}-{:02}-{:02}", self.year, self.month, self.day)
+    }
+}
+
+fn days_in_month(year: i32, month: u32) -> u32 {
+    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+    match month {
+        2 if leap => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
+/// Days from 1970-01-01 to the given date (Howard Hinnant's `days_from_civil`).
+pub(crate) fn days_from_civil(year: i32, month: u32, day: u32) -> i64 {
+    let year = i64::from(year) - i64::from(month <= 2);
+    let era = year.div_euclid(400);
+    let year_of_era = year - era * 400;
+    let month = i64::from(month);
+    let day_of_year = (153 * (month + if month > 2 { -3 } else { 9 }) + 2) / 5 + i64::from(day) - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    era * 146_097 + day_of_era - 719_468
+}
+
+/// `--check`'s and `oa-bypass keys list`'s lines for each named key, by name: what it may
+/// do, and its hash's first 8 hex digits (never the whole hash).
+pub(super) fn key_lines(keys: &NamedKeys) -> Vec<(String, String)> {
+    let mut named: Vec<(&[u8; 32], &Arc<NamedKey>)> = keys.iter().collect();
+    named.sort_by(|a, b| a.1.name.cmp(&b.1.name));
+    let mut lines = Vec::new();
+    for (hash, key) in named {
+        let path = format!("keys.{}", key.name);
+        let hex = super::hex(&hash[..4]);
+        let models = key.models.as_ref().map_or_else(
+            || "any".to_owned(),
+            |models| {
+                models
+                    .iter()
+                    .map(ModelPattern::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+        );
+        let tags = (key.tags.as_ref()).map_or_else(|| "any".to_owned(), |tags| tags.join(", "));
+        let expires = key
+            .expires
+            .map_or_else(|| "never".to_owned(), |day| day.to_string());
+        lines.push((format!("{path}.hash"), format!("sha256:{hex}…")));
+        lines.push((format!("{path}.models"), models));
+        lines.push((format!("{path}.tags"), tags));
+        lines.push((format!("{path}.expires"), expires));
+    }
+    lines
+}
+
+/// A new key for `name` (`sk-oab-` and 256 random bits in hex) and the `[keys.NAME]` block
+/// that allows it. `Err`: a name a key may not have, or no randomness from the OS.
+pub fn new_key_block(name: &str) -> Result<(String, String), String> {
+    if !valid_name(name) {
+        return Err(format!(
+            "{name:?}: a key's name is 1 to 64 of a-z, 0-9, '_' and '-'"
+        ));
+    }
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret)
+        .map_err(|err| format!("cannot read random bytes from the system: {err}"))?;
+    let key = format!("sk-oab-{}", super::hex(&secret));
+    let block = format!("[keys.{name}]\nhash = \"{}\"\n", super::hash_line(&key));
+    Ok((key, block))
+}
+
+/// A name a key may have: what a log line, a metric label and an env variable all carry
+/// without quoting.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-'))
+}
+
+/// Validates `[keys]`. `anonymous` are `access.allowed_key_hashes`' keys, which a named key
+/// may not repeat; `tags` are the tags of the manifest's routes.
+pub(super) fn validate_keys(
+    raw: std::collections::BTreeMap<String, RawKey>,
+    anonymous: &[[u8; 32]],
+    tags: &[&str],
+    problems: &mut Vec<String>,
+) -> NamedKeys {
+    let mut keys = NamedKeys::new();
+    for (name, raw) in raw {
+        let path = format!("keys.{name}");
+        let before = problems.len();
+        if !valid_name(&name) {
+            problems.push(format!(
+                "{path}: a key's name is 1 to 64 of a-z, 0-9, '_' and '-' (it shows in logs, \
+                 metrics and messages)"
+            ));
+        }
+        // The value is not echoed: someone may have pasted a key here by mistake.
+        let hash = super::parse_hash_line(raw.hash.trim());
+        match hash {
+            None => problems.push(format!(
+                "{path}.hash: not a \"sha256:<64 hex digits>\" line; `oa-bypass keys new {name}` \
+                 makes a key and prints its block"
+            )),
+            Some(hash) if anonymous.contains(&hash) => problems.push(format!(
+                "{path}.hash: the same key is in access.allowed_key_hashes; list it once"
+            )),
+            Some(hash) => {
+                if let Some(other) = keys.get(&hash) {
+                    problems.push(format!(
+                        "{path}.hash: the same key as keys.{}; each person needs a key of their own",
+                        other.name
+                    ));
+                }
+            }
+        }
+        let models = raw.models.map(|models| {
+            if models.is_empty() || models.iter().any(|m| m.trim().is_empty()) {
+                problems.push(format!(
+                    "{path}.models: list at least one model or glob (\"gpt-4o-mini\", \
+                     \"gpt-4.1*\"), or leave it out for any model"
+                ));
+            }
+            models.iter().map(|m| ModelPattern::new(m.trim())).collect()
+        });
+        let tags = raw.tags.inspect(|wanted| {
+            if wanted.is_empty() {
+                problems.push(format!(
+                    "{path}.tags: list at least one route tag, or leave it out for every route"
+                ));
+            }
+            for tag in wanted.iter().filter(|tag| !tags.contains(&tag.as_str())) {
+                problems.push(format!(
+                    "{path}.tags: {tag:?} is not a tag of this manifest's routes; they are {}",
+                    tags.join(", ")
+                ));
+            }
+        });
+        let expires = raw.expires.and_then(|text| {
+            let day = Day::parse(text.trim());
+            if day.is_none() {
+                problems.push(format!(
+                    "{path}.expires: {text:?} is not a date like \"2027-03-31\" (the key works \
+                     through that day, UTC)"
+                ));
+            }
+            day
+        });
+        if let (Some(hash), true) = (hash, problems.len() == before) {
+            let key = NamedKey {
+                name: Arc::from(name.as_str()),
+                models,
+                tags,
+                expires,
+            };
+            keys.insert(hash, Arc::new(key));
+        }
+    }
+    keys
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_globs_match_whole_names() {
+        let p = ModelPattern::new;
+        assert!(p("gpt-4o-mini").matches("gpt-4o-mini"));
+        assert!(!p("gpt-4o-mini").matches("gpt-4o-mini-2024-07-18"));
+        assert!(p("gpt-4.1*").matches("gpt-4.1"));
+        assert!(p("gpt-4.1*").matches("gpt-4.1-nano"));
+        assert!(!p("gpt-4.1*").matches("gpt-4o"));
+        assert!(p("*").matches("anything"));
+        assert!(p("*-mini").matches("o4-mini"));
+        assert!(!p("*-mini").matches("o4-mini-high"));
+        assert!(p("gpt-*-mini*").matches("gpt-4o-mini-2024"));
+        assert!(!p("gpt-*-mini").matches("gpt-mini"));
+        assert!(p("a*a").matches("aa"));
+        assert!(!p("a*a").matches("a"));
+        assert!(!p("GPT-4o").matches("gpt-4o"));
+    }
+
+    #[test]
+    fn days_parse_strictly_and_end_at_the_next_utc_midnight() {
+        assert_eq!(
+            Day::parse("2027-03-31"),
+            Some(Day {
+                year: 2027,
+                month: 3,
+                day: 31
+            })
+        );
+        for bad in [
+            "2027-02-29",
+            "2027-13-01",
+            "2027-3-31",
+            "31.03.2027",
+            "2027-03-31T00",
+            "",
+        ] {
+            assert_eq!(Day::parse(bad), None, "{bad}");
+        }
+        assert!(Day::parse("2028-02-29").is_some());
+        assert_eq!(
+            Day::parse("1970-01-01").map(|d| d.next_midnight()),
+            Some(86_400)
+        );
+        // 2027-04-01T00:00:00Z.
+        assert_eq!(
+            Day::parse("2027-03-31").map(|d| d.next_midnight()),
+            Some(1_806_537_600)
+        );
+    }
+}

@@ -1,0 +1,267 @@
+//! The model a request names, read where the API carries it: a JSON body's `model`, a
+//! multipart `model` field that comes before the first file, or a Realtime `?model=`.
+//!
+//! Read only when a feature needs it (a span's name, a key's `models`): nothing here runs for
+//! a request that no such feature governs. A multipart body is read only as far as its fields
+//! before the first file, and those bytes go on ahead of the rest as they came.
+
+use std::borrow::Cow;
+use std::io;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{Stream, StreamExt};
+use http::uri::PathAndQuery;
+use http::{header, HeaderMap};
+use serde::Deserialize;
+
+use crate::message::RequestBody;
+
+/// The longest model name read: longer is not a name.
+pub(super) const MODEL_AT_MOST: usize = 256;
+
+/// The most of a multipart body held to find its `model` field: the fields before the file.
+/// The SDKs send a few short ones there.
+const FIELDS_AT_MOST: usize = 64 << 10;
+
+/// The `model` a JSON request names, if it is short enough to be a name.
+pub(super) fn in_json(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Named<'a> {
+        #[serde(borrow)]
+        model: Option<Cow<'a, str>>,
+    }
+    let model = serde_json::from_slice::<Named>(body).ok()?.model?;
+    (model.len() <= MODEL_AT_MOST).then(|| model.into_owned())
+}
+
+/// The `model` of a request target's query (`/v1/realtime?model=…`), decoded.
+pub(super) fn in_query(target: &PathAndQuery) -> Option<String> {
+    let query = target.query()?;
+    let value = query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("model="))?;
+    let plus_decoded = value.replace('+', " ");
+    let model = percent_encoding::percent_decode_str(&plus_decoded)
+        .decode_utf8()
+        .ok()?;
+    (!model.is_empty() && model.len() <= MODEL_AT_MOST).then(|| model.into_owned())
+}
+
+/// The boundary of a `multipart/form-data` body (RFC 7578 §4.1), from its `Content-Type`.
+pub(super) fn multipart_boundary(headers: &HeaderMap) -> Option<String> {
+    let content_type = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
+    let mut params = content_type.split(';');
+    let essence = params.next()?.trim();
+    if !essence.eq_ignore_ascii_case("multipart/form-data") {
+        return None;
+    }
+    params.find_map(|param| {
+        let (name, value) = param.split_once('=')?;
+        let value = value.trim().trim_matches('"');
+        (name.trim().eq_ignore_ascii_case("boundary") && !value.is_empty() && value.len() <= 70)
+            .then(|| value.to_owned())
+    })
+}
+
+/// What the start of a multipart body says about its `model` field.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Fields {
+    /// The field, before any file.
+    Model(Option<String>),
+    /// A file part came first, or the body ended, without one.
+    NoModel,
+    /// The bytes so far end inside a part before any file: read more.
+    NeedMore,
+}
+
+/// Reads the parts of `body` (a multipart body's first bytes, separated by `boundary`) up to
+/// the first file part, for a `model` field (RFC 7578 §4.2: each part's
+/// `Content-Disposition: form-data; name="…"`, with a `filename` for a file).
+pub(super) fn scan_fields(body: &[u8], boundary: &str) -> Fields {
+    let delimiter = format!("--{boundary}");
+    let Some(mut at) = memchr::memmem::find(body, delimiter.as_bytes()) else {
+        return Fields::NeedMore;
+    };
+    loop {
+        let part = &body[at + delimiter.len()..];
+        if part.len() < 2 {
+            return Fields::NeedMore;
+        }
+        if part.starts_with(b"--") {
+            return Fields::NoModel;
+        }
+        let Some(head_len) = memchr::memmem::find(part, b"\r\n\r\n") else {
+            return Fields::NeedMore;
+        };
+        let (name, is_file) = disposition(&part[..head_len]);
+        if is_file {
+            return Fields::NoModel;
+        }
+        let content = &part[head_len + 4..];
+        let ending = format!("\r\n{delimiter}");
+        let Some(content_len) = memchr::memmem::find(content, ending.as_bytes()) else {
+            return Fields::NeedMore;
+        };
+        if name.as_deref() == Some("model") {
+            let value = std::str::from_utf8(&content[..content_len]).ok();
+            let model = value.filter(|model| model.len() <= MODEL_AT_MOST);
+            return Fields::Model(model.map(str::to_owned));
+        }
+        at = (body.len() - content.len()) + content_len + 2;
+    }
+}
+
+/// A part's field name and whether it is a file, from its header lines.
+fn disposition(head: &[u8]) -> (Option<String>, bool) {
+    let head = String::from_utf8_lossy(head);
+    let disposition = head.split("\r\n").find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.trim()
+            .eq_ignore_ascii_case("content-disposition")
+            .then_some(value)
+    });
+    let Some(disposition) = disposition else {
+        return (None, false);
+    };
+    let mut name = None;
+    let mut is_file = false;
+    for param in disposition.split(';').skip(1) {
+        let Some((key, value)) = param.split_once('=') else {
+            continue;
+        };
+        let key = key.trim();
+        if key.eq_ignore_ascii_case("name") {
+            name = Some(value.trim().trim_matches('"').to_owned());
+        } else if key.eq_ignore_ascii_case("filename") || key.eq_ignore_ascii_case("filename*") {
+            is_file = true;
+        }
+    }
+    (name, is_file)
+}
+
+/// A multipart body whose fields before the first file were read, and the model among them.
+pub(super) struct HeldFields {
+    pub(super) body: RequestBody,
+    pub(super) model: Option<String>,
+}
+
+/// Reads `chunks` (a multipart body) until its fields before the first file show whether it
+/// names a model, holding at most about [`FIELDS_AT_MOST`]; the body goes on whole, the bytes
+/// read first.
+pub(super) async fn hold_fields<S>(mut chunks: S, boundary: &str) -> io::Result<HeldFields>
+where
+    S: Stream<Item = io::Result<Bytes>> + Send + Sync + Unpin + 'static,
+{
+    let mut held = BytesMut::new();
+    let model = loop {
+        match scan_fields(&held, boundary) {
+            Fields::Model(model) => break model,
+            Fields::NoModel => break None,
+            Fields::NeedMore if held.len() >= FIELDS_AT_MOST => break None,
+            Fields::NeedMore => match chunks.next().await {
+                Some(chunk) => held.extend_from_slice(&chunk?),
+                None => break None,
+            },
+        }
+    };
+    let first = futures_util::stream::iter((!held.is_empty()).then(|| Ok(held.freeze())));
+    Ok(HeldFields {
+        body: RequestBody::streaming(first.chain(chunks)),
+        model,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BOUNDARY: &str = "b0undary";
+
+    fn form(parts: &[(&str, Option<&str>, &str)]) -> Vec<u8> {
+        let mut body = Vec::new();
+        for (name, filename, content) in parts {
+            body.extend_from_slice(format!("--{BOUNDARY}\r\n").as_bytes());
+            let file = filename.map_or(String::new(), |f| format!("; filename=\"{f}\""));
+            body.extend_from_slice(
+                format!("Content-Disposition: form-data; name=\"{name}\"{file}\r\n").as_bytes(),
+            );
+            if filename.is_some() {
+                body.extend_from_slice(b"Content-Type: audio/wav\r\n");
+            }
+            body.extend_from_slice(format!("\r\n{content}\r\n").as_bytes());
+        }
+        body.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
+        body
+    }
+
+    #[test]
+    fn a_model_field_before_the_file_is_read() {
+        let body = form(&[
+            ("language", None, "en"),
+            ("model", None, "whisper-1"),
+            ("file", Some("a.wav"), "RIFF...."),
+        ]);
+        assert_eq!(
+            scan_fields(&body, BOUNDARY),
+            Fields::Model(Some("whisper-1".into()))
+        );
+        // Every cut of the body before the field's end asks for more.
+        let end = memchr::memmem::find(&body, b"whisper-1").unwrap() + 9 + 2 + 2;
+        for cut in 0..end {
+            assert_eq!(
+                scan_fields(&body[..cut], BOUNDARY),
+                Fields::NeedMore,
+                "{cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_model_after_the_file_or_none_at_all_is_no_model() {
+        let after = form(&[("file", Some("a.wav"), "x"), ("model", None, "whisper-1")]);
+        assert_eq!(scan_fields(&after, BOUNDARY), Fields::NoModel);
+        let none = form(&[("purpose", None, "batch")]);
+        assert_eq!(scan_fields(&none, BOUNDARY), Fields::NoModel);
+        // `filename=` is not `name=`.
+        let named_file = form(&[("model", Some("model"), "gpt-4o")]);
+        assert_eq!(scan_fields(&named_file, BOUNDARY), Fields::NoModel);
+    }
+
+    #[tokio::test]
+    async fn held_fields_go_on_ahead_of_the_rest_byte_for_byte() {
+        let body = form(&[
+            ("model", None, "gpt-4o-transcribe"),
+            ("file", Some("a"), "data"),
+        ]);
+        let chunks: Vec<io::Result<Bytes>> = body
+            .chunks(7)
+            .map(|chunk| Ok(Bytes::copy_from_slice(chunk)))
+            .collect();
+        let held = hold_fields(futures_util::stream::iter(chunks), BOUNDARY)
+            .await
+            .unwrap();
+        assert_eq!(held.model.as_deref(), Some("gpt-4o-transcribe"));
+        let crate::message::Body::Stream(chunks) = held.body else {
+            panic!("a held body goes on as a stream");
+        };
+        let sent = http_body_util::BodyExt::collect(chunks).await.unwrap();
+        assert_eq!(sent.to_bytes(), body);
+    }
+
+    #[test]
+    fn the_boundary_and_the_query_model_are_read() {
+        let headers =
+            crate::headers::test_map(&[("content-type", "multipart/form-data; boundary=\"abc\"")]);
+        assert_eq!(multipart_boundary(&headers).as_deref(), Some("abc"));
+        let json = crate::headers::test_map(&[("content-type", "application/json")]);
+        assert_eq!(multipart_boundary(&json), None);
+        let target = PathAndQuery::from_static("/v1/realtime?x=1&model=gpt-4o%2Drealtime");
+        assert_eq!(in_query(&target).as_deref(), Some("gpt-4o-realtime"));
+        assert_eq!(in_query(&PathAndQuery::from_static("/v1/realtime")), None);
+        assert_eq!(
+            in_json(br#"{"model":"gpt-4o","n":1}"#).as_deref(),
+            Some("gpt-4o")
+        );
+        assert_eq!(in_json(b"not json"), None);
+    }
+}
