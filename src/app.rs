@@ -4,6 +4,7 @@
 //! connection to the limits store).
 
 use std::borrow::Cow;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -12,10 +13,11 @@ use url::Url;
 use crate::config::{AdmissionConfig, Config, ConfigError, LogConfig, ServerConfig, StoreConfig};
 use crate::engine::gateway::{self, Docs, Status};
 use crate::engine::{fast, Serving, Worker};
+use crate::ledger::Ledger;
 use crate::observe::metrics::Metrics;
 use crate::pipeline::keys::KeyPool;
 use crate::pipeline::limits::Limiter;
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Kept, Pipeline};
 use crate::realtime::Sessions;
 use crate::store::{Store, StoreMetrics};
 use crate::upstream;
@@ -30,6 +32,9 @@ pub struct App {
     /// The limiter and the settings it was built for: a reload with the same `[limits]`
     /// keeps it, so buckets and in-flight counts carry over.
     limiter: Mutex<Option<(AdmissionConfig, Arc<Limiter>)>>,
+    /// What named keys have spent, and the state file it is kept in: a reload naming the
+    /// same file keeps it.
+    ledger: Mutex<Option<(Option<PathBuf>, Arc<Ledger>)>>,
     /// The limits store (`limits.store`) while its settings stay the same.
     store: Mutex<Option<Arc<Store>>>,
     /// The pools of the keys the gateway holds, by mount: a reload that keeps a mount's keys
@@ -58,6 +63,7 @@ pub fn app_for_workers(config: &Config, workers: usize) -> Result<Arc<App>, Conf
     let mut app = App {
         serving: Arc::new(Serving::new(Vec::new(), sessions, metrics)),
         limiter: Mutex::new(None),
+        ledger: Mutex::new(None),
         store: Mutex::new(None),
         key_pools: Mutex::new(Vec::new()),
         generation: Arc::new(AtomicU64::new(1)),
@@ -156,8 +162,13 @@ impl App {
         let store = self.store(config.limits.admission.store.as_ref())?;
         let pools = self.key_pools(config, store.as_ref())?;
         let limiter = self.limiter(&config.limits.admission, store);
+        let kept = Kept {
+            limiter,
+            ledger: self.ledger(config.limits.state_file.as_deref())?,
+            pools,
+        };
         (0..workers)
-            .map(|_| self.build(config, &tls, docs.as_ref(), &pools, &limiter))
+            .map(|_| self.build(config, &tls, docs.as_ref(), &kept))
             .collect()
     }
 
@@ -197,17 +208,19 @@ impl App {
         config: &Arc<Config>,
         tls: &rustls::ClientConfig,
         docs: Option<&Docs>,
-        pools: &[(Arc<str>, Arc<KeyPool>)],
-        limiter: &Arc<Limiter>,
+        kept: &Kept,
     ) -> Result<Worker, ConfigError> {
         let metrics = &self.serving.metrics;
         let pipeline = Arc::new(Pipeline::new(
             config,
-            Arc::clone(limiter),
+            Kept {
+                limiter: Arc::clone(&kept.limiter),
+                ledger: Arc::clone(&kept.ledger),
+                pools: kept.pools.clone(),
+            },
             Arc::clone(metrics),
             self.serving.sessions.clone(),
             tls,
-            pools,
         )?);
         let endpoints = pipeline.endpoints()?;
         let status = Status {
@@ -237,6 +250,30 @@ impl App {
                 limiter
             }
         }
+    }
+
+    /// The ledger kept in `state_file`: the one already open on the same file, else the
+    /// file's (a file that cannot be read or written refuses the manifest), else one in
+    /// memory.
+    fn ledger(&self, state_file: Option<&Path>) -> Result<Arc<Ledger>, ConfigError> {
+        let mut slot = self
+            .ledger
+            .lock()
+            .map_err(|_| ConfigError::Invalid(vec!["limits.state_file: state poisoned".into()]))?;
+        if let Some((_, ledger)) = slot
+            .as_ref()
+            .filter(|(file, _)| file.as_deref() == state_file)
+        {
+            return Ok(Arc::clone(ledger));
+        }
+        let ledger = match state_file {
+            Some(path) => {
+                Ledger::in_file(path).map_err(|err| ConfigError::Invalid(vec![err.to_string()]))?
+            }
+            None => Ledger::in_memory(),
+        };
+        *slot = Some((state_file.map(Path::to_owned), Arc::clone(&ledger)));
+        Ok(ledger)
     }
 
     /// The store of `settings`: the one already connected with the same settings, else a

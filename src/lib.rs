@@ -16,6 +16,7 @@ pub mod config;
 mod engine;
 mod headers;
 mod http1;
+mod ledger;
 mod message;
 mod observe;
 pub mod openapi;

@@ -67,6 +67,12 @@ impl Config {
             }
         }
         if !self.access.named_keys.is_empty() {
+            let (manifest, shipped) = self.prices.counts();
+            let _ = writeln!(
+                out,
+                "\nprices: {manifest} in [prices], then {shipped} in prices.toml (taken {})",
+                self.prices.taken
+            );
             let _ = writeln!(out, "\nkeys ({}):", self.access.named_keys.len());
             for (key, value) in super::keys::key_lines(&self.access.named_keys) {
                 let _ = writeln!(out, "  {key:<34} {value}");
@@ -229,6 +235,11 @@ fn limits_lines(limits: &LimitsConfig) -> Vec<Line> {
         line(
             "limits.store_lease",
             store_setting(|s| format_duration(s.lease)),
+        ),
+        line(
+            "limits.state_file",
+            (limits.state_file.as_ref())
+                .map_or_else(|| "(none)".into(), |path| path.display().to_string()),
         ),
     ]
 }
@@ -433,6 +444,12 @@ mod tests {
                 models: Some(Vec::new()),
                 tags: Some(Vec::new()),
                 expires: Some(String::new()),
+                requests_per_minute: Some(1),
+                tokens_per_minute: Some(1),
+                max_tokens_per_day: Some(1),
+                max_tokens_per_month: Some(1),
+                max_usd_per_day: Some(1.0),
+                max_usd_per_month: Some(1.0),
             };
             let key = serde_json::to_value(key).unwrap();
             for field in key.as_object().unwrap().keys() {

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use super::prices::{Prices, PICO_PER_USD};
 use super::raw::RawKey;
 
 /// The validated `[keys]` table: each named key by the SHA-256 of its value.
@@ -24,6 +25,38 @@ pub struct NamedKey {
     pub tags: Option<Vec<String>>,
     /// The last day it works (UTC); it is refused from the next midnight.
     pub expires: Option<Day>,
+    pub limits: KeyLimits,
+}
+
+/// A named key's rates and budgets, each over a UTC calendar period (`None`: none).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeyLimits {
+    pub requests_per_minute: Option<u64>,
+    pub tokens_per_minute: Option<u64>,
+    pub max_tokens_per_day: Option<u64>,
+    pub max_tokens_per_month: Option<u64>,
+    /// In pico-dollars ([`super::prices::PICO_PER_USD`]).
+    pub max_pico_usd_per_day: Option<u64>,
+    pub max_pico_usd_per_month: Option<u64>,
+}
+
+impl KeyLimits {
+    /// Whether any limit counts tokens: the answers' usage must then be read and kept.
+    pub fn counts_tokens(&self) -> bool {
+        self.tokens_per_minute.is_some()
+            || self.max_tokens_per_day.is_some()
+            || self.max_tokens_per_month.is_some()
+            || self.has_dollar_budget()
+    }
+
+    pub fn has_dollar_budget(&self) -> bool {
+        self.max_pico_usd_per_day.is_some() || self.max_pico_usd_per_month.is_some()
+    }
+
+    /// Whether any limit is set.
+    pub fn any(&self) -> bool {
+        self.requests_per_minute.is_some() || self.counts_tokens()
+    }
 }
 
 impl NamedKey {
@@ -62,6 +95,11 @@ impl ModelPattern {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// Whether it has a `*`, so it names more than one model.
+    pub fn is_glob(&self) -> bool {
+        self.0.contains('*')
     }
 
     pub fn matches(&self, model: &str) -> bool {
@@ -149,6 +187,47 @@ pub(crate) fn days_from_civil(year: i32, month: u32, day: u32) -> i64 {
     era * 146_097 + day_of_era - 719_468
 }
 
+/// A key's rates and budgets, each a positive number.
+fn key_limits(path: &str, raw: &RawKey, problems: &mut Vec<String>) -> KeyLimits {
+    let mut count = |field: &str, value: Option<i64>| {
+        let value = value?;
+        match u64::try_from(value) {
+            Ok(value) if value > 0 => Some(value),
+            _ => {
+                problems.push(format!(
+                    "{path}.{field}: {value} is not a limit; give a whole number above 0, or \
+                     leave it out for none"
+                ));
+                None
+            }
+        }
+    };
+    let requests_per_minute = count("requests_per_minute", raw.requests_per_minute);
+    let tokens_per_minute = count("tokens_per_minute", raw.tokens_per_minute);
+    let max_tokens_per_day = count("max_tokens_per_day", raw.max_tokens_per_day);
+    let max_tokens_per_month = count("max_tokens_per_month", raw.max_tokens_per_month);
+    let mut dollars = |field: &str, value: Option<f64>| {
+        let value = value?;
+        if value.is_finite() && value > 0.0 {
+            Some((value * PICO_PER_USD).round() as u64)
+        } else {
+            problems.push(format!(
+                "{path}.{field}: {value} is not a budget; give US dollars above 0, or leave it \
+                 out for none"
+            ));
+            None
+        }
+    };
+    KeyLimits {
+        requests_per_minute,
+        tokens_per_minute,
+        max_tokens_per_day,
+        max_tokens_per_month,
+        max_pico_usd_per_day: dollars("max_usd_per_day", raw.max_usd_per_day),
+        max_pico_usd_per_month: dollars("max_usd_per_month", raw.max_usd_per_month),
+    }
+}
+
 /// `--check`'s and `oa-bypass keys list`'s lines for each named key, by name: what it may
 /// do, and its hash's first 8 hex digits (never the whole hash).
 pub(super) fn key_lines(keys: &NamedKeys) -> Vec<(String, String)> {
@@ -176,6 +255,33 @@ pub(super) fn key_lines(keys: &NamedKeys) -> Vec<(String, String)> {
         lines.push((format!("{path}.models"), models));
         lines.push((format!("{path}.tags"), tags));
         lines.push((format!("{path}.expires"), expires));
+        let limits = &key.limits;
+        let usd = |pico: Option<u64>| pico.map(|pico| format!("{:.2}", pico as f64 / PICO_PER_USD));
+        for (field, value) in [
+            (
+                "requests_per_minute",
+                limits.requests_per_minute.map(|n| n.to_string()),
+            ),
+            (
+                "tokens_per_minute",
+                limits.tokens_per_minute.map(|n| n.to_string()),
+            ),
+            (
+                "max_tokens_per_day",
+                limits.max_tokens_per_day.map(|n| n.to_string()),
+            ),
+            (
+                "max_tokens_per_month",
+                limits.max_tokens_per_month.map(|n| n.to_string()),
+            ),
+            ("max_usd_per_day", usd(limits.max_pico_usd_per_day)),
+            ("max_usd_per_month", usd(limits.max_pico_usd_per_month)),
+        ] {
+            lines.push((
+                format!("{path}.{field}"),
+                value.unwrap_or_else(|| "none".to_owned()),
+            ));
+        }
     }
     lines
 }
@@ -206,18 +312,34 @@ fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-'))
 }
 
-/// Validates `[keys]`. `anonymous` are `access.allowed_key_hashes`' keys, which a named key
-/// may not repeat; `tags` are the tags of the manifest's routes.
+/// What `[keys]` is checked against.
+pub(super) struct Known<'a> {
+    /// `access.allowed_key_hashes`' keys, which a named key may not repeat.
+    pub anonymous: &'a [[u8; 32]],
+    /// The tags of the manifest's routes.
+    pub tags: &'a [&'a str],
+    pub prices: &'a Prices,
+    /// Whether counters outlive a restart (`limits.state_file`).
+    pub kept: bool,
+}
+
+/// Validates `[keys]`.
 pub(super) fn validate_keys(
     raw: std::collections::BTreeMap<String, RawKey>,
-    anonymous: &[[u8; 32]],
-    tags: &[&str],
+    known: &Known<'_>,
     problems: &mut Vec<String>,
 ) -> NamedKeys {
+    let Known {
+        anonymous,
+        tags,
+        prices,
+        kept,
+    } = *known;
     let mut keys = NamedKeys::new();
     for (name, raw) in raw {
         let path = format!("keys.{name}");
         let before = problems.len();
+        let limits = key_limits(&path, &raw, problems);
         if !valid_name(&name) {
             problems.push(format!(
                 "{path}: a key's name is 1 to 64 of a-z, 0-9, '_' and '-' (it shows in logs, \
@@ -275,12 +397,31 @@ pub(super) fn validate_keys(
             }
             day
         });
+        if limits.counts_tokens() && !kept {
+            problems.push(format!(
+                "{path}: token rates and budgets must outlive a restart; set limits.state_file \
+                 (a file this process may write)"
+            ));
+        }
+        if limits.has_dollar_budget() {
+            let unpriced = (models.iter().flatten())
+                .filter(|m: &&ModelPattern| prices.of(m.as_str()).is_none());
+            for model in unpriced {
+                problems.push(format!(
+                    "{path}.models: {:?} has no price, and the key has a dollar budget; add \
+                     [prices.\"{}\"] with input and output in USD per million tokens",
+                    model.as_str(),
+                    model.as_str()
+                ));
+            }
+        }
         if let (Some(hash), true) = (hash, problems.len() == before) {
             let key = NamedKey {
                 name: Arc::from(name.as_str()),
                 models,
                 tags,
                 expires,
+                limits,
             };
             keys.insert(hash, Arc::new(key));
         }

@@ -8,6 +8,7 @@
 mod describe;
 mod keys;
 mod mount;
+mod prices;
 mod raw;
 mod route;
 mod store;
@@ -29,8 +30,10 @@ use sha2::{Digest, Sha256};
 use url::Url;
 
 use crate::routes::RouteTable;
-pub use keys::{new_key_block, Day, ModelPattern, NamedKey, NamedKeys};
+pub(crate) use keys::days_from_civil;
+pub use keys::{new_key_block, Day, KeyLimits, ModelPattern, NamedKey, NamedKeys};
 pub use mount::{CredentialHeader, MountConfig, UpstreamKey, DEFAULT_MOUNT};
+pub use prices::{Price, Prices, PICO_PER_USD, SHIPPED_PRICES};
 use raw::RawConfig;
 pub use store::{StoreConfig, StoreFailure};
 use validate::validate;
@@ -98,6 +101,8 @@ pub struct Config {
     pub tracing: TracingConfig,
     pub usage: UsageConfig,
     pub access: AccessConfig,
+    /// What tokens cost, for dollar budgets.
+    pub prices: Prices,
     pub log: LogConfig,
     pub metrics: MetricsConfig,
     pub routes: RouteTable,
@@ -265,6 +270,8 @@ pub struct UpstreamConfig {
 
 #[derive(Debug, Clone)]
 pub struct LimitsConfig {
+    /// `limits.state_file`: where named keys' counters are kept without a store.
+    pub state_file: Option<PathBuf>,
     pub max_json_body: u64,
     pub max_upload_body: u64,
     pub admission: AdmissionConfig,

@@ -41,6 +41,9 @@ pub(super) struct RawConfig {
     /// `[keys.NAME]`: allowed keys with a name, and what each may call.
     #[serde(default)]
     pub keys: std::collections::BTreeMap<String, RawKey>,
+    /// `[prices."GLOB"]`: USD per million tokens, over the shipped `prices.toml`.
+    #[serde(default)]
+    pub prices: std::collections::BTreeMap<String, RawPrice>,
     #[serde(default)]
     pub log: RawLog,
     #[serde(default)]
@@ -267,6 +270,8 @@ pub(super) struct RawLimits {
     pub store_timeout: HumanDuration,
     /// How long a dead replica's slots stay taken.
     pub store_lease: HumanDuration,
+    /// Where keys' token and dollar counters are kept without a store; empty: nowhere.
+    pub state_file: String,
 }
 
 impl Default for RawLimits {
@@ -283,6 +288,7 @@ impl Default for RawLimits {
             store_failure: "open".to_owned(),
             store_timeout: HumanDuration(std::time::Duration::from_millis(50)),
             store_lease: HumanDuration(std::time::Duration::from_secs(30)),
+            state_file: String::new(),
         }
     }
 }
@@ -431,6 +437,31 @@ pub(super) struct RawKey {
     pub tags: Option<Vec<String>>,
     /// The last day (UTC, `YYYY-MM-DD`) the key works.
     pub expires: Option<String>,
+    /// Requests a minute (UTC calendar minute).
+    pub requests_per_minute: Option<i64>,
+    /// Tokens a minute, input and output, as the answers report them.
+    pub tokens_per_minute: Option<i64>,
+    /// Tokens a day (UTC).
+    pub max_tokens_per_day: Option<i64>,
+    /// Tokens a calendar month (UTC).
+    pub max_tokens_per_month: Option<i64>,
+    /// US dollars a day (UTC), priced by `prices.toml` and `[prices]`.
+    pub max_usd_per_day: Option<f64>,
+    /// US dollars a calendar month (UTC).
+    pub max_usd_per_month: Option<f64>,
+}
+
+/// One `[prices."GLOB"]`, or an entry of the shipped `prices.toml`: USD per million tokens.
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPrice {
+    /// Input (prompt) tokens.
+    pub input: f64,
+    /// Cached input tokens; unset: the input price.
+    pub cached_input: Option<f64>,
+    /// Output tokens, reasoning included.
+    pub output: f64,
 }
 
 /// One `[[routes]]` entry.

@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use url::Url;
 
-use super::keys::validate_keys;
+use super::keys::{validate_keys, Known};
 use super::mount::{check_route_upstreams, validate_mounts, validate_upstream, DEFAULT_MOUNT};
+use super::prices::validate_prices;
 use super::raw::{self, RawConfig, DEFAULT_TAG_ORDER};
 use super::route;
 use super::store::validate_store;
@@ -26,13 +27,7 @@ use crate::routes::{RouteSpec, RouteTable};
 
 pub(super) fn validate(raw: RawConfig, source: ManifestSource) -> Result<Config, ConfigError> {
     let mut problems = Vec::new();
-    let host = raw.server.host.parse::<IpAddr>().map_err(|_| {
-        format!(
-            "server.host: {:?} is not an IP address (use 0.0.0.0 for every IPv4 interface, \
-             :: for every IPv6 one, 127.0.0.1 for this machine only)",
-            raw.server.host
-        )
-    });
+    let host = server_host(&raw.server.host);
     check_bounds(&raw, &mut problems);
     let mut access = validate_access(raw.access, &mut problems);
     let store = validate_store(&raw.limits, &mut problems);
@@ -70,8 +65,16 @@ pub(super) fn validate(raw: RawConfig, source: ManifestSource) -> Result<Config,
         &mut problems,
     );
     check_route_upstreams(&specs, &mounts, &mut problems);
-    let tags = route_tags(&specs, &mounts);
-    access.named_keys = validate_keys(raw.keys, &access.allowed_key_hashes, &tags, &mut problems);
+    let prices = validate_prices(raw.prices, &mut problems);
+    let kept = !raw.limits.state_file.is_empty();
+    access.named_keys = team_keys(
+        raw.keys,
+        &access,
+        (&specs, &mounts),
+        &prices,
+        kept,
+        &mut problems,
+    );
     check_something_served(&specs, &mounts, &mut problems);
     let tag_order = tag_order(raw.openapi.tag_order, &specs, &mounts, &mut problems);
     let schemas = (raw.openapi.schemas.as_deref())
@@ -93,7 +96,8 @@ pub(super) fn validate(raw: RawConfig, source: ManifestSource) -> Result<Config,
         },
         upstream: Arc::new(upstream),
         mounts,
-        limits: limits_config(&raw.limits, store),
+        limits: limits_config(&raw.limits, store, &source),
+        prices,
         cors: CorsConfig {
             allow_origins: raw.cors.allow_origins,
         },
@@ -119,6 +123,36 @@ pub(super) fn validate(raw: RawConfig, source: ManifestSource) -> Result<Config,
         routes,
         source,
     })
+}
+
+/// `server.host`, an address.
+fn server_host(host: &str) -> Result<IpAddr, String> {
+    host.parse::<IpAddr>().map_err(|_| {
+        format!(
+            "server.host: {host:?} is not an IP address (use 0.0.0.0 for every IPv4 interface, \
+             :: for every IPv6 one, 127.0.0.1 for this machine only)"
+        )
+    })
+}
+
+/// `[keys]`, checked against the anonymous keys, the routes' tags and the prices; `kept`:
+/// counts outlive a restart.
+fn team_keys(
+    raw: std::collections::BTreeMap<String, raw::RawKey>,
+    access: &AccessConfig,
+    (specs, mounts): (&[RouteSpec], &[MountConfig]),
+    prices: &super::Prices,
+    kept: bool,
+    problems: &mut Vec<String>,
+) -> super::NamedKeys {
+    let tags = route_tags(specs, mounts);
+    let known = Known {
+        anonymous: &access.allowed_key_hashes,
+        tags: &tags,
+        prices,
+        kept,
+    };
+    validate_keys(raw, &known, problems)
 }
 
 /// Every tag of the routes served, the manifest's and the mounts' own, sorted.
@@ -267,8 +301,16 @@ fn validate_routes(
 }
 
 /// `[limits]`, where 0 means off for each rate and cap.
-fn limits_config(raw: &raw::RawLimits, store: Option<super::StoreConfig>) -> LimitsConfig {
+fn limits_config(
+    raw: &raw::RawLimits,
+    store: Option<super::StoreConfig>,
+    source: &ManifestSource,
+) -> LimitsConfig {
+    let state_file = Some(raw.state_file.trim())
+        .filter(|path| !path.is_empty())
+        .map(|path| beside_manifest(path, source));
     LimitsConfig {
+        state_file,
         max_json_body: raw.max_json_body.0,
         max_upload_body: raw.max_upload_body.0,
         admission: AdmissionConfig {
@@ -314,18 +356,23 @@ fn tag_order(
 
 /// `openapi.schemas`, from the manifest's directory when relative; it must be a file (its
 /// content is read when the document is first built, or by `--check`).
+/// A path the manifest names: a relative one is read from the manifest's folder.
+fn beside_manifest(written: &str, source: &ManifestSource) -> PathBuf {
+    let path = Path::new(written);
+    match source {
+        ManifestSource::File(manifest) if path.is_relative() => {
+            (manifest.parent()).map_or_else(|| path.to_owned(), |dir| dir.join(path))
+        }
+        _ => path.to_owned(),
+    }
+}
+
 fn schemas_file(
     written: &str,
     source: &ManifestSource,
     problems: &mut Vec<String>,
 ) -> Option<PathBuf> {
-    let path = Path::new(written);
-    let path = match source {
-        ManifestSource::File(manifest) if path.is_relative() => {
-            (manifest.parent()).map_or_else(|| path.to_owned(), |dir| dir.join(path))
-        }
-        _ => path.to_owned(),
-    };
+    let path = beside_manifest(written, source);
     match std::fs::metadata(&path) {
         Ok(meta) if meta.is_file() => Some(path),
         Ok(_) => {

@@ -21,7 +21,7 @@ use crate::observe::metrics::{self, Metrics};
 use crate::openapi::{self, HEALTH_TEXT};
 use crate::pipeline::{Answer, Endpoint as PipelineEndpoint, GatewayError, Pipeline};
 use crate::realtime::Sessions;
-use crate::routes::{PathTemplate, DOCS_PATH, DOCUMENT_PATH, METRICS_PATH, READY_PATH};
+use crate::routes::{PathTemplate, DOCS_PATH, DOCUMENT_PATH, METRICS_PATH, READY_PATH, USAGE_PATH};
 
 /// How long a `/ready` upstream check is reused, so probes cannot flood the upstream.
 const READY_CHECK_TTL: Duration = Duration::from_secs(5);
@@ -55,6 +55,9 @@ pub(crate) fn router(
     if config.metrics.enabled {
         let exposition = MetricsEndpoint(Arc::clone(metrics));
         api = api.at(METRICS_PATH, Screen::new(exposition, pipeline));
+    }
+    if !config.access.named_keys.is_empty() {
+        api = api.at(USAGE_PATH, Usage(Arc::clone(pipeline)));
     }
     for (template, endpoint) in endpoints {
         api = api
@@ -180,6 +183,21 @@ impl<E: Endpoint> Endpoint for JsonNotFound<E> {
                 Err(err) => Err(err),
             }
         }
+    }
+}
+
+/// `GET /usage`: a named key's own spend and limits (the pipeline answers).
+struct Usage(Arc<Pipeline>);
+
+impl Endpoint for Usage {
+    type Output = Response;
+
+    async fn call(&self, req: Request) -> poem::Result<Response> {
+        if let Some(refusal) = refuse_writes(&req) {
+            return Ok(refusal);
+        }
+        let peer = req.remote_addr().as_socket_addr().copied();
+        Ok(into_response(self.0.usage(peer, req.headers())))
     }
 }
 

@@ -102,7 +102,18 @@ mod tests {
         let tls = crate::upstream::tls::client_config().unwrap();
         let config = Arc::new(config);
         let pipeline = Arc::new(
-            Pipeline::new(&config, limiter, metrics, Sessions::default(), &tls, &[]).unwrap(),
+            Pipeline::new(
+                &config,
+                crate::pipeline::Kept {
+                    limiter,
+                    ledger: crate::ledger::Ledger::in_memory(),
+                    pools: Vec::new(),
+                },
+                metrics,
+                Sessions::default(),
+                &tls,
+            )
+            .unwrap(),
         );
         let endpoints = pipeline.endpoints().unwrap();
         let (_, endpoint) = endpoints

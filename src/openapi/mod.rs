@@ -11,7 +11,7 @@ mod schemas;
 use serde_json::{json, Map, Value};
 
 use crate::config::{Config, CredentialHeader};
-use crate::routes::RouteSpec;
+use crate::routes::{RouteSpec, USAGE_PATH};
 pub use crate::routes::{DOCS_PATH, DOCUMENT_PATH};
 use operation::operation;
 pub use operation::response_media_types;
@@ -100,7 +100,7 @@ pub fn document(config: &Config) -> Result<Value, String> {
         }
         op
     };
-    let mut paths = gateway_paths();
+    let mut paths = gateway_paths(config);
     paths.extend(route_paths(config, operation));
     let tag_objects = tags(config);
     let paths = Value::Object(paths);
@@ -157,8 +157,45 @@ pub fn document(config: &Config) -> Result<Value, String> {
     Ok(document)
 }
 
-/// The gateway's own paths: liveness and this document.
-fn gateway_paths() -> Map<String, Value> {
+/// `GET /usage`: what the key presented has spent, and what it has left.
+fn usage_operation() -> Value {
+    let limit = json!({
+        "type": "object",
+        "required": ["limit", "used", "allowed", "left", "resets_at"],
+        "properties": {
+            "limit": {"type": "string", "description": "The [keys.NAME] field, e.g. max_usd_per_month"},
+            "used": {"type": "number"},
+            "allowed": {"type": "number"},
+            "left": {"type": "number"},
+            "resets_at": {"type": "string", "format": "date-time"},
+        },
+    });
+    json!({"get": {
+        "operationId": "gatewayUsage",
+        "tags": [GATEWAY_TAG],
+        "summary": "Your key's spend and limits",
+        "description": "For the key you present, if it is one of the gateway's [keys]: each \
+            rate and budget with what is used, what is left, and when it resets (UTC). \
+            Tokens and dollars are counted as answers finish.",
+        "responses": {
+            "200": {"description": "The key's usage", "content": {JSON: {"schema": {
+                "type": "object",
+                "required": ["object", "key", "limits"],
+                "properties": {
+                    "object": {"type": "string", "enum": ["usage"]},
+                    "key": {"type": "string"},
+                    "expires": {"type": "string", "format": "date"},
+                    "limits": {"type": "array", "items": limit},
+                    "spent": {"type": "object"},
+                },
+            }}}},
+            "default": {"$ref": "#/components/responses/Error"},
+        },
+    }})
+}
+
+/// The gateway's own paths: liveness, a named key's usage and this document.
+fn gateway_paths(config: &Config) -> Map<String, Value> {
     let mut paths = Map::new();
     paths.insert(
         "/".into(),
@@ -168,6 +205,9 @@ fn gateway_paths() -> Map<String, Value> {
         "/health".into(),
         json!({"get": gateway_text_operation("gatewayHealth", "Liveness: the gateway is up")}),
     );
+    if !config.access.named_keys.is_empty() {
+        paths.insert(USAGE_PATH.into(), usage_operation());
+    }
     paths.insert(
         DOCUMENT_PATH.into(),
         json!({"get": {

@@ -10,6 +10,7 @@ use tokio::time::Instant;
 
 use super::access::Caller;
 use super::body::{self, Bound, UploadProgress};
+use super::budget;
 use super::limits::Admission;
 use super::mount::Lent;
 use super::{answer, Answer, GatewayError, Mount, Pipeline};
@@ -72,6 +73,8 @@ pub(crate) struct Admitted<'a> {
     pub(super) asked_for_usage: bool,
     /// The caller's `[keys.NAME]`, when its key has a name.
     pub(super) named: Option<Arc<NamedKey>>,
+    /// The model the request names, when a named key's rules read it.
+    pub(super) model: Option<Box<str>>,
 }
 
 impl Endpoint {
@@ -135,6 +138,7 @@ impl Endpoint {
                 lent: None,
                 asked_for_usage: false,
                 named: caller.named,
+                model: None,
             }),
             Err(err) => Err(self.reject(&record, &err)),
         }
@@ -172,10 +176,13 @@ impl Endpoint {
         headers: &HeaderMap,
         peer: Option<SocketAddr>,
     ) -> Result<Admission, GatewayError> {
+        let pipeline = &*self.pipeline;
         if let Some(named) = &caller.named {
             check_named(named, &route.spec)?;
+            if named.limits.any() {
+                budget::admit(&pipeline.ledger, named, SystemTime::now())?;
+            }
         }
-        let pipeline = &*self.pipeline;
         let ip = peer.map(|peer| pipeline.config.access.client_ip(peer.ip(), headers));
         pipeline.limiter.admit(ip, &caller.key.hash)
     }

@@ -160,6 +160,9 @@ pub(crate) fn upstream_error_kind(err: &GatewayError) -> Option<UpstreamErrorKin
         | GatewayError::KeyExpired { .. }
         | GatewayError::RouteNotAllowed { .. }
         | GatewayError::ModelNotAllowed { .. }
+        | GatewayError::ModelNotPriced { .. }
+        | GatewayError::KeyLimited { .. }
+        | GatewayError::NoUsage
         | GatewayError::AddressNotAllowed
         | GatewayError::RateLimited { .. }
         | GatewayError::TooBusy { .. }

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use serde::Serialize;
 
+use super::budget::KeyLimit;
 use crate::config::units::{format_duration, format_size};
 use crate::config::CredentialHeader;
 use crate::upstream::chain;
@@ -65,6 +66,34 @@ pub enum GatewayError {
         model: Option<String>,
         allowed: Vec<String>,
     },
+
+    #[error(
+        "The API key {name:?} may not use {}: it has a dollar budget, and no price is known for it (prices.toml, [prices])",
+        .model.as_deref().map_or_else(|| "a request that names no model".to_owned(), |m| format!("the model {m:?}"))
+    )]
+    ModelNotPriced {
+        name: Arc<str>,
+        model: Option<String>,
+    },
+
+    #[error(
+        "The API key {name:?} has used {used} of its {allowed} {} (keys.{name}.{}); it resets at {resets_at}",
+        .limit.counted(),
+        .limit.field()
+    )]
+    KeyLimited {
+        name: Arc<str>,
+        limit: KeyLimit,
+        used: String,
+        allowed: String,
+        retry_after: Duration,
+        resets_at: String,
+    },
+
+    #[error(
+        "This API key is not one of the gateway's [keys], so it counts nothing for it; /usage reports a named key's own limits"
+    )]
+    NoUsage,
 
     #[error("Your address is not allowed to use this gateway (access.allowed_ips)")]
     AddressNotAllowed,
@@ -189,11 +218,12 @@ impl GatewayError {
             | GatewayError::KeyExpired { .. } => StatusCode::UNAUTHORIZED,
             GatewayError::AddressNotAllowed
             | GatewayError::RouteNotAllowed { .. }
-            | GatewayError::ModelNotAllowed { .. } => StatusCode::FORBIDDEN,
-            GatewayError::RateLimited { .. } | GatewayError::TooBusy { .. } => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
-            GatewayError::UnknownRoute { .. } => StatusCode::NOT_FOUND,
+            | GatewayError::ModelNotAllowed { .. }
+            | GatewayError::ModelNotPriced { .. } => StatusCode::FORBIDDEN,
+            GatewayError::RateLimited { .. }
+            | GatewayError::TooBusy { .. }
+            | GatewayError::KeyLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::UnknownRoute { .. } | GatewayError::NoUsage => StatusCode::NOT_FOUND,
             GatewayError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::InvalidPathParam { .. } | GatewayError::ClientBody(_) => {
                 StatusCode::BAD_REQUEST
@@ -223,6 +253,12 @@ impl GatewayError {
             GatewayError::KeyExpired { .. } => ("invalid_request_error", Some("key_expired")),
             GatewayError::RouteNotAllowed { .. } => ("permission_error", Some("route_not_allowed")),
             GatewayError::ModelNotAllowed { .. } => ("permission_error", Some("model_not_allowed")),
+            GatewayError::ModelNotPriced { .. } => ("permission_error", Some("model_not_priced")),
+            GatewayError::NoUsage => ("invalid_request_error", Some("no_usage")),
+            GatewayError::KeyLimited { limit, .. } => {
+                let (kind, code) = limit.kind_and_code();
+                (kind, Some(code))
+            }
             GatewayError::AddressNotAllowed => ("permission_error", Some("address_not_allowed")),
             GatewayError::RateLimited { .. } => ("requests", Some("rate_limit_exceeded")),
             GatewayError::TooBusy { .. } => ("requests", Some("concurrency_limit_exceeded")),
@@ -257,7 +293,10 @@ impl GatewayError {
     fn param(&self) -> Option<&str> {
         match self {
             GatewayError::InvalidPathParam { param, .. } => Some(param),
-            GatewayError::ModelNotAllowed { .. } => Some("model"),
+            GatewayError::ModelNotAllowed { .. } | GatewayError::ModelNotPriced { .. } => {
+                Some("model")
+            }
+            GatewayError::KeyLimited { .. } | GatewayError::NoUsage => None,
             GatewayError::MissingCredential(_)
             | GatewayError::KeyNotAllowed
             | GatewayError::KeyExpired { .. }
@@ -312,7 +351,9 @@ impl GatewayError {
                 headers.insert(header::ALLOW, value);
             }
         }
-        if let GatewayError::RateLimited { retry_after, .. } = self {
+        if let GatewayError::RateLimited { retry_after, .. }
+        | GatewayError::KeyLimited { retry_after, .. } = self
+        {
             headers.insert(
                 header::RETRY_AFTER,
                 HeaderValue::from(retry_after_secs(*retry_after)),

@@ -98,7 +98,7 @@ impl<'a> Admitted<'a> {
                 Body::Stream(counted) if boundary.is_some() => {
                     let boundary = boundary.unwrap_or_default();
                     match Box::pin(model::hold_fields(counted, &boundary)).await {
-                        Ok(held) => match self.check_model(held.model.as_deref()) {
+                        Ok(held) => match self.check_model(held.model) {
                             Ok(()) => held.body,
                             Err(err) => return self.endpoint.reject(&self.record, &err),
                         },
@@ -139,61 +139,10 @@ impl<'a> Admitted<'a> {
             || (self.governs_model() && json())
     }
 
-    /// The key's `models` govern this request: it has them.
-    fn governs_model(&self) -> bool {
-        (self.named.as_ref()).is_some_and(|named| named.models.is_some())
-    }
-
-    /// The boundary of a form whose fields are read for its model: a key with `models`
-    /// sending multipart.
-    fn scans_fields(&self) -> Option<String> {
-        self.governs_model()
-            .then(|| model::multipart_boundary(&self.headers))
-            .flatten()
-    }
-
-    /// [`Admitted::check_model`] for a body read whole: its JSON `model`, or its form's.
-    fn check_whole_model(&self, body: &RequestBody) -> Result<(), GatewayError> {
-        let Body::Whole(whole) = body else {
-            return Ok(());
-        };
-        if !self.governs_model() {
-            return Ok(());
-        }
-        let model = match model::multipart_boundary(&self.headers) {
-            Some(boundary) => match model::scan_fields(whole, &boundary) {
-                model::Fields::Model(model) => model,
-                model::Fields::NoModel | model::Fields::NeedMore => None,
-            },
-            None => model::in_json(whole),
-        };
-        self.check_model(model.as_deref())
-    }
-
-    /// Phase 4 for a key with `models`: the model the request names must match one. A usage
-    /// route's request must name one the gateway can read; elsewhere, one that names none
-    /// (files, vector stores…) is governed by the key's `tags` alone.
-    pub(super) fn check_model(&self, model: Option<&str>) -> Result<(), GatewayError> {
-        let Some(named) = &self.named else {
-            return Ok(());
-        };
-        let Some(models) = &named.models else {
-            return Ok(());
-        };
-        match model {
-            Some(model) if named.allows_model(model) => Ok(()),
-            None if !self.route.spec.usage => Ok(()),
-            model => Err(GatewayError::ModelNotAllowed {
-                name: Arc::clone(&named.name),
-                model: model.map(str::to_owned),
-                allowed: models.iter().map(|m| m.as_str().to_owned()).collect(),
-            }),
-        }
-    }
-
     /// Whether the gateway asks a stream on this route for its usage.
+    /// With `usage.inject_stream_usage`, or for a key whose rates or budgets count tokens.
     fn asks_usage(&self) -> bool {
-        self.endpoint.pipeline.config.usage.inject_stream_usage
+        (self.endpoint.pipeline.config.usage.inject_stream_usage || self.metered())
             && self.route.spec.stream_usage_option
     }
 
@@ -387,13 +336,15 @@ impl<'a> Admitted<'a> {
 
     /// Phase 8's record of an answer with `status` and `media`: whether the usage tap reads
     /// it, and whether it holds a place among the open streams.
-    fn into_log(self, status: StatusCode, media: Media) -> RequestLog {
+    fn into_log(mut self, status: StatusCode, media: Media) -> RequestLog {
         let usage_route = self.route.spec.usage;
         let usage =
             (usage_route && status.is_success() && media != Media::Other).then(UsageTap::new);
         let metrics = Arc::clone(&self.route.metrics);
         let stream_gauge = (media == Media::EventStream).then(|| metrics.gateway().open_stream());
+        let metered = self.meter();
         RequestLog {
+            metered,
             record: self.record,
             upload: self.upload,
             usage,

@@ -5,10 +5,12 @@
 //!    whether it may use the gateway (`access.allowed_ips`, 403).
 //! 2. **Route and method**: the route of the path template the engine's router matched, by
 //!    method (405), and its path parameters (400).
-//! 3. **Credential and limits** ([`access`], [`limits`]): a key is presented (401), allowed
-//!    (`access.allowed_key_hashes`), and within the `[limits]` rates and caps (429).
-//! 4. **Body policy** ([`body`]): the size limit that applies and the content type (413,
-//!    415), and the rules the body is read by.
+//! 3. **Credential and limits** ([`access`], [`budget`], [`limits`]): a key is presented
+//!    (401), allowed (`access.allowed_key_hashes` or `[keys]`); a named key within its last
+//!    day (401), its route tags (403), its rates and budgets (429); and the `[limits]` rates
+//!    and caps (429).
+//! 4. **Body policy** ([`body`], [`govern`]): the size limit that applies and the content
+//!    type (413, 415), and the rules the body is read by; a named key's model (403).
 //! 5. **The upstream request** ([`outbound`]): the URL and the header rules; a stream that
 //!    did not ask for its usage is asked for it, when set ([`stream_usage`]).
 //! 6. **Send** ([`Upstream::send`]): the answer's head is awaited while the upload shows
@@ -32,8 +34,10 @@ pub(crate) mod access;
 mod admit;
 mod answer;
 mod body;
+mod budget;
 mod error;
 mod forward;
+mod govern;
 pub(crate) mod keys;
 pub(crate) mod limits;
 mod model;
@@ -41,6 +45,7 @@ mod mount;
 mod outbound;
 mod relay;
 mod session;
+mod spend;
 mod stream_usage;
 mod timer;
 mod trace;
@@ -55,6 +60,8 @@ use tokio::time::Instant;
 use admit::MethodRoute;
 pub(crate) use admit::{Admitted, Endpoint, Request};
 pub(crate) use answer::Answer;
+
+use crate::ledger::Ledger;
 pub(crate) use error::GatewayError;
 use keys::KeyPool;
 use limits::Limiter;
@@ -75,6 +82,8 @@ use crate::upstream::Upstream;
 pub(crate) struct Pipeline {
     config: Arc<Config>,
     limiter: Arc<Limiter>,
+    /// What named keys have spent.
+    ledger: Arc<Ledger>,
     /// Present when traces are on.
     traces: Option<trace::Traced>,
     /// `[upstream]`.
@@ -85,17 +94,29 @@ pub(crate) struct Pipeline {
     metrics: Arc<Metrics>,
 }
 
+/// What a pipeline shares with the next manifest's: the limiter, the ledger and the key
+/// pools (by mount name).
+pub(crate) struct Kept {
+    pub(crate) limiter: Arc<Limiter>,
+    pub(crate) ledger: Arc<Ledger>,
+    pub(crate) pools: Vec<(Arc<str>, Arc<KeyPool>)>,
+}
+
 impl Pipeline {
-    /// The pipeline of `config`. The limiter, metrics, sessions and key pools (`pools`, by
-    /// mount name) outlive a reload; the TLS settings are read once per manifest.
+    /// The pipeline of `config`. What is `kept`, the metrics and the sessions outlive a
+    /// reload; the TLS settings are read once per manifest.
     pub(crate) fn new(
         config: &Arc<Config>,
-        limiter: Arc<Limiter>,
+        kept: Kept,
         metrics: Arc<Metrics>,
         sessions: Sessions,
         tls: &rustls::ClientConfig,
-        pools: &[(Arc<str>, Arc<KeyPool>)],
     ) -> Result<Pipeline, ConfigError> {
+        let Kept {
+            limiter,
+            ledger,
+            pools,
+        } = kept;
         let mount = |settings: &Arc<UpstreamConfig>| {
             let keys = pools
                 .iter()
@@ -109,6 +130,7 @@ impl Pipeline {
         Ok(Pipeline {
             config: Arc::clone(config),
             limiter,
+            ledger,
             traces: trace::Traced::new(config),
             default_mount: mount(&config.upstream)?,
             mounts,

@@ -16,6 +16,7 @@ use futures_util::Stream;
 use tokio::time::{Instant, Sleep};
 
 use super::body::{IdleTimer, UploadProgress};
+use super::budget::Metered;
 use super::limits::Admission;
 use super::stream_usage::UsageChunkFilter;
 use crate::http1::Framing;
@@ -35,6 +36,9 @@ pub(super) struct RequestLog {
     pub(super) upload: Option<Arc<UploadProgress>>,
     /// Reads token usage from the answer on routes with `usage = true`.
     pub(super) usage: Option<UsageTap>,
+    /// Counts that usage against a named key's rates and budgets. Boxed: a request carries
+    /// its room only then.
+    pub(super) metered: Option<Box<Metered>>,
     pub(super) metrics: Arc<RouteMetrics>,
     /// Its span, when traces are on.
     pub(super) trace: Option<Box<RequestSpan>>,
@@ -86,6 +90,9 @@ impl Drop for RequestLog {
         let usage = self.usage.take().and_then(UsageTap::finish);
         if let (Some(usage), Some(key)) = (&usage, &record.key) {
             self.metrics.count_tokens(usage, key);
+        }
+        if let (Some(usage), Some(metered)) = (&usage, &self.metered) {
+            metered.record(usage);
         }
         if let Some(trace) = self.trace.take() {
             trace.finish(record.status, usage.as_ref(), record.outcome.as_str());

@@ -9,6 +9,7 @@ use http::StatusCode;
 use super::admit::Admitted;
 use super::{answer, model, outbound, Answer, GatewayError};
 use crate::message::{Body, Head};
+use crate::observe::usage::Usage;
 use crate::realtime::{self, ClientUpgrade, Session};
 
 impl Admitted<'_> {
@@ -26,7 +27,7 @@ impl Admitted<'_> {
         }
     }
 
-    async fn session(self, upgrade: Option<ClientUpgrade>) -> Result<Answer, GatewayError> {
+    async fn session(mut self, upgrade: Option<ClientUpgrade>) -> Result<Answer, GatewayError> {
         let client_key =
             realtime::client_key(&self.headers).map_err(GatewayError::NotAWebSocket)?;
         let upgrade = upgrade.ok_or_else(|| {
@@ -34,8 +35,12 @@ impl Admitted<'_> {
                 "this connection cannot switch to a WebSocket (it needs HTTP/1.1)".to_owned(),
             )
         })?;
-        // 4, for a key with `models`: the session's `?model=`.
-        self.check_model(model::in_query(&self.target).as_deref())?;
+        // 4, for a named key: the session's `?model=`.
+        self.check_model(model::in_query(&self.target))?;
+        // Each `response.done` counts against the key's rates and budgets, when it has them.
+        let on_usage = self.meter().map(|metered| {
+            Box::new(move |usage: &Usage| metered.record(usage)) as realtime::OnUsage
+        });
         let pipeline = &*self.endpoint.pipeline;
         let mount = &*self.route.mount;
         let prefix_len = self.endpoint.prefix_len;
@@ -48,6 +53,7 @@ impl Admitted<'_> {
             key_hash: (self.record.key).map_or_else(String::new, |key| (*key).to_owned()),
             start: self.record.start,
             held: self.admission,
+            on_usage,
         };
         let upstream = &mount.upstream;
         let realtime = &pipeline.realtime;

@@ -26,6 +26,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -35,6 +36,7 @@ use crate::headers;
 use crate::message::Io;
 use crate::observe::log::{self, SessionLine};
 use crate::observe::metrics::RouteMetrics;
+use crate::observe::usage::{self, Usage};
 use crate::upstream::{BoxError, Upstream};
 
 /// Handshake headers that belong to one hop of a WebSocket connection (RFC 6455 §4).
@@ -85,7 +87,12 @@ pub(crate) struct Session<G> {
     pub start: Instant,
     /// Held for the session's life (its place under the concurrency limits).
     pub held: G,
+    /// Told each `response.done` event's usage, when the caller's key counts it.
+    pub on_usage: Option<OnUsage>,
 }
+
+/// What a session tells of the usage its responses report.
+pub(crate) type OnUsage = Box<dyn Fn(&Usage) + Send + Sync>;
 
 /// How a handshake ended when it did not fail.
 pub(crate) enum Opened {
@@ -177,6 +184,7 @@ impl Realtime {
                 key_hash,
                 start,
                 held,
+                on_usage,
             } = session;
             let _held = held;
             let _open = metrics.gateway().realtime_session();
@@ -190,7 +198,15 @@ impl Realtime {
             };
             let client =
                 WebSocketStream::from_raw_socket(client, Role::Server, Some(ws_config)).await;
-            let summary = relay::run(client, upstream, idle_timeout, closing).await;
+            let watch = |message: &Message| {
+                let (Some(on_usage), Message::Text(text)) = (&on_usage, message) else {
+                    return;
+                };
+                if let Some(usage) = usage::realtime_usage(text) {
+                    on_usage(&usage);
+                }
+            };
+            let summary = relay::run(client, upstream, idle_timeout, closing, &watch).await;
             let elapsed = start.elapsed();
             metrics.finish(
                 elapsed,

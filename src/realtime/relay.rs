@@ -91,11 +91,13 @@ impl Activity {
     }
 }
 
+/// Forwards `from`'s messages to `to`, one at a time, each shown to `watch` first.
 async fn pump<A, B>(
     from: &mut SplitStream<WebSocketStream<A>>,
     to: &mut SplitSink<WebSocketStream<B>, Message>,
     activity: &Activity,
     counters: &Counters,
+    watch: &(dyn Fn(&Message) + Sync),
 ) -> PumpEnd
 where
     A: AsyncRead + AsyncWrite + Unpin,
@@ -107,6 +109,7 @@ where
             Err(_) => return PumpEnd::SourceGone,
         };
         activity.touch();
+        watch(&message);
         let closing = matches!(message, Message::Close(_));
         if !closing {
             counters.messages.fetch_add(1, Ordering::Relaxed);
@@ -166,6 +169,7 @@ pub(super) async fn run<C>(
     upstream: WebSocketStream<UpstreamIo>,
     idle: Duration,
     closing: CancellationToken,
+    watch_upstream: &(dyn Fn(&Message) + Sync),
 ) -> Summary
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -180,8 +184,14 @@ where
     let down = Counters::default();
 
     let first = {
-        let client_to_upstream = pump(&mut client_rx, &mut upstream_tx, &activity, &up);
-        let upstream_to_client = pump(&mut upstream_rx, &mut client_tx, &activity, &down);
+        let client_to_upstream = pump(&mut client_rx, &mut upstream_tx, &activity, &up, &|_| {});
+        let upstream_to_client = pump(
+            &mut upstream_rx,
+            &mut client_tx,
+            &activity,
+            &down,
+            watch_upstream,
+        );
         tokio::select! {
             end = client_to_upstream => First::FromClient(end),
             end = upstream_to_client => First::FromUpstream(end),

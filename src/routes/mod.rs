@@ -25,14 +25,17 @@ pub const METRICS_PATH: &str = "/metrics";
 pub const DOCUMENT_PATH: &str = "/openapi.json";
 /// Swagger UI over that document.
 pub const DOCS_PATH: &str = "/docs";
+/// A named key's own spend and limits.
+pub const USAGE_PATH: &str = "/usage";
 /// Paths the gateway serves itself, which no route may take.
-pub const GATEWAY_PATHS: [&str; 6] = [
+pub const GATEWAY_PATHS: [&str; 7] = [
     "/",
     "/health",
     READY_PATH,
     METRICS_PATH,
     DOCUMENT_PATH,
     DOCS_PATH,
+    USAGE_PATH,
 ];
 
 /// What a route accepts as a request body, as the manifest spells it.

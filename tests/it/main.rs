@@ -12,6 +12,7 @@ mod support;
 
 mod access;
 mod browser;
+mod budgets;
 mod cli;
 mod console;
 mod custody;

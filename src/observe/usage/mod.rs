@@ -25,6 +25,29 @@ use report::UsageObject;
 use crate::sse::{self, USAGE_FINDER, USAGE_KEY};
 pub(crate) use report::{Usage, TOKEN_KINDS};
 
+/// The usage a Realtime server event reports: `response.done`'s `response.usage`, read only
+/// from an event of that type (every other event is passed over after one search).
+pub(crate) fn realtime_usage(event: &str) -> Option<Usage> {
+    #[derive(serde::Deserialize)]
+    struct Done {
+        #[serde(rename = "type")]
+        kind: String,
+        response: Response,
+    }
+    #[derive(serde::Deserialize)]
+    struct Response {
+        usage: Option<UsageObject>,
+    }
+    if !event.contains("\"response.done\"") {
+        return None;
+    }
+    let done: Done = serde_json::from_str(event).ok()?;
+    if done.kind != "response.done" {
+        return None;
+    }
+    Usage::from_object(done.response.usage?)
+}
+
 /// Bytes kept after a `"usage"` key: the object with every detail is well under this.
 const USAGE_CAPTURE: usize = 4096;
 /// Bytes kept after a `"model"` key.

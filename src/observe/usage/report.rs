@@ -69,11 +69,12 @@ pub(super) struct UsageObject {
     output_tokens: Lenient<u64>,
     #[serde(default)]
     prompt_tokens_details: Lenient<Details>,
-    #[serde(default)]
+    /// Realtime's `response.done` spells it `input_token_details`.
+    #[serde(default, alias = "input_token_details")]
     input_tokens_details: Lenient<Details>,
     #[serde(default)]
     completion_tokens_details: Lenient<Details>,
-    #[serde(default)]
+    #[serde(default, alias = "output_token_details")]
     output_tokens_details: Lenient<Details>,
 }
 

@@ -1,0 +1,251 @@
+//! A named key's rates and budgets (`[keys.NAME]`): phase 3 refuses a request whose key is
+//! already over one, from the counts its ledger keeps ([`crate::ledger`]); phase 8 adds what
+//! each answer used, priced by `prices.toml` and `[prices]`.
+//!
+//! The counts are of answers already finished, so requests in flight when a limit is reached
+//! may overshoot it by what they spend; the docs say so.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::error::GatewayError;
+use crate::config::{NamedKey, Prices, PICO_PER_USD};
+use crate::ledger::{Charge, Ledger, Periods, Spent};
+use crate::observe::usage::Usage;
+
+/// Which of a key's limits refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyLimit {
+    RequestsPerMinute,
+    TokensPerMinute,
+    TokensPerDay,
+    TokensPerMonth,
+    UsdPerDay,
+    UsdPerMonth,
+}
+
+impl KeyLimit {
+    /// Its field in `[keys.NAME]`.
+    pub(crate) fn field(self) -> &'static str {
+        match self {
+            KeyLimit::RequestsPerMinute => "requests_per_minute",
+            KeyLimit::TokensPerMinute => "tokens_per_minute",
+            KeyLimit::TokensPerDay => "max_tokens_per_day",
+            KeyLimit::TokensPerMonth => "max_tokens_per_month",
+            KeyLimit::UsdPerDay => "max_usd_per_day",
+            KeyLimit::UsdPerMonth => "max_usd_per_month",
+        }
+    }
+
+    /// What it counts and over which period, for messages.
+    pub(crate) fn counted(self) -> &'static str {
+        match self {
+            KeyLimit::RequestsPerMinute => "requests this minute",
+            KeyLimit::TokensPerMinute => "tokens this minute",
+            KeyLimit::TokensPerDay => "tokens today (UTC)",
+            KeyLimit::TokensPerMonth => "tokens this month (UTC)",
+            KeyLimit::UsdPerDay => "US dollars today (UTC)",
+            KeyLimit::UsdPerMonth => "US dollars this month (UTC)",
+        }
+    }
+
+    /// OpenAI's `type` and `code` of the refusal.
+    pub(crate) fn kind_and_code(self) -> (&'static str, &'static str) {
+        match self {
+            KeyLimit::RequestsPerMinute => ("requests", "rate_limit_exceeded"),
+            KeyLimit::TokensPerMinute => ("tokens", "tokens_per_minute_exceeded"),
+            KeyLimit::TokensPerDay
+            | KeyLimit::TokensPerMonth
+            | KeyLimit::UsdPerDay
+            | KeyLimit::UsdPerMonth => ("insufficient_quota", "budget_exceeded"),
+        }
+    }
+}
+
+/// Phase 3 for a named key with rates or budgets: refused (429) when its counts as of `now`
+/// are at a limit already; else this request is counted against `requests_per_minute`.
+pub(super) fn admit(ledger: &Ledger, key: &NamedKey, now: SystemTime) -> Result<(), GatewayError> {
+    let periods = Periods::at(now);
+    let mut over = None;
+    ledger.count_request(&key.name, periods, |spent| {
+        over = first_over(key, spent);
+        over.is_none()
+    });
+    match over {
+        None => Ok(()),
+        Some((limit, used, allowed)) => {
+            let (minute, day, month) = periods.ends();
+            let resets = match limit {
+                KeyLimit::RequestsPerMinute | KeyLimit::TokensPerMinute => minute,
+                KeyLimit::TokensPerDay | KeyLimit::UsdPerDay => day,
+                KeyLimit::TokensPerMonth | KeyLimit::UsdPerMonth => month,
+            };
+            let resets = UNIX_EPOCH + Duration::from_secs(resets);
+            Err(GatewayError::KeyLimited {
+                name: Arc::clone(&key.name),
+                limit,
+                used,
+                allowed,
+                retry_after: resets.duration_since(now).unwrap_or_default(),
+                resets_at: httpdate::fmt_http_date(resets),
+            })
+        }
+    }
+}
+
+/// The first of `key`'s limits that `spent` has reached, with what was used and allowed as
+/// text.
+fn first_over(key: &NamedKey, spent: &Spent) -> Option<(KeyLimit, String, String)> {
+    let limits = &key.limits;
+    let count = |limit, used: u64, allowed: Option<u64>| {
+        let allowed = allowed.filter(|allowed| used >= *allowed)?;
+        Some((limit, used.to_string(), allowed.to_string()))
+    };
+    let dollars = |limit, used: u64, allowed: Option<u64>| {
+        let allowed = allowed.filter(|allowed| used >= *allowed)?;
+        Some((limit, usd(used), usd(allowed)))
+    };
+    count(
+        KeyLimit::RequestsPerMinute,
+        spent.minute_requests,
+        limits.requests_per_minute,
+    )
+    .or_else(|| {
+        count(
+            KeyLimit::TokensPerMinute,
+            spent.minute_tokens,
+            limits.tokens_per_minute,
+        )
+    })
+    .or_else(|| {
+        count(
+            KeyLimit::TokensPerDay,
+            spent.day_tokens,
+            limits.max_tokens_per_day,
+        )
+    })
+    .or_else(|| {
+        count(
+            KeyLimit::TokensPerMonth,
+            spent.month_tokens,
+            limits.max_tokens_per_month,
+        )
+    })
+    .or_else(|| {
+        dollars(
+            KeyLimit::UsdPerDay,
+            spent.day_pico_usd,
+            limits.max_pico_usd_per_day,
+        )
+    })
+    .or_else(|| {
+        dollars(
+            KeyLimit::UsdPerMonth,
+            spent.month_pico_usd,
+            limits.max_pico_usd_per_month,
+        )
+    })
+}
+
+/// Pico-dollars as dollars, to the cent's hundredth.
+pub(crate) fn usd(pico: u64) -> String {
+    format!("{:.4}", pico as f64 / PICO_PER_USD)
+}
+
+/// What an answer's `usage` costs its key: its tokens, input and output, and their price by
+/// the model the answer names, else the model the request named. No price: no dollars (a
+/// key with a dollar budget was refused an unpriced model before it went up).
+pub(crate) fn charge(usage: &Usage, requested: Option<&str>, prices: &Prices) -> Charge {
+    let price = (usage.model.as_deref())
+        .and_then(|model| prices.of(model))
+        .or_else(|| requested.and_then(|model| prices.of(model)));
+    Charge {
+        tokens: usage.input.saturating_add(usage.output),
+        pico_usd: price.map_or(0, |price| {
+            price.cost(usage.input, usage.cached_input, usage.output)
+        }),
+    }
+}
+
+/// Counts an answer's usage against its named key, when it reaches phase 8's end.
+#[derive(Debug)]
+pub(super) struct Metered {
+    pub(super) ledger: Arc<Ledger>,
+    pub(super) config: Arc<crate::config::Config>,
+    pub(super) name: Arc<str>,
+    /// The model the request named, to price an answer that names none.
+    pub(super) requested: Option<Box<str>>,
+}
+
+impl Metered {
+    pub(super) fn record(&self, usage: &Usage) {
+        let charge = charge(usage, self.requested.as_deref(), &self.config.prices);
+        self.ledger
+            .add(&self.name, charge, Periods::at(SystemTime::now()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{KeyLimits, NamedKey};
+
+    fn key(limits: KeyLimits) -> NamedKey {
+        NamedKey {
+            name: Arc::from("alice"),
+            models: None,
+            tags: None,
+            expires: None,
+            limits,
+        }
+    }
+
+    #[test]
+    fn a_budget_reached_exactly_refuses_the_next_request_until_the_period_turns() {
+        let ledger = Ledger::in_memory();
+        let alice = key(KeyLimits {
+            max_tokens_per_day: Some(20),
+            ..KeyLimits::default()
+        });
+        let now = UNIX_EPOCH + Duration::from_secs(1_806_537_600 - 3_600);
+        let eight = Charge {
+            tokens: 8,
+            pico_usd: 0,
+        };
+        for _ in 0..3 {
+            admit(&ledger, &alice, now).unwrap();
+            ledger.add(&alice.name, eight, Periods::at(now));
+        }
+        match admit(&ledger, &alice, now) {
+            Err(GatewayError::KeyLimited {
+                limit: KeyLimit::TokensPerDay,
+                retry_after,
+                resets_at,
+                ..
+            }) => {
+                assert_eq!(retry_after, Duration::from_secs(3_600));
+                assert_eq!(resets_at, "Thu, 01 Apr 2027 00:00:00 GMT");
+            }
+            other => panic!("expected budget_exceeded, got {other:?}"),
+        }
+        let tomorrow = now + Duration::from_secs(3_600);
+        assert!(admit(&ledger, &alice, tomorrow).is_ok());
+    }
+
+    #[test]
+    fn requests_per_minute_counts_only_what_it_admits() {
+        let ledger = Ledger::in_memory();
+        let alice = key(KeyLimits {
+            requests_per_minute: Some(2),
+            ..KeyLimits::default()
+        });
+        let now = UNIX_EPOCH + Duration::from_secs(60 * 1_000 + 5);
+        assert!(admit(&ledger, &alice, now).is_ok());
+        assert!(admit(&ledger, &alice, now).is_ok());
+        for _ in 0..3 {
+            assert!(admit(&ledger, &alice, now).is_err());
+        }
+        assert_eq!(ledger.spent("alice", Periods::at(now)).minute_requests, 2);
+        assert!(admit(&ledger, &alice, now + Duration::from_secs(55)).is_ok());
+    }
+}
