@@ -32,9 +32,9 @@ pub struct App {
     /// The limiter and the settings it was built for: a reload with the same `[limits]`
     /// keeps it, so buckets and in-flight counts carry over.
     limiter: Mutex<Option<(AdmissionConfig, Arc<Limiter>)>>,
-    /// What named keys have spent, and the state file it is kept in: a reload naming the
-    /// same file keeps it.
-    ledger: Mutex<Option<(Option<PathBuf>, Arc<Ledger>)>>,
+    /// What named keys have spent, and where it is kept (a state file, or the store): a
+    /// reload naming the same place keeps it.
+    ledger: Mutex<Option<(Keeping, Arc<Ledger>)>>,
     /// The limits store (`limits.store`) while its settings stay the same.
     store: Mutex<Option<Arc<Store>>>,
     /// The pools of the keys the gateway holds, by mount: a reload that keeps a mount's keys
@@ -48,6 +48,15 @@ pub struct App {
     /// Where traces went at start (the exporter is made once): `tracing.otlp_endpoint`, and
     /// whether the `OTEL_EXPORTER_OTLP_*` variables turned them on.
     traces: (Option<Url>, bool),
+}
+
+/// Where the ledger keeps its counts; the store by identity, as a reload that keeps its
+/// settings keeps its `Arc`.
+#[derive(Debug, PartialEq, Eq)]
+enum Keeping {
+    Memory,
+    File(PathBuf),
+    Store(usize),
 }
 
 /// Builds the gateway from `config`, for one worker (tests, or a single runtime).
@@ -161,10 +170,11 @@ impl App {
         let docs = config.openapi.enabled.then(|| Docs::new(config));
         let store = self.store(config.limits.admission.store.as_ref())?;
         let pools = self.key_pools(config, store.as_ref())?;
+        let store_kept = store.clone();
         let limiter = self.limiter(&config.limits.admission, store);
         let kept = Kept {
             limiter,
-            ledger: self.ledger(config.limits.state_file.as_deref())?,
+            ledger: self.ledger(config.limits.state_file.as_deref(), store_kept.as_ref())?,
             pools,
         };
         (0..workers)
@@ -252,27 +262,34 @@ impl App {
         }
     }
 
-    /// The ledger kept in `state_file`: the one already open on the same file, else the
-    /// file's (a file that cannot be read or written refuses the manifest), else one in
-    /// memory.
-    fn ledger(&self, state_file: Option<&Path>) -> Result<Arc<Ledger>, ConfigError> {
+    /// The ledger kept in `store`, else in `state_file`: the one already made for the same
+    /// place, else a new one (a state file that cannot be read or written refuses the
+    /// manifest), else one in memory.
+    fn ledger(
+        &self,
+        state_file: Option<&Path>,
+        store: Option<&Arc<Store>>,
+    ) -> Result<Arc<Ledger>, ConfigError> {
         let mut slot = self
             .ledger
             .lock()
             .map_err(|_| ConfigError::Invalid(vec!["limits.state_file: state poisoned".into()]))?;
-        if let Some((_, ledger)) = slot
-            .as_ref()
-            .filter(|(file, _)| file.as_deref() == state_file)
-        {
+        let keeping = match (store, state_file) {
+            (Some(store), _) => Keeping::Store(Arc::as_ptr(store) as usize),
+            (None, Some(path)) => Keeping::File(path.to_owned()),
+            (None, None) => Keeping::Memory,
+        };
+        if let Some((_, ledger)) = slot.as_ref().filter(|(kept, _)| *kept == keeping) {
             return Ok(Arc::clone(ledger));
         }
-        let ledger = match state_file {
-            Some(path) => {
+        let ledger = match (store, state_file) {
+            (Some(store), _) => Ledger::in_store(store.spend()),
+            (None, Some(path)) => {
                 Ledger::in_file(path).map_err(|err| ConfigError::Invalid(vec![err.to_string()]))?
             }
-            None => Ledger::in_memory(),
+            (None, None) => Ledger::in_memory(),
         };
-        *slot = Some((state_file.map(Path::to_owned), Arc::clone(&ledger)));
+        *slot = Some((keeping, Arc::clone(&ledger)));
         Ok(ledger)
     }
 

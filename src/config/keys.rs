@@ -319,7 +319,7 @@ pub(super) struct Known<'a> {
     /// The tags of the manifest's routes.
     pub tags: &'a [&'a str],
     pub prices: &'a Prices,
-    /// Whether counters outlive a restart (`limits.state_file`).
+    /// Whether counters outlive a restart (`limits.state_file` or `limits.store`).
     pub kept: bool,
 }
 
@@ -400,7 +400,7 @@ pub(super) fn validate_keys(
         if limits.counts_tokens() && !kept {
             problems.push(format!(
                 "{path}: token rates and budgets must outlive a restart; set limits.state_file \
-                 (a file this process may write)"
+                 (a file this process may write) or limits.store (a Redis, for replicas)"
             ));
         }
         if limits.has_dollar_budget() {

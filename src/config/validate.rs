@@ -65,16 +65,14 @@ pub(super) fn validate(raw: RawConfig, source: ManifestSource) -> Result<Config,
         &mut problems,
     );
     check_route_upstreams(&specs, &mounts, &mut problems);
-    let prices = validate_prices(raw.prices, &mut problems);
-    let kept = !raw.limits.state_file.is_empty();
-    access.named_keys = team_keys(
-        raw.keys,
+    let (named_keys, prices) = team_keys(
+        (raw.keys, raw.prices),
         &access,
         (&specs, &mounts),
-        &prices,
-        kept,
+        (&raw.limits, store.is_some()),
         &mut problems,
     );
+    access.named_keys = named_keys;
     check_something_served(&specs, &mounts, &mut problems);
     let tag_order = tag_order(raw.openapi.tag_order, &specs, &mounts, &mut problems);
     let schemas = (raw.openapi.schemas.as_deref())
@@ -135,24 +133,35 @@ fn server_host(host: &str) -> Result<IpAddr, String> {
     })
 }
 
-/// `[keys]`, checked against the anonymous keys, the routes' tags and the prices; `kept`:
-/// counts outlive a restart.
+/// `[keys]` and `[prices]`, the keys checked against the anonymous keys, the routes' tags,
+/// the prices, and where their counts are kept (`limits.state_file`, or a store).
 fn team_keys(
-    raw: std::collections::BTreeMap<String, raw::RawKey>,
+    (keys, prices): (
+        std::collections::BTreeMap<String, raw::RawKey>,
+        std::collections::BTreeMap<String, raw::RawPrice>,
+    ),
     access: &AccessConfig,
     (specs, mounts): (&[RouteSpec], &[MountConfig]),
-    prices: &super::Prices,
-    kept: bool,
+    (limits, has_store): (&raw::RawLimits, bool),
     problems: &mut Vec<String>,
-) -> super::NamedKeys {
+) -> (super::NamedKeys, super::Prices) {
+    let prices = validate_prices(prices, problems);
+    let has_file = !limits.state_file.trim().is_empty();
+    if has_file && has_store {
+        problems.push(
+            "limits.state_file: with limits.store the counts are kept there, for every replica; \
+             leave one of them out"
+                .to_owned(),
+        );
+    }
     let tags = route_tags(specs, mounts);
     let known = Known {
         anonymous: &access.allowed_key_hashes,
         tags: &tags,
-        prices,
-        kept,
+        prices: &prices,
+        kept: has_file || has_store,
     };
-    validate_keys(raw, &known, problems)
+    (validate_keys(keys, &known, problems), prices)
 }
 
 /// Every tag of the routes served, the manifest's and the mounts' own, sorted.

@@ -197,7 +197,7 @@ impl Endpoint for Usage {
             return Ok(refusal);
         }
         let peer = req.remote_addr().as_socket_addr().copied();
-        Ok(into_response(self.0.usage(peer, req.headers())))
+        Ok(into_response(self.0.usage(peer, req.headers()).await))
     }
 }
 

@@ -40,8 +40,8 @@ struct Document {
 }
 
 impl StateFile {
-    /// Opens `path` and reads its counts; a file not there yet is made now, so a path the
-    /// process cannot write fails at start-up rather than an hour later.
+    /// Opens `path` and reads its counts; a file not there yet is made now (with its folder),
+    /// so a path the process cannot write fails at start-up rather than an hour later.
     pub(super) fn open(path: &Path) -> Result<(StateFile, HashMap<Arc<str>, Spent>), StateError> {
         let file = StateFile {
             path: path.to_owned(),
@@ -70,6 +70,14 @@ impl StateFile {
                 Ok((file, spent))
             }
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                if let Some(folder) = path
+                    .parent()
+                    .filter(|folder| !folder.as_os_str().is_empty())
+                {
+                    std::fs::create_dir_all(folder).map_err(|err| {
+                        StateError(format!("cannot create {shown}'s folder: {err}"))
+                    })?;
+                }
                 file.write(&HashMap::new())
                     .map_err(|err| StateError(format!("cannot create {shown}: {err}")))?;
                 Ok((file, HashMap::new()))
@@ -123,7 +131,8 @@ mod tests {
     #[test]
     fn counts_round_trip_and_a_corrupt_file_is_refused_by_path() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state.json");
+        // A folder not there yet is made.
+        let path = dir.path().join("spend").join("state.json");
         let (file, spent) = StateFile::open(&path).unwrap();
         assert!(spent.is_empty() && path.exists());
         let mut counts = HashMap::new();

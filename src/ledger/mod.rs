@@ -16,6 +16,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+pub(crate) use crate::store::Counts;
+use crate::store::{PeriodNumbers, Spend};
 pub(crate) use file::StateError;
 
 /// The UTC calendar periods a moment falls in, each as a count since the Unix epoch.
@@ -37,6 +39,11 @@ impl Periods {
             day,
             month: year * 12 + month - 1,
         }
+    }
+
+    /// The minute, day and month numbers, as the store names its hashes.
+    pub(crate) fn numbers(&self) -> PeriodNumbers {
+        (self.minute, self.day, self.month)
     }
 
     /// Unix seconds when this minute, day and month end.
@@ -111,6 +118,36 @@ pub(crate) struct Spent {
 }
 
 impl Spent {
+    /// Its six counts in the order limits are checked: requests and tokens this minute,
+    /// tokens today and this month, pico-dollars today and this month ([`Counts`]).
+    pub(crate) fn counts(&self) -> Counts {
+        [
+            self.minute_requests,
+            self.minute_tokens,
+            self.day_tokens,
+            self.month_tokens,
+            self.day_pico_usd,
+            self.month_pico_usd,
+        ]
+    }
+
+    /// The counts a store read back, for `periods`.
+    fn from_counts(counts: Counts, periods: Periods) -> Spent {
+        let [minute_requests, minute_tokens, day_tokens, month_tokens, day_pico_usd, month_pico_usd] =
+            counts;
+        Spent {
+            minute: periods.minute,
+            minute_requests,
+            minute_tokens,
+            day: periods.day,
+            day_tokens,
+            day_pico_usd,
+            month: periods.month,
+            month_tokens,
+            month_pico_usd,
+        }
+    }
+
     /// These counts as of `now`: those of a period that has passed are zero.
     pub(crate) fn rolled(mut self, now: Periods) -> Spent {
         if self.minute != now.minute {
@@ -133,8 +170,11 @@ pub(crate) struct Charge {
     pub(crate) pico_usd: u64,
 }
 
-/// Every named key's counts in this process.
+/// Every named key's counts: in this process (and its state file), or in the store.
 pub(crate) struct Ledger {
+    /// With `limits.store`: the counts are there, shared by the replicas, and nothing below
+    /// is used.
+    shared: Option<Spend>,
     spent: Mutex<HashMap<Arc<str>, Spent>>,
     /// Where the counts are kept between runs, when they are.
     file: Option<file::StateFile>,
@@ -146,6 +186,7 @@ impl Ledger {
     /// A ledger that forgets on exit: for keys with request rates alone, or with a store.
     pub(crate) fn in_memory() -> Arc<Ledger> {
         Arc::new(Ledger {
+            shared: None,
             spent: Mutex::default(),
             file: None,
             dirty: AtomicBool::new(false),
@@ -158,6 +199,7 @@ impl Ledger {
     pub(crate) fn in_file(path: &Path) -> Result<Arc<Ledger>, StateError> {
         let (file, spent) = file::StateFile::open(path)?;
         let ledger = Arc::new(Ledger {
+            shared: None,
             spent: Mutex::new(spent),
             file: Some(file),
             dirty: AtomicBool::new(false),
@@ -166,7 +208,35 @@ impl Ledger {
         Ok(ledger)
     }
 
-    /// The counts of `name` as of `now`.
+    /// The ledger kept in a store, for every replica.
+    pub(crate) fn in_store(spend: Spend) -> Arc<Ledger> {
+        Arc::new(Ledger {
+            shared: Some(spend),
+            spent: Mutex::default(),
+            file: None,
+            dirty: AtomicBool::new(false),
+        })
+    }
+
+    /// The store the counts are kept in, when they are: then requests are checked against
+    /// them when forwarding begins ([`Spend::admit`]), one round trip.
+    pub(crate) fn shared(&self) -> Option<&Spend> {
+        self.shared.as_ref()
+    }
+
+    /// The counts of `name` as of `now`, wherever they are kept; `None` while the store does
+    /// not answer.
+    pub(crate) async fn read(&self, name: &str, now: Periods) -> Option<Spent> {
+        match &self.shared {
+            Some(spend) => {
+                let counts = spend.read(name, now.numbers()).await?;
+                Some(Spent::from_counts(counts, now))
+            }
+            None => Some(self.spent(name, now)),
+        }
+    }
+
+    /// The counts of `name` as of `now`, in this process.
     pub(crate) fn spent(&self, name: &str, now: Periods) -> Spent {
         let spent = self.spent.lock().ok();
         let counted = spent.and_then(|spent| spent.get(name).copied());
@@ -197,6 +267,10 @@ impl Ledger {
     /// Adds what an answer of `name` used to this minute, day and month.
     pub(crate) fn add(&self, name: &Arc<str>, charge: Charge, now: Periods) {
         if charge == Charge::default() {
+            return;
+        }
+        if let Some(spend) = &self.shared {
+            spend.add(name, now.numbers(), charge.tokens, charge.pico_usd);
             return;
         }
         let Ok(mut spent) = self.spent.lock() else {
@@ -236,6 +310,7 @@ impl Ledger {
 impl std::fmt::Debug for Ledger {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Ledger")
+            .field("kept_in_store", &self.shared.is_some())
             .field("kept_in_file", &self.file.is_some())
             .finish_non_exhaustive()
     }

@@ -19,6 +19,7 @@ use crate::observe::log::Record;
 use crate::observe::metrics::{GaugeGuard, RouteMetrics};
 use crate::observe::traces::RequestSpan;
 use crate::routes::{check_path_param, RouteSpec};
+use crate::store::Spend;
 
 /// One method of a template: its manifest entry, the mount it goes to, and its metric
 /// handles.
@@ -216,6 +217,38 @@ impl Endpoint {
         route
             .metrics
             .observe_response_headers(record.start.elapsed());
+    }
+}
+
+impl Admitted<'_> {
+    /// Whether phase 3 has a question left for the store: `[limits]`, or a named key's
+    /// rates and budgets.
+    pub(super) fn is_pending(&self) -> bool {
+        self.admission.is_pending() || self.spend().is_some()
+    }
+
+    /// The store a named key's counts are checked in, when they are.
+    fn spend(&self) -> Option<&Spend> {
+        self.named.as_ref().filter(|named| named.limits.any())?;
+        self.endpoint.pipeline.ledger.shared()
+    }
+
+    /// Phase 3's questions to the store, sent together: both scripts go out on one
+    /// multiplexed connection, so they take one round trip.
+    pub(super) async fn settle(&mut self) -> Result<(), GatewayError> {
+        let pipeline = &*self.endpoint.pipeline;
+        let spend = (self.named.as_deref())
+            .filter(|named| named.limits.any())
+            .zip(pipeline.ledger.shared());
+        let limits = pipeline.limiter.settle(&mut self.admission);
+        let budget = async {
+            match spend {
+                Some((named, spend)) => budget::settle(spend, named, SystemTime::now()).await,
+                None => Ok(()),
+            }
+        };
+        let (limits, budget) = futures_util::join!(limits, budget);
+        limits.and(budget)
     }
 }
 

@@ -9,9 +9,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::error::GatewayError;
-use crate::config::{NamedKey, Prices, PICO_PER_USD};
-use crate::ledger::{Charge, Ledger, Periods, Spent};
+use crate::config::{NamedKey, Prices, StoreFailure, PICO_PER_USD};
+use crate::ledger::{Charge, Counts, Ledger, Periods};
 use crate::observe::usage::Usage;
+use crate::store::{Spend, SpendVerdict};
 
 /// Which of a key's limits refused a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,89 +63,109 @@ impl KeyLimit {
     }
 }
 
-/// Phase 3 for a named key with rates or budgets: refused (429) when its counts as of `now`
-/// are at a limit already; else this request is counted against `requests_per_minute`.
+/// The limits in the order they are checked, which is the order of [`Spent::counts`].
+const ORDER: [KeyLimit; 6] = [
+    KeyLimit::RequestsPerMinute,
+    KeyLimit::TokensPerMinute,
+    KeyLimit::TokensPerDay,
+    KeyLimit::TokensPerMonth,
+    KeyLimit::UsdPerDay,
+    KeyLimit::UsdPerMonth,
+];
+
+/// `key`'s limits in [`ORDER`].
+fn limits_in_order(key: &NamedKey) -> [Option<u64>; 6] {
+    let limits = &key.limits;
+    [
+        limits.requests_per_minute,
+        limits.tokens_per_minute,
+        limits.max_tokens_per_day,
+        limits.max_tokens_per_month,
+        limits.max_pico_usd_per_day,
+        limits.max_pico_usd_per_month,
+    ]
+}
+
+/// Phase 3 for a named key with rates or budgets, counted in this process: refused (429)
+/// when its counts as of `now` are at a limit already; else this request is counted against
+/// `requests_per_minute`. With a store, [`settle`] does this when forwarding begins.
 pub(super) fn admit(ledger: &Ledger, key: &NamedKey, now: SystemTime) -> Result<(), GatewayError> {
+    if ledger.shared().is_some() {
+        return Ok(());
+    }
     let periods = Periods::at(now);
     let mut over = None;
     ledger.count_request(&key.name, periods, |spent| {
-        over = first_over(key, spent);
+        over = first_over(key, &spent.counts());
         over.is_none()
     });
     match over {
         None => Ok(()),
-        Some((limit, used, allowed)) => {
-            let (minute, day, month) = periods.ends();
-            let resets = match limit {
-                KeyLimit::RequestsPerMinute | KeyLimit::TokensPerMinute => minute,
-                KeyLimit::TokensPerDay | KeyLimit::UsdPerDay => day,
-                KeyLimit::TokensPerMonth | KeyLimit::UsdPerMonth => month,
-            };
-            let resets = UNIX_EPOCH + Duration::from_secs(resets);
-            Err(GatewayError::KeyLimited {
-                name: Arc::clone(&key.name),
-                limit,
-                used,
-                allowed,
-                retry_after: resets.duration_since(now).unwrap_or_default(),
-                resets_at: httpdate::fmt_http_date(resets),
-            })
-        }
+        Some((place, used)) => Err(refusal(key, place, used, periods, now)),
     }
 }
 
-/// The first of `key`'s limits that `spent` has reached, with what was used and allowed as
-/// text.
-fn first_over(key: &NamedKey, spent: &Spent) -> Option<(KeyLimit, String, String)> {
-    let limits = &key.limits;
-    let count = |limit, used: u64, allowed: Option<u64>| {
-        let allowed = allowed.filter(|allowed| used >= *allowed)?;
-        Some((limit, used.to_string(), allowed.to_string()))
+/// [`admit`] with the counts in a store: one round trip. While the store does not answer,
+/// `limits.store_failure` decides, as for `[limits]`.
+pub(super) async fn settle(
+    spend: &Spend,
+    key: &NamedKey,
+    now: SystemTime,
+) -> Result<(), GatewayError> {
+    let periods = Periods::at(now);
+    let limits = limits_in_order(key).map(|limit| limit.unwrap_or(0));
+    match spend.admit(&key.name, periods.numbers(), limits).await {
+        SpendVerdict::Admitted => Ok(()),
+        SpendVerdict::Over { place, used } => Err(refusal(key, place, used, periods, now)),
+        SpendVerdict::Unavailable => match spend.store().settings().failure {
+            StoreFailure::Open => {
+                spend.serving_without();
+                Ok(())
+            }
+            StoreFailure::Closed => Err(GatewayError::StoreUnavailable),
+        },
+    }
+}
+
+/// The place in [`ORDER`] of the first of `key`'s limits that `counts` has reached, with
+/// what was used.
+fn first_over(key: &NamedKey, counts: &Counts) -> Option<(usize, u64)> {
+    let limits = limits_in_order(key);
+    (0..ORDER.len()).find_map(|place| {
+        let allowed = limits[place]?;
+        (counts[place] >= allowed).then_some((place, counts[place]))
+    })
+}
+
+/// The refusal of a request of `key` at the limit in `place`, with `used` of it used.
+fn refusal(
+    key: &NamedKey,
+    place: usize,
+    used: u64,
+    periods: Periods,
+    now: SystemTime,
+) -> GatewayError {
+    let limit = ORDER[place];
+    let allowed = limits_in_order(key)[place].unwrap_or(0);
+    let (minute, day, month) = periods.ends();
+    let resets = match limit {
+        KeyLimit::RequestsPerMinute | KeyLimit::TokensPerMinute => minute,
+        KeyLimit::TokensPerDay | KeyLimit::UsdPerDay => day,
+        KeyLimit::TokensPerMonth | KeyLimit::UsdPerMonth => month,
     };
-    let dollars = |limit, used: u64, allowed: Option<u64>| {
-        let allowed = allowed.filter(|allowed| used >= *allowed)?;
-        Some((limit, usd(used), usd(allowed)))
+    let text = |count: u64| match limit {
+        KeyLimit::UsdPerDay | KeyLimit::UsdPerMonth => usd(count),
+        _ => count.to_string(),
     };
-    count(
-        KeyLimit::RequestsPerMinute,
-        spent.minute_requests,
-        limits.requests_per_minute,
-    )
-    .or_else(|| {
-        count(
-            KeyLimit::TokensPerMinute,
-            spent.minute_tokens,
-            limits.tokens_per_minute,
-        )
-    })
-    .or_else(|| {
-        count(
-            KeyLimit::TokensPerDay,
-            spent.day_tokens,
-            limits.max_tokens_per_day,
-        )
-    })
-    .or_else(|| {
-        count(
-            KeyLimit::TokensPerMonth,
-            spent.month_tokens,
-            limits.max_tokens_per_month,
-        )
-    })
-    .or_else(|| {
-        dollars(
-            KeyLimit::UsdPerDay,
-            spent.day_pico_usd,
-            limits.max_pico_usd_per_day,
-        )
-    })
-    .or_else(|| {
-        dollars(
-            KeyLimit::UsdPerMonth,
-            spent.month_pico_usd,
-            limits.max_pico_usd_per_month,
-        )
-    })
+    let resets = UNIX_EPOCH + Duration::from_secs(resets);
+    GatewayError::KeyLimited {
+        name: Arc::clone(&key.name),
+        limit,
+        used: text(used),
+        allowed: text(allowed),
+        retry_after: resets.duration_since(now).unwrap_or_default(),
+        resets_at: httpdate::fmt_http_date(resets),
+    }
 }
 
 /// Pico-dollars as dollars, to the cent's hundredth.

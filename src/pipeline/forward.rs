@@ -71,11 +71,10 @@ impl<'a> Admitted<'a> {
         mut timer: Option<&'t mut Timer<'s>>,
     ) -> impl Future<Output = Answer> + Send + use<'a, 't, 's> {
         async move {
-            // 3, with `limits.store`: the shared limits, one round trip. Boxed: only then
-            // does a request wait here.
-            if self.admission.is_pending() {
-                let limiter = &self.endpoint.pipeline.limiter;
-                if let Err(err) = Box::pin(limiter.settle(&mut self.admission)).await {
+            // 3, with `limits.store`: the shared limits and a named key's counts, one round
+            // trip. Boxed: only then does a request wait here.
+            if self.is_pending() {
+                if let Err(err) = Box::pin(self.settle()).await {
                     return self.endpoint.reject(&self.record, &err);
                 }
             }

@@ -18,7 +18,7 @@ use crate::message::{Body, Head};
 impl Pipeline {
     /// The answer to `GET /usage` from `peer` with `headers`: 401 without a listed key, 404
     /// for a key that is not one of `[keys]` (nothing is counted for it).
-    pub(crate) fn usage(&self, peer: Option<SocketAddr>, headers: &HeaderMap) -> Answer {
+    pub(crate) async fn usage(&self, peer: Option<SocketAddr>, headers: &HeaderMap) -> Answer {
         let access = &self.config.access;
         if let Err(err) = access.check_ip(peer.map(|peer| peer.ip()), headers) {
             return Answer::error(&err);
@@ -33,7 +33,9 @@ impl Pipeline {
         };
         let now = SystemTime::now();
         let periods = Periods::at(now);
-        let spent = self.ledger.spent(&named.name, periods);
+        let Some(spent) = self.ledger.read(&named.name, periods).await else {
+            return Answer::error(&GatewayError::StoreUnavailable);
+        };
         let body = report(&named, &spent, periods);
         let mut head = HeaderMap::new();
         head.insert(

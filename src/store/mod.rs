@@ -1,5 +1,6 @@
 //! The shared store (`[limits] store`): a Redis that replicas keep their limits, concurrency
-//! leases and held keys' cool-downs in, so a limit means the same with one replica or ten.
+//! leases, held keys' cool-downs and named keys' spend in, so a limit means the same with one
+//! replica or ten.
 //!
 //! It holds mechanism only: scripts, leases, health. What a refusal means to a client is the
 //! pipeline's ([`crate::pipeline::limits`]). Only hashes and addresses go to Redis, never a
@@ -15,6 +16,7 @@
 mod deadlines;
 mod health;
 mod limits;
+mod spend;
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -30,6 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::StoreConfig;
 pub(crate) use deadlines::{name as deadline_name, Deadlines};
 pub(crate) use limits::{Lease, Limits, Rate, Settings, Verdict};
+pub(crate) use spend::{Counts, PeriodNumbers, Spend, SpendVerdict};
 
 /// What every Redis key of the gateway starts with.
 const PREFIX: &str = "oa-bypass:";
@@ -77,7 +80,16 @@ struct Shared {
 /// A write nobody waits for.
 enum Write {
     Release(limits::LeaseKeys),
-    Deadline { name: String, until_ms: u64 },
+    Deadline {
+        name: String,
+        until_ms: u64,
+    },
+    /// What one answer of a named key spent.
+    Spend {
+        hashes: [String; 3],
+        tokens: u64,
+        pico_usd: u64,
+    },
 }
 
 impl Store {
@@ -160,6 +172,11 @@ impl Store {
     /// The shared rate limits and caps of `limits`, asked of this store.
     pub(crate) fn limits(self: &Arc<Self>, limits: limits::Settings) -> Limits {
         Limits::new(Arc::clone(self), limits)
+    }
+
+    /// Named keys' counts, kept in this store.
+    pub(crate) fn spend(self: &Arc<Self>) -> Spend {
+        Spend::new(Arc::clone(self))
     }
 
     /// Cells for the cool-downs named `names`, kept in step with the other replicas.
@@ -276,7 +293,8 @@ impl Shared {
 }
 
 /// Does the writes nobody waits for, in the order they were made. One that fails is left:
-/// leases expire by themselves, and a cool-down is also kept by the replica that set it.
+/// leases expire by themselves, a cool-down is also kept by the replica that set it, and
+/// spend the store missed while down is lost (the docs say so).
 async fn write_all(shared: &Arc<Shared>, mut queued: mpsc::UnboundedReceiver<Write>) {
     while let Some(first) = queued.recv().await {
         let mut pipe = redis::pipe();
@@ -288,6 +306,11 @@ async fn write_all(shared: &Arc<Shared>, mut queued: mpsc::UnboundedReceiver<Wri
                 Write::Deadline { name, until_ms } => {
                     deadlines::publish(&mut pipe, &name, until_ms, unix_ms());
                 }
+                Write::Spend {
+                    hashes,
+                    tokens,
+                    pico_usd,
+                } => spend::add(&mut pipe, &hashes, tokens, pico_usd),
             }
             if pipe.len() >= 512 {
                 break;

@@ -14,7 +14,7 @@ use poem::Response;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::support::{self, json_response, Binary, Gateway, Recorded, Upstream, KEY};
+use crate::support::{self, json_response, Binary, Gateway, Recorded, Redis, Upstream, KEY};
 
 const BOB: &str = "sk-bob-0123456789abcdefSECRET";
 
@@ -465,4 +465,64 @@ fn a_corrupt_state_file_stops_start_up_naming_its_path() {
         ),
         "{stderr}"
     );
+    // Both a state file and a store: which keeps the counts would be a guess.
+    let both = "[limits]\nstate_file = \"s.json\"\nstore = \"redis://127.0.0.1:1/0\"\n\
+                [[routes]]\nmethod = \"GET\"\npath = \"/v1/models\"\n";
+    std::fs::write(dir.path().join("routes.toml"), both).unwrap();
+    let (code, _, stderr) = support::run_binary(&["--check"], &[], dir.path());
+    assert_eq!(code, 1);
+    let expected = "limits.state_file: with limits.store the counts are kept there";
+    assert!(stderr.contains(expected), "{stderr}");
+}
+
+#[tokio::test]
+async fn two_replicas_sharing_redis_share_one_budget_and_write_no_key() {
+    clear_of_period_end(86_400, 30).await;
+    let redis = Redis::start();
+    let upstream = Upstream::start(eight_tokens).await;
+    let manifest = format!(
+        "[limits]\nstore = \"{}\"\n[upstream]\nbase_url = \"{}\"\n\
+         [[routes]]\nmethod = \"POST\"\npath = \"/v1/chat/completions\"\nbody = \"json\"\n\
+         tag = \"Chat\"\nusage = true\n{}",
+        redis.url(),
+        upstream.base_url(),
+        named("alice", KEY, "max_tokens_per_day = 20")
+    );
+    let replicas = [Binary::spawn(&manifest, &[]), Binary::spawn(&manifest, &[])];
+    let post = |gateway: &Binary| {
+        support::client()
+            .post(gateway.url("/v1/chat/completions"))
+            .bearer_auth(KEY)
+            .json(&json!({"model": "gpt-4o-mini", "messages": []}))
+            .send()
+    };
+    // Alternately through each replica; each answer's spend is seen by the other.
+    for (done, gateway) in [&replicas[0], &replicas[1], &replicas[0]]
+        .into_iter()
+        .enumerate()
+    {
+        let response = post(gateway).await.unwrap();
+        assert_eq!(response.status(), 200);
+        response.bytes().await.unwrap();
+        let other = &replicas[(done + 1) % 2];
+        spent_reaches(&other.url(""), KEY, "tokens_today", json!(8 * (done + 1))).await;
+    }
+    let refused = post(&replicas[1]).await.unwrap();
+    assert_eq!(refused.status(), 429);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "budget_exceeded", "{body}");
+    assert_eq!(upstream.requests().len(), 3);
+    let stored = redis.dump();
+    assert!(
+        stored
+            .iter()
+            .any(|(key, _)| key.starts_with("oa-bypass:spend:alice:d:")),
+        "{stored:?}"
+    );
+    for (key, value) in &stored {
+        assert!(
+            !key.contains(&KEY[7..]) && !value.contains(&KEY[7..]),
+            "a key in Redis"
+        );
+    }
 }

@@ -5,13 +5,11 @@
 //! serves and warns, "closed" answers 503, and both recover when it returns; and nothing
 //! secret is ever written to Redis.
 
-use std::process::{Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::support;
 use crate::support::{
-    assert_429, client, get_with_key, json_response, scrape_until, Binary, KillOnDrop, Recorded,
+    assert_429, client, get_with_key, json_response, scrape_until, Binary, Recorded, Redis,
     Upstream, KEY, LOG_DEADLINE,
 };
 use bytes::Bytes;
@@ -22,106 +20,6 @@ use serde_json::json;
 
 const HELD_A: &str = "sk-held-A-STORESECRET-aaaa";
 const HELD_B: &str = "sk-held-B-STORESECRET-bbbb";
-
-/// A `redis-server` of this test's own, on a loopback port; stopped when dropped.
-struct Redis {
-    port: u16,
-    server: Option<KillOnDrop>,
-}
-
-impl Redis {
-    fn start() -> Redis {
-        let port = support::closed_port().port();
-        let mut redis = Redis { port, server: None };
-        redis.restart();
-        redis
-    }
-
-    /// Starts the server on its port (again), and waits until it answers.
-    fn restart(&mut self) {
-        let server = Command::new(redis_server())
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.server = Some(KillOnDrop(server));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.connection().is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Kills the server (SIGKILL): what an outage looks like to the gateway.
-    fn stop(&mut self) {
-        if let Some(mut server) = self.server.take() {
-            let _ = server.0.kill();
-            let _ = server.0.wait();
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
-    }
-
-    fn connection(&self) -> redis::RedisResult<redis::Connection> {
-        let client = redis::Client::open(self.url())?;
-        let mut conn = client.get_connection_with_timeout(Duration::from_millis(200))?;
-        redis::cmd("PING").query::<String>(&mut conn)?;
-        Ok(conn)
-    }
-
-    /// Every key in the store, with its value as text (members and scores of sorted sets);
-    /// those that expire while it reads are left out.
-    fn dump(&self) -> Vec<(String, String)> {
-        let mut conn = self.connection().unwrap();
-        let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut conn).unwrap();
-        keys.into_iter()
-            .filter_map(|key| {
-                let kind: String = redis::cmd("TYPE").arg(&key).query(&mut conn).unwrap();
-                let value = match kind.as_str() {
-                    "zset" => {
-                        let members: Vec<String> = redis::cmd("ZRANGE")
-                            .arg(&key)
-                            .arg(0)
-                            .arg(-1)
-                            .arg("WITHSCORES")
-                            .query(&mut conn)
-                            .unwrap();
-                        members.join(" ")
-                    }
-                    // None: it expired after KEYS listed it.
-                    "string" => redis::cmd("GET")
-                        .arg(&key)
-                        .query::<Option<String>>(&mut conn)
-                        .unwrap()?,
-                    "none" => return None,
-                    other => panic!("the gateway wrote a {other} at {key}"),
-                };
-                Some((key, value))
-            })
-            .collect()
-    }
-}
-
-/// Debian's `redis-server`: installed here when missing, so `cargo test` alone suffices.
-fn redis_server() -> &'static str {
-    static INSTALLED: OnceLock<()> = OnceLock::new();
-    INSTALLED.get_or_init(|| {
-        let present = Command::new("redis-server").arg("--version").output();
-        if present.is_err() {
-            let status = Command::new("apt-get")
-                .args(["install", "-y", "-qq", "redis-server"])
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .stdout(Stdio::null())
-                .status()
-                .expect("redis-server is missing and apt-get cannot run");
-            assert!(status.success(), "apt-get install redis-server failed");
-        }
-    });
-    "redis-server"
-}
 
 fn ok(_: &Recorded) -> Response {
     json_response(200, &json!({"object": "list", "data": []}))

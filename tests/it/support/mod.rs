@@ -6,11 +6,13 @@ mod client;
 mod gateway;
 mod manifests;
 pub mod python;
+mod redis;
 mod upstreams;
 mod wait;
 
 pub use client::*;
 pub use gateway::*;
 pub use manifests::*;
+pub use redis::*;
 pub use upstreams::*;
 pub use wait::*;
