@@ -181,7 +181,12 @@ impl Endpoint {
         if let Some(named) = &caller.named {
             check_named(named, &route.spec)?;
             if named.limits.any() {
-                budget::admit(&pipeline.ledger, named, SystemTime::now())?;
+                budget::admit(
+                    &pipeline.ledger,
+                    &pipeline.metrics,
+                    named,
+                    SystemTime::now(),
+                )?;
             }
         }
         let ip = peer.map(|peer| pipeline.config.access.client_ip(peer.ip(), headers));
@@ -243,7 +248,9 @@ impl Admitted<'_> {
         let limits = pipeline.limiter.settle(&mut self.admission);
         let budget = async {
             match spend {
-                Some((named, spend)) => budget::settle(spend, named, SystemTime::now()).await,
+                Some((named, spend)) => {
+                    budget::settle(spend, &pipeline.metrics, named, SystemTime::now()).await
+                }
                 None => Ok(()),
             }
         };

@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use super::error::GatewayError;
 use crate::config::{NamedKey, Prices, StoreFailure, PICO_PER_USD};
 use crate::ledger::{Charge, Counts, Ledger, Periods};
+use crate::observe::metrics::Metrics;
 use crate::observe::usage::Usage;
 use crate::store::{Spend, SpendVerdict};
 
@@ -89,16 +90,24 @@ fn limits_in_order(key: &NamedKey) -> [Option<u64>; 6] {
 /// Phase 3 for a named key with rates or budgets, counted in this process: refused (429)
 /// when its counts as of `now` are at a limit already; else this request is counted against
 /// `requests_per_minute`. With a store, [`settle`] does this when forwarding begins.
-pub(super) fn admit(ledger: &Ledger, key: &NamedKey, now: SystemTime) -> Result<(), GatewayError> {
+pub(super) fn admit(
+    ledger: &Ledger,
+    metrics: &Metrics,
+    key: &NamedKey,
+    now: SystemTime,
+) -> Result<(), GatewayError> {
     if ledger.shared().is_some() {
         return Ok(());
     }
     let periods = Periods::at(now);
     let mut over = None;
-    ledger.count_request(&key.name, periods, |spent| {
+    let before = ledger.count_request(&key.name, periods, |spent| {
         over = first_over(key, &spent.counts());
         over.is_none()
     });
+    let mut counts = before.counts();
+    counts[0] += u64::from(over.is_none());
+    show(metrics, key, &counts);
     match over {
         None => Ok(()),
         Some((place, used)) => Err(refusal(key, place, used, periods, now)),
@@ -109,14 +118,21 @@ pub(super) fn admit(ledger: &Ledger, key: &NamedKey, now: SystemTime) -> Result<
 /// `limits.store_failure` decides, as for `[limits]`.
 pub(super) async fn settle(
     spend: &Spend,
+    metrics: &Metrics,
     key: &NamedKey,
     now: SystemTime,
 ) -> Result<(), GatewayError> {
     let periods = Periods::at(now);
     let limits = limits_in_order(key).map(|limit| limit.unwrap_or(0));
     match spend.admit(&key.name, periods.numbers(), limits).await {
-        SpendVerdict::Admitted => Ok(()),
-        SpendVerdict::Over { place, used } => Err(refusal(key, place, used, periods, now)),
+        SpendVerdict::Admitted(counts) => {
+            show(metrics, key, &counts);
+            Ok(())
+        }
+        SpendVerdict::Over { place, counts } => {
+            show(metrics, key, &counts);
+            Err(refusal(key, place, counts[place], periods, now))
+        }
         SpendVerdict::Unavailable => match spend.store().settings().failure {
             StoreFailure::Open => {
                 spend.serving_without();
@@ -125,6 +141,14 @@ pub(super) async fn settle(
             StoreFailure::Closed => Err(GatewayError::StoreUnavailable),
         },
     }
+}
+
+/// Shows `key`'s limits and `counts` of them in its gauges.
+fn show(metrics: &Metrics, key: &NamedKey, counts: &Counts) {
+    let limits = limits_in_order(key);
+    let shown = (ORDER.iter().zip(limits).zip(counts))
+        .filter_map(|((limit, allowed), used)| Some((limit.field(), allowed?, *used)));
+    metrics.show_key_limits(&key.name, shown);
 }
 
 /// The place in [`ORDER`] of the first of `key`'s limits that `counts` has reached, with
@@ -188,21 +212,42 @@ pub(crate) fn charge(usage: &Usage, requested: Option<&str>, prices: &Prices) ->
     }
 }
 
-/// Counts an answer's usage against its named key, when it reaches phase 8's end.
-#[derive(Debug)]
+/// Prices an answer's usage for its named key, and counts it against the key's rates and
+/// budgets when it has them, when it reaches phase 8's end.
 pub(super) struct Metered {
     pub(super) ledger: Arc<Ledger>,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) key: Arc<NamedKey>,
     pub(super) config: Arc<crate::config::Config>,
-    pub(super) name: Arc<str>,
     /// The model the request named, to price an answer that names none.
     pub(super) requested: Option<Box<str>>,
+}
+
+impl std::fmt::Debug for Metered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metered")
+            .field("key", &self.key.name)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Metered {
     pub(super) fn record(&self, usage: &Usage) {
         let charge = charge(usage, self.requested.as_deref(), &self.config.prices);
-        self.ledger
-            .add(&self.name, charge, Periods::at(SystemTime::now()));
+        let name = &self.key.name;
+        self.metrics.count_named_usage(name, usage, charge.pico_usd);
+        if !self.key.limits.counts_tokens() {
+            return;
+        }
+        let periods = Periods::at(SystemTime::now());
+        self.ledger.add(name, charge, periods);
+        if self.ledger.shared().is_none() {
+            show(
+                &self.metrics,
+                &self.key,
+                &self.ledger.spent(name, periods).counts(),
+            );
+        }
     }
 }
 
@@ -210,6 +255,15 @@ impl Metered {
 mod tests {
     use super::*;
     use crate::config::{KeyLimits, NamedKey};
+
+    fn metrics() -> Metrics {
+        let manifest = "[[routes]]\nmethod = \"GET\"\npath = \"/v1/models\"\n";
+        Metrics::new(
+            &crate::config::Config::from_manifest_str(manifest)
+                .unwrap()
+                .metrics,
+        )
+    }
 
     fn key(limits: KeyLimits) -> NamedKey {
         NamedKey {
@@ -234,10 +288,10 @@ mod tests {
             pico_usd: 0,
         };
         for _ in 0..3 {
-            admit(&ledger, &alice, now).unwrap();
+            admit(&ledger, &metrics(), &alice, now).unwrap();
             ledger.add(&alice.name, eight, Periods::at(now));
         }
-        match admit(&ledger, &alice, now) {
+        match admit(&ledger, &metrics(), &alice, now) {
             Err(GatewayError::KeyLimited {
                 limit: KeyLimit::TokensPerDay,
                 retry_after,
@@ -250,7 +304,7 @@ mod tests {
             other => panic!("expected budget_exceeded, got {other:?}"),
         }
         let tomorrow = now + Duration::from_secs(3_600);
-        assert!(admit(&ledger, &alice, tomorrow).is_ok());
+        assert!(admit(&ledger, &metrics(), &alice, tomorrow).is_ok());
     }
 
     #[test]
@@ -261,12 +315,12 @@ mod tests {
             ..KeyLimits::default()
         });
         let now = UNIX_EPOCH + Duration::from_secs(60 * 1_000 + 5);
-        assert!(admit(&ledger, &alice, now).is_ok());
-        assert!(admit(&ledger, &alice, now).is_ok());
+        assert!(admit(&ledger, &metrics(), &alice, now).is_ok());
+        assert!(admit(&ledger, &metrics(), &alice, now).is_ok());
         for _ in 0..3 {
-            assert!(admit(&ledger, &alice, now).is_err());
+            assert!(admit(&ledger, &metrics(), &alice, now).is_err());
         }
         assert_eq!(ledger.spent("alice", Periods::at(now)).minute_requests, 2);
-        assert!(admit(&ledger, &alice, now + Duration::from_secs(55)).is_ok());
+        assert!(admit(&ledger, &metrics(), &alice, now + Duration::from_secs(55)).is_ok());
     }
 }

@@ -87,17 +87,16 @@ impl Admitted<'_> {
         Ok(())
     }
 
-    /// What meters this request's answer against its key, when anything does.
+    /// What prices this request's answer for its named key (and counts it against the
+    /// key's rates and budgets, when it has them).
     pub(super) fn meter(&mut self) -> Option<Box<Metered>> {
-        if !self.metered() {
-            return None;
-        }
         let named = self.named.as_ref()?;
         let pipeline = &self.endpoint.pipeline;
         Some(Box::new(Metered {
             ledger: Arc::clone(&pipeline.ledger),
+            metrics: Arc::clone(&pipeline.metrics),
+            key: Arc::clone(named),
             config: Arc::clone(&pipeline.config),
-            name: Arc::clone(&named.name),
             requested: self.model.take(),
         }))
     }

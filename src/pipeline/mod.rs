@@ -257,6 +257,9 @@ impl Pipeline {
         let status = answer.status.as_u16();
         self.metrics
             .count_request(&record.route, &record.method, status);
+        if let Some(name) = &record.key_name {
+            self.metrics.count_named(name, status, None);
+        }
         record.write_refused(status, reason);
         answer
     }

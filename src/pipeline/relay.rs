@@ -36,8 +36,8 @@ pub(super) struct RequestLog {
     pub(super) upload: Option<Arc<UploadProgress>>,
     /// Reads token usage from the answer on routes with `usage = true`.
     pub(super) usage: Option<UsageTap>,
-    /// Counts that usage against a named key's rates and budgets. Boxed: a request carries
-    /// its room only then.
+    /// Prices that usage for a named key, and counts it against the key's rates and
+    /// budgets. Boxed: a request carries its room only then.
     pub(super) metered: Option<Box<Metered>>,
     pub(super) metrics: Arc<RouteMetrics>,
     /// Its span, when traces are on.
@@ -93,6 +93,10 @@ impl Drop for RequestLog {
         }
         if let (Some(usage), Some(metered)) = (&usage, &self.metered) {
             metered.record(usage);
+        }
+        if let Some(name) = &record.key_name {
+            let metrics = self.metrics.gateway();
+            metrics.count_named(name, record.status, Some(elapsed));
         }
         if let Some(trace) = self.trace.take() {
             trace.finish(record.status, usage.as_ref(), record.outcome.as_str());

@@ -14,9 +14,9 @@ use redis::Script;
 use super::{Store, Write, PREFIX};
 
 /// KEYS: 1 the minute's hash, 2 the day's, 3 the month's. ARGV: 1–6 the limits in the order
-/// of [`Counts`] (0: none), 7 the minute hash's lifetime (s). Returns {0, 0} when every limit
-/// admits (and then counts the request in the minute), else {i, used} for the first limit
-/// reached.
+/// of [`Counts`] (0: none), 7 the minute hash's lifetime (s). Returns {0, counts…} when every
+/// limit admits (and then counts the request in the minute, in the counts too), else
+/// {i, counts…} for the first limit reached, i from 1.
 static ADMIT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -25,17 +25,20 @@ local d = redis.call('HMGET', KEYS[2], 'tokens', 'pico')
 local mo = redis.call('HMGET', KEYS[3], 'tokens', 'pico')
 local used = {tonumber(m[1]) or 0, tonumber(m[2]) or 0, tonumber(d[1]) or 0,
               tonumber(mo[1]) or 0, tonumber(d[2]) or 0, tonumber(mo[2]) or 0}
+local function reply(place)
+  local out = {place}
+  for i = 1, 6 do out[i + 1] = string.format('%.0f', used[i]) end
+  return out
+end
 for i = 1, 6 do
   local limit = tonumber(ARGV[i])
-  if limit > 0 and used[i] >= limit then
-    return {i, string.format('%.0f', used[i])}
-  end
+  if limit > 0 and used[i] >= limit then return reply(i) end
 end
 if tonumber(ARGV[1]) > 0 then
-  redis.call('HINCRBY', KEYS[1], 'requests', 1)
+  used[1] = redis.call('HINCRBY', KEYS[1], 'requests', 1)
   redis.call('EXPIRE', KEYS[1], ARGV[7])
 end
-return {0, '0'}
+return reply(0)
 ",
     )
 });
@@ -56,11 +59,12 @@ pub(crate) type PeriodNumbers = (u64, u64, u64);
 /// The store's answer for one request of a named key.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum SpendVerdict {
-    Admitted,
-    /// The limit at this place of [`Counts`] is reached, with this much used.
+    /// Within every limit; the counts, this request included.
+    Admitted(Counts),
+    /// The limit at this place of [`Counts`] is reached.
     Over {
         place: usize,
-        used: u64,
+        counts: Counts,
     },
     Unavailable,
 }
@@ -107,16 +111,24 @@ impl Spend {
             invocation.arg(limit);
         }
         invocation.arg(MINUTE_LIFETIME);
-        let reply: Option<(usize, String)> = shared
+        let reply: Option<Vec<String>> = shared
             .call(|mut conn| async move { invocation.invoke_async(&mut conn).await })
             .await;
-        match reply {
-            None => SpendVerdict::Unavailable,
-            Some((0, _)) => SpendVerdict::Admitted,
-            Some((place, used)) => SpendVerdict::Over {
-                place: place - 1,
-                used: used.parse().unwrap_or(u64::MAX),
+        let Some(reply) = reply else {
+            return SpendVerdict::Unavailable;
+        };
+        let number = |at: usize| reply.get(at).and_then(|n| n.parse::<u64>().ok());
+        let mut counts = Counts::default();
+        for (place, count) in counts.iter_mut().enumerate() {
+            *count = number(place + 1).unwrap_or(0);
+        }
+        match number(0) {
+            Some(0) => SpendVerdict::Admitted(counts),
+            Some(place) if place <= 6 => SpendVerdict::Over {
+                place: usize::try_from(place - 1).unwrap_or(0),
+                counts,
             },
+            _ => SpendVerdict::Unavailable,
         }
     }
 

@@ -20,7 +20,7 @@ const BOB: &str = "sk-bob-0123456789abcdefSECRET";
 
 /// Answers chat with 8 tokens (3 in, 5 out); a stream carries its usage chunk only when
 /// asked for it, as OpenAI does.
-fn eight_tokens(rec: &Recorded) -> Response {
+pub fn eight_tokens(rec: &Recorded) -> Response {
     let body = rec.body_text();
     let model = serde_json::from_str::<Value>(&body)
         .ok()

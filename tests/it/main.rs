@@ -16,6 +16,7 @@ mod budgets;
 mod cli;
 mod console;
 mod custody;
+mod dashboard;
 mod deploy;
 mod examples;
 mod fast_engine;

@@ -20,6 +20,7 @@ use prometheus_client::registry::{Metric, Registry};
 use super::log;
 use crate::config::MetricsConfig;
 
+mod keys;
 mod route;
 
 pub(crate) use route::{GaugeGuard, RouteMetrics};
@@ -268,6 +269,8 @@ pub(crate) struct Metrics {
     log_dropped: Counter,
     store_errors: Counter,
     store_up: Gauge,
+    /// Named keys' families.
+    named: keys::KeyFamilies,
     tokens_by_key: AtomicBool,
     max_models: AtomicUsize,
     models: Mutex<HashMap<Box<str>, Arc<str>>>,
@@ -301,6 +304,7 @@ impl Metrics {
             log_dropped: registered(r, LOG_DROPPED, Counter::default()),
             store_errors: registered(r, STORE_ERRORS, Counter::default()),
             store_up: registered(r, STORE_UP, Gauge::default()),
+            named: keys::KeyFamilies::register(r),
             tokens_by_key: AtomicBool::new(false),
             max_models: AtomicUsize::new(0),
             models: Mutex::default(),
