@@ -262,6 +262,16 @@ impl App {
         }
     }
 
+    /// Writes named keys' counts to `limits.state_file` now, if they changed: at shutdown,
+    /// once every request has ended.
+    pub fn flush_spend(&self) {
+        if let Ok(slot) = self.ledger.lock() {
+            if let Some((_, ledger)) = slot.as_ref() {
+                ledger.flush();
+            }
+        }
+    }
+
     /// The ledger kept in `store`, else in `state_file`: the one already made for the same
     /// place, else a new one (a state file that cannot be read or written refuses the
     /// manifest), else one in memory.

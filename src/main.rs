@@ -267,6 +267,8 @@ fn serve(config: Config, explicit: Option<PathBuf>) -> Result<(), String> {
             Err(_) => failure = Some("a worker thread panicked".to_owned()),
         }
     }
+    // Every request has ended: named keys' last spend goes to the state file now.
+    app.flush_spend();
     if let Some(failure) = failure {
         return Err(failure);
     }

@@ -84,45 +84,51 @@ impl NamedKey {
 }
 
 /// A model name, or a glob of one where `*` stands for any run of characters
-/// (`gpt-4.1*`). Case matters, as it does to the API.
+/// (`gpt-4.1*`). Case matters, as it does to the API. Split at its `*`s once, when read: a
+/// price is looked up for every answer of a key with a dollar budget.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ModelPattern(String);
+pub struct ModelPattern {
+    text: String,
+    /// The text between the `*`s: one part for a plain name.
+    parts: Vec<String>,
+}
 
 impl ModelPattern {
     pub fn new(pattern: &str) -> ModelPattern {
-        ModelPattern(pattern.to_owned())
+        ModelPattern {
+            text: pattern.to_owned(),
+            parts: pattern.split('*').map(str::to_owned).collect(),
+        }
     }
 
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.text
     }
 
     /// Whether it has a `*`, so it names more than one model.
     pub fn is_glob(&self) -> bool {
-        self.0.contains('*')
+        self.parts.len() > 1
     }
 
     pub fn matches(&self, model: &str) -> bool {
-        let mut parts = self.0.split('*');
-        let first = parts.next().unwrap_or_default();
-        let Some(mut rest) = model.strip_prefix(first) else {
+        let (first, rest) = match self.parts.split_first() {
+            Some(split) => split,
+            None => return model.is_empty(),
+        };
+        let Some(mut tail) = model.strip_prefix(first.as_str()) else {
             return false;
         };
-        let mut parts = parts.peekable();
-        if parts.peek().is_none() {
-            return rest.is_empty();
-        }
-        while let Some(part) = parts.next() {
-            if parts.peek().is_none() {
-                // The last part after a `*` anchors at the end.
-                return rest.len() >= part.len() && rest.ends_with(part);
-            }
-            match rest.find(part) {
-                Some(at) => rest = &rest[at + part.len()..],
+        let Some((last, middle)) = rest.split_last() else {
+            return tail.is_empty();
+        };
+        for part in middle {
+            match tail.find(part.as_str()) {
+                Some(at) => tail = &tail[at + part.len()..],
                 None => return false,
             }
         }
-        true
+        // The last part after a `*` anchors at the end.
+        tail.ends_with(last.as_str())
     }
 }
 

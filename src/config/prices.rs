@@ -58,14 +58,15 @@ impl Prices {
     }
 }
 
+/// The exact name's price, else the first glob's that matches: [`priced`] sorts them longest
+/// first, so that is the longest that matches.
 fn lookup(list: &[(ModelPattern, Price)], model: &str) -> Option<Price> {
     let exact = list
         .iter()
         .find(|(pattern, _)| !pattern.is_glob() && pattern.as_str() == model);
     let glob = || {
         list.iter()
-            .filter(|(pattern, _)| pattern.is_glob() && pattern.matches(model))
-            .max_by_key(|(pattern, _)| pattern.as_str().len())
+            .find(|(pattern, _)| pattern.is_glob() && pattern.matches(model))
     };
     exact.or_else(glob).map(|(_, price)| *price)
 }
@@ -129,6 +130,8 @@ fn priced(
         };
         prices.push((ModelPattern::new(pattern.trim()), price));
     }
+    // Longest first, so the first glob that matches is the longest ([`lookup`]).
+    prices.sort_by_key(|(pattern, _)| std::cmp::Reverse(pattern.as_str().len()));
     prices
 }
 

@@ -101,16 +101,18 @@ pub(super) fn admit(
     }
     let periods = Periods::at(now);
     let mut over = None;
-    let before = ledger.count_request(&key.name, periods, |spent| {
+    ledger.count_request(&key.name, periods, |spent| {
         over = first_over(key, &spent.counts());
         over.is_none()
     });
-    let mut counts = before.counts();
-    counts[0] += u64::from(over.is_none());
-    show(metrics, key, &counts);
     match over {
         None => Ok(()),
-        Some((place, used)) => Err(refusal(key, place, used, periods, now)),
+        Some((place, used)) => {
+            // The gauges follow each answer's spend (`Metered::record`); a refusal shows
+            // where the key stands too.
+            show(metrics, key, &ledger.spent(&key.name, periods).counts());
+            Err(refusal(key, place, used, periods, now))
+        }
     }
 }
 

@@ -249,6 +249,21 @@ fn bad_keys_are_refused_at_start_up_naming_the_key_path() {
             "keys.a.expires: \"31.03.2027\" is not a date",
         ),
         (
+            format!("[keys.a]\nhash = \"{hash}\"\nmax_tokens_per_day = 0\n"),
+            "keys.a.max_tokens_per_day: 0 is not a limit",
+        ),
+        (
+            format!("[keys.a]\nhash = \"{hash}\"\nmax_usd_per_day = -1\n"),
+            "keys.a.max_usd_per_day: -1 is not a budget",
+        ),
+        (
+            format!(
+                "[limits]\nstate_file = \"s.json\"\n[keys.a]\nhash = \"{hash}\"\n\
+                 models = [\"my-model\"]\nmax_usd_per_month = 5\n"
+            ),
+            "keys.a.models: \"my-model\" has no price, and the key has a dollar budget",
+        ),
+        (
             format!("[keys.a]\nhash = \"{hash}\"\nmax_usd = 5\n"),
             "keys.a.max_usd: unknown key; allowed here: hash, models, tags, expires",
         ),
