@@ -7,6 +7,7 @@
 
 mod describe;
 mod keys;
+mod model_pattern;
 mod mount;
 mod prices;
 mod raw;
@@ -31,7 +32,8 @@ use url::Url;
 
 use crate::routes::RouteTable;
 pub(crate) use keys::days_from_civil;
-pub use keys::{new_key_block, Day, KeyLimits, ModelPattern, NamedKey, NamedKeys};
+pub use keys::{new_key_block, Day, KeyLimit, KeyLimits, NamedKey, NamedKeys};
+pub use model_pattern::ModelPattern;
 pub use mount::{CredentialHeader, MountConfig, UpstreamKey, DEFAULT_MOUNT};
 pub use prices::{Price, Prices, PICO_PER_USD, SHIPPED_PRICES};
 use raw::RawConfig;

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use super::keys::ModelPattern;
+use super::model_pattern::ModelPattern;
 use super::raw::RawPrice;
 
 /// The list prices shipped with the binary.

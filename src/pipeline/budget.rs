@@ -9,60 +9,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::error::GatewayError;
-use crate::config::{NamedKey, Prices, StoreFailure, PICO_PER_USD};
+use crate::config::{KeyLimit, NamedKey, Prices, StoreFailure, PICO_PER_USD};
 use crate::ledger::{Charge, Counts, Ledger, Periods};
 use crate::observe::metrics::Metrics;
 use crate::observe::usage::Usage;
 use crate::store::{Spend, SpendVerdict};
-
-/// Which of a key's limits refused a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeyLimit {
-    RequestsPerMinute,
-    TokensPerMinute,
-    TokensPerDay,
-    TokensPerMonth,
-    UsdPerDay,
-    UsdPerMonth,
-}
-
-impl KeyLimit {
-    /// Its field in `[keys.NAME]`.
-    pub(crate) fn field(self) -> &'static str {
-        match self {
-            KeyLimit::RequestsPerMinute => "requests_per_minute",
-            KeyLimit::TokensPerMinute => "tokens_per_minute",
-            KeyLimit::TokensPerDay => "max_tokens_per_day",
-            KeyLimit::TokensPerMonth => "max_tokens_per_month",
-            KeyLimit::UsdPerDay => "max_usd_per_day",
-            KeyLimit::UsdPerMonth => "max_usd_per_month",
-        }
-    }
-
-    /// What it counts and over which period, for messages.
-    pub(crate) fn counted(self) -> &'static str {
-        match self {
-            KeyLimit::RequestsPerMinute => "requests this minute",
-            KeyLimit::TokensPerMinute => "tokens this minute",
-            KeyLimit::TokensPerDay => "tokens today (UTC)",
-            KeyLimit::TokensPerMonth => "tokens this month (UTC)",
-            KeyLimit::UsdPerDay => "US dollars today (UTC)",
-            KeyLimit::UsdPerMonth => "US dollars this month (UTC)",
-        }
-    }
-
-    /// OpenAI's `type` and `code` of the refusal.
-    pub(crate) fn kind_and_code(self) -> (&'static str, &'static str) {
-        match self {
-            KeyLimit::RequestsPerMinute => ("requests", "rate_limit_exceeded"),
-            KeyLimit::TokensPerMinute => ("tokens", "tokens_per_minute_exceeded"),
-            KeyLimit::TokensPerDay
-            | KeyLimit::TokensPerMonth
-            | KeyLimit::UsdPerDay
-            | KeyLimit::UsdPerMonth => ("insufficient_quota", "budget_exceeded"),
-        }
-    }
-}
 
 /// The limits in the order they are checked, which is the order of [`Spent::counts`].
 const ORDER: [KeyLimit; 6] = [

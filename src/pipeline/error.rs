@@ -12,9 +12,8 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use serde::Serialize;
 
-use super::budget::KeyLimit;
 use crate::config::units::{format_duration, format_size};
-use crate::config::CredentialHeader;
+use crate::config::{CredentialHeader, KeyLimit};
 use crate::upstream::chain;
 
 /// What a request without a key is told, by where its mount reads one.
@@ -30,6 +29,30 @@ fn missing_credential(header: CredentialHeader) -> String {
             "You didn't provide an API key. This path takes it in the {} header.",
             header.as_str()
         ),
+    }
+}
+
+/// What a named key's limit counts and over which period, for messages.
+fn counted(limit: KeyLimit) -> &'static str {
+    match limit {
+        KeyLimit::RequestsPerMinute => "requests this minute",
+        KeyLimit::TokensPerMinute => "tokens this minute",
+        KeyLimit::TokensPerDay => "tokens today (UTC)",
+        KeyLimit::TokensPerMonth => "tokens this month (UTC)",
+        KeyLimit::UsdPerDay => "US dollars today (UTC)",
+        KeyLimit::UsdPerMonth => "US dollars this month (UTC)",
+    }
+}
+
+/// OpenAI's `type` and `code` of a refusal at a named key's limit.
+fn key_limit_kind_and_code(limit: KeyLimit) -> (&'static str, &'static str) {
+    match limit {
+        KeyLimit::RequestsPerMinute => ("requests", "rate_limit_exceeded"),
+        KeyLimit::TokensPerMinute => ("tokens", "tokens_per_minute_exceeded"),
+        KeyLimit::TokensPerDay
+        | KeyLimit::TokensPerMonth
+        | KeyLimit::UsdPerDay
+        | KeyLimit::UsdPerMonth => ("insufficient_quota", "budget_exceeded"),
     }
 }
 
@@ -78,7 +101,7 @@ pub enum GatewayError {
 
     #[error(
         "The API key {name:?} has used {used} of its {allowed} {} (keys.{name}.{}); it resets at {resets_at}",
-        .limit.counted(),
+        counted(*.limit),
         .limit.field()
     )]
     KeyLimited {
@@ -256,7 +279,7 @@ impl GatewayError {
             GatewayError::ModelNotPriced { .. } => ("permission_error", Some("model_not_priced")),
             GatewayError::NoUsage => ("invalid_request_error", Some("no_usage")),
             GatewayError::KeyLimited { limit, .. } => {
-                let (kind, code) = limit.kind_and_code();
+                let (kind, code) = key_limit_kind_and_code(*limit);
                 (kind, Some(code))
             }
             GatewayError::AddressNotAllowed => ("permission_error", Some("address_not_allowed")),

@@ -9,8 +9,9 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, StatusCode};
 use serde_json::{json, Value};
 
-use super::budget::{usd, KeyLimit};
+use super::budget::usd;
 use super::{Answer, GatewayError, Pipeline};
+use crate::config::KeyLimit;
 use crate::config::NamedKey;
 use crate::ledger::{rfc3339, Periods, Spent};
 use crate::message::{Body, Head};

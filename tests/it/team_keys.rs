@@ -293,15 +293,22 @@ fn keys_list_and_check_show_names_and_rules_never_a_whole_hash() {
          [[routes]]\nmethod = \"POST\"\npath = \"/v1/chat/completions\"\nbody = \"json\"\ntag = \"Chat\"\n"
     );
     std::fs::write(dir.path().join("routes.toml"), manifest).unwrap();
-    let (code, listed, stderr) = support::run_binary(&["keys", "list"], &[], dir.path());
+    // A key's field from the environment, as Docker sets them.
+    let env = [
+        ("OA_BYPASS_KEYS__INTERN__MAX_USD_PER_MONTH", "20"),
+        ("OA_BYPASS_LIMITS__STATE_FILE", "spend.json"),
+    ];
+    let (code, listed, stderr) = support::run_binary(&["keys", "list"], &env, dir.path());
     assert_eq!(code, 0, "{stderr}");
-    let (code, checked, _) = support::run_binary(&["--check"], &[], dir.path());
+    let (code, checked, _) = support::run_binary(&["--check"], &env, dir.path());
     assert_eq!(code, 0);
     for out in [&listed, &checked] {
         for (key, value) in [
             ("keys.intern.models", "gpt-4o-mini"),
             ("keys.intern.tags", "Chat"),
             ("keys.intern.expires", "2027-03-31"),
+            ("keys.intern.max_usd_per_month", "20.00"),
+            ("keys.intern.tokens_per_minute", "none"),
             ("keys.intern.hash", &format!("{}…", &hash[..15])),
         ] {
             let line = out.lines().find(|line| line.trim_start().starts_with(key));
