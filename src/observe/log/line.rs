@@ -120,21 +120,41 @@ impl Fields<'_> {
     /// A value the text form writes as it is (a method, a route template).
     pub(super) fn bare(&mut self, name: &str, value: &str) {
         self.name(name);
-        if self.json {
-            let _ = serde_json::to_writer(&mut *self.line, value);
-        } else {
+        if !self.json {
             self.line.extend_from_slice(value.as_bytes());
+        } else if !self.plain_string(value) {
+            let _ = serde_json::to_writer(&mut *self.line, value);
         }
     }
 
     /// A string the text form quotes and escapes.
     pub(super) fn quoted(&mut self, name: &str, value: &str) {
         self.name(name);
+        if self.plain_string(value) {
+            return;
+        }
         if self.json {
             let _ = serde_json::to_writer(&mut *self.line, value);
         } else {
             let _ = write!(self.line, "{value:?}");
         }
+    }
+
+    /// Writes `value` in quotes when it needs no escaping (printable ASCII without a quote or
+    /// a backslash), which JSON and Rust's `Debug` then write alike, and says whether it did.
+    /// Why: most values are such words (outcomes, routes, models, hex), and the escaping
+    /// writers walk them a byte at a time through a formatter.
+    fn plain_string(&mut self, value: &str) -> bool {
+        let plain = value
+            .bytes()
+            .all(|byte| (0x20..0x7f).contains(&byte) && byte != b'"' && byte != b'\\');
+        if plain {
+            self.line.reserve(value.len() + 2);
+            self.line.push(b'"');
+            self.line.extend_from_slice(value.as_bytes());
+            self.line.push(b'"');
+        }
+        plain
     }
 
     pub(super) fn number(&mut self, name: &str, value: u64) {
@@ -143,16 +163,34 @@ impl Fields<'_> {
         self.line.extend_from_slice(digits.format(value).as_bytes());
     }
 
-    /// A duration in milliseconds with microsecond precision.
+    /// A duration in milliseconds with microsecond precision, as the shortest decimal of the
+    /// float of it (`1.807`, `1.0`), which both forms write. Why: it is written
+    /// from the whole microseconds with integer digits, where formatting the float took
+    /// several hundred instructions a field.
     pub(super) fn millis(&mut self, name: &str, value: Duration) {
         self.name(name);
-        let millis = super::millis(value);
-        if self.json {
-            let _ = serde_json::to_writer(&mut *self.line, &millis);
-        } else {
-            let _ = write!(self.line, "{millis:?}");
-        }
+        let micros = (value.as_secs_f64() * 1_000_000.0).round() as u64;
+        write_millis(self.line, micros);
     }
+}
+
+/// `micros` as milliseconds: the whole part, a dot, then the fraction's digits without
+/// trailing zeros (at least one), as the shortest decimal of the float `micros / 1000` reads.
+fn write_millis(line: &mut Vec<u8>, micros: u64) {
+    let mut digits = itoa::Buffer::new();
+    line.extend_from_slice(digits.format(micros / 1000).as_bytes());
+    line.push(b'.');
+    let fraction = micros % 1000;
+    let three = [
+        b'0' + (fraction / 100) as u8,
+        b'0' + (fraction / 10 % 10) as u8,
+        b'0' + (fraction % 10) as u8,
+    ];
+    let kept = three
+        .iter()
+        .rposition(|digit| *digit != b'0')
+        .map_or(1, |last| last + 1);
+    line.extend_from_slice(&three[..kept]);
 }
 
 #[cfg(test)]
@@ -185,6 +223,35 @@ mod tests {
         format!("{}{}", &text[..start], &text[end..])
     }
 
+    /// Milliseconds with microsecond precision as a float: what the line's fields used to
+    /// be, and what tracing-subscriber writes for one.
+    fn millis(duration: Duration) -> f64 {
+        (duration.as_secs_f64() * 1_000_000.0).round() / 1000.0
+    }
+
+    #[test]
+    fn milliseconds_read_as_the_floats_shortest_decimal() {
+        let values = (0..5_000u64).chain([
+            10_000,
+            100_000,
+            1_000_000,
+            1_234_567,
+            86_400_000_000,
+            999_999_999_999,
+        ]);
+        for micros in values {
+            let mut ours = Vec::new();
+            write_millis(&mut ours, micros);
+            let float = millis(Duration::from_micros(micros));
+            assert_eq!(
+                String::from_utf8(ours).unwrap(),
+                format!("{float:?}"),
+                "{micros}"
+            );
+            assert_eq!(format!("{float:?}"), serde_json::to_string(&float).unwrap());
+        }
+    }
+
     const ODD: &str = "quote \" backslash \\ tab \t newline \n é \u{7f} end";
 
     #[test]
@@ -212,8 +279,8 @@ mod tests {
                     method = %"POST",
                     route = %"/v1/files/{file_id}",
                     status = 200_u16,
-                    duration_ms = super::super::millis(Duration::from_micros(1_000)),
-                    upstream_ttfb_ms = super::super::millis(Duration::ZERO),
+                    duration_ms = millis(Duration::from_micros(1_000)),
+                    upstream_ttfb_ms = millis(Duration::ZERO),
                     bytes_in = 12_345_678_u64,
                     outcome = "complete",
                     reason = ODD,

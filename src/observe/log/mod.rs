@@ -119,11 +119,6 @@ pub fn init(config: &LogConfig, tracing: &TracingConfig) -> Result<Logging, Stri
     })
 }
 
-/// Milliseconds with microsecond precision, as a number in JSON logs.
-pub(crate) fn millis(duration: Duration) -> f64 {
-    (duration.as_secs_f64() * 1_000_000.0).round() / 1000.0
-}
-
 /// What a realtime (WebSocket) session's line says, written when the session ends.
 pub(crate) struct SessionLine<'a> {
     pub route: &'a str,
