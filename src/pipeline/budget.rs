@@ -52,7 +52,7 @@ pub(super) fn admit(
     }
     let periods = Periods::at(now);
     let mut over = None;
-    ledger.count_request(&key.name, periods, |spent| {
+    let before = ledger.count_request(&key.name, periods, |spent| {
         over = first_over(key, &spent.counts());
         over.is_none()
     });
@@ -60,8 +60,8 @@ pub(super) fn admit(
         None => Ok(()),
         Some((place, used)) => {
             // The gauges follow each answer's spend (`Metered::record`); a refusal shows
-            // where the key stands too.
-            show(metrics, key, &ledger.spent(&key.name, periods).counts());
+            // where the key stands too (nothing was counted for it).
+            show(metrics, key, &before.counts());
             Err(refusal(key, place, used, periods, now))
         }
     }
@@ -145,9 +145,14 @@ fn refusal(
     }
 }
 
-/// Pico-dollars as dollars, to the cent's hundredth.
+/// Pico-dollars as dollars, to the cent's hundredth: the number `/usage` reports.
+pub(crate) fn usd_number(pico: u64) -> f64 {
+    (pico as f64 / PICO_PER_USD * 1e4).round() / 1e4
+}
+
+/// [`usd_number`] as messages write it (`0.0390`).
 pub(crate) fn usd(pico: u64) -> String {
-    format!("{:.4}", pico as f64 / PICO_PER_USD)
+    format!("{:.4}", usd_number(pico))
 }
 
 /// What an answer's `usage` costs its key: its tokens, input and output, and their price by

@@ -85,17 +85,16 @@ impl<'a> Admitted<'a> {
             }
             let reads_whole = self.reads_whole();
             let boundary = self.scans_fields();
-            let body = match self.take_body(body) {
+            let body = match (self.take_body(body), boundary) {
                 // Boxed: only this path holds the read.
-                Body::Stream(counted) if reads_whole => {
+                (Body::Stream(counted), _) if reads_whole => {
                     match Box::pin(body::read_whole(counted)).await {
                         Ok(whole) => Body::Whole(whole),
                         Err(err) => return self.upload_failed(err),
                     }
                 }
-                // 4, for a key with `models`: a form's fields before its file. Boxed, as above.
-                Body::Stream(counted) if boundary.is_some() => {
-                    let boundary = boundary.unwrap_or_default();
+                // 4, for a named key's model: a form's fields before its file. Boxed, as above.
+                (Body::Stream(counted), Some(boundary)) => {
                     match Box::pin(model::hold_fields(counted, &boundary)).await {
                         Ok(held) => match self.check_model(held.model) {
                             Ok(()) => held.body,
@@ -104,10 +103,10 @@ impl<'a> Admitted<'a> {
                         Err(err) => return self.upload_failed(err),
                     }
                 }
-                Body::Whole(whole) => Body::Whole(whole),
-                Body::Stream(counted) => RequestBody::streaming(counted),
+                (Body::Whole(whole), _) => Body::Whole(whole),
+                (Body::Stream(counted), None) => RequestBody::streaming(counted),
             };
-            // 4, for a key with `models`: the model a whole body names.
+            // 4, for a named key's model: the one a whole body names.
             if let Err(err) = self.check_whole_model(&body) {
                 return self.endpoint.reject(&self.record, &err);
             }

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, StatusCode};
 use serde_json::{json, Value};
 
-use super::budget::usd;
+use super::budget::usd_number;
 use super::{Answer, GatewayError, Pipeline};
 use crate::config::KeyLimit;
 use crate::config::NamedKey;
@@ -96,7 +96,7 @@ fn report(key: &NamedKey, spent: &Spent, periods: Periods) -> Value {
         if let Some(allowed) = allowed {
             // Decimal strings of dollars would be exact; numbers are what a dashboard or a
             // script compares, and four places are a hundredth of a cent.
-            let number = |pico: u64| usd(pico).parse::<f64>().unwrap_or(0.0);
+            let number = usd_number;
             rows.push(json!({
                 "limit": limit.field(),
                 "used": number(used),
@@ -127,8 +127,8 @@ fn report(key: &NamedKey, spent: &Spent, periods: Periods) -> Value {
         "spent": limits.counts_tokens().then(|| json!({
             "tokens_today": spent.day_tokens,
             "tokens_this_month": spent.month_tokens,
-            "usd_today": usd(spent.day_pico_usd).parse::<f64>().unwrap_or(0.0),
-            "usd_this_month": usd(spent.month_pico_usd).parse::<f64>().unwrap_or(0.0),
+            "usd_today": usd_number(spent.day_pico_usd),
+            "usd_this_month": usd_number(spent.month_pico_usd),
         })),
     })
 }

@@ -145,11 +145,7 @@ async fn a_day_budget_reached_exactly_refuses_the_fourth_request_until_midnight(
     }
     let refused = chat(&gateway, KEY, "gpt-4o-mini").await;
     assert_eq!(refused.status(), 429);
-    let retry_after: u64 = refused.headers()["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let retry_after = support::retry_after(&refused);
     assert!(
         retry_after.abs_diff(left_in_period(86_400)) <= 2,
         "{retry_after}"
@@ -186,11 +182,7 @@ async fn tokens_per_minute_refuses_until_the_minute_turns() {
     }
     let refused = chat(&gateway, KEY, "gpt-4o-mini").await;
     assert_eq!(refused.status(), 429);
-    let retry_after: u64 = refused.headers()["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let retry_after = support::retry_after(&refused);
     assert!((1..=60).contains(&retry_after), "{retry_after}");
     let body: Value = refused.json().await.unwrap();
     assert_eq!(

@@ -4,7 +4,6 @@
 //! does not set, returns nothing and fails here.
 
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -13,27 +12,6 @@ use crate::budgets::eight_tokens;
 use crate::support::{self, Gateway, KillOnDrop, Upstream, KEY};
 
 const BOB: &str = "sk-bob-dashboard-0123456789SECRET";
-
-/// Debian's `prometheus`: installed here when missing, so `cargo test` alone suffices.
-fn prometheus() -> &'static str {
-    static INSTALLED: OnceLock<()> = OnceLock::new();
-    INSTALLED.get_or_init(|| {
-        if Command::new("prometheus")
-            .arg("--version")
-            .output()
-            .is_err()
-        {
-            let status = Command::new("apt-get")
-                .args(["install", "-y", "-qq", "prometheus"])
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .stdout(Stdio::null())
-                .status()
-                .expect("prometheus is missing and apt-get cannot run");
-            assert!(status.success(), "apt-get install prometheus failed");
-        }
-    });
-    "prometheus"
-}
 
 /// Every panel's queries, with Grafana's variables as a dashboard would fill them.
 fn panel_queries() -> Vec<(String, String)> {
@@ -122,7 +100,7 @@ async fn every_panel_of_the_dashboard_returns_data_from_a_real_prometheus() {
     )
     .unwrap();
     let _server = KillOnDrop(
-        Command::new(prometheus())
+        Command::new(support::debian_command("prometheus", "prometheus"))
             .arg(format!("--config.file={}", config.display()))
             .arg(format!(
                 "--storage.tsdb.path={}",

@@ -24,15 +24,17 @@ pub async fn get_with_key(url: impl reqwest::IntoUrl) -> reqwest::Response {
         .unwrap()
 }
 
+/// The whole seconds of a response's `Retry-After`.
+pub fn retry_after(response: &reqwest::Response) -> u64 {
+    let value = response.headers()["retry-after"].to_str().unwrap();
+    value.parse().unwrap()
+}
+
 /// Checks a refusal by a `[limits]` rate or cap: 429 with `Retry-After` (1–60 s), the
 /// error's `code` and type, and a message naming `setting`. Returns the `Retry-After` seconds.
 pub async fn assert_429(response: reqwest::Response, code: &str, setting: &str) -> u64 {
     assert_eq!(response.status(), 429);
-    let retry_after: u64 = response.headers()["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let retry_after = retry_after(&response);
     assert!((1..=60).contains(&retry_after), "{retry_after}");
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], code);

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 mod client;
+mod debian;
 mod gateway;
 mod manifests;
 pub mod python;
@@ -11,6 +12,7 @@ mod upstreams;
 mod wait;
 
 pub use client::*;
+pub use debian::*;
 pub use gateway::*;
 pub use manifests::*;
 pub use redis::*;

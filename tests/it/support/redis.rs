@@ -1,10 +1,9 @@
 //! A `redis-server` of a test's own (Debian's), for `limits.store`.
 
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use super::{closed_port, KillOnDrop};
+use super::{closed_port, debian_command, KillOnDrop};
 
 /// A `redis-server` of this test's own, on a loopback port; stopped when dropped.
 pub struct Redis {
@@ -22,7 +21,7 @@ impl Redis {
 
     /// Starts the server on its port (again), and waits until it answers.
     pub fn restart(&mut self) {
-        let server = Command::new(redis_server())
+        let server = Command::new(debian_command("redis-server", "redis-server"))
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
             .stdout(Stdio::null())
@@ -92,22 +91,4 @@ impl Redis {
             })
             .collect()
     }
-}
-
-/// Debian's `redis-server`: installed here when missing, so `cargo test` alone suffices.
-fn redis_server() -> &'static str {
-    static INSTALLED: OnceLock<()> = OnceLock::new();
-    INSTALLED.get_or_init(|| {
-        let present = Command::new("redis-server").arg("--version").output();
-        if present.is_err() {
-            let status = Command::new("apt-get")
-                .args(["install", "-y", "-qq", "redis-server"])
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .stdout(Stdio::null())
-                .status()
-                .expect("redis-server is missing and apt-get cannot run");
-            assert!(status.success(), "apt-get install redis-server failed");
-        }
-    });
-    "redis-server"
 }
