@@ -15,6 +15,7 @@ use crate::engine::gateway::{self, Docs, Status};
 use crate::engine::{fast, Serving, Worker};
 use crate::ledger::Ledger;
 use crate::observe::metrics::Metrics;
+use crate::pipeline::health::{Health, RetryBudget};
 use crate::pipeline::keys::KeyPool;
 use crate::pipeline::limits::Limiter;
 use crate::pipeline::{Kept, Pipeline};
@@ -40,6 +41,10 @@ pub struct App {
     /// The pools of the keys the gateway holds, by mount: a reload that keeps a mount's keys
     /// keeps its pool, and so the rests of keys that drew a 429.
     key_pools: Mutex<Pools>,
+    /// Each mount's run of failures, by name: a reload keeps it, and so an ejection.
+    health: Mutex<Vec<(Arc<str>, Arc<Health>)>>,
+    /// How many retries may go up, over every manifest.
+    retry_budget: Arc<RetryBudget>,
     /// How many manifests have been loaded: 1 at start, one more per successful reload.
     generation: Arc<AtomicU64>,
     /// The `[server]` and `[log]` settings the process started with; they need a restart.
@@ -75,6 +80,8 @@ pub fn app_for_workers(config: &Config, workers: usize) -> Result<Arc<App>, Conf
         ledger: Mutex::new(None),
         store: Mutex::new(None),
         key_pools: Mutex::new(Vec::new()),
+        health: Mutex::new(Vec::new()),
+        retry_budget: Arc::new(RetryBudget::new()),
         generation: Arc::new(AtomicU64::new(1)),
         server: config.server.clone(),
         log: config.log.clone(),
@@ -167,6 +174,9 @@ impl App {
     /// shared by the workers.
     fn build_all(&self, config: &Arc<Config>, workers: usize) -> Result<Vec<Worker>, ConfigError> {
         let tls = upstream::tls::client_config()?;
+        for warning in config.warnings() {
+            tracing::warn!("{warning}");
+        }
         let docs = config.openapi.enabled.then(|| Docs::new(config));
         let store = self.store(config.limits.admission.store.as_ref())?;
         let pools = self.key_pools(config, store.as_ref())?;
@@ -176,6 +186,8 @@ impl App {
             limiter,
             ledger: self.ledger(config.limits.state_file.as_deref(), store_kept.as_ref())?,
             pools,
+            health: self.health(config, store_kept.as_ref()),
+            retry_budget: Arc::clone(&self.retry_budget),
         };
         (0..workers)
             .map(|_| self.build(config, &tls, docs.as_ref(), &kept))
@@ -213,6 +225,31 @@ impl App {
         Ok(pools)
     }
 
+    /// Each mount's health, shared by the workers: the one a mount of the same name had
+    /// (with the same store), else a new one. A poisoned lock only forgets past failures.
+    fn health(&self, config: &Config, store: Option<&Arc<Store>>) -> Vec<(Arc<str>, Arc<Health>)> {
+        let mut kept = self
+            .health
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let upstreams =
+            std::iter::once(&config.upstream).chain(config.mounts.iter().map(|m| &m.upstream));
+        let health: Vec<_> = upstreams
+            .map(|upstream| {
+                let same = (kept.iter()).find(|(name, health)| {
+                    **name == *upstream.mount && health.shares_through(store)
+                });
+                let health = match same {
+                    Some((_, health)) => Arc::clone(health),
+                    None => Arc::new(Health::new(&upstream.mount, store)),
+                };
+                (Arc::clone(&upstream.mount), health)
+            })
+            .collect();
+        kept.clone_from(&health);
+        health
+    }
+
     fn build(
         &self,
         config: &Arc<Config>,
@@ -227,6 +264,8 @@ impl App {
                 limiter: Arc::clone(&kept.limiter),
                 ledger: Arc::clone(&kept.ledger),
                 pools: kept.pools.clone(),
+                health: kept.health.clone(),
+                retry_budget: Arc::clone(&kept.retry_budget),
             },
             Arc::clone(metrics),
             self.serving.sessions.clone(),

@@ -46,6 +46,7 @@ impl Config {
             access_lines(&self.access),
             openapi_lines(&self.openapi),
             log_and_metrics_lines(&self.log, &self.metrics),
+            routing_lines(self),
         ];
         for (key, value) in sections.iter().flatten() {
             let _ = writeln!(out, "  {key:<34} {value}");
@@ -77,6 +78,9 @@ impl Config {
             for (key, value) in super::keys::key_lines(&self.access.named_keys) {
                 let _ = writeln!(out, "  {key:<34} {value}");
             }
+        }
+        for warning in self.warnings() {
+            let _ = writeln!(out, "\nwarning: {warning}");
         }
         let _ = writeln!(out, "\nroutes ({}):", self.routes.len());
         for route in self.routes.routes() {
@@ -163,7 +167,31 @@ fn upstream_lines(upstream: &UpstreamConfig) -> Vec<Line> {
             upstream.credential_header.as_str().to_owned(),
         ),
         (at("keys_env"), keys),
+        (at("retry"), upstream.retry.to_string()),
     ]
+}
+
+/// `[retry]`, and each `[models]` entry with its targets in order.
+fn routing_lines(config: &Config) -> Vec<Line> {
+    let retry = &config.retry;
+    let mut lines = vec![
+        line("retry.max_attempts", retry.max_attempts.to_string()),
+        line("retry.max_body", format_size(retry.max_body)),
+        line("retry.budget", format!("{}%", retry.budget * 100.0)),
+        line("retry.eject_after", retry.eject_after.to_string()),
+        line("retry.eject_for", format_duration(retry.eject_for)),
+    ];
+    for route in config.models.iter() {
+        let targets: Vec<String> = (route.targets.iter())
+            .map(|target| match &target.model {
+                Some(model) => format!("{}/{model}", target.mount),
+                None => target.mount.to_string(),
+            })
+            .collect();
+        let key = format!("models.{:?}.targets", route.pattern.as_str());
+        lines.push((key, targets.join(", ")));
+    }
+    lines
 }
 
 fn streaming_lines(
@@ -327,6 +355,9 @@ fn route_line(route: &RouteSpec) -> String {
     if let Some(upstream) = &route.upstream {
         extras.push(format!("upstream={upstream}"));
     }
+    if route.route_by_model {
+        extras.push("route_by_model".to_owned());
+    }
     format!(
         "  {:<6} {:<80} {:<16} {}",
         route.method.as_str(),
@@ -370,6 +401,7 @@ mod tests {
             http2_max_concurrent_streams: None,
             credential_header: None,
             keys_env: Vec::new(),
+            retry: false,
             routes: None,
         };
         let mount = serde_json::to_value(mount).unwrap();

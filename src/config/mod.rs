@@ -12,6 +12,7 @@ mod mount;
 mod prices;
 mod raw;
 mod route;
+mod routing;
 mod store;
 pub mod units;
 mod validate;
@@ -37,6 +38,7 @@ pub use model_pattern::ModelPattern;
 pub use mount::{CredentialHeader, MountConfig, UpstreamKey, DEFAULT_MOUNT};
 pub use prices::{Price, Prices, PICO_PER_USD, SHIPPED_PRICES};
 use raw::RawConfig;
+pub use routing::{ModelRoute, ModelRoutes, ModelTarget, RetryConfig};
 pub use store::{StoreConfig, StoreFailure};
 use validate::validate;
 use values::describe_figment_error;
@@ -105,6 +107,9 @@ pub struct Config {
     pub access: AccessConfig,
     /// What tokens cost, for dollar budgets.
     pub prices: Prices,
+    /// `[models]`: the upstream a request goes to by its model.
+    pub models: ModelRoutes,
+    pub retry: RetryConfig,
     pub log: LogConfig,
     pub metrics: MetricsConfig,
     pub routes: RouteTable,
@@ -180,6 +185,14 @@ pub struct TracingConfig {
     /// `OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set: traces
     /// are on, to where they say, when `otlp_endpoint` is not.
     pub otlp_from_environment: bool,
+}
+
+impl Config {
+    /// What a sound manifest may still want to hear: logged at start-up and on reload, and
+    /// shown by `--check`.
+    pub fn warnings(&self) -> Vec<String> {
+        routing::routing_warnings(&self.models, &self.mounts)
+    }
 }
 
 impl TracingConfig {
@@ -268,6 +281,8 @@ pub struct UpstreamConfig {
     /// Keys the gateway sends in place of the client's, in turn; empty: the client's own
     /// key goes up unchanged.
     pub keys: Vec<UpstreamKey>,
+    /// A failed request is tried again on this mount (`[retry]`).
+    pub retry: bool,
 }
 
 #[derive(Debug, Clone)]

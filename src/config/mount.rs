@@ -154,6 +154,7 @@ pub(super) fn validate_upstream(
         ready_check: raw.ready_check,
         credential_header,
         keys,
+        retry: raw.retry,
     })
 }
 
@@ -247,6 +248,7 @@ pub(super) fn validate_mounts(
                 .credential_header
                 .unwrap_or_else(|| CredentialHeader::Authorization.as_str().to_owned()),
             keys_env: mount.keys_env,
+            retry: mount.retry,
         };
         let upstream = validate_upstream(&key_path, &name, &upstream, allowed_keys, problems);
         if let (Some(upstream), true) = (upstream, problems.len() == before) {

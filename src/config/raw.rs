@@ -44,6 +44,11 @@ pub(super) struct RawConfig {
     /// `[prices."GLOB"]`: USD per million tokens, over the shipped `prices.toml`.
     #[serde(default)]
     pub prices: std::collections::BTreeMap<String, RawPrice>,
+    /// `[models."PATTERN"]`: where requests naming a model go.
+    #[serde(default)]
+    pub models: std::collections::BTreeMap<String, RawModelRoute>,
+    #[serde(default)]
+    pub retry: RawRetry,
     #[serde(default)]
     pub log: RawLog,
     #[serde(default)]
@@ -195,6 +200,9 @@ pub(super) struct RawUpstream {
     /// Names of environment variables holding the keys the gateway sends in place of the
     /// client's; empty: the client's own key goes up.
     pub keys_env: Vec<String>,
+    /// A failed request is tried again here (`[retry]`): its next held key, or a new
+    /// connection.
+    pub retry: bool,
 }
 
 impl Default for RawUpstream {
@@ -210,6 +218,7 @@ impl Default for RawUpstream {
             ready_check: false,
             credential_header: super::CredentialHeader::Authorization.as_str().to_owned(),
             keys_env: Vec::new(),
+            retry: false,
         }
     }
 }
@@ -231,6 +240,8 @@ pub(super) struct RawMount {
     pub credential_header: Option<String>,
     #[serde(default)]
     pub keys_env: Vec<String>,
+    #[serde(default)]
+    pub retry: bool,
     /// Another routes file (its `[[routes]]` only); absent: the manifest's own routes.
     pub routes: Option<String>,
 }
@@ -464,6 +475,43 @@ pub(super) struct RawPrice {
     pub output: f64,
 }
 
+/// One `[models."PATTERN"]`: the targets a model goes to, in order.
+#[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawModelRoute {
+    /// `MOUNT/UPSTREAM_MODEL`, or `MOUNT` alone to keep the client's model name.
+    pub targets: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawRetry {
+    /// Attempts per request, the first included.
+    pub max_attempts: u32,
+    /// The largest body held for another attempt; larger ones go to the first target only.
+    pub max_body: ByteSize,
+    /// Retries may add this many per cent to the requests sent, over any 10 s.
+    pub budget: f64,
+    /// Consecutive failures that take a target out of turn.
+    pub eject_after: u32,
+    /// How long an ejected target stays out before one request tries it again.
+    pub eject_for: HumanDuration,
+}
+
+impl Default for RawRetry {
+    fn default() -> Self {
+        RawRetry {
+            max_attempts: 3,
+            max_body: ByteSize(1 << 20),
+            budget: 20.0,
+            eject_after: 5,
+            eject_for: HumanDuration(std::time::Duration::from_secs(30)),
+        }
+    }
+}
+
 /// One `[[routes]]` entry.
 #[derive(Debug, Deserialize)]
 #[cfg_attr(test, derive(serde::Serialize))]
@@ -494,6 +542,9 @@ pub(super) struct RawRoute {
     pub stream_usage_option: bool,
     /// The mount whose upstream serves this route (without its prefix).
     pub upstream: Option<String>,
+    /// On the unprefixed path, `[models]` picks the upstream by the request's model.
+    #[serde(default)]
+    pub route_by_model: bool,
     /// A small, valid JSON request, for the docs to prefill.
     pub example: Option<String>,
     /// The same request as a stream (a streaming route's second example).

@@ -46,6 +46,7 @@ pub(super) fn validate_route(
             usage: raw.usage,
             stream_usage_option: raw.stream_usage_option,
             upstream: raw.upstream,
+            route_by_model: raw.route_by_model,
             examples: Arc::new(examples),
         }),
         _ => Err(problems),
@@ -113,6 +114,13 @@ fn check_settings(key_path: &str, raw: &RawRoute, body: &[BodyKind], problems: &
     if raw.stream_usage_option && !(raw.usage && body.contains(&BodyKind::Json)) {
         problems.push(format!(
             "{key_path}.stream_usage_option: needs usage = true and a json body"
+        ));
+    }
+    if raw.route_by_model
+        && !(body.contains(&BodyKind::Json) || body.contains(&BodyKind::Multipart))
+    {
+        problems.push(format!(
+            "{key_path}.route_by_model: needs a json or multipart body, where the model is read"
         ));
     }
     if raw.read_timeout.is_some_and(|timeout| timeout.0.is_zero()) {

@@ -15,6 +15,7 @@ use super::mount::{check_route_upstreams, validate_mounts, validate_upstream, DE
 use super::prices::validate_prices;
 use super::raw::{self, RawConfig, DEFAULT_TAG_ORDER};
 use super::route;
+use super::routing::validate_routing;
 use super::store::validate_store;
 use super::units::format_duration;
 use super::values::parse_http_url;
@@ -65,6 +66,7 @@ pub(super) fn validate(raw: RawConfig, source: ManifestSource) -> Result<Config,
         &mut problems,
     );
     check_route_upstreams(&specs, &mounts, &mut problems);
+    let (models, retry) = validate_routing((raw.models, raw.retry), &mounts, &mut problems);
     let (named_keys, prices) = team_keys(
         (raw.keys, raw.prices),
         &access,
@@ -96,6 +98,8 @@ pub(super) fn validate(raw: RawConfig, source: ManifestSource) -> Result<Config,
         mounts,
         limits: limits_config(&raw.limits, store, &source),
         prices,
+        models,
+        retry,
         cors: CorsConfig {
             allow_origins: raw.cors.allow_origins,
         },

@@ -300,6 +300,13 @@ impl Endpoint for Ready {
         } else {
             "ready"
         };
+        // Each mount: out of turn after failing in a row, and its held keys resting.
+        let targets: Vec<serde_json::Value> = (self.pipeline.health().into_iter())
+            .map(|(mount, ejected, resting)| {
+                let resting: Vec<&str> = resting.iter().map(|var| &**var).collect();
+                serde_json::json!({ "mount": &*mount, "ejected": ejected, "resting_keys": resting })
+            })
+            .collect();
         let body = serde_json::json!({
             "status": status,
             "config": {
@@ -310,6 +317,7 @@ impl Endpoint for Ready {
             },
             "upstream": upstream,
             "store": store,
+            "targets": targets,
             "realtime_sessions": self.status.sessions.open(),
         });
         let code = if status == "ready" {

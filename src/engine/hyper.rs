@@ -108,6 +108,8 @@ mod tests {
                     limiter,
                     ledger: crate::ledger::Ledger::in_memory(),
                     pools: Vec::new(),
+                    health: Vec::new(),
+                    retry_budget: Arc::new(crate::pipeline::health::RetryBudget::new()),
                 },
                 metrics,
                 Sessions::default(),

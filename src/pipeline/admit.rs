@@ -27,6 +27,10 @@ pub(super) struct MethodRoute {
     pub(super) spec: RouteSpec,
     pub(super) mount: Arc<Mount>,
     pub(super) metrics: Arc<RouteMetrics>,
+    /// `[models]` picks its upstream by the request's model.
+    pub(super) routes_by_model: bool,
+    /// Its answer (the models list) gains `[models]`'s aliases.
+    pub(super) lists_aliases: bool,
 }
 
 /// Every method of one path template: what an engine's router maps a path to.

@@ -155,6 +155,7 @@ pub(crate) fn upstream_error_kind(err: &GatewayError) -> Option<UpstreamErrorKin
             Some(UpstreamErrorKind::Timeout)
         }
         GatewayError::UpstreamFailed(_) => Some(UpstreamErrorKind::Reset),
+        GatewayError::NoUpstreamAnswered { last, .. } => upstream_error_kind(last),
         GatewayError::MissingCredential(_)
         | GatewayError::KeyNotAllowed
         | GatewayError::KeyExpired { .. }

@@ -181,6 +181,14 @@ pub enum GatewayError {
     #[error("{0}")]
     NotAWebSocket(&'static str),
 
+    /// Every attempt failed without an answer: the last attempt's error, with the targets
+    /// tried (`mount/model: what happened`).
+    #[error("No upstream answered; tried {}. The last: {last}", .tried.join("; "))]
+    NoUpstreamAnswered {
+        tried: Vec<String>,
+        last: Box<GatewayError>,
+    },
+
     #[error("The upstream could not be reached: {}", chain(.0.as_ref()))]
     UpstreamUnreachable(#[source] Box<dyn std::error::Error + Send + Sync>),
 
@@ -263,6 +271,7 @@ impl GatewayError {
             }
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             GatewayError::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::NoUpstreamAnswered { last, .. } => last.status(),
         }
     }
 
@@ -310,6 +319,7 @@ impl GatewayError {
             GatewayError::UpstreamFailed(_) => ("gateway_error", Some("upstream_failed")),
             GatewayError::Internal(_) => ("server_error", Some("internal_error")),
             GatewayError::StoreUnavailable => ("server_error", Some("limits_store_unavailable")),
+            GatewayError::NoUpstreamAnswered { last, .. } => last.kind_and_code(),
         }
     }
 
@@ -338,6 +348,7 @@ impl GatewayError {
             | GatewayError::UpstreamTimeout { .. }
             | GatewayError::UpstreamConnectTimeout { .. }
             | GatewayError::UpstreamFailed(_)
+            | GatewayError::NoUpstreamAnswered { .. }
             | GatewayError::Internal(_)
             | GatewayError::StoreUnavailable => None,
         }

@@ -17,8 +17,10 @@ use http_body_util::BodyDataStream;
 use tokio::time::Instant;
 
 use super::admit::Admitted;
+use super::aliases::AliasedList;
 use super::body::{self, UploadBody, UploadProgress};
-use super::relay::{Relay, RequestLog};
+use super::mount::Mount;
+use super::relay::{BodyEdit, Relay, RequestLog};
 use super::stream_usage::{self, UsageChunkFilter};
 use super::timer::{self, Timer};
 use super::{answer, model, outbound, Answer, GatewayError, Pipeline};
@@ -85,42 +87,59 @@ impl<'a> Admitted<'a> {
             }
             let reads_whole = self.reads_whole();
             let boundary = self.scans_fields();
-            let body = match (self.take_body(body), boundary) {
-                // Boxed: only this path holds the read.
-                (Body::Stream(counted), _) if reads_whole => {
-                    match Box::pin(body::read_whole(counted)).await {
-                        Ok(whole) => Body::Whole(whole),
-                        Err(err) => return self.upload_failed(err),
+            let body = {
+                let (body, model) = match (self.take_body(body), boundary) {
+                    // Boxed: only this path holds the read.
+                    (Body::Stream(counted), _) if reads_whole => {
+                        match Box::pin(body::read_whole(counted)).await {
+                            Ok(whole) => {
+                                let model = self.model_in(&whole);
+                                (Body::Whole(whole), model)
+                            }
+                            Err(err) => return self.upload_failed(err),
+                        }
                     }
-                }
-                // 4, for a named key's model: a form's fields before its file. Boxed, as above.
-                (Body::Stream(counted), Some(boundary)) => {
-                    match Box::pin(model::hold_fields(counted, &boundary)).await {
-                        Ok(held) => match self.check_model(held.model) {
-                            Ok(()) => held.body,
-                            Err(err) => return self.endpoint.reject(&self.record, &err),
-                        },
-                        Err(err) => return self.upload_failed(err),
+                    // 4, for a named key's model or `[models]`: a form's fields before its
+                    // file. Boxed, as above.
+                    (Body::Stream(counted), Some(boundary)) => {
+                        match Box::pin(model::hold_fields(counted, &boundary)).await {
+                            Ok(mut held) => {
+                                let model = held.model.take();
+                                self.rename_held(&mut held.held, &boundary, model.as_deref());
+                                (held.into_body(), model)
+                            }
+                            Err(err) => return self.upload_failed(err),
+                        }
                     }
+                    (Body::Whole(whole), _) => {
+                        let model = self.model_in(&whole);
+                        (Body::Whole(whole), model)
+                    }
+                    (Body::Stream(counted), None) => (RequestBody::streaming(counted), None),
+                };
+                // 4, for a named key's model.
+                if let Err(err) = self.check_model(model.as_deref()) {
+                    return self.endpoint.reject(&self.record, &err);
                 }
-                (Body::Whole(whole), _) => Body::Whole(whole),
-                (Body::Stream(counted), None) => RequestBody::streaming(counted),
+                // Phases 5–8 by `[models]` and `[retry]`. Boxed: only a request that may go
+                // elsewhere holds the attempts' state.
+                if self.may_go_elsewhere(model.as_deref()) {
+                    return Box::pin(self.forward_with_failover(body, model, timer)).await;
+                }
+                body
             };
-            // 4, for a named key's model: the one a whole body names.
-            if let Err(err) = self.check_whole_model(&body) {
-                return self.endpoint.reject(&self.record, &err);
-            }
             // 5. The upstream request.
-            let request = match self.upstream_request(body) {
+            let mount = &*self.route.mount;
+            let request = match self.upstream_request(body, mount) {
                 Ok(request) => request,
                 Err(err) => return self.fail(err),
             };
             // 6. Send, and wait for the answer's head. Pinned where it is made: moved into
             // the wait, it would be held twice.
-            let sending = std::pin::pin!(self.route.mount.upstream.send(request));
-            match self.wait(sending, &mut timer).await {
+            let sending = std::pin::pin!(mount.upstream.send(request));
+            match self.wait(sending, mount, &mut timer).await {
                 // 7 and 8.
-                Ok(response) => self.answer(response),
+                Ok(response) => self.answer(response, mount),
                 Err(err) => self.fail(err),
             }
         }
@@ -128,13 +147,15 @@ impl<'a> Admitted<'a> {
 
     /// Whether the body is read whole before it goes up: with `usage.inject_stream_usage` on
     /// a `stream_usage_option` route (to edit it), with traces on a usage route's JSON (to
-    /// name its model), and for a key with `models`, JSON (to check its model).
+    /// name its model), for a key with `models` or a route `[models]` routes, JSON (to read
+    /// its model), and for `retry = true`, a body small enough to send again.
     fn reads_whole(&self) -> bool {
         let pipeline = &*self.endpoint.pipeline;
         let json = || body::sends_json(&self.headers);
         self.asks_usage()
             || (pipeline.traces.is_some() && self.route.spec.usage && json())
-            || (self.governs_model() && json())
+            || ((self.governs_model() || self.route.routes_by_model) && json())
+            || (self.route.mount.settings.retry && self.fits_retry())
     }
 
     /// Whether the gateway asks a stream on this route for its usage.
@@ -173,17 +194,24 @@ impl<'a> Admitted<'a> {
     /// Phase 5: the request the upstream gets, and its span when traces are on. With
     /// `usage.inject_stream_usage`, a stream that did not ask for its usage is asked for it
     /// (within the body limit still, or the body goes up as it came).
-    fn upstream_request(&mut self, mut body: RequestBody) -> Result<Outbound, GatewayError> {
+    pub(super) fn upstream_request(
+        &mut self,
+        mut body: RequestBody,
+        mount: &Mount,
+    ) -> Result<Outbound, GatewayError> {
         let mut headers = std::mem::take(&mut self.headers);
         let target = std::mem::replace(&mut self.target, PathAndQuery::from_static("/"));
         let whole = match &body {
             Body::Whole(whole) => Some(&whole[..]),
             Body::Stream(_) => None,
         };
-        self.trace = self.pipeline().traces.as_ref().map(|traced| {
-            let (route, mount) = (&self.route.spec, &*self.route.mount);
-            Box::new(traced.open(&self.record, route, mount.provider, &headers, whole))
-        });
+        // A request's span opens with its first attempt; each attempt has a client span.
+        if self.trace.is_none() {
+            self.trace = self.pipeline().traces.as_ref().map(|traced| {
+                let route = &self.route.spec;
+                Box::new(traced.open(&self.record, route, mount.provider, &headers, whole))
+            });
+        }
         let asked = (self.asked_for_usage)
             .then_some(whole)
             .flatten()
@@ -194,7 +222,6 @@ impl<'a> Admitted<'a> {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(asked.len()));
             body = Body::Whole(asked);
         }
-        let mount = &*self.route.mount;
         let metrics = &self.pipeline().metrics;
         let method = self.record.method.clone();
         let target = (&target, self.endpoint.prefix_len);
@@ -211,12 +238,13 @@ impl<'a> Admitted<'a> {
 
     /// Phase 6: waits for the answer's head while the request shows life: the wait restarts
     /// with every uploaded chunk, so a long upload is never cut, only silence is (504).
-    async fn wait(
+    pub(super) async fn wait(
         &mut self,
         mut sending: Pin<&mut impl Future<Output = Result<Response, SendError>>>,
+        mount: &Mount,
         timer: &mut Option<&mut Timer<'_>>,
     ) -> Result<Response, GatewayError> {
-        let (route, mount) = (&self.route.spec, &*self.route.mount);
+        let route = &self.route.spec;
         let read_timeout = Pipeline::read_timeout(route, mount);
         let waiting = (self.pipeline().traces.as_ref())
             .zip(self.trace.as_ref())
@@ -250,14 +278,19 @@ impl<'a> Admitted<'a> {
                 (self.route.metrics).observe_upstream_ttfb(self.record.upstream_ttfb);
                 Ok(response)
             }
-            Err(unanswered) => Err(self.who_failed(unanswered, read_timeout)),
+            Err(unanswered) => Err(self.who_failed(unanswered, mount, read_timeout)),
         }
     }
 
     /// Phase 7 for a request whose head never came: who failed. The client, when its upload
     /// went wrong; else the upstream, silent (504) or failing (502).
-    fn who_failed(&self, unanswered: Unanswered, read_timeout: Duration) -> GatewayError {
-        let (route, mount) = (&self.route.spec, &*self.route.mount);
+    fn who_failed(
+        &self,
+        unanswered: Unanswered,
+        mount: &Mount,
+        read_timeout: Duration,
+    ) -> GatewayError {
+        let route = &self.route.spec;
         match unanswered {
             Unanswered::Silent => GatewayError::UpstreamTimeout {
                 setting: Pipeline::read_timeout_setting(route, mount),
@@ -285,7 +318,7 @@ impl<'a> Admitted<'a> {
 
     /// The answer to a request that failed after admission: its span finished, counted as
     /// the upstream's failure when it was one, and its line written.
-    fn fail(self, err: GatewayError) -> Answer {
+    pub(super) fn fail(self, err: GatewayError) -> Answer {
         if let Some(trace) = self.trace {
             trace.finish(err.status().as_u16(), None, "failed");
         }
@@ -294,8 +327,8 @@ impl<'a> Admitted<'a> {
 
     /// Phases 7 and 8: the answer's head by its rules, and its body on its way back through
     /// the log line, metrics and usage tap.
-    fn answer(mut self, mut response: Response) -> Answer {
-        let (route, mount) = (&self.route.spec, &*self.route.mount);
+    pub(super) fn answer(mut self, mut response: Response, mount: &Mount) -> Answer {
+        let route = &self.route.spec;
         let pipeline = &*self.endpoint.pipeline;
         if let Some(lent) = self.lent {
             mount.key_answered(lent, response.status, &response.head, &pipeline.metrics);
@@ -312,10 +345,22 @@ impl<'a> Admitted<'a> {
         // A compressed stream cannot be read for its events: it goes on whole.
         let encoded = (response.head.get(&header::CONTENT_ENCODING))
             .is_some_and(|coding| !coding.eq_ignore_ascii_case(b"identity"));
-        let usage_chunk =
-            (self.asked_for_usage && is_event_stream && !encoded).then(UsageChunkFilter::default);
-        if usage_chunk.is_some() {
-            // Some of the body stays back: the upstream's length is not the client's.
+        let edit = if self.asked_for_usage && is_event_stream && !encoded {
+            Some(BodyEdit::UsageChunk(UsageChunkFilter::default()))
+        } else if self.route.lists_aliases && response.status.is_success() && !encoded {
+            let aliases = pipeline
+                .config
+                .models
+                .aliases()
+                .map(str::to_owned)
+                .collect();
+            Some(BodyEdit::Aliases(AliasedList::new(aliases)))
+        } else {
+            None
+        };
+        if edit.is_some() {
+            // Some of the body stays back, or changes: the upstream's length is not the
+            // client's.
             answer::undeclare_length(&mut response.head);
         }
         let keepalive = is_event_stream.then(|| pipeline.keepalive(route)).flatten();
@@ -324,7 +369,7 @@ impl<'a> Admitted<'a> {
         let (endpoint, route) = (self.endpoint, self.route);
         let log = self.into_log(status, media);
         endpoint.answered(route, &log.record, status);
-        let relay = Relay::new(body, read_timeout, keepalive, usage_chunk, log);
+        let relay = Relay::new(body, read_timeout, keepalive, edit, log);
         Answer {
             status,
             head,

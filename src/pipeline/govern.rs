@@ -5,12 +5,14 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 use super::admit::Admitted;
 use super::budget::Metered;
 use super::{model, GatewayError};
-use crate::message::{Body, RequestBody};
+use crate::config::{Config, ModelRoute};
 
-impl Admitted<'_> {
+impl<'a> Admitted<'a> {
     /// Whether the model of this request is read: its key has `models`, or a dollar budget
     /// (which needs the model's price).
     pub(super) fn governs_model(&self) -> bool {
@@ -23,42 +25,41 @@ impl Admitted<'_> {
         (self.named.as_ref()).is_some_and(|named| named.limits.counts_tokens())
     }
 
-    /// The boundary of a form whose fields are read for its model.
+    /// The boundary of a form whose fields are read for its model: a named key's rules, or
+    /// `[models]`, read it.
     pub(super) fn scans_fields(&self) -> Option<String> {
-        self.governs_model()
+        (self.governs_model() || self.route.routes_by_model)
             .then(|| model::multipart_boundary(&self.headers))
             .flatten()
     }
 
-    /// [`Admitted::check_model`] for a body read whole: its JSON `model`, or its form's.
-    pub(super) fn check_whole_model(&mut self, body: &RequestBody) -> Result<(), GatewayError> {
-        let Body::Whole(whole) = body else {
-            return Ok(());
-        };
-        if !self.governs_model() {
-            return Ok(());
+    /// The model a body read whole names (its JSON `model`, or its form's), when a named
+    /// key's rules or `[models]` read it; nothing is parsed otherwise.
+    pub(super) fn model_in(&self, whole: &[u8]) -> Option<String> {
+        if !(self.governs_model() || self.route.routes_by_model) {
+            return None;
         }
-        let model = match model::multipart_boundary(&self.headers) {
+        match model::multipart_boundary(&self.headers) {
             Some(boundary) => match model::scan_fields(whole, &boundary) {
                 model::Fields::Model(model) => model,
                 model::Fields::NoModel | model::Fields::NeedMore => None,
             },
             None => model::in_json(whole),
-        };
-        self.check_model(model)
+        }
     }
 
     /// Phase 4 for a named key: the model the request names must match one of its `models`,
-    /// and have a price when it has a dollar budget. A usage route's request must name one
-    /// the gateway can read; elsewhere, one that names none (files, vector stores…) is
-    /// governed by the key's `tags` alone. The model is kept, to price the answer by.
-    pub(super) fn check_model(&mut self, model: Option<String>) -> Result<(), GatewayError> {
+    /// and what it is served as must have a price when it has a dollar budget. A usage
+    /// route's request must name one the gateway can read; elsewhere, one that names none
+    /// (files, vector stores…) is governed by the key's `tags` alone. The model is kept, to
+    /// price the answer by.
+    pub(super) fn check_model(&mut self, model: Option<&str>) -> Result<(), GatewayError> {
         let Some(named) = &self.named else {
             return Ok(());
         };
         let needs_one = self.route.spec.usage;
         if let Some(models) = &named.models {
-            match model.as_deref() {
+            match model {
                 Some(model) if named.allows_model(model) => {}
                 None if !needs_one => {}
                 model => {
@@ -72,19 +73,75 @@ impl Admitted<'_> {
         }
         if named.limits.has_dollar_budget() {
             let prices = &self.endpoint.pipeline.config.prices;
-            let priced = match model.as_deref() {
-                Some(model) => prices.of(model).is_some(),
+            // Each model it may be served as: an alias's targets, or the name itself.
+            let priced = match model {
+                Some(model) => self
+                    .served_as(model)
+                    .all(|served| prices.of(served).is_some()),
                 None => !needs_one,
             };
             if !priced {
                 return Err(GatewayError::ModelNotPriced {
                     name: Arc::clone(&named.name),
-                    model,
+                    model: model.map(str::to_owned),
                 });
             }
         }
-        self.model = model.map(String::into_boxed_str);
+        self.model = model.map(Box::from);
         Ok(())
+    }
+
+    /// The names `model` may go upstream as: its `[models]` entry's targets', else its own.
+    fn served_as<'m>(&'m self, model: &'m str) -> Box<dyn Iterator<Item = &'m str> + 'm> {
+        match self.model_route(Some(model)) {
+            Some(route) => Box::new(route.targets.iter().map(move |target| target.served(model))),
+            None => Box::new(std::iter::once(model)),
+        }
+    }
+
+    /// The `[models]` entry a request naming `model` goes by, on a route it routes.
+    pub(super) fn model_route(&self, model: Option<&str>) -> Option<&'a ModelRoute> {
+        let config: &'a Config = &self.endpoint.pipeline.config;
+        (self.route.routes_by_model)
+            .then(|| config.models.find(model?))
+            .flatten()
+    }
+
+    /// Whether this request may be sent somewhere else when its upstream fails: its model has
+    /// `[models]` targets, or its mount has `retry = true`.
+    pub(super) fn may_go_elsewhere(&self, model: Option<&str>) -> bool {
+        self.route.mount.settings.retry || self.model_route(model).is_some()
+    }
+
+    /// Whether the body is small enough to be held for another attempt (`retry.max_body`),
+    /// by its declared length; a body of unknown length is held when it turns out small.
+    pub(super) fn fits_retry(&self) -> bool {
+        let max = self.endpoint.pipeline.config.retry.max_body;
+        declared_length(&self.headers).is_some_and(|len| len <= max)
+    }
+
+    /// A streamed form goes to its first target only: its held fields get that target's
+    /// model name, and its declared length follows.
+    pub(super) fn rename_held(&mut self, held: &mut Bytes, boundary: &str, model: Option<&str>) {
+        let Some(route) = self.model_route(model) else {
+            return;
+        };
+        let Some(served) = route
+            .targets
+            .first()
+            .and_then(|target| target.model.as_deref())
+        else {
+            return;
+        };
+        if let Some(renamed) = model::renamed_in_form(held, boundary, served) {
+            let (now, was) = (renamed.len() as u64, held.len() as u64);
+            let declared = declared_length(&self.headers);
+            if let Some(len) = declared.and_then(|len| (len + now).checked_sub(was)) {
+                self.headers
+                    .insert(http::header::CONTENT_LENGTH, len.into());
+            }
+            *held = renamed;
+        }
     }
 
     /// What prices this request's answer for its named key (and counts it against the
@@ -100,4 +157,10 @@ impl Admitted<'_> {
             requested: self.model.take(),
         }))
     }
+}
+
+/// The body's declared `Content-Length`.
+fn declared_length(headers: &http::HeaderMap) -> Option<u64> {
+    let value = headers.get(http::header::CONTENT_LENGTH)?;
+    crate::headers::content_length(value.as_bytes())
 }

@@ -126,16 +126,37 @@ impl KeyPool {
         let unix_now = self.shared.as_ref().map_or(0, |_| store::unix_ms());
         let start = self.next.fetch_add(1, Ordering::Relaxed) % count;
         let order = (0..count).map(|step| (start + step) % count);
-        // Milliseconds until key `i` may go again: its own rest, or another replica's.
-        let resting = |i: usize| {
-            let here = self.keys[i].resting_until.load(Ordering::Relaxed);
-            let there = (self.shared.as_ref()).map_or(0, |(_, cells)| cells.until_ms(i));
-            here.saturating_sub(now).max(there.saturating_sub(unix_now))
-        };
+        let resting = |i: usize| self.rest_left(i, now, unix_now);
         order
             .clone()
             .find(|&i| resting(i) == 0)
             .or_else(|| order.min_by_key(|&i| resting(i)))
+    }
+
+    /// Whether a key other than `index` is not resting: a 429 on `index` can be retried here.
+    pub(crate) fn has_another(&self, index: usize) -> bool {
+        let now = self.now();
+        let unix_now = self.shared.as_ref().map_or(0, |_| store::unix_ms());
+        (0..self.keys.len())
+            .filter(|&i| i != index)
+            .any(|i| self.rest_left(i, now, unix_now) == 0)
+    }
+
+    /// The variables of the keys resting now, for `/ready`.
+    pub(crate) fn resting(&self) -> Vec<Arc<str>> {
+        let now = self.now();
+        let unix_now = self.shared.as_ref().map_or(0, |_| store::unix_ms());
+        (0..self.keys.len())
+            .filter(|&i| self.rest_left(i, now, unix_now) > 0)
+            .map(|i| Arc::clone(&self.keys[i].var))
+            .collect()
+    }
+
+    /// Milliseconds until key `i` may go again: its own rest, or another replica's.
+    fn rest_left(&self, i: usize, now: u64, unix_now: u64) -> u64 {
+        let here = self.keys[i].resting_until.load(Ordering::Relaxed);
+        let there = (self.shared.as_ref()).map_or(0, |(_, cells)| cells.until_ms(i));
+        here.saturating_sub(now).max(there.saturating_sub(unix_now))
     }
 
     /// The variable key `index` came from: what logs and metrics say.

@@ -32,12 +32,15 @@
 
 pub(crate) mod access;
 mod admit;
+mod aliases;
 mod answer;
 mod body;
 mod budget;
 mod error;
+mod failover;
 mod forward;
 mod govern;
+pub(crate) mod health;
 pub(crate) mod keys;
 pub(crate) mod limits;
 mod model;
@@ -63,6 +66,7 @@ pub(crate) use answer::Answer;
 
 use crate::ledger::Ledger;
 pub(crate) use error::GatewayError;
+use health::{Health, RetryBudget};
 use keys::KeyPool;
 use limits::Limiter;
 use mount::Mount;
@@ -92,14 +96,18 @@ pub(crate) struct Pipeline {
     mounts: Vec<Arc<Mount>>,
     realtime: Realtime,
     metrics: Arc<Metrics>,
+    /// How many retries the gateway may still send.
+    retry_budget: Arc<RetryBudget>,
 }
 
-/// What a pipeline shares with the next manifest's: the limiter, the ledger and the key
-/// pools (by mount name).
+/// What a pipeline shares with the next manifest's: the limiter, the ledger, and the key
+/// pools and mounts' health (by mount name), the retry budget.
 pub(crate) struct Kept {
     pub(crate) limiter: Arc<Limiter>,
     pub(crate) ledger: Arc<Ledger>,
     pub(crate) pools: Vec<(Arc<str>, Arc<KeyPool>)>,
+    pub(crate) health: Vec<(Arc<str>, Arc<Health>)>,
+    pub(crate) retry_budget: Arc<RetryBudget>,
 }
 
 impl Pipeline {
@@ -116,13 +124,18 @@ impl Pipeline {
             limiter,
             ledger,
             pools,
+            health,
+            retry_budget,
         } = kept;
         let mount = |settings: &Arc<UpstreamConfig>| {
-            let keys = pools
-                .iter()
-                .find(|(name, _)| **name == *settings.mount)
-                .map(|(_, pool)| Arc::clone(pool));
-            Mount::new(settings, keys, tls).map(Arc::new)
+            let named = |name: &Arc<str>| **name == *settings.mount;
+            let keys =
+                (pools.iter().find(|(name, _)| named(name))).map(|(_, pool)| Arc::clone(pool));
+            let health = (health.iter().find(|(name, _)| named(name))).map_or_else(
+                || Arc::new(Health::new(&settings.mount, None)),
+                |(_, h)| Arc::clone(h),
+            );
+            Mount::new(settings, keys, health, tls).map(Arc::new)
         };
         let mounts = (config.mounts.iter())
             .map(|settings| mount(&settings.upstream))
@@ -136,6 +149,7 @@ impl Pipeline {
             mounts,
             realtime: Realtime::new(&config.realtime, sessions),
             metrics,
+            retry_budget,
         })
     }
 
@@ -164,6 +178,7 @@ impl Pipeline {
         prefix: &str,
         mount_of: impl Fn(&RouteSpec) -> Arc<Mount>,
     ) -> Result<Vec<(PathTemplate, Arc<Endpoint>)>, ConfigError> {
+        let config = &self.config;
         let mut endpoints = Vec::new();
         for (template, routes) in routes.by_template() {
             let mut methods = Vec::with_capacity(routes.len());
@@ -176,7 +191,14 @@ impl Pipeline {
                 let metrics = self
                     .metrics
                     .route(&name, &route.method, &mount.settings.mount);
+                // `[models]` applies on the unprefixed path only.
+                let unprefixed = prefix.is_empty() && !config.models.is_empty();
                 methods.push(MethodRoute {
+                    routes_by_model: unprefixed && spec.route_by_model,
+                    lists_aliases: unprefixed
+                        && spec.method == Method::GET
+                        && spec.template.as_str() == MODELS_LIST
+                        && config.models.aliases().next().is_some(),
                     spec,
                     mount,
                     metrics: Arc::new(metrics),
@@ -205,6 +227,24 @@ impl Pipeline {
     /// `[upstream]`'s transports, for `/ready`.
     pub(crate) fn upstream(&self) -> &Upstream {
         &self.default_mount.upstream
+    }
+
+    /// Each mount (`[upstream]` first) and whether it is out of turn now, for `/ready`; with
+    /// the variables of the held keys resting after a 429.
+    pub(crate) fn health(&self) -> Vec<(Arc<str>, bool, Vec<Arc<str>>)> {
+        std::iter::once(&self.default_mount)
+            .chain(&self.mounts)
+            .map(|mount| {
+                let resting = (mount.keys.as_ref())
+                    .map(|pool| pool.resting())
+                    .unwrap_or_default();
+                (
+                    Arc::clone(&mount.settings.mount),
+                    mount.health.is_ejected(),
+                    resting,
+                )
+            })
+            .collect()
     }
 
     /// The mount named `name`; the default one for a name the manifest did not declare
@@ -289,6 +329,9 @@ impl Pipeline {
         }
     }
 }
+
+/// The route whose answer lists the models, which gains `[models]`'s aliases.
+const MODELS_LIST: &str = "/v1/models";
 
 /// The route a request's line and metrics name when no route took it.
 const NO_ROUTE: &str = "(no route)";

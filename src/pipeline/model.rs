@@ -7,12 +7,14 @@
 
 use std::borrow::Cow;
 use std::io;
+use std::ops::Range;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
 use http::uri::PathAndQuery;
 use http::{header, HeaderMap};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 
 use crate::message::RequestBody;
 
@@ -78,37 +80,90 @@ pub(super) enum Fields {
 /// the first file part, for a `model` field (RFC 7578 §4.2: each part's
 /// `Content-Disposition: form-data; name="…"`, with a `filename` for a file).
 pub(super) fn scan_fields(body: &[u8], boundary: &str) -> Fields {
+    match model_field(body, boundary) {
+        Field::At(span) => {
+            let value = std::str::from_utf8(&body[span]).ok();
+            let model = value.filter(|model| model.len() <= MODEL_AT_MOST);
+            Fields::Model(model.map(str::to_owned))
+        }
+        Field::Absent => Fields::NoModel,
+        Field::NeedMore => Fields::NeedMore,
+    }
+}
+
+/// Where a form's `model` field is, before its first file.
+enum Field {
+    At(Range<usize>),
+    Absent,
+    NeedMore,
+}
+
+fn model_field(body: &[u8], boundary: &str) -> Field {
     let delimiter = format!("--{boundary}");
     let Some(mut at) = memchr::memmem::find(body, delimiter.as_bytes()) else {
-        return Fields::NeedMore;
+        return Field::NeedMore;
     };
     loop {
         let part = &body[at + delimiter.len()..];
         if part.len() < 2 {
-            return Fields::NeedMore;
+            return Field::NeedMore;
         }
         if part.starts_with(b"--") {
-            return Fields::NoModel;
+            return Field::Absent;
         }
         let Some(head_len) = memchr::memmem::find(part, b"\r\n\r\n") else {
-            return Fields::NeedMore;
+            return Field::NeedMore;
         };
         let (name, is_file) = disposition(&part[..head_len]);
         if is_file {
-            return Fields::NoModel;
+            return Field::Absent;
         }
         let content = &part[head_len + 4..];
         let ending = format!("\r\n{delimiter}");
         let Some(content_len) = memchr::memmem::find(content, ending.as_bytes()) else {
-            return Fields::NeedMore;
+            return Field::NeedMore;
         };
+        let start = body.len() - content.len();
         if name.as_deref() == Some("model") {
-            let value = std::str::from_utf8(&content[..content_len]).ok();
-            let model = value.filter(|model| model.len() <= MODEL_AT_MOST);
-            return Fields::Model(model.map(str::to_owned));
+            return Field::At(start..start + content_len);
         }
-        at = (body.len() - content.len()) + content_len + 2;
+        at = start + content_len + 2;
     }
+}
+
+/// `body` (a JSON request) with its `model` written as `model`: that one string changes,
+/// every other byte goes as the client sent it. `None` when it names no model as a string.
+pub(super) fn renamed_in_json(body: &[u8], model: &str) -> Option<Bytes> {
+    #[derive(Deserialize)]
+    struct Named<'a> {
+        #[serde(borrow)]
+        model: Option<&'a RawValue>,
+    }
+    let raw = serde_json::from_slice::<Named>(body).ok()?.model?;
+    if !raw.get().starts_with('"') {
+        return None;
+    }
+    let at = (raw.get().as_ptr() as usize).checked_sub(body.as_ptr() as usize)?;
+    let quoted = serde_json::to_string(model).ok()?;
+    Some(spliced(body, at..at + raw.get().len(), quoted.as_bytes()))
+}
+
+/// `body` (a form's first bytes, at least through its `model` field) with that field's
+/// value written as `model`; `None` when the form has no such field before its first file.
+pub(super) fn renamed_in_form(body: &[u8], boundary: &str, model: &str) -> Option<Bytes> {
+    match model_field(body, boundary) {
+        Field::At(span) => Some(spliced(body, span, model.as_bytes())),
+        Field::Absent | Field::NeedMore => None,
+    }
+}
+
+/// `body` with the bytes of `span` replaced by `text`.
+fn spliced(body: &[u8], span: Range<usize>, text: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(body.len() - span.len() + text.len());
+    out.extend_from_slice(&body[..span.start]);
+    out.extend_from_slice(text);
+    out.extend_from_slice(&body[span.end..]);
+    out.freeze()
 }
 
 /// A part's field name and whether it is a file, from its header lines.
@@ -140,15 +195,27 @@ fn disposition(head: &[u8]) -> (Option<String>, bool) {
 }
 
 /// A multipart body whose fields before the first file were read, and the model among them.
-pub(super) struct HeldFields {
-    pub(super) body: RequestBody,
+pub(super) struct HeldFields<S> {
+    /// The bytes read so far: the fields, and perhaps the start of a file.
+    pub(super) held: Bytes,
+    pub(super) rest: S,
     pub(super) model: Option<String>,
 }
 
+impl<S> HeldFields<S>
+where
+    S: Stream<Item = io::Result<Bytes>> + Send + Sync + 'static,
+{
+    /// The whole body, the held bytes first.
+    pub(super) fn into_body(self) -> RequestBody {
+        let first = futures_util::stream::iter((!self.held.is_empty()).then(|| Ok(self.held)));
+        RequestBody::streaming(first.chain(self.rest))
+    }
+}
+
 /// Reads `chunks` (a multipart body) until its fields before the first file show whether it
-/// names a model, holding at most about [`FIELDS_AT_MOST`]; the body goes on whole, the bytes
-/// read first.
-pub(super) async fn hold_fields<S>(mut chunks: S, boundary: &str) -> io::Result<HeldFields>
+/// names a model, holding at most about [`FIELDS_AT_MOST`].
+pub(super) async fn hold_fields<S>(mut chunks: S, boundary: &str) -> io::Result<HeldFields<S>>
 where
     S: Stream<Item = io::Result<Bytes>> + Send + Sync + Unpin + 'static,
 {
@@ -164,9 +231,9 @@ where
             },
         }
     };
-    let first = futures_util::stream::iter((!held.is_empty()).then(|| Ok(held.freeze())));
     Ok(HeldFields {
-        body: RequestBody::streaming(first.chain(chunks)),
+        held: held.freeze(),
+        rest: chunks,
         model,
     })
 }
@@ -241,11 +308,36 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(held.model.as_deref(), Some("gpt-4o-transcribe"));
-        let crate::message::Body::Stream(chunks) = held.body else {
+        let crate::message::Body::Stream(chunks) = held.into_body() else {
             panic!("a held body goes on as a stream");
         };
         let sent = http_body_util::BodyExt::collect(chunks).await.unwrap();
         assert_eq!(sent.to_bytes(), body);
+    }
+
+    #[test]
+    fn a_rename_changes_the_models_bytes_and_no_other() {
+        let json = br#"{ "model" : "fast", "messages":[{"role":"user","content":"model"}]}"#;
+        let renamed = renamed_in_json(json, "llama-3.1-8b-instant").unwrap();
+        assert_eq!(
+            &renamed[..],
+            br#"{ "model" : "llama-3.1-8b-instant", "messages":[{"role":"user","content":"model"}]}"#
+        );
+        assert_eq!(
+            &renamed_in_json(br#"{"model":"a"}"#, "say \"b\"").unwrap()[..],
+            br#"{"model":"say \"b\""}"#
+        );
+        assert_eq!(renamed_in_json(br#"{"model":7}"#, "x"), None);
+        assert_eq!(renamed_in_json(b"[]", "x"), None);
+        let body = form(&[("model", None, "fast"), ("file", Some("a.wav"), "model")]);
+        let renamed = renamed_in_form(&body, BOUNDARY, "whisper-large-v3").unwrap();
+        let expected = form(&[
+            ("model", None, "whisper-large-v3"),
+            ("file", Some("a.wav"), "model"),
+        ]);
+        assert_eq!(renamed, expected);
+        let after = form(&[("file", Some("a.wav"), "x"), ("model", None, "fast")]);
+        assert_eq!(renamed_in_form(&after, BOUNDARY, "y"), None);
     }
 
     #[test]

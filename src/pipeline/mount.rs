@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName, StatusCode};
 
+use super::health::Health;
 use super::keys::KeyPool;
 use crate::config::{ConfigError, UpstreamConfig, DEFAULT_MOUNT};
 use crate::message::Head;
@@ -20,6 +21,8 @@ pub(crate) struct Mount {
     pub(crate) keys: Option<Arc<KeyPool>>,
     /// `gen_ai.provider.name` of its spans.
     pub(crate) provider: &'static str,
+    /// Its run of failures, for requests that may go elsewhere (shared by all workers).
+    pub(crate) health: Arc<Health>,
 }
 
 /// A held key a request went up with.
@@ -34,6 +37,7 @@ impl Mount {
     pub(crate) fn new(
         settings: &Arc<UpstreamConfig>,
         keys: Option<Arc<KeyPool>>,
+        health: Arc<Health>,
         tls: &rustls::ClientConfig,
     ) -> Result<Mount, ConfigError> {
         if !settings.keys.is_empty() && keys.is_none() {
@@ -47,6 +51,7 @@ impl Mount {
             upstream: Upstream::new(settings, tls)?,
             keys,
             provider: traces::provider(settings.base_url.host_str().unwrap_or("")),
+            health,
         })
     }
 
@@ -72,6 +77,11 @@ impl Mount {
             metrics.count_key_use(&self.settings.mount, var);
         }
         Some(Lent { index })
+    }
+
+    /// Whether a held key other than `lent` is free, so a 429 to `lent` can be retried here.
+    pub(crate) fn has_another_key(&self, lent: Lent) -> bool {
+        (self.keys.as_ref()).is_some_and(|pool| pool.has_another(lent.index))
     }
 
     /// The variable of the key `lent`, for the log line.
@@ -129,7 +139,8 @@ mod tests {
         );
         let config = Config::from_manifest_str(&manifest).unwrap();
         let tls = crate::upstream::tls::client_config().unwrap();
-        let Err(refused) = Mount::new(&config.upstream, None, &tls) else {
+        let health = || Arc::new(Health::new(&config.upstream.mount, None));
+        let Err(refused) = Mount::new(&config.upstream, None, health(), &tls) else {
             panic!("a held-key mount was built without its keys");
         };
         assert!(
@@ -137,6 +148,6 @@ mod tests {
             "{refused}"
         );
         let pool = KeyPool::new(&config.upstream, None).map(Arc::new);
-        assert!(Mount::new(&config.upstream, pool, &tls).is_ok());
+        assert!(Mount::new(&config.upstream, pool, health(), &tls).is_ok());
     }
 }

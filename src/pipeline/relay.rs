@@ -15,6 +15,7 @@ use bytes::Bytes;
 use futures_util::Stream;
 use tokio::time::{Instant, Sleep};
 
+use super::aliases::AliasedList;
 use super::body::{IdleTimer, UploadProgress};
 use super::budget::Metered;
 use super::limits::Admission;
@@ -120,24 +121,25 @@ pub(crate) struct Relay {
     done: bool,
     /// For an event stream with a keep-alive set (and no declared length to keep).
     keepalive: Option<KeepAlive>,
-    /// For an event stream whose usage the gateway asked for: the usage-only chunk stays.
-    usage_chunk: Option<UsageChunkFilter>,
+    /// What of the body the gateway holds back and changes, when anything.
+    edit: Option<BodyEdit>,
     log: RequestLog,
 }
 
 impl Relay {
     /// `keepalive`: how long the upstream of an event stream may be silent before the client
-    /// gets an SSE comment, if at all. `usage_chunk`: the usage-only chunk is kept back, and
-    /// the body's length is then not the upstream's (its head must not declare one).
+    /// gets an SSE comment, if at all. `edit`: some of the body is held and changed (the
+    /// usage-only chunk, the models list), so its length is not the upstream's (its head
+    /// must not declare one).
     pub(super) fn new(
         inner: ResponseBody,
         idle_timeout: Duration,
         keepalive: Option<Duration>,
-        usage_chunk: Option<UsageChunkFilter>,
+        edit: Option<BodyEdit>,
         mut log: RequestLog,
     ) -> Relay {
         let expected_len = match inner.framing() {
-            _ if usage_chunk.is_some() => None,
+            _ if edit.is_some() => None,
             Framing::Length(len) => Some(len),
             Framing::Empty => Some(0),
             Framing::Chunked | Framing::UntilClose => None,
@@ -154,14 +156,14 @@ impl Relay {
                 .map(KeepAlive::new),
             expected_len,
             done: false,
-            usage_chunk,
+            edit,
             log,
         }
     }
 
     /// How the body is delimited: as the upstream framed it, unless some of it is kept back.
     pub(crate) fn framing(&self) -> Framing {
-        match self.usage_chunk {
+        match self.edit {
             Some(_) => Framing::Chunked,
             None => self.inner.framing(),
         }
@@ -171,7 +173,7 @@ impl Relay {
     /// lets it (`None`: nothing of it goes on yet).
     fn pass(&mut self, chunk: Bytes) -> Option<Bytes> {
         self.idle.saw_chunk();
-        let chunk = match self.usage_chunk.as_mut() {
+        let chunk = match self.edit.as_mut() {
             None => {
                 self.log.saw(&chunk);
                 chunk
@@ -200,8 +202,8 @@ impl Relay {
         self.done = true;
         self.log.record.outcome = Outcome::Complete;
         // An event the upstream never ended goes on as it is.
-        let rest = (self.usage_chunk.as_mut())
-            .map(UsageChunkFilter::finish)
+        let rest = (self.edit.as_mut())
+            .map(BodyEdit::finish)
             .filter(|rest| !rest.is_empty())?;
         self.log.record.bytes_out += rest.len() as u64;
         Some(rest)
@@ -252,6 +254,31 @@ impl Stream for Relay {
                 Poll::Ready(None) => Poll::Ready(this.end().map(Ok)),
                 Poll::Pending => this.poll_silence(cx),
             };
+        }
+    }
+}
+
+/// What of an answer's body the gateway holds back and gives on changed: each holds what it
+/// must (`pass` gives what may go on now) and gives the rest when the body ends.
+pub(crate) enum BodyEdit {
+    /// An event stream whose usage the gateway asked for: the usage-only chunk stays.
+    UsageChunk(UsageChunkFilter),
+    /// The models list, which gains `[models]`'s aliases.
+    Aliases(AliasedList),
+}
+
+impl BodyEdit {
+    fn pass(&mut self, chunk: Bytes) -> Bytes {
+        match self {
+            BodyEdit::UsageChunk(filter) => filter.pass(chunk),
+            BodyEdit::Aliases(list) => list.pass(chunk),
+        }
+    }
+
+    fn finish(&mut self) -> Bytes {
+        match self {
+            BodyEdit::UsageChunk(filter) => filter.finish(),
+            BodyEdit::Aliases(list) => list.finish(),
         }
     }
 }

@@ -36,7 +36,7 @@ impl Admitted<'_> {
             )
         })?;
         // 4, for a named key: the session's `?model=`.
-        self.check_model(model::in_query(&self.target))?;
+        self.check_model(model::in_query(&self.target).as_deref())?;
         // Each `response.done` counts against the key's rates and budgets, when it has them.
         let on_usage = self.meter().map(|metered| {
             Box::new(move |usage: &Usage| metered.record(usage)) as realtime::OnUsage

@@ -162,6 +162,9 @@ pub struct RouteSpec {
     /// The mount whose upstream serves it, when not the one it is listed for
     /// (`upstream = "NAME"`).
     pub upstream: Option<String>,
+    /// On the unprefixed path, `[models]` picks its upstream by the request's model
+    /// (`route_by_model = true`).
+    pub route_by_model: bool,
     /// What the docs prefill (`example`, `stream_example`, `form`); shared by its mounts.
     pub examples: Arc<Examples>,
 }
@@ -358,6 +361,7 @@ mod tests {
             usage: false,
             stream_usage_option: false,
             upstream: None,
+            route_by_model: false,
             examples: Arc::default(),
         }
     }

@@ -1,4 +1,5 @@
-//! Deadlines shared between replicas: when each held key may be used again after a 429.
+//! Deadlines shared between replicas: when each held key may be used again after a 429,
+//! and until when a mount that kept failing is out of turn (`retry.eject_after`).
 //! A replica that rests a key writes its deadline; every replica reads them all four times a
 //! second into cells its key pools read without waiting.
 
@@ -49,6 +50,11 @@ impl Deadlines {
 /// The store's name for the deadline of a key hashed as `hash` on the mount `mount`.
 pub(crate) fn name(mount: &str, hash: &[u8; 32]) -> String {
     format!("{PREFIX}rest:{mount}:{}", crate::config::hex(hash))
+}
+
+/// The store's name for the ejection of the mount `mount`.
+pub(crate) fn ejection_name(mount: &str) -> String {
+    format!("{PREFIX}eject:{mount}")
 }
 
 /// Adds the write of `name`'s deadline to `pipe`; nothing when it has passed.

@@ -30,7 +30,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::StoreConfig;
-pub(crate) use deadlines::{name as deadline_name, Deadlines};
+pub(crate) use deadlines::{ejection_name, name as deadline_name, Deadlines};
 pub(crate) use limits::{Lease, Limits, Rate, Settings, Verdict};
 pub(crate) use spend::{Counts, PeriodNumbers, Spend, SpendVerdict};
 

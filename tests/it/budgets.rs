@@ -225,6 +225,40 @@ async fn a_dollar_budget_counts_by_the_manifests_price_and_refuses_unpriced_mode
 }
 
 #[tokio::test]
+async fn a_budget_prices_the_model_an_alias_is_served_as() {
+    clear_of_period_end(86_400, 30).await;
+    // An answer that names no model: the request's decides its price.
+    let upstream = Upstream::start(|_: &Recorded| {
+        let usage = json!({"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8});
+        json_response(
+            200,
+            &json!({"id": "c", "object": "chat.completion", "created": 1,
+                                   "model": "", "choices": [], "usage": usage}),
+        )
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    // The alias itself has a price of its own, a thousand times higher: it must not be used.
+    let keys = format!(
+        "{}[prices.\"gpt-test*\"]\ninput = 1000\noutput = 2000\n\
+         [prices.cheap]\ninput = 1000000\noutput = 2000000\n\
+         [models.cheap]\ntargets = [\"default/gpt-test-1\"]\n",
+        named("alice", KEY, "max_usd_per_month = 5")
+    );
+    let routed = manifest(&upstream, &dir.path().join("s.json"), &keys).replace(
+        "stream_usage_option = true",
+        "stream_usage_option = true\nroute_by_model = true",
+    );
+    let gateway = Gateway::start(&routed).await;
+    assert_eq!(chat(&gateway, KEY, "cheap").await.status(), 200);
+    assert!(upstream
+        .last()
+        .body_text()
+        .contains("\"model\":\"gpt-test-1\""));
+    spent_reaches(&gateway.url(""), KEY, "usd_this_month", json!(0.013)).await;
+}
+
+#[tokio::test]
 async fn a_stream_that_did_not_ask_for_usage_is_counted_and_the_client_sees_no_extra_chunk() {
     clear_of_period_end(86_400, 30).await;
     let python = tokio::task::spawn_blocking(support::python::openai_sdk)

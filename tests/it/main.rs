@@ -35,6 +35,7 @@ mod passthrough;
 mod properties;
 mod readmes;
 mod realtime;
+mod routing;
 mod sdk_python;
 mod server_timing;
 mod slow_clients;

@@ -305,3 +305,48 @@ async fn a_reload_keeps_the_exporter_the_process_started_with() {
     let spans = receiver.spans_of(trace_id, 2).await;
     assert!(spans.iter().any(|span| span["name"] == "chat gpt-4o-mini"));
 }
+
+#[tokio::test]
+async fn a_request_that_fails_over_has_a_client_span_per_attempt() {
+    let receiver = tokio::task::spawn_blocking(Receiver::start).await.unwrap();
+    let collector = format!("http://127.0.0.1:{}", receiver.port);
+    let upstream = chat_answer().await;
+    let overloaded = Upstream::start(|_| {
+        support::json_response(503, &json!({"error": {"message": "overloaded"}}))
+    })
+    .await;
+    let routed = manifest(
+        &upstream,
+        &format!(
+            "[tracing]\notlp_endpoint = \"{collector}\"\n\
+             [mounts.first]\nprefix = \"/first\"\nbase_url = \"{}\"\n\
+             [models.fast]\ntargets = [\"first/gpt-4o\", \"default/gpt-4o-mini\"]\n",
+            overloaded.base_url()
+        ),
+    )
+    .replace("usage = true", "usage = true\nroute_by_model = true");
+    let gateway = Binary::spawn(&routed, &[("OTEL_BSP_SCHEDULE_DELAY", "100")]);
+    let trace_id = "5bf92f3577b34da6a3ce929d0e0e4736";
+    let response = support::client()
+        .post(gateway.url("/v1/chat/completions"))
+        .header("authorization", support::bearer())
+        .header("traceparent", format!("00-{trace_id}-b7ad6b7169203331-01"))
+        .json(&json!({"model": "fast", "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.bytes().await.unwrap();
+    let spans = receiver.spans_of(trace_id, 3).await;
+    let server = spans.iter().find(|s| s["kind"] == 2).unwrap();
+    let mut attempts: Vec<&Value> = spans.iter().filter(|s| s["kind"] == 3).collect();
+    attempts.sort_by_key(|span| span["start"].as_u64());
+    let statuses: Vec<&Value> = (attempts.iter())
+        .map(|span| &span["attributes"]["http.response.status_code"])
+        .collect();
+    assert_eq!(statuses, [&json!(503), &json!(200)], "{spans:#?}");
+    assert!(attempts
+        .iter()
+        .all(|span| span["parent_span_id"] == server["span_id"]));
+    assert_eq!(server["attributes"]["http.response.status_code"], 200);
+}

@@ -53,6 +53,10 @@ pub(crate) struct Record {
     pub(crate) mount: Option<Arc<str>>,
     /// The environment variable of the key the gateway lent it, when it holds the keys.
     pub(crate) upstream_key: Option<Arc<str>>,
+    /// Where `[models]` sent its last attempt (`mount/model`).
+    pub(crate) target: Option<Arc<str>>,
+    /// Attempts made, when it could have gone elsewhere (`[models]`, `retry`); 0 otherwise.
+    pub(crate) attempts: u8,
     pub(crate) status: u16,
     /// From sending the request upstream to the upstream's response headers.
     pub(crate) upstream_ttfb: Duration,
@@ -74,6 +78,8 @@ impl Record {
             key_name: None,
             mount: None,
             upstream_key: None,
+            target: None,
+            attempts: 0,
             status: 0,
             upstream_ttfb: Duration::ZERO,
             upstream_request_id: None,
@@ -111,6 +117,7 @@ impl Record {
             if let Some(var) = &self.upstream_key {
                 fields.quoted("upstream_key", var);
             }
+            self.write_attempts(fields);
             if let Some(usage) = usage {
                 if let Some(model) = &usage.model {
                     fields.quoted("model", model);
@@ -133,7 +140,19 @@ impl Record {
             if let Some(name) = &self.key_name {
                 fields.quoted("key", name);
             }
+            self.write_attempts(fields);
             fields.quoted("reason", reason);
         });
+    }
+
+    /// Where a request that could have gone elsewhere went, and in how many attempts.
+    fn write_attempts(&self, fields: &mut line::Fields) {
+        if self.attempts == 0 {
+            return;
+        }
+        if let Some(target) = &self.target {
+            fields.quoted("target", target);
+        }
+        fields.number("attempts", u64::from(self.attempts));
     }
 }

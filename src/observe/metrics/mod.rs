@@ -22,8 +22,10 @@ use crate::config::MetricsConfig;
 
 mod keys;
 mod route;
+mod routing;
 
 pub(crate) use route::{GaugeGuard, RouteMetrics};
+pub(crate) use routing::AttemptOutcome;
 
 /// The media type of the exposition format `prometheus-client` writes.
 pub(crate) const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -271,6 +273,8 @@ pub(crate) struct Metrics {
     store_up: Gauge,
     /// Named keys' families.
     named: keys::KeyFamilies,
+    /// Failover's families.
+    routing: routing::RoutingFamilies,
     tokens_by_key: AtomicBool,
     max_models: AtomicUsize,
     models: Mutex<HashMap<Box<str>, Arc<str>>>,
@@ -305,6 +309,7 @@ impl Metrics {
             store_errors: registered(r, STORE_ERRORS, Counter::default()),
             store_up: registered(r, STORE_UP, Gauge::default()),
             named: keys::KeyFamilies::register(r),
+            routing: routing::RoutingFamilies::register(r),
             tokens_by_key: AtomicBool::new(false),
             max_models: AtomicUsize::new(0),
             models: Mutex::default(),
