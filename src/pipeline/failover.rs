@@ -13,9 +13,9 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, StatusCode};
 
 use super::admit::Admitted;
-use super::mount::Mount;
+use super::mount::{Lent, Mount};
 use super::timer::Timer;
-use super::{model, Answer, GatewayError};
+use super::{model, Answer, GatewayError, Pipeline};
 use crate::config::RetryConfig;
 use crate::message::{Body, RequestBody};
 use crate::observe::metrics::AttemptOutcome;
@@ -83,17 +83,9 @@ impl<'a> Admitted<'a> {
             };
             self.headers = with_length(headers.clone(), &body);
             self.target = target.clone();
-            self.record.attempts = u8::try_from(attempt).unwrap_or(u8::MAX);
-            let label = match hop.served.or(model.as_deref()) {
-                Some(model) => format!("{}/{model}", hop.mount.settings.mount),
-                None => hop.mount.settings.mount.to_string(),
-            };
-            self.record.target = Some(label.as_str().into());
-            if self.named.is_some() {
-                // What the answer is priced by: the model actually served.
-                self.model = hop.served.or(model.as_deref()).map(Box::from);
-            }
+            let label = self.begin_attempt(hop, attempt, model.as_deref());
             let name = &hop.mount.settings.mount;
+            let mut rested = None;
             let (status, err) = match self.attempt(hop.mount, body, &mut timer).await {
                 Attempt::Answered(response) => {
                     if hop.mount.health.answered() {
@@ -110,6 +102,13 @@ impl<'a> Admitted<'a> {
                 }
                 Attempt::Refused(response) => {
                     let status = response.status;
+                    // A held key that drew a 429 rests now, so the next pick passes it by;
+                    // the answer, if it goes to the client, does not rest it again.
+                    if let Some(lent) = self.lent.take() {
+                        hop.mount
+                            .key_answered(lent, status, &response.head, &pipeline.metrics);
+                        rested = Some(lent);
+                    }
                     tried.push(format!("{label}: {}", status.as_u16()));
                     held = Some((response, hop.mount));
                     (Some(status), None)
@@ -123,25 +122,11 @@ impl<'a> Admitted<'a> {
                 pipeline.metrics.set_ejected(name, true);
             }
             let next = (attempt < max_attempts)
-                .then(|| self.next_hop(&hops, at, status))
-                .filter(|_| {
-                    let fits = pipeline.retry_budget.try_retry(retry.budget);
-                    if !fits {
-                        pipeline.metrics.count_retry_refused();
-                    }
-                    fits
-                });
+                .then(|| next_hop(&hops, at, rested, retry))
+                .filter(|_| retry_fits(pipeline));
             let Some(next) = next else {
                 pipeline.metrics.count_attempt(name, AttemptOutcome::GaveUp);
-                // The last upstream answer goes to the client as it came.
-                return match (held, err) {
-                    (Some((response, mount)), _) => self.answer(response, mount),
-                    (None, Some(last)) => self.fail(GatewayError::NoUpstreamAnswered {
-                        tried,
-                        last: Box::new(last),
-                    }),
-                    (None, None) => self.fail(GatewayError::Internal("no attempt made".into())),
-                };
+                return self.give_up(held, err, tried);
             };
             pipeline
                 .metrics
@@ -151,6 +136,41 @@ impl<'a> Admitted<'a> {
         self.fail(GatewayError::Internal(
             "the attempts ended without an answer".into(),
         ))
+    }
+
+    /// The record of attempt number `attempt` at `hop`, and what prices its answer; returns
+    /// its label (`mount/model`).
+    fn begin_attempt(&mut self, hop: &Hop<'_>, attempt: u32, model: Option<&str>) -> String {
+        self.record.attempts = u8::try_from(attempt).unwrap_or(u8::MAX);
+        let served = hop.served.or(model);
+        let label = match served {
+            Some(model) => format!("{}/{model}", hop.mount.settings.mount),
+            None => hop.mount.settings.mount.to_string(),
+        };
+        self.record.target = Some(label.as_str().into());
+        if self.named.is_some() {
+            // What the answer is priced by: the model actually served.
+            self.model = served.map(Box::from);
+        }
+        label
+    }
+
+    /// No attempt is left: the last upstream answer goes to the client as it came, else the
+    /// gateway's error naming the targets tried.
+    fn give_up(
+        self,
+        held: Option<(Response, &Mount)>,
+        err: Option<GatewayError>,
+        tried: Vec<String>,
+    ) -> Answer {
+        match (held, err) {
+            (Some((response, mount)), _) => self.answer(response, mount),
+            (None, Some(last)) => self.fail(GatewayError::NoUpstreamAnswered {
+                tried,
+                last: Box::new(last),
+            }),
+            (None, None) => self.fail(GatewayError::Internal("no attempt made".into())),
+        }
     }
 
     /// Where this request may go: its model's `[models]` targets, or its route's mount.
@@ -184,15 +204,7 @@ impl<'a> Admitted<'a> {
         };
         let sending = std::pin::pin!(mount.upstream.send(request));
         match self.wait(sending, mount, timer).await {
-            Ok(response) if worth_retrying(response.status) => {
-                // A held key that drew a 429 rests now, so the next pick passes it by.
-                if let Some(lent) = self.lent.take() {
-                    let metrics = &self.endpoint.pipeline.metrics;
-                    mount.key_answered(lent, response.status, &response.head, metrics);
-                    self.lent = Some(lent);
-                }
-                Attempt::Refused(response)
-            }
+            Ok(response) if worth_retrying(response.status) => Attempt::Refused(response),
             Ok(response) => Attempt::Answered(response),
             Err(
                 err @ (GatewayError::UpstreamUnreachable(_)
@@ -201,23 +213,29 @@ impl<'a> Admitted<'a> {
             Err(err) => Attempt::Failed(err),
         }
     }
+}
 
-    /// The hop after `at` failed (with `status`, when it answered): the same mount when a
-    /// 429 came to a held key and another key is free, else the next in turn.
-    fn next_hop(&self, hops: &[Hop<'_>], at: usize, status: Option<StatusCode>) -> usize {
-        let mount = hops[at].mount;
-        let another_key = status == Some(StatusCode::TOO_MANY_REQUESTS)
-            && self.lent.is_some_and(|lent| mount.has_another_key(lent));
-        if another_key {
-            return at;
-        }
-        let retry = &self.endpoint.pipeline.config.retry;
-        let count = hops.len();
-        (1..=count)
-            .map(|step| (at + step) % count)
-            .find(|&i| hops[i].mount.health.admits(retry))
-            .unwrap_or((at + 1) % count)
+/// The hop after `at` failed: the same mount when its held key `rested` after a 429 and
+/// another key is free, else the next in turn (the next of all when every one is out).
+fn next_hop(hops: &[Hop<'_>], at: usize, rested: Option<Lent>, retry: &RetryConfig) -> usize {
+    let mount = hops[at].mount;
+    if rested.is_some_and(|lent| mount.has_another_key(lent)) {
+        return at;
     }
+    let count = hops.len();
+    (1..=count)
+        .map(|step| (at + step) % count)
+        .find(|&i| hops[i].mount.health.admits(retry))
+        .unwrap_or((at + 1) % count)
+}
+
+/// Whether the retry budget lets one more retry go, counting a refusal.
+fn retry_fits(pipeline: &Pipeline) -> bool {
+    let fits = (pipeline.retry_budget).try_retry(pipeline.config.retry.budget);
+    if !fits {
+        pipeline.metrics.count_retry_refused();
+    }
+    fits
 }
 
 /// The first hop in turn; the first of all when every one is out.

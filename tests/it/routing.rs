@@ -470,3 +470,110 @@ async fn a_target_that_keeps_failing_is_left_out_then_brought_back() {
         .unwrap();
     assert_eq!(ready["targets"][1]["ejected"], false);
 }
+
+#[tokio::test]
+async fn with_a_store_an_ejection_on_one_replica_holds_on_the_other() {
+    let redis = support::Redis::start();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&hits);
+    let first = Upstream::start(move |_: &Recorded| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        json_response(500, &json!({"error": {"message": "broken"}}))
+    })
+    .await;
+    let second = Upstream::start(chat_from("second")).await;
+    let text = manifest(
+        &second.base_url(),
+        &[("first", first.base_url())],
+        &format!(
+            "[models.fast]\ntargets = [\"first\", \"default\"]\n\
+             [retry]\neject_after = 2\neject_for = \"60s\"\n\
+             [limits]\nstore = \"{}\"\n",
+            redis.url()
+        ),
+        true,
+    );
+    let (a, b) = (Gateway::start(&text).await, Gateway::start(&text).await);
+    let chat = |gateway: &Gateway| {
+        let base = gateway.url("");
+        async move { post_chat(&base, "/v1/chat/completions", r#"{"model":"fast"}"#).await }
+    };
+    for _ in 0..2 {
+        assert_eq!(content(&chat(&a).await.1), "second");
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 2);
+    // The other replica learns it from the store, without a failure of its own.
+    let ready = b.url("/ready");
+    support::eventually(
+        "replica b to see the ejection",
+        Duration::from_secs(5),
+        || async {
+            let body: Value = support::client()
+                .get(&ready)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            (body["targets"][1]["ejected"] == true)
+                .then_some(())
+                .ok_or(body)
+        },
+    )
+    .await;
+    for _ in 0..3 {
+        assert_eq!(content(&chat(&b).await.1), "second");
+    }
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        2,
+        "replica b left the mount out"
+    );
+}
+
+#[tokio::test]
+async fn when_every_held_key_draws_a_429_the_last_goes_to_the_client_and_each_rests_once() {
+    std::env::set_var("OA_TEST_BUSY_KEY_A", "sk-busy-A");
+    std::env::set_var("OA_TEST_BUSY_KEY_B", "sk-busy-B");
+    let upstream = Upstream::start(|rec: &Recorded| {
+        let key = rec
+            .header("authorization")
+            .unwrap_or("")
+            .replace("Bearer sk-busy-", "");
+        json_response(
+            429,
+            &json!({"error": {"message": format!("slow down, key {key}")}}),
+        )
+    })
+    .await;
+    let text = manifest(
+        &upstream.base_url(),
+        &[],
+        "[retry]\nmax_attempts = 2\n",
+        false,
+    )
+    .replace(
+        "read_timeout = \"5s\"\n",
+        &format!(
+            "read_timeout = \"5s\"\nretry = true\n\
+             keys_env = [\"OA_TEST_BUSY_KEY_A\", \"OA_TEST_BUSY_KEY_B\"]\n\
+             [access]\nallowed_key_hashes = [\"{}\"]\n",
+            oa_bypass::config::hash_line(support::KEY)
+        ),
+    );
+    let gateway = Gateway::start(&text).await;
+    let (status, answer) =
+        post_chat(&gateway.url(""), "/v1/chat/completions", r#"{"model":"m"}"#).await;
+    assert_eq!(status, 429);
+    assert_eq!(
+        answer["error"]["message"], "slow down, key B",
+        "the last answer"
+    );
+    let metrics = support::scrape(gateway.url("/metrics")).await;
+    for key in ["OA_TEST_BUSY_KEY_A", "OA_TEST_BUSY_KEY_B"] {
+        let rests =
+            format!("oa_bypass_upstream_key_rests_total{{mount=\"default\",key=\"{key}\"}} 1\n");
+        assert!(metrics.contains(&rests), "{rests} in:\n{metrics}");
+    }
+}
