@@ -69,6 +69,26 @@ fn manifest(default: &str, mounts: &[(&str, String)], settings: &str, fast_lane:
     text
 }
 
+/// [`manifest`] with `upstream` as the default, lending the keys of `vars` with
+/// `retry = true`, to clients holding the test's key.
+fn holding_keys(upstream: &Upstream, vars: [&str; 2], settings: &str, fast_lane: bool) -> String {
+    let held = format!(
+        "read_timeout = \"5s\"\nretry = true\nkeys_env = [\"{}\", \"{}\"]\n\
+         [access]\nallowed_key_hashes = [\"{}\"]\n",
+        vars[0],
+        vars[1],
+        oa_bypass::config::hash_line(support::KEY)
+    );
+    let text = manifest(&upstream.base_url(), &[], settings, fast_lane);
+    text.replace("read_timeout = \"5s\"\n", &held)
+}
+
+/// `GET /ready`'s answer.
+async fn ready_of(gateway: &Gateway) -> Value {
+    let response = support::client().get(gateway.url("/ready")).send().await;
+    response.unwrap().json().await.unwrap()
+}
+
 async fn post_chat(gateway: &str, path: &str, body: &'static str) -> (u16, Value) {
     let response = support::client()
         .post(format!("{gateway}{path}"))
@@ -247,15 +267,8 @@ async fn a_429_on_a_held_key_goes_again_with_the_next_key_and_the_first_rests() 
         _ => chat_from("B")(rec),
     })
     .await;
-    let text = manifest(&upstream.base_url(), &[], "", true).replace(
-        "read_timeout = \"5s\"\n",
-        &format!(
-            "read_timeout = \"5s\"\nretry = true\n\
-             keys_env = [\"OA_TEST_ROUTE_KEY_A\", \"OA_TEST_ROUTE_KEY_B\"]\n\
-             [access]\nallowed_key_hashes = [\"{}\"]\n",
-            oa_bypass::config::hash_line(support::KEY)
-        ),
-    );
+    let keys = ["OA_TEST_ROUTE_KEY_A", "OA_TEST_ROUTE_KEY_B"];
+    let text = holding_keys(&upstream, keys, "", true);
     let gateway = Gateway::start(&text).await;
     let (status, answer) =
         post_chat(&gateway.url(""), "/v1/chat/completions", r#"{"model":"m"}"#).await;
@@ -267,14 +280,7 @@ async fn a_429_on_a_held_key_goes_again_with_the_next_key_and_the_first_rests() 
     // A rests: the next request goes to B alone.
     let (status, _) = post_chat(&gateway.url(""), "/v1/chat/completions", r#"{"model":"m"}"#).await;
     assert_eq!((status, upstream.requests().len()), (200, 3));
-    let ready: Value = support::client()
-        .get(gateway.url("/ready"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready = ready_of(&gateway).await;
     assert_eq!(
         ready["targets"][0]["resting_keys"],
         json!(["OA_TEST_ROUTE_KEY_A"]),
@@ -432,12 +438,7 @@ async fn a_target_that_keeps_failing_is_left_out_then_brought_back() {
         2,
         "ejected after two failures in a row"
     );
-    let ready = support::client()
-        .get(gateway.url("/ready"))
-        .send()
-        .await
-        .unwrap();
-    let ready: Value = ready.json().await.unwrap();
+    let ready = ready_of(&gateway).await;
     assert_eq!(
         ready["targets"][1],
         json!({"mount": "first", "ejected": true, "resting_keys": []})
@@ -460,14 +461,7 @@ async fn a_target_that_keeps_failing_is_left_out_then_brought_back() {
     )
     .await;
     assert_eq!(content(&chat().await.1), "first");
-    let ready: Value = support::client()
-        .get(gateway.url("/ready"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready = ready_of(&gateway).await;
     assert_eq!(ready["targets"][1]["ejected"], false);
 }
 
@@ -503,22 +497,14 @@ async fn with_a_store_an_ejection_on_one_replica_holds_on_the_other() {
     }
     assert_eq!(hits.load(Ordering::SeqCst), 2);
     // The other replica learns it from the store, without a failure of its own.
-    let ready = b.url("/ready");
     support::eventually(
         "replica b to see the ejection",
         Duration::from_secs(5),
         || async {
-            let body: Value = support::client()
-                .get(&ready)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            (body["targets"][1]["ejected"] == true)
+            let ready = ready_of(&b).await;
+            (ready["targets"][1]["ejected"] == true)
                 .then_some(())
-                .ok_or(body)
+                .ok_or(ready)
         },
     )
     .await;
@@ -547,21 +533,8 @@ async fn when_every_held_key_draws_a_429_the_last_goes_to_the_client_and_each_re
         )
     })
     .await;
-    let text = manifest(
-        &upstream.base_url(),
-        &[],
-        "[retry]\nmax_attempts = 2\n",
-        false,
-    )
-    .replace(
-        "read_timeout = \"5s\"\n",
-        &format!(
-            "read_timeout = \"5s\"\nretry = true\n\
-             keys_env = [\"OA_TEST_BUSY_KEY_A\", \"OA_TEST_BUSY_KEY_B\"]\n\
-             [access]\nallowed_key_hashes = [\"{}\"]\n",
-            oa_bypass::config::hash_line(support::KEY)
-        ),
-    );
+    let keys = ["OA_TEST_BUSY_KEY_A", "OA_TEST_BUSY_KEY_B"];
+    let text = holding_keys(&upstream, keys, "[retry]\nmax_attempts = 2\n", false);
     let gateway = Gateway::start(&text).await;
     let (status, answer) =
         post_chat(&gateway.url(""), "/v1/chat/completions", r#"{"model":"m"}"#).await;
