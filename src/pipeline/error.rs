@@ -181,9 +181,9 @@ pub enum GatewayError {
     #[error("{0}")]
     NotAWebSocket(&'static str),
 
-    /// Every attempt failed without an answer: the last attempt's error, with the targets
-    /// tried (`mount/model: what happened`).
-    #[error("No upstream answered; tried {}. The last: {last}", .tried.join("; "))]
+    /// Every attempt failed without an answer: the targets tried (`mount/model: what
+    /// happened`); the last attempt's error decides the status and code.
+    #[error("No upstream answered; tried {}", .tried.join("; "))]
     NoUpstreamAnswered {
         tried: Vec<String>,
         last: Box<GatewayError>,
