@@ -1,6 +1,11 @@
 //! OpenTelemetry traces, opt-in (`tracing.otlp_endpoint`, or the standard `OTEL_EXPORTER_OTLP_*`
-//! variables): one server span per forwarded request, with a client span for the wait for the
+//! variables): one server span per forwarded request, with a client span for each wait for an
 //! upstream's head, exported over OTLP/HTTP by a batch processor on its own thread.
+//!
+//! Spans are made with the OpenTelemetry API directly, not through `tracing`: a `tracing`
+//! span fed to the OpenTelemetry layer costs its registry entry, the layer's bookkeeping and a
+//! subscriber lookup for every attribute, about 5 µs a request here (performance.md, "Traces
+//! on the OpenTelemetry API"). A span the sampler drops records nothing further.
 //!
 //! Attributes follow the HTTP server conventions and, on usage routes, the GenAI ones
 //! (semantic conventions v1.41.0, GenAI in development status). No header value, path,
@@ -9,24 +14,27 @@
 
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use http::{HeaderMap, Method};
 use opentelemetry::propagation::TextMapPropagator;
-use opentelemetry::trace::{Status, TracerProvider as _};
+use opentelemetry::trace::{
+    Span as _, SpanKind, Status, TraceContextExt as _, Tracer as _, TracerProvider as _,
+};
+use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider, Span, SpanData, SpanExporter};
 use opentelemetry_sdk::Resource;
-use tracing::field::Empty;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use super::metrics::method_label;
 use super::usage::Usage;
 use crate::config::TracingConfig;
 
-/// The `tracing` target of the gateway's spans: only the traces layer takes it.
-pub(crate) const TARGET: &str = "oa_bypass::traces";
+/// The tracer of the exporter made at start-up ([`exporter`]); unset while traces are off,
+/// and then every span is a no-op.
+static TRACER: OnceLock<SdkTracer> = OnceLock::new();
 
 /// The exporter's side: flushed and stopped by [`Exporting::shutdown`] on exit.
 pub struct Exporting {
@@ -42,17 +50,8 @@ impl Exporting {
     }
 }
 
-/// The `tracing` layer that turns the gateway's spans into OpenTelemetry spans.
-pub(crate) type SpanLayer<S> =
-    tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::Tracer>;
-
-/// The exporter and the `tracing` layer that feeds it, when traces are on.
-pub(crate) fn exporter<S>(
-    config: &TracingConfig,
-) -> Result<Option<(SpanLayer<S>, Exporting)>, String>
-where
-    S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
-{
+/// The exporter, when traces are on; the spans of the whole process go to it from here on.
+pub(crate) fn exporter(config: &TracingConfig) -> Result<Option<Exporting>, String> {
     if !config.traces_on() {
         return Ok(None);
     }
@@ -75,13 +74,9 @@ where
         .with_batch_exporter(WarnOnFailure::new(exporter))
         .with_resource(resource.build())
         .build();
-    let tracer = provider.tracer("oa-bypass");
-    let layer = tracing_opentelemetry::layer()
-        .with_tracer(tracer)
-        .with_tracked_inactivity(false)
-        .with_threads(false)
-        .with_location(false);
-    Ok(Some((layer, Exporting { provider })))
+    // A second exporter (a second `init` in one process) keeps the first one's tracer.
+    let _ = TRACER.set(provider.tracer("oa-bypass"));
+    Ok(Some(Exporting { provider }))
 }
 
 /// Passes batches to the OTLP exporter and says when they fail, once a minute at most: a
@@ -188,11 +183,21 @@ pub(crate) fn provider(host: &str) -> &'static str {
 }
 
 /// The span of one forwarded request, from the upstream request to the answer's last byte.
-#[derive(Debug)]
+/// It ends when finished, or when dropped.
 pub(crate) struct RequestSpan {
-    span: tracing::Span,
+    /// The client's trace with this span in it: what the upstream waits are children of.
+    cx: Context,
     started: Instant,
     first_chunk: bool,
+}
+
+impl std::fmt::Debug for RequestSpan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let span = self.cx.span();
+        f.debug_struct("RequestSpan")
+            .field("span_id", &span.span_context().span_id())
+            .finish_non_exhaustive()
+    }
 }
 
 impl RequestSpan {
@@ -200,10 +205,19 @@ impl RequestSpan {
     /// (`traceparent`, `tracestate`) when it sent one.
     pub(crate) fn start(
         method: &Method,
-        route: &str,
+        route: &Arc<str>,
         headers: &HeaderMap,
         gen_ai: Option<GenAi<'_>>,
     ) -> RequestSpan {
+        let parent =
+            TraceContextPropagator::new().extract(&opentelemetry_http::HeaderExtractor(headers));
+        let Some(tracer) = TRACER.get() else {
+            return RequestSpan {
+                cx: parent,
+                started: Instant::now(),
+                first_chunk: false,
+            };
+        };
         let name = match &gen_ai {
             Some(GenAi {
                 operation,
@@ -213,83 +227,74 @@ impl RequestSpan {
             Some(GenAi { operation, .. }) => operation.to_string(),
             None => format!("{method} {route}"),
         };
-        let span = tracing::info_span!(
-            target: TARGET,
-            "request",
-            otel.name = name,
-            otel.kind = "server",
-            otel.status_code = Empty,
-            http.request.method = method.as_str(),
-            http.route = route,
-        );
-        let parent =
-            TraceContextPropagator::new().extract(&opentelemetry_http::HeaderExtractor(headers));
-        let _ = span.set_parent(parent);
+        let mut attributes = Vec::with_capacity(5);
+        attributes.push(KeyValue::new("http.request.method", method_label(method)));
+        attributes.push(KeyValue::new("http.route", Arc::clone(route)));
         if let Some(gen_ai) = gen_ai {
-            span.set_attribute("gen_ai.operation.name", gen_ai.operation.into_owned());
-            span.set_attribute("gen_ai.provider.name", gen_ai.provider);
+            attributes.push(KeyValue::new("gen_ai.operation.name", gen_ai.operation));
+            attributes.push(KeyValue::new("gen_ai.provider.name", gen_ai.provider));
             if let Some(model) = gen_ai.model {
-                span.set_attribute("gen_ai.request.model", model.to_owned());
+                attributes.push(KeyValue::new("gen_ai.request.model", model.to_owned()));
             }
         }
+        let span = tracer
+            .span_builder(name)
+            .with_kind(SpanKind::Server)
+            .with_attributes(attributes)
+            .start_with_context(tracer, &parent);
         RequestSpan {
-            span,
+            cx: parent.with_span(span),
             started: Instant::now(),
             first_chunk: false,
         }
     }
 
-    /// The span of the wait for the upstream's head: it ends when dropped.
+    /// Whether the span records anything: traces are on and the sampler kept it.
+    fn recording(&self) -> bool {
+        self.cx.span().is_recording()
+    }
+
+    /// The span of the wait for an upstream's head: it ends when dropped.
     pub(crate) fn upstream_wait(&self, method: &Method, server: Option<&str>) -> UpstreamSpan {
-        let span = tracing::info_span!(
-            target: TARGET,
-            parent: &self.span,
-            "upstream",
-            otel.name = method.as_str(),
-            otel.kind = "client",
-            otel.status_code = Empty,
-            http.request.method = method.as_str(),
-        );
-        if let Some(server) = server {
-            span.set_attribute("server.address", server.to_owned());
-        }
-        UpstreamSpan(span)
+        let tracer = TRACER.get().filter(|_| self.recording());
+        UpstreamSpan(tracer.map(|tracer| {
+            let method = method_label(method);
+            let mut attributes = vec![KeyValue::new("http.request.method", method)];
+            if let Some(server) = server {
+                attributes.push(KeyValue::new("server.address", server.to_owned()));
+            }
+            let span = tracer
+                .span_builder(method)
+                .with_kind(SpanKind::Client)
+                .with_attributes(attributes)
+                .start_with_context(tracer, &self.cx);
+            Box::new(span)
+        }))
     }
 
     /// Marks the answer's first body chunk, once.
     pub(crate) fn saw_chunk(&mut self) {
-        if !std::mem::replace(&mut self.first_chunk, true) {
+        if !std::mem::replace(&mut self.first_chunk, true) && self.recording() {
             let after = self.started.elapsed().as_secs_f64();
-            self.span
-                .set_attribute("gen_ai.response.time_to_first_chunk", after);
-            self.span.add_event("first chunk", Vec::new());
+            let span = self.cx.span();
+            span.set_attribute(KeyValue::new("gen_ai.response.time_to_first_chunk", after));
+            span.add_event("first chunk", Vec::new());
         }
     }
 
     /// Ends the span of an answer with `status`: the usage read from it, and whether it
     /// reached the client whole (`outcome`).
     pub(crate) fn finish(self, status: u16, usage: Option<&Usage>, outcome: &str) {
-        let span = &self.span;
-        span.set_attribute("http.response.status_code", i64::from(status));
+        if !self.recording() {
+            return;
+        }
+        let span = self.cx.span();
+        span.set_attribute(KeyValue::new(
+            "http.response.status_code",
+            i64::from(status),
+        ));
         if let Some(usage) = usage {
-            if let Some(model) = &usage.model {
-                span.set_attribute("gen_ai.response.model", model.clone());
-            }
-            let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-            span.set_attribute("gen_ai.usage.input_tokens", count(usage.input));
-            span.set_attribute("gen_ai.usage.output_tokens", count(usage.output));
-            if usage.cached_input > 0 {
-                span.set_attribute(
-                    "gen_ai.usage.cache_read.input_tokens",
-                    count(usage.cached_input),
-                );
-            }
-            if usage.reasoning > 0 {
-                span.set_attribute(
-                    "gen_ai.usage.reasoning.output_tokens",
-                    count(usage.reasoning),
-                );
-            }
+            span.set_attributes(usage_attributes(usage));
         }
         if status >= 500 || outcome != "complete" {
             let error = if status >= 500 {
@@ -297,31 +302,68 @@ impl RequestSpan {
             } else {
                 outcome.to_owned()
             };
-            span.set_attribute("error.type", error.clone());
+            span.set_attribute(KeyValue::new("error.type", error.clone()));
             span.set_status(Status::error(error));
         }
+        span.end();
     }
 }
 
-/// The client span of the wait for the upstream's head.
-#[derive(Debug)]
-pub(crate) struct UpstreamSpan(tracing::Span);
+/// The GenAI attributes of an answer's usage.
+fn usage_attributes(usage: &Usage) -> Vec<KeyValue> {
+    let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    let mut attributes = Vec::with_capacity(5);
+    if let Some(model) = &usage.model {
+        attributes.push(KeyValue::new("gen_ai.response.model", model.clone()));
+    }
+    attributes.push(KeyValue::new(
+        "gen_ai.usage.input_tokens",
+        count(usage.input),
+    ));
+    attributes.push(KeyValue::new(
+        "gen_ai.usage.output_tokens",
+        count(usage.output),
+    ));
+    if usage.cached_input > 0 {
+        let cached = count(usage.cached_input);
+        attributes.push(KeyValue::new(
+            "gen_ai.usage.cache_read.input_tokens",
+            cached,
+        ));
+    }
+    if usage.reasoning > 0 {
+        let reasoning = count(usage.reasoning);
+        attributes.push(KeyValue::new(
+            "gen_ai.usage.reasoning.output_tokens",
+            reasoning,
+        ));
+    }
+    attributes
+}
+
+/// The client span of a wait for an upstream's head (`None`: not recorded). Boxed: every
+/// forwarded request's future holds this across its wait, and a span is large.
+pub(crate) struct UpstreamSpan(Option<Box<Span>>);
 
 impl UpstreamSpan {
     /// The upstream answered with `status`; the span ends here.
     pub(crate) fn answered(self, status: u16) {
-        self.0
-            .set_attribute("http.response.status_code", i64::from(status));
+        let Some(mut span) = self.0 else { return };
+        span.set_attribute(KeyValue::new(
+            "http.response.status_code",
+            i64::from(status),
+        ));
         if status >= 500 {
-            self.0.set_attribute("error.type", status.to_string());
-            self.0.set_status(Status::error(status.to_string()));
+            span.set_attribute(KeyValue::new("error.type", status.to_string()));
+            span.set_status(Status::error(status.to_string()));
         }
     }
 
     /// No answer came (`why`: the error's kind); the span ends here.
     pub(crate) fn failed(self, why: &'static str) {
-        self.0.set_attribute("error.type", why);
-        self.0.set_status(Status::error(why));
+        let Some(mut span) = self.0 else { return };
+        span.set_attribute(KeyValue::new("error.type", why));
+        span.set_status(Status::error(why));
     }
 }
 

@@ -15,11 +15,7 @@ pub(crate) use record::{Outcome, Record};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use tracing::Level;
-use tracing_subscriber::filter::{filter_fn, FilterExt, Targets};
-use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{EnvFilter, Layer, Registry};
+use tracing_subscriber::EnvFilter;
 
 use super::traces::{self, Exporting};
 use crate::config::{LogConfig, LogFormat, TracingConfig};
@@ -61,7 +57,7 @@ fn writer_hold() -> Duration {
 }
 
 /// Installs the global subscriber: `RUST_LOG` if set, else `log.level`; text or JSON lines
-/// as `log.format` says; and, when traces are on, the layer that exports the gateway's spans.
+/// as `log.format` says; and, when traces are on, the exporter of the gateway's spans.
 ///
 /// Lines go to stdout in batches from a thread of their own ([`writer`]), so no request
 /// waits for the write; when `log.buffer` is full, further lines are dropped and counted.
@@ -75,47 +71,23 @@ pub fn init(config: &LogConfig, tracing: &TracingConfig) -> Result<Logging, Stri
     let _ = DROPPED.set(writer.clone());
     line::install(config.format, writer.clone());
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let Some((traces, exporting)) = traces::exporter::<Registry>(tracing)? else {
-        // Without traces, the plain subscriber: nothing but the log lines to dispatch.
-        let builder = tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_target(true)
-            .with_writer(writer);
-        let _ = match config.format {
-            LogFormat::Text => builder.with_ansi(ansi).try_init(),
-            LogFormat::Json => builder
-                .json()
-                .flatten_event(true)
-                .with_current_span(false)
-                .with_span_list(false)
-                .try_init(),
-        };
-        return Ok(Logging {
-            lines: guard,
-            exporting: None,
-        });
-    };
-    let lines = tracing_subscriber::fmt::layer()
+    // The subscriber dispatches log lines only: spans go to their exporter directly.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
         .with_target(true)
         .with_writer(writer);
-    let lines = match config.format {
-        LogFormat::Text => lines.with_ansi(ansi).boxed(),
-        LogFormat::Json => lines
+    let _ = match config.format {
+        LogFormat::Text => builder.with_ansi(ansi).try_init(),
+        LogFormat::Json => builder
             .json()
             .flatten_event(true)
             .with_current_span(false)
             .with_span_list(false)
-            .boxed(),
+            .try_init(),
     };
-    let spans_only = Targets::new().with_target(traces::TARGET, Level::INFO);
-    let not_spans = filter_fn(|meta| meta.target() != traces::TARGET);
-    let _ = tracing_subscriber::registry()
-        .with(traces.with_filter(spans_only))
-        .with(lines.with_filter(filter.and(not_spans)))
-        .try_init();
     Ok(Logging {
         lines: guard,
-        exporting: Some(exporting),
+        exporting: traces::exporter(tracing)?,
     })
 }
 
