@@ -103,11 +103,12 @@ impl<'a> Admitted<'a> {
                 Attempt::Refused(response) => {
                     let status = response.status;
                     // A held key that drew a 429 rests now, so the next pick passes it by;
-                    // the answer, if it goes to the client, does not rest it again.
+                    // the answer, if it goes to the client, does not rest it again. A 5xx
+                    // is the mount's, not the key's: the next target takes it.
                     if let Some(lent) = self.lent.take() {
                         hop.mount
                             .key_answered(lent, status, &response.head, &pipeline.metrics);
-                        rested = Some(lent);
+                        rested = (status == StatusCode::TOO_MANY_REQUESTS).then_some(lent);
                     }
                     tried.push(format!("{label}: {}", status.as_u16()));
                     held = Some((response, hop.mount));

@@ -114,7 +114,8 @@ impl<'a> Admitted<'a> {
     }
 
     /// Whether the body is small enough to be held for another attempt (`retry.max_body`),
-    /// by its declared length; a body of unknown length is held when it turns out small.
+    /// by its declared length. One of unknown length streams and gets one attempt, unless
+    /// something else reads it whole (a routed JSON body is, for its model).
     pub(super) fn fits_retry(&self) -> bool {
         let max = self.endpoint.pipeline.config.retry.max_body;
         declared_length(&self.headers).is_some_and(|len| len <= max)

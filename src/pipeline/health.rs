@@ -116,7 +116,9 @@ impl Health {
         if self.failures.load(Ordering::Relaxed) != 0 {
             self.failures.store(0, Ordering::Relaxed);
         }
-        let was_out = self.ejected_until.swap(0, Ordering::Relaxed) != 0;
+        // Read first: a write on every answer would bounce the line between workers.
+        let was_out = self.ejected_until.load(Ordering::Relaxed) != 0
+            && self.ejected_until.swap(0, Ordering::Relaxed) != 0;
         if was_out {
             tracing::info!(mount = %self.mount, "the mount answered again; back in turn");
         }
