@@ -9,13 +9,16 @@
 //! ([`super::health::RetryBudget`]), and a mount that keeps failing is left out of turn
 //! ([`super::health::Health`]).
 
+use std::ops::Range;
+
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, StatusCode};
 
 use super::admit::Admitted;
+use super::model::{self, Named};
 use super::mount::{Lent, Mount};
 use super::timer::Timer;
-use super::{model, Answer, GatewayError, Pipeline};
+use super::{Answer, GatewayError, Pipeline};
 use crate::config::RetryConfig;
 use crate::message::{Body, RequestBody};
 use crate::observe::metrics::AttemptOutcome;
@@ -52,13 +55,16 @@ impl<'a> Admitted<'a> {
     pub(super) async fn forward_with_failover(
         mut self,
         body: RequestBody,
-        model: Option<String>,
+        named: Option<Named>,
         mut timer: Option<&mut Timer<'_>>,
     ) -> Answer {
+        let model = named.as_ref().map(Named::as_str);
+        // Where a JSON body holds its model: renamed there without another pass.
+        let model_at = named.as_ref().and_then(|named| named.at.clone());
         let endpoint = self.endpoint;
         let pipeline = &*endpoint.pipeline;
         let retry = &pipeline.config.retry;
-        let hops = self.hops(model.as_deref());
+        let hops = self.hops(model);
         let (whole, mut streamed) = match body {
             Body::Whole(whole) => (Some(whole), None),
             streamed @ Body::Stream(_) => (None, Some(streamed)),
@@ -68,7 +74,9 @@ impl<'a> Admitted<'a> {
             _ => 1,
         };
         let headers = std::mem::take(&mut self.headers);
-        let boundary = model::multipart_boundary(&headers);
+        let boundary = (model_at.is_none())
+            .then(|| model::multipart_boundary(&headers))
+            .flatten();
         let target = self.target.clone();
         let mut tried = Vec::new();
         let mut held: Option<(Response, &'a Mount)> = None;
@@ -77,13 +85,18 @@ impl<'a> Admitted<'a> {
         for attempt in 1..=max_attempts {
             let hop = &hops[at];
             let body = match (&whole, streamed.take()) {
-                (Some(whole), _) => Body::Whole(renamed(whole, hop.served, boundary.as_deref())),
+                (Some(whole), _) => Body::Whole(renamed(
+                    whole,
+                    hop.served,
+                    model_at.clone(),
+                    boundary.as_deref(),
+                )),
                 (None, Some(streamed)) => streamed,
                 (None, None) => break,
             };
             self.headers = with_length(headers.clone(), &body);
             self.target = target.clone();
-            let label = self.begin_attempt(hop, attempt, model.as_deref());
+            let label = self.begin_attempt(hop, attempt, model);
             let name = &hop.mount.settings.mount;
             let mut rested = None;
             let (status, err) = match self.attempt(hop.mount, body, &mut timer).await {
@@ -246,12 +259,18 @@ fn first_in_turn(hops: &[Hop<'_>], retry: &RetryConfig) -> usize {
         .unwrap_or(0)
 }
 
-/// The body (a form's, when it has a `boundary`) with the model written as `served`, when
-/// the target serves another name.
-fn renamed(whole: &Bytes, served: Option<&str>, boundary: Option<&str>) -> Bytes {
-    let renamed = served.and_then(|served| match boundary {
-        Some(boundary) => model::renamed_in_form(whole, boundary, served),
-        None => model::renamed_in_json(whole, served),
+/// The body with the model written as `served`, when the target serves another name: at
+/// `at` in JSON, or in the form's field (a form's `boundary`).
+fn renamed(
+    whole: &Bytes,
+    served: Option<&str>,
+    at: Option<Range<usize>>,
+    boundary: Option<&str>,
+) -> Bytes {
+    let renamed = served.and_then(|served| match (at, boundary) {
+        (Some(at), _) => model::renamed_in_json(whole, at, served),
+        (None, Some(boundary)) => model::renamed_in_form(whole, boundary, served),
+        (None, None) => None,
     });
     renamed.unwrap_or_else(|| whole.clone())
 }

@@ -106,7 +106,8 @@ impl<'a> Admitted<'a> {
                             Ok(mut held) => {
                                 let model = held.model.take();
                                 self.rename_held(&mut held.held, &boundary, model.as_deref());
-                                (held.into_body(), model)
+                                let named = model.map(|model| model::Named { model, at: None });
+                                (held.into_body(), named)
                             }
                             Err(err) => return self.upload_failed(err),
                         }
@@ -118,12 +119,12 @@ impl<'a> Admitted<'a> {
                     (Body::Stream(counted), None) => (RequestBody::streaming(counted), None),
                 };
                 // 4, for a named key's model.
-                if let Err(err) = self.check_model(model.as_deref()) {
+                if let Err(err) = self.check_model(model.as_ref().map(model::Named::as_str)) {
                     return self.endpoint.reject(&self.record, &err);
                 }
                 // Phases 5–8 by `[models]` and `[retry]`. Boxed: only a request that may go
                 // elsewhere holds the attempts' state.
-                if self.may_go_elsewhere(model.as_deref()) {
+                if self.may_go_elsewhere(model.as_ref().map(model::Named::as_str)) {
                     return Box::pin(self.forward_with_failover(body, model, timer)).await;
                 }
                 body

@@ -9,7 +9,8 @@ use bytes::Bytes;
 
 use super::admit::Admitted;
 use super::budget::Metered;
-use super::{model, GatewayError};
+use super::model::{self, Named};
+use super::GatewayError;
 use crate::config::{Config, ModelRoute};
 
 impl<'a> Admitted<'a> {
@@ -35,16 +36,16 @@ impl<'a> Admitted<'a> {
 
     /// The model a body read whole names (its JSON `model`, or its form's), when a named
     /// key's rules or `[models]` read it; nothing is parsed otherwise.
-    pub(super) fn model_in(&self, whole: &[u8]) -> Option<String> {
+    pub(super) fn model_in(&self, whole: &[u8]) -> Option<Named> {
         if !(self.governs_model() || self.route.routes_by_model) {
             return None;
         }
         match model::multipart_boundary(&self.headers) {
             Some(boundary) => match model::scan_fields(whole, &boundary) {
-                model::Fields::Model(model) => model,
+                model::Fields::Model(model) => model.map(|model| Named { model, at: None }),
                 model::Fields::NoModel | model::Fields::NeedMore => None,
             },
-            None => model::in_json(whole),
+            None => model::located_in_json(whole),
         }
     }
 

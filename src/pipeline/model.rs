@@ -25,15 +25,43 @@ pub(super) const MODEL_AT_MOST: usize = 256;
 /// The SDKs send a few short ones there.
 const FIELDS_AT_MOST: usize = 64 << 10;
 
+/// The model a request names, and where a JSON body holds it: the string's bytes, quotes
+/// included, so that renaming it needs no second pass over the body.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Named {
+    pub(super) model: String,
+    pub(super) at: Option<Range<usize>>,
+}
+
+impl Named {
+    pub(super) fn as_str(&self) -> &str {
+        &self.model
+    }
+}
+
 /// The `model` a JSON request names, if it is short enough to be a name.
 pub(super) fn in_json(body: &[u8]) -> Option<String> {
+    located_in_json(body).map(|named| named.model)
+}
+
+/// The `model` a JSON request names and where its string stands in the body.
+pub(super) fn located_in_json(body: &[u8]) -> Option<Named> {
     #[derive(Deserialize)]
-    struct Named<'a> {
+    struct Raw<'a> {
         #[serde(borrow)]
-        model: Option<Cow<'a, str>>,
+        model: Option<&'a RawValue>,
     }
-    let model = serde_json::from_slice::<Named>(body).ok()?.model?;
-    (model.len() <= MODEL_AT_MOST).then(|| model.into_owned())
+    let raw = serde_json::from_slice::<Raw>(body).ok()?.model?;
+    // A string, decoded (escapes and all); anything else names no model.
+    let model: Cow<str> = serde_json::from_str(raw.get()).ok()?;
+    if model.len() > MODEL_AT_MOST {
+        return None;
+    }
+    let at = (raw.get().as_ptr() as usize).checked_sub(body.as_ptr() as usize)?;
+    Some(Named {
+        model: model.into_owned(),
+        at: Some(at..at + raw.get().len()),
+    })
 }
 
 /// The `model` of a request target's query (`/v1/realtime?model=…`), decoded.
@@ -131,21 +159,12 @@ fn model_field(body: &[u8], boundary: &str) -> Field {
     }
 }
 
-/// `body` (a JSON request) with its `model` written as `model`: that one string changes,
-/// every other byte goes as the client sent it. `None` when it names no model as a string.
-pub(super) fn renamed_in_json(body: &[u8], model: &str) -> Option<Bytes> {
-    #[derive(Deserialize)]
-    struct Named<'a> {
-        #[serde(borrow)]
-        model: Option<&'a RawValue>,
-    }
-    let raw = serde_json::from_slice::<Named>(body).ok()?.model?;
-    if !raw.get().starts_with('"') {
-        return None;
-    }
-    let at = (raw.get().as_ptr() as usize).checked_sub(body.as_ptr() as usize)?;
+/// `body` (a JSON request whose `model` string stands `at`, as [`located_in_json`] found
+/// it) with that string written as `model`: every other byte goes as the client sent it.
+pub(super) fn renamed_in_json(body: &[u8], at: Range<usize>, model: &str) -> Option<Bytes> {
     let quoted = serde_json::to_string(model).ok()?;
-    Some(spliced(body, at..at + raw.get().len(), quoted.as_bytes()))
+    body.get(at.clone())?;
+    Some(spliced(body, at, quoted.as_bytes()))
 }
 
 /// `body` (a form's first bytes, at least through its `model` field) with that field's
@@ -317,18 +336,26 @@ mod tests {
 
     #[test]
     fn a_rename_changes_the_models_bytes_and_no_other() {
+        let rename = |json: &[u8], model: &str| {
+            let at = located_in_json(json)?.at?;
+            renamed_in_json(json, at, model)
+        };
         let json = br#"{ "model" : "fast", "messages":[{"role":"user","content":"model"}]}"#;
-        let renamed = renamed_in_json(json, "llama-3.1-8b-instant").unwrap();
+        let renamed = rename(json, "llama-3.1-8b-instant").unwrap();
         assert_eq!(
             &renamed[..],
             br#"{ "model" : "llama-3.1-8b-instant", "messages":[{"role":"user","content":"model"}]}"#
         );
         assert_eq!(
-            &renamed_in_json(br#"{"model":"a"}"#, "say \"b\"").unwrap()[..],
+            &rename(br#"{"model":"a\u0062"}"#, "say \"b\"").unwrap()[..],
             br#"{"model":"say \"b\""}"#
         );
-        assert_eq!(renamed_in_json(br#"{"model":7}"#, "x"), None);
-        assert_eq!(renamed_in_json(b"[]", "x"), None);
+        assert_eq!(
+            located_in_json(br#"{"model":"a\u0062"}"#).unwrap().model,
+            "ab"
+        );
+        assert_eq!(rename(br#"{"model":7}"#, "x"), None);
+        assert_eq!(rename(b"[]", "x"), None);
         let body = form(&[("model", None, "fast"), ("file", Some("a.wav"), "model")]);
         let renamed = renamed_in_form(&body, BOUNDARY, "whisper-large-v3").unwrap();
         let expected = form(&[
