@@ -6,6 +6,7 @@
 
 pub(crate) mod key;
 pub(crate) mod log;
+pub(crate) mod method;
 pub(crate) mod metrics;
 pub(crate) mod traces;
 pub(crate) mod usage;

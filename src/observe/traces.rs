@@ -28,7 +28,7 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider, Span, SpanData, SpanExporter};
 use opentelemetry_sdk::Resource;
 
-use super::metrics::method_label;
+use super::method::method_label;
 use super::usage::Usage;
 use crate::config::TracingConfig;
 
