@@ -317,26 +317,8 @@ async fn a_realtime_sessions_response_done_usage_is_counted() {
         named("alice", KEY, "max_usd_per_month = 5")
     );
     let gateway = Gateway::start(&manifest).await;
-    let request = http::Request::builder()
-        .uri(format!(
-            "ws://{}/v1/realtime?model=gpt-realtime",
-            gateway.addr
-        ))
-        .header("host", gateway.addr.to_string())
-        .header("connection", "Upgrade")
-        .header("upgrade", "websocket")
-        .header("sec-websocket-version", "13")
-        .header(
-            "sec-websocket-key",
-            tokio_tungstenite::tungstenite::handshake::client::generate_key(),
-        )
-        .header("authorization", support::bearer())
-        .body(())
-        .unwrap();
-    let stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
-    let (mut ws, _) = tokio_tungstenite::client_async(request, stream)
-        .await
-        .unwrap();
+    let auth = [("authorization", support::bearer())];
+    let (mut ws, _) = support::connect(gateway.addr, &auth).await.unwrap();
     ws.send(Message::text(r#"{"type":"response.create"}"#))
         .await
         .unwrap();

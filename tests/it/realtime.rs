@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::support;
-use crate::support::{bearer, read_head, Binary, Gateway, RawUpstream, KEY};
+use crate::support::{bearer, connect, read_head, Binary, Gateway, RawUpstream, Session, KEY};
 use futures_util::{SinkExt, StreamExt};
 use http::HeaderMap;
 use tokio::net::{TcpListener, TcpStream};
@@ -17,11 +17,8 @@ use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, 
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tokio_tungstenite::WebSocketStream;
 
 const WAIT: Duration = Duration::from_secs(10);
-
-type Session = WebSocketStream<TcpStream>;
 
 /// A WebSocket upstream: records each handshake, answers it (or refuses it) with `answer`,
 /// then runs `behave` on the session.
@@ -136,38 +133,6 @@ fn manifest(upstream: &str, extra: &str) -> String {
          [[routes]]\nmethod = \"GET\"\npath = \"/v1/realtime\"\nbody = \"websocket\"\n\
          [[routes]]\nmethod = \"GET\"\npath = \"/v1/models\"\n"
     )
-}
-
-/// Opens a WebSocket to the gateway with the given extra headers.
-async fn connect(
-    addr: SocketAddr,
-    headers: &[(&str, String)],
-) -> Result<
-    (
-        Session,
-        tokio_tungstenite::tungstenite::handshake::client::Response,
-    ),
-    WsError,
-> {
-    let mut request = http::Request::builder()
-        .uri(format!("ws://{addr}/v1/realtime?model=gpt-realtime"))
-        .header("host", addr.to_string())
-        .header("connection", "Upgrade")
-        .header("upgrade", "websocket")
-        .header("sec-websocket-version", "13")
-        .header(
-            "sec-websocket-key",
-            tokio_tungstenite::tungstenite::handshake::client::generate_key(),
-        );
-    for (name, value) in headers {
-        request = request.header(*name, value);
-    }
-    let stream = TcpStream::connect(addr).await.unwrap();
-    let config = WebSocketConfig::default()
-        .max_message_size(Some(64 << 20))
-        .max_frame_size(Some(64 << 20));
-    tokio_tungstenite::client_async_with_config(request.body(()).unwrap(), stream, Some(config))
-        .await
 }
 
 async fn next_message(ws: &mut Session) -> Message {

@@ -219,3 +219,39 @@ async fn read_chunked(stream: &mut TcpStream, pending: &mut Vec<u8>) -> Vec<u8> 
         }
     }
 }
+
+/// A WebSocket session with the gateway.
+pub type Session = tokio_tungstenite::WebSocketStream<TcpStream>;
+
+/// Opens a Realtime WebSocket (`/v1/realtime?model=gpt-realtime`) to the gateway at `addr`,
+/// with the given extra headers.
+pub async fn connect(
+    addr: SocketAddr,
+    headers: &[(&str, String)],
+) -> Result<
+    (
+        Session,
+        tokio_tungstenite::tungstenite::handshake::client::Response,
+    ),
+    tokio_tungstenite::tungstenite::Error,
+> {
+    let mut request = http::Request::builder()
+        .uri(format!("ws://{addr}/v1/realtime?model=gpt-realtime"))
+        .header("host", addr.to_string())
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header(
+            "sec-websocket-key",
+            tokio_tungstenite::tungstenite::handshake::client::generate_key(),
+        );
+    for (name, value) in headers {
+        request = request.header(*name, value);
+    }
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(64 << 20))
+        .max_frame_size(Some(64 << 20));
+    tokio_tungstenite::client_async_with_config(request.body(()).unwrap(), stream, Some(config))
+        .await
+}
