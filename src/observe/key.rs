@@ -33,6 +33,13 @@ impl KeyId {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct KeyPrefix([u8; 8]);
 
+impl KeyPrefix {
+    /// The hex digits, unchecked: what a log line copies.
+    pub(crate) fn hex(&self) -> &[u8; 8] {
+        &self.0
+    }
+}
+
 impl std::ops::Deref for KeyPrefix {
     type Target = str;
 

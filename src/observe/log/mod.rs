@@ -17,6 +17,8 @@ use std::time::Duration;
 
 use tracing_subscriber::EnvFilter;
 
+use line::name;
+
 use super::traces::{self, Exporting};
 use crate::config::{LogConfig, LogFormat, TracingConfig};
 
@@ -106,15 +108,15 @@ pub(crate) struct SessionLine<'a> {
 /// Writes a realtime session's line.
 pub(crate) fn session(line: &SessionLine<'_>) {
     line::write(|fields| {
-        fields.bare("method", "GET");
-        fields.bare("route", line.route);
-        fields.number("status", 101);
-        fields.millis("duration_ms", line.elapsed);
-        fields.number("messages_in", line.messages_in);
-        fields.number("messages_out", line.messages_out);
-        fields.number("bytes_in", line.bytes_in);
-        fields.number("bytes_out", line.bytes_out);
-        fields.quoted("outcome", line.outcome);
-        fields.quoted("key_hash", line.key_hash);
+        fields.bare(name!("method"), "GET");
+        fields.bare(name!("route"), line.route);
+        fields.number(name!("status"), 101);
+        fields.millis(name!("duration_ms"), line.elapsed);
+        fields.number(name!("messages_in"), line.messages_in);
+        fields.number(name!("messages_out"), line.messages_out);
+        fields.number(name!("bytes_in"), line.bytes_in);
+        fields.number(name!("bytes_out"), line.bytes_out);
+        fields.quoted(name!("outcome"), line.outcome);
+        fields.quoted(name!("key_hash"), line.key_hash);
     });
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use http::{HeaderValue, Method};
 use tokio::time::Instant;
 
-use super::line;
+use super::line::{self, name};
 use crate::observe::key::KeyPrefix;
 use crate::observe::usage::Usage;
 
@@ -93,37 +93,37 @@ impl Record {
     /// answer reported.
     pub(crate) fn write_forwarded(&self, elapsed: Duration, usage: Option<&Usage>) {
         line::write(|fields| {
-            fields.bare("method", self.method.as_str());
-            fields.bare("route", &self.route);
-            fields.number("status", u64::from(self.status));
-            fields.millis("duration_ms", elapsed);
-            fields.millis("upstream_ttfb_ms", self.upstream_ttfb);
-            fields.number("bytes_in", self.bytes_in);
-            fields.number("bytes_out", self.bytes_out);
-            fields.quoted("outcome", self.outcome.as_str());
+            fields.bare(name!("method"), self.method.as_str());
+            fields.bare(name!("route"), &self.route);
+            fields.number(name!("status"), u64::from(self.status));
+            fields.millis(name!("duration_ms"), elapsed);
+            fields.millis(name!("upstream_ttfb_ms"), self.upstream_ttfb);
+            fields.number(name!("bytes_in"), self.bytes_in);
+            fields.number(name!("bytes_out"), self.bytes_out);
+            fields.word(name!("outcome"), self.outcome.as_str().as_bytes());
             let request_id = (self.upstream_request_id.as_ref()).and_then(|id| id.to_str().ok());
             if let Some(id) = request_id {
-                fields.quoted("upstream_request_id", id);
+                fields.quoted(name!("upstream_request_id"), id);
             }
             if let Some(key) = &self.key {
-                fields.quoted("key_hash", key);
+                fields.word(name!("key_hash"), key.hex());
             }
             if let Some(name) = &self.key_name {
-                fields.quoted("key", name);
+                fields.quoted(name!("key"), name);
             }
             if let Some(mount) = &self.mount {
-                fields.quoted("mount", mount);
+                fields.quoted(name!("mount"), mount);
             }
             if let Some(var) = &self.upstream_key {
-                fields.quoted("upstream_key", var);
+                fields.quoted(name!("upstream_key"), var);
             }
             self.write_attempts(fields);
             if let Some(usage) = usage {
                 if let Some(model) = &usage.model {
-                    fields.quoted("model", model);
+                    fields.quoted(name!("model"), model);
                 }
-                fields.number("input_tokens", usage.input);
-                fields.number("output_tokens", usage.output);
+                fields.number(name!("input_tokens"), usage.input);
+                fields.number(name!("output_tokens"), usage.output);
             }
         });
     }
@@ -132,16 +132,16 @@ impl Record {
     /// (never a key or a body).
     pub(crate) fn write_refused(&self, status: u16, reason: &str) {
         line::write(|fields| {
-            fields.bare("method", self.method.as_str());
-            fields.bare("route", &self.route);
-            fields.number("status", u64::from(status));
-            fields.millis("duration_ms", self.start.elapsed());
-            fields.quoted("outcome", "gateway_error");
+            fields.bare(name!("method"), self.method.as_str());
+            fields.bare(name!("route"), &self.route);
+            fields.number(name!("status"), u64::from(status));
+            fields.millis(name!("duration_ms"), self.start.elapsed());
+            fields.word(name!("outcome"), b"gateway_error");
             if let Some(name) = &self.key_name {
-                fields.quoted("key", name);
+                fields.quoted(name!("key"), name);
             }
             self.write_attempts(fields);
-            fields.quoted("reason", reason);
+            fields.quoted(name!("reason"), reason);
         });
     }
 
@@ -151,8 +151,8 @@ impl Record {
             return;
         }
         if let Some(target) = &self.target {
-            fields.quoted("target", target);
+            fields.quoted(name!("target"), target);
         }
-        fields.number("attempts", u64::from(self.attempts));
+        fields.number(name!("attempts"), u64::from(self.attempts));
     }
 }

@@ -191,8 +191,9 @@ impl Shared {
         lines
     }
 
-    /// Appends `line` to this thread's batch, handing the batch over first if it is full.
-    fn append(self: &Arc<Self>, line: &[u8]) {
+    /// Appends what `write` writes to this thread's batch, then hands the batch over if it
+    /// is full.
+    fn append_with(self: &Arc<Self>, write: impl FnOnce(&mut Vec<u8>)) {
         MINE.with(|mine| {
             let mut mine = mine.borrow_mut();
             // Compared by address, not by taking a `Weak` per line, which would bounce the
@@ -210,7 +211,8 @@ impl Shared {
                 return;
             };
             let mut batch = batch.lock().unwrap_or_else(PoisonError::into_inner);
-            if batch.len() + line.len() > BATCH && !batch.is_empty() {
+            write(&mut batch);
+            if batch.len() >= BATCH {
                 let taken = std::mem::replace(&mut *batch, Vec::with_capacity(BATCH));
                 if let Err(TrySendError::Full(Message::Batch(lost))) =
                     self.full.try_send(Message::Batch(taken))
@@ -219,12 +221,17 @@ impl Shared {
                     self.dropped.fetch_add(lines as u64, Ordering::Relaxed);
                 }
             }
-            batch.extend_from_slice(line);
         });
     }
 }
 
 impl BatchedLines {
+    /// Appends a line that `write` writes straight into this thread's batch (the request
+    /// line: no copy of it is made).
+    pub(super) fn append_with(&self, write: impl FnOnce(&mut Vec<u8>)) {
+        self.shared.append_with(write);
+    }
+
     /// Lines dropped so far because the sink did not keep up.
     pub fn dropped(&self) -> u64 {
         self.shared.dropped.load(Ordering::Relaxed)
@@ -233,7 +240,8 @@ impl BatchedLines {
 
 impl Write for &BatchedLines {
     fn write(&mut self, line: &[u8]) -> io::Result<usize> {
-        self.shared.append(line);
+        self.shared
+            .append_with(|batch| batch.extend_from_slice(line));
         Ok(line.len())
     }
 
