@@ -102,11 +102,7 @@ async fn hostile_requests_are_refused_and_never_forwarded() {
 async fn over_http2_the_same_refusals_hold() {
     let upstream = Upstream::echo().await;
     let gateway = Gateway::in_front_of(&upstream).await;
-    let h2 = reqwest::Client::builder()
-        .no_proxy()
-        .http2_prior_knowledge()
-        .build()
-        .unwrap();
+    let h2 = support::h2_client();
     let cases = [
         (
             h2.get(gateway.url("/v1/files/a%2Fb"))

@@ -536,11 +536,7 @@ async fn api_key_header_counts_as_credential_and_errors_never_echo_it() {
 async fn http2_clients_are_served_and_their_bodies_forwarded() {
     let upstream = Upstream::echo().await;
     let gateway = Gateway::in_front_of(&upstream).await;
-    let h2 = reqwest::Client::builder()
-        .no_proxy()
-        .http2_prior_knowledge()
-        .build()
-        .unwrap();
+    let h2 = support::h2_client();
     // A streamed body: over HTTP/2 it has neither Content-Length nor Transfer-Encoding.
     let body = support::pattern_stream(100_000, 8192);
     let response = h2

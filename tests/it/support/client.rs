@@ -14,6 +14,16 @@ pub fn client() -> reqwest::Client {
     reqwest::Client::builder().no_proxy().build().unwrap()
 }
 
+/// A client that speaks HTTP/2 from the first byte (prior knowledge, no upgrade), as gRPC-style
+/// clients and some SDK transports do.
+pub fn h2_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap()
+}
+
 /// `GET url` with the test key, sent by [`client`].
 pub async fn get_with_key(url: impl reqwest::IntoUrl) -> reqwest::Response {
     client()
